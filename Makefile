@@ -1,0 +1,25 @@
+# `make run`: set up .venv and run the main job; `make test`: set up .venv and run the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 lies on local disk here; elsewhere pip downloads it.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/gptfast info --forward tiny
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

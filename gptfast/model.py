@@ -1,0 +1,237 @@
+"""GPT-2 from scratch: the whole model in one file.
+
+Hot operations (LayerNorm, the MLP's bias + GELU, attention) go through the public ops of
+``kernels``, which run Triton kernels or eager PyTorch as the backend switch decides. Module names
+follow GPT-2's (``transformer.wte``, ``h.{i}.attn.c_attn``, ``mlp.c_fc``, ``lm_head``...), so state
+dicts map onto Hugging Face's GPT-2 with only its Conv1D transposes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+    embd_dropout: float = 0.0  # after token + position embeddings
+    attn_dropout: float = 0.0  # on attention probabilities
+    resid_dropout: float = 0.0  # on each block's attention and MLP outputs
+    drop_rate: float | None = None  # when given, sets all three dropout rates
+    qkv_bias: bool = True
+    bias: bool = True  # biases of every other linear layer and of the LayerNorms
+    tie_weights: bool = True  # the LM head shares the token-embedding matrix
+    layer_norm_eps: float = 1e-5
+    vocab_multiple: int = 1  # pad the embedding/head rows to a multiple of this (64 is fast on GPUs)
+
+    def __post_init__(self) -> None:
+        if self.drop_rate is not None:
+            self.embd_dropout = self.attn_dropout = self.resid_dropout = self.drop_rate
+            self.drop_rate = None
+        for name in ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named configuration: GPT-2's four sizes, or "tiny"/"mini" that train on a CPU."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """From our field names, or the classic dictionary (emb_dim, n_heads, n_layers, drop_rate...).
+
+        The classic dictionary implies a separate output head (tie_weights=False) unless it says so.
+        """
+        classic = {"emb_dim": "n_embd", "n_heads": "n_head", "n_layers": "n_layer"}
+        d = dict(d)
+        if any(key in d for key in classic):
+            d.setdefault("tie_weights", False)
+        d = {classic.get(key, key): value for key, value in d.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        del d["drop_rate"]
+        return d
+
+
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, context_length=256),  # ~30M with GPT-2's vocabulary
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, context_length=128),  # trains on a CPU in minutes
+}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias, computed by ``kernels.layer_norm``."""
+
+    def __init__(self, n: int, bias: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.attn_dropout = config.attn_dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # One projection for q, k and v; the kernels take the split, transposed views by their strides.
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # c_fc's bias is added inside the fused bias + GELU rather than by the matmul.
+        h = kernels.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
+        return self.resid_drop(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        vocab = config.padded_vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, config.n_embd),
+            wpe=nn.Embedding(config.context_length, config.n_embd),
+            drop=nn.Dropout(config.embd_dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 n_layer): two per block add to the stream.
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
+        """Number of parameters, each shared tensor counted once."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if exclude_position_embeddings:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def _check_input(self, idx: torch.Tensor, targets: torch.Tensor | None) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be a 2-D (batch, seq) tensor of token ids, got {shape}")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        T = idx.shape[1]
+        if not 1 <= T <= self.config.context_length:
+            raise ValueError(f"sequence length {T} must be between 1 and the context length "
+                             f"{self.config.context_length}")
+        if targets is not None and tuple(targets.shape) != tuple(idx.shape):
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        if torch.compiler.is_compiling() or idx.numel() == 0:
+            return  # value checks need a host sync; compiled graphs skip them
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if targets is not None:
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < -1 or hi >= self.config.vocab_size:
+                bad = lo if lo < -1 else hi
+                raise ValueError(f"target id {bad} is outside the vocabulary [0, {self.config.vocab_size}) "
+                                 "(-1 marks positions to ignore)")
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (batch, seq, vocab_size) and, given targets, the mean cross-entropy (-1 ignored)."""
+        self._check_input(idx, targets)
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss

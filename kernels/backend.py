@@ -1,0 +1,135 @@
+"""The backend switch: the one place that decides whether an operation runs its Triton kernel.
+
+Three backends:
+
+* ``"auto"`` (default): the Triton kernel for CUDA tensors the kernel supports, eager PyTorch otherwise.
+* ``"triton"``: always the Triton kernel; an input it cannot take raises :class:`BackendError`, so a
+  benchmark can never measure the eager path by accident. CPU tensors work only under the Triton
+  interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported), which is how tests run kernels.
+* ``"torch"``: always eager PyTorch.
+
+Set it with :func:`set_backend`, the context manager :func:`use_backend`, or the environment
+variable ``GPTFAST_BACKEND``. :func:`explain` tells which path an operation takes for given inputs
+and why. Each operation registers a check that names what its kernel cannot take (:func:`register`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Read once: Triton decides at import time whether kernels are interpreted.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+class BackendError(RuntimeError):
+    """The "triton" backend was asked to run an input its kernel cannot take."""
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _validate(os.environ.get("GPTFAST_BACKEND", "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The backend in force: "auto", "triton" or "torch"."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every operation from now on."""
+    global _backend
+    _backend = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select a backend inside a ``with`` block, restoring the previous one afterwards."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which path an operation takes for some inputs, and why."""
+
+    op: str
+    backend: str
+    use_triton: bool
+    reason: str
+
+    def __str__(self) -> str:
+        path = "triton" if self.use_triton else "torch"
+        return f"{self.op}: {path} ({self.reason})"
+
+
+_CHECKS: dict[str, Callable[..., str | None]] = {}
+
+
+def register(op: str, check: Callable[..., str | None]) -> None:
+    """Register ``check(*args, **kwargs)``: None when op's kernel takes the inputs, else the reason."""
+    _CHECKS[op] = check
+
+
+def _device_problem(tensors: list[torch.Tensor]) -> str | None:
+    """Why Triton cannot run on these tensors' device, or None."""
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    devices = {t.device for t in tensors}
+    if not devices:
+        return None
+    if len(devices) > 1:
+        return f"inputs are on different devices: {sorted(str(d) for d in devices)}"
+    device = next(iter(devices))
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and TRITON_INTERPRET:
+        return None
+    return f"tensors on {device.type} (Triton kernels need CUDA, or TRITON_INTERPRET=1 for CPU tensors)"
+
+
+def explain(op: str, *args, **kwargs) -> Route:
+    """Which path ``op`` takes for these arguments under the current backend, and why.
+
+    The arguments are those of the public operation, e.g. ``explain("layer_norm", x, weight, bias)``.
+    """
+    if op not in _CHECKS:
+        raise ValueError(f"unknown operation {op!r}: known are {', '.join(sorted(_CHECKS))}")
+    backend = get_backend()
+    if backend == "torch":
+        return Route(op, backend, False, 'backend is "torch"')
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    off_cuda = sorted({t.device.type for t in tensors if t.device.type != "cuda"})
+    if backend == "auto" and off_cuda:
+        return Route(op, backend, False, f"tensors on {', '.join(off_cuda)}: auto runs kernels on CUDA only")
+    problem = _device_problem(tensors) or _CHECKS[op](*args, **kwargs)
+    if problem is None:
+        return Route(op, backend, True, "the Triton kernel supports these inputs")
+    return Route(op, backend, False, problem)
+
+
+def route(op: str, *args, **kwargs) -> bool:
+    """True when ``op`` should run its Triton kernel; raises BackendError on "triton" if it cannot."""
+    decision = explain(op, *args, **kwargs)
+    if decision.backend == "triton" and not decision.use_triton:
+        raise BackendError(
+            f"{op}: the 'triton' backend cannot run this input: {decision.reason}. "
+            "Use backend 'auto' to fall back to eager PyTorch for such inputs."
+        )
+    return decision.use_triton

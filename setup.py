@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    # "gptfast" on PyPI is an unrelated project; the import packages are still gptfast and kernels.
+    name="gptfast-triton",
+    version="0.1.0",
+    description="GPT-2 training and sampling made fast with hand-written Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gptfast", "gptfast.*", "kernels", "kernels.*", "bench", "bench.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tiktoken",
+        "tqdm",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "safetensors"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["gptfast = gptfast.cli:main"]},
+)

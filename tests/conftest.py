@@ -1,0 +1,31 @@
+"""Test set-up: kernels run under the Triton interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before triton is imported, so it is set here, before any test module
+imports ``kernels``. On a CUDA machine the real kernels run.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The GPT-2 BPE ranks for offline machines (CI keeps them in ../shared/data next to the repository).
+_LOCAL_RANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2.tiktoken"
+if _LOCAL_RANKS.exists():
+    os.environ.setdefault("GPTFAST_TIKTOKEN_FILE", str(_LOCAL_RANKS))
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Each test starts on the "auto" backend and cannot leak a backend change into the next."""
+    previous = kernels.get_backend()
+    kernels.set_backend("auto")
+    yield
+    kernels.set_backend(previous)

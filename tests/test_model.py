@@ -1,0 +1,146 @@
+"""The eager GPT-2: published parameter counts, shapes, initial loss, and errors on bad input."""
+
+import math
+
+import pytest
+import torch
+
+from gptfast import GPT, GPTConfig
+
+CLASSIC = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12,
+               drop_rate=0.1, qkv_bias=False)
+
+
+def count(config: GPTConfig) -> int:
+    with torch.device("meta"):
+        return GPT(config).num_parameters()
+
+
+def test_classic_dictionary_counts():
+    config = GPTConfig.from_dict(CLASSIC)
+    assert not config.tie_weights
+    assert config.embd_dropout == config.attn_dropout == config.resid_dropout == 0.1
+    n = count(config)
+    assert n == 163_009_536
+    assert round(n * 4 / 2**20, 2) == 621.83
+    assert count(GPTConfig.from_dict({**CLASSIC, "tie_weights": True})) == 124_412_160
+
+
+@pytest.mark.parametrize("name, expected", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+                                            ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_preset_counts(name, expected):
+    assert count(GPTConfig.from_preset(name)) == expected
+
+
+def test_tied_weights_are_one_tensor():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert "lm_head.weight" in model.state_dict()
+
+
+def test_logits_shape_gpt2_vocabulary():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, context_length=16))
+    logits, loss = model(torch.randint(0, 50257, (2, 4)))
+    assert logits.shape == (2, 4, 50257) and loss is None
+
+
+def test_padded_vocabulary_keeps_true_size():
+    config = GPTConfig(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, context_length=16, vocab_multiple=64)
+    model = GPT(config)
+    assert model.transformer.wte.weight.shape[0] == 1024
+    logits, loss = model(torch.randint(0, 1000, (3, 5)), torch.randint(0, 1000, (3, 5)))
+    assert logits.shape == (3, 5, 1000) and torch.isfinite(loss)
+
+
+def test_initial_loss_near_uniform_and_backward():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, n_layer=2, n_head=4, n_embd=64, context_length=32)
+    model = GPT(config)
+    idx, targets = torch.randint(0, 512, (2, 4, 32))
+    logits, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(512)) < 0.1
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.transformer.wpe.weight.grad.abs().sum() > 0
+
+
+def test_ignore_index():
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, context_length=8))
+    idx = torch.randint(0, 64, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = -1
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 64), targets[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_initialisation_statistics():
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("mini")
+    model = GPT(config)
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 1e-3
+    residual = 0.02 / math.sqrt(2 * config.n_layer)
+    assert abs(model.transformer.h[0].attn.c_proj.weight.std().item() - residual) < 1e-3
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - residual) < 1e-3
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_causality():
+    """Changing a later token never changes earlier logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=32, context_length=16)).eval()
+    idx = torch.randint(0, 100, (1, 16))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 100
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_gpt2_module_names():
+    names = set(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, context_length=8)).state_dict())
+    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+                 "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.bias",
+                 "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.bias", "lm_head.weight"]:
+        assert name in names
+
+
+@pytest.fixture
+def small():
+    return GPT(GPTConfig(vocab_size=100, n_layer=1, n_head=2, n_embd=32, context_length=8))
+
+
+@pytest.mark.parametrize("idx, error, words", [
+    (torch.zeros(8, dtype=torch.long), ValueError, "2-D"),
+    (torch.zeros(1, 2, 8, dtype=torch.long), ValueError, "2-D"),
+    ([[1, 2, 3]], ValueError, "2-D"),
+    (torch.zeros(1, 8), TypeError, "integer"),
+    (torch.zeros(1, 9, dtype=torch.long), ValueError, "context length"),
+    (torch.full((1, 4), 100), ValueError, "token id 100"),
+    (torch.full((1, 4), -3), ValueError, "token id -3"),
+])
+def test_bad_input(small, idx, error, words):
+    with pytest.raises(error, match=words):
+        small(idx)
+
+
+def test_bad_targets(small):
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="targets shape"):
+        small(idx, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="target id 100"):
+        small(idx, torch.full((1, 4), 100))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.from_preset("gpt5")
+    with pytest.raises(ValueError, match="unknown keys"):
+        GPTConfig.from_dict({"emb_dim": 64, "n_heads": 4, "n_layers": 1, "colour": 3})
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig(drop_rate=1.5)
