@@ -4,6 +4,10 @@ Hot operations (LayerNorm, the MLP's bias + GELU, attention) go through the publ
 ``kernels``, which run Triton kernels or eager PyTorch as the backend switch decides. Module names
 follow GPT-2's (``transformer.wte``, ``h.{i}.attn.c_attn``, ``mlp.c_fc``, ``lm_head``...), so state
 dicts map onto Hugging Face's GPT-2 with only its Conv1D transposes.
+
+For generation, ``forward`` takes a :class:`KVCache`: each call appends its tokens' keys and values
+to the cache and attends over everything cached, so a new token costs one position of compute.
+Batches of prompts of different lengths are left-padded; ``left_pad`` masks the padding out.
 """
 
 from __future__ import annotations
@@ -110,6 +114,40 @@ class LayerNorm(nn.Module):
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class KVCache:
+    """Keys and values of every layer, allocated once per generation.
+
+    ``kv[layer, 0]`` holds the keys and ``kv[layer, 1]`` the values, each (batch, n_head, max_len,
+    head_dim). The first ``length`` positions are filled; a forward pass with the cache writes its
+    tokens after them. Position embeddings are absolute, so the cache cannot slide: when it is full,
+    :meth:`reset` it and feed the tokens to keep again.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = config.context_length if max_len is None else max_len
+        if not 1 <= max_len <= config.context_length:
+            raise ValueError(f"KVCache: max_len {max_len} must be between 1 and the context length "
+                             f"{config.context_length}")
+        if batch_size < 1:
+            raise ValueError(f"KVCache: batch_size must be positive, got {batch_size}")
+        self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim,
+                              device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[4]
+
+    def reset(self) -> None:
+        """Forget every cached position (the memory stays allocated)."""
+        self.length = 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -119,13 +157,28 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``kv``: this layer's (2, B, n_head, max_len, head_dim) cache slice, ``start`` positions filled.
+
+        ``mask``: (B, 1, T, start + T) booleans, True where a query may attend (left-padded batches).
+        """
         B, T, C = x.shape
         # One projection for q, k and v; the kernels take the split, transposed views by their strides.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
+        if kv is not None:
+            # Write only the T new positions; attention then reads the filled prefix as strided views.
+            kv[0, :, :, start:start + T] = k
+            kv[1, :, :, start:start + T] = v
+            k, v = kv[0, :, :, :start + T], kv[1, :, :, :start + T]
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
+        if mask is None:
+            # With a cache, T queries meet start + T keys: the causal mask is aligned bottom-right.
+            y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
+        else:
+            # The flash kernel takes no padding mask: left-padded batches use eager attention.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -151,8 +204,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv, start, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -192,16 +246,45 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def _check_input(self, idx: torch.Tensor, targets: torch.Tensor | None) -> None:
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty key/value cache for ``batch_size`` sequences of up to ``max_len`` positions
+        (default: the context length), on the model's device and in its dtype."""
+        weight = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: torch.device | str | None = None) -> "GPT":
+        """GPT-2 weights from a Hugging Face checkpoint directory, or gpt2, gpt2-medium, gpt2-large,
+        gpt2-xl downloaded through huggingface_hub (see :mod:`gptfast.pretrained`)."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(name_or_path, device=device)
+
+    def save_pretrained(self, path: str) -> None:
+        """Save as a Hugging Face GPT-2 checkpoint directory that transformers loads."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, path)
+
+    def _check_input(self, idx: torch.Tensor, targets: torch.Tensor | None,
+                     cache: KVCache | None = None, left_pad: torch.Tensor | None = None) -> None:
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"idx must be a 2-D (batch, seq) tensor of token ids, got {shape}")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        T = idx.shape[1]
+        B, T = idx.shape
         if not 1 <= T <= self.config.context_length:
             raise ValueError(f"sequence length {T} must be between 1 and the context length "
                              f"{self.config.context_length}")
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"the cache holds {cache.batch_size} sequences but idx has batch size {B}")
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"the cache holds {cache.length} of {cache.max_len} positions: no room "
+                                 f"for {T} more (reset it and feed the tokens to keep)")
+        if left_pad is not None and tuple(left_pad.shape) != (B,):
+            raise ValueError(f"left_pad must have shape ({B},), one count per row, got {tuple(left_pad.shape)}")
         if targets is not None and tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         if torch.compiler.is_compiling() or idx.numel() == 0:
@@ -217,15 +300,41 @@ class GPT(nn.Module):
                 raise ValueError(f"target id {bad} is outside the vocabulary [0, {self.config.vocab_size}) "
                                  "(-1 marks positions to ignore)")
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    @staticmethod
+    def _padding_mask(left_pad: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, K) booleans: query slot i sees key slot j <= i that is not padding.
+
+        A padding query sees itself only, so that no softmax row is empty; no real token sees it.
+        """
+        keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
+        causal = keys[None, :] <= slots[:, None]  # (T, K)
+        real = keys[None, :] >= left_pad[:, None]  # (B, K)
+        itself = keys[None, :] == slots[:, None]  # (T, K)
+        return (causal & (real[:, None, :] | itself))[:, None]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, left_pad: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (batch, seq, vocab_size) and, given targets, the mean cross-entropy (-1 ignored)."""
-        self._check_input(idx, targets)
+        """Logits (batch, seq, vocab_size) and, given targets, the mean cross-entropy (-1 ignored).
+
+        ``cache``: idx holds only the new tokens; their keys and values are appended to the cache
+        and attention covers every cached position. ``left_pad``: (batch,) number of padding
+        tokens at the start of each row of the whole sequence (cached part included); padding is
+        masked out of attention and each row's positions count from its first real token.
+        """
+        self._check_input(idx, targets, cache, left_pad)
         T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
+        start = cache.length if cache is not None else 0
+        slots = torch.arange(start, start + T, device=idx.device)
+        pos, mask = slots, None
+        if left_pad is not None:
+            pos = (slots[None, :] - left_pad[:, None]).clamp(min=0)
+            mask = self._padding_mask(left_pad, slots)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache.kv[i] if cache is not None else None, start, mask)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         if self.config.padded_vocab_size != self.config.vocab_size:

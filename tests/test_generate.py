@@ -1,0 +1,233 @@
+"""Generation: the key/value cache against full recomputation, batching, sampling, stopping, errors."""
+
+import pytest
+import torch
+
+import kernels
+from gptfast import GPT, GPTConfig
+from gptfast.generate import filter_logits, generate, pick_tokens, stream
+
+VOCAB = 97
+
+
+def make_model(context_length: int = 24, dtype: torch.dtype = torch.float64, seed: int = 0) -> GPT:
+    """A tiny untied GPT whose large random weights give varied (not repetitive) greedy text."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, context_length=context_length,
+                       tie_weights=False)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 1.0 if name.startswith(("transformer.wte", "transformer.wpe")) else 0.1)
+    return model.to(dtype).eval()
+
+
+def simple_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Re-run the model on the whole window each step, sliding as documented: when the sequence
+    outgrows the context, drop the oldest quarter of the window."""
+    context = model.config.context_length
+    keep = context - max(1, context // 4)
+    seq, start = list(prompt[-context:]), 0
+    for _ in range(n):
+        if len(seq) - start > context:
+            start = len(seq) - keep
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([seq[start:]]))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt[-context:]):]
+
+
+def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_cached_logits_equal_full_forward():
+    """Prefill then one token at a time through the cache gives the full forward's logits (float32)."""
+    model = make_model(dtype=torch.float32)
+    idx = torch.tensor(prompts_of([11, 11]))
+    full, _ = model(idx)
+    cache = model.new_cache(batch_size=2)
+    chunks = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 11)]
+    assert cache.length == 11
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_masks_padding_and_counts_positions_from_first_token():
+    model = make_model()
+    short, long = prompts_of([4, 9])
+    padded = torch.tensor([[0] * 5 + short, long])
+    logits, _ = model(padded, left_pad=torch.tensor([5, 0]))
+    alone, _ = model(torch.tensor([short]))
+    torch.testing.assert_close(logits[0, 5:], alone[0], rtol=1e-12, atol=1e-12)
+    # The same through the cache, in two chunks.
+    cache = model.new_cache(batch_size=2)
+    model(padded[:, :7], cache=cache, left_pad=torch.tensor([5, 0]))
+    last, _ = model(padded[:, 7:], cache=cache, left_pad=torch.tensor([5, 0]))
+    torch.testing.assert_close(last[0], alone[0, 2:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prompt_len, n", [(1, 10), (7, 17), (24, 5), (5, 60)])
+def test_greedy_cache_no_cache_and_simple_loop_agree(prompt_len, n):
+    """Token for token, inside the context and past it (the window slides), prompt filling it too."""
+    model = make_model()
+    prompt = prompts_of([prompt_len])[0]
+    cached = generate(model, [prompt], n, temperature=0)[0]
+    uncached = generate(model, [prompt], n, temperature=0, use_cache=False)[0]
+    assert cached == uncached == simple_greedy(model, prompt, n)
+    assert len(cached) == n and len(set(cached)) > 2  # the tiny model is not stuck repeating a token
+
+
+def test_float32_cache_matches_no_cache():
+    model = make_model(dtype=torch.float32)
+    prompts = prompts_of([3, 8, 8, 1])
+    assert generate(model, prompts, 30, temperature=0) == generate(model, prompts, 30, temperature=0,
+                                                                   use_cache=False)
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone():
+    model = make_model()
+    prompts = prompts_of([1, 6, 13, 6, 3])
+    n = model.config.context_length - 13  # the longest prompt just fills the context
+    batched = generate(model, prompts, n, temperature=0)
+    assert batched == [simple_greedy(model, p, n) for p in prompts]
+    assert batched == generate(model, prompts, n, temperature=0, use_cache=False)
+
+
+def test_decoding_feeds_one_position_per_step(monkeypatch):
+    """With the cache, each step after the prompt runs attention for one query over the filled prefix."""
+    model = make_model()
+    shapes = []
+    real_attention = kernels.flash_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return real_attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "flash_attention", spy)
+    generate(model, prompts_of([5, 5]), 4, temperature=0)
+    per_layer = shapes[:: model.config.n_layer]
+    assert per_layer == [(5, 5), (1, 6), (1, 7), (1, 8)]
+
+
+def test_eos_stops_each_prompt_and_ends_early():
+    model = make_model()
+    prompts = prompts_of([4, 6])
+    free = generate(model, prompts, 8, temperature=0)
+    eos = free[0][2]
+    steps = []
+    out = generate(model, prompts, 8, temperature=0, eos_token_id=eos, on_step=steps.append)
+    assert out[0] == free[0][:3]  # the end-of-text token is included, then the prompt stops
+    expected_1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
+    assert out[1] == expected_1
+    assert len(steps) == max(len(out[0]), len(out[1]))
+    assert all(step[0] is None for step in steps[3:])
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = make_model()
+    prompts = prompts_of([3, 5])
+    a = generate(model, prompts, 12, temperature=1.0, seed=7)
+    assert a == generate(model, prompts, 12, temperature=1.0, seed=7)
+    assert a == generate(model, prompts, 12, temperature=1.0, seed=7, use_cache=False)
+    assert a != generate(model, prompts, 12, temperature=1.0, seed=8)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    model = make_model()
+    prompts = prompts_of([3, 5])
+    greedy = generate(model, prompts, 10, temperature=0)
+    assert generate(model, prompts, 10, temperature=2.0, top_k=1, seed=0) == greedy
+    assert generate(model, prompts, 10, temperature=2.0, top_p=1e-9, seed=0) == greedy
+
+
+def test_filter_logits_keeps_top_k_and_nucleus():
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25]]))
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept[0].tolist() == [False, True, False, True] and kept[1].sum() >= 2
+    # 0.4 < 0.5, so the nucleus needs 0.3 too; 0.4 + 0.3 >= 0.6 stops there.
+    assert filter_logits(logits, top_p=0.5)[0].isfinite().tolist() == [False, True, False, True]
+    assert filter_logits(logits, top_p=0.7)[0].isfinite().tolist() == [False, True, False, True]
+    assert filter_logits(logits, top_p=0.71)[0].isfinite().tolist() == [False, True, True, True]
+    assert filter_logits(logits, top_k=3, top_p=1.0)[0].isfinite().tolist() == [False, True, True, True]
+
+
+def test_sample_frequencies_follow_tempered_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6).repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 1.5):
+        tokens = pick_tokens(logits, temperature, generator=generator)
+        frequencies = torch.bincount(tokens, minlength=6) / len(tokens)
+        expected = (logits[0] / temperature).softmax(-1)
+        assert (frequencies - expected).abs().max() < 0.015
+    nucleus = filter_logits(logits[:1], top_p=0.8)[0].isfinite()
+    tokens = pick_tokens(logits, 1.0, top_p=0.8, generator=generator)
+    assert nucleus[tokens].all()
+
+
+def test_long_prompt_is_cropped_with_a_warning():
+    model = make_model(context_length=16)
+    prompt = prompts_of([40])[0]
+    with pytest.warns(UserWarning, match="longer than the context length 16"):
+        out = generate(model, [prompt, prompt[:3]], 6, temperature=0)
+    assert out[0] == generate(model, [prompt[-16:]], 6, temperature=0)[0]
+
+
+def test_stream_yields_per_step_and_restores_training_mode():
+    model = make_model().train()
+    steps = list(stream(model, prompts_of([2, 3]), 5, temperature=0))
+    assert len(steps) == 5 and all(len(s) == 2 for s in steps)
+    assert model.training
+    model.eval()
+    assert generate(model, prompts_of([2]), 0) == [[]]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts=[1, 2, 3]), "prompt 0 must be a list"),
+    (dict(prompts=[[1], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, VOCAB]]), f"token id {VOCAB}"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(eos_token_id=VOCAB), "eos_token_id"),
+])
+def test_bad_arguments(kwargs, words):
+    arguments = dict(prompts=[[1, 2]], max_new_tokens=3) | kwargs
+    with pytest.raises(ValueError, match=words):
+        generate(make_model(), **arguments)
+
+
+def test_cache_errors():
+    model = make_model()
+    cache = model.new_cache(batch_size=2, max_len=6)
+    with pytest.raises(ValueError, match="batch size 1"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="holds 5 of 6 positions"):
+        model(torch.zeros(2, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_len 25"):
+        model.new_cache(batch_size=1, max_len=25)
+    with pytest.raises(ValueError, match="left_pad must have shape"):
+        model(torch.zeros(2, 3, dtype=torch.long), left_pad=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="gptfast GPT"):
+        generate(torch.nn.Linear(2, 2), [[1]], 2)
+
+
+def test_triton_backend_decoding_matches_eager():
+    """Decoding through the Triton kernels (interpreter on CPU) gives the eager path's tokens."""
+    model = make_model(context_length=16, dtype=torch.float32)
+    q = torch.zeros(1, 2, 1, 16)
+    with kernels.use_backend("triton"):
+        unsupported = [kernels.explain(*call).reason for call in [
+            ("flash_attention", q, q, q), ("layer_norm", q, q[0, 0, 0], q[0, 0, 0]),
+            ("bias_gelu", q, q[0, 0, 0])] if not kernels.explain(*call).use_triton]
+    if unsupported:
+        pytest.skip(f"Triton kernels not available: {unsupported}")
+    prompts = prompts_of([6, 6])
+    eager = generate(model, prompts, 6, temperature=0)
+    with kernels.use_backend("triton"):
+        assert generate(model, prompts, 6, temperature=0) == eager
