@@ -1,11 +1,39 @@
-"""LayerNorm over the last dimension: ``y = (x - mean) / sqrt(var + eps) * weight + bias``."""
+"""LayerNorm over the last dimension: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+Triton kernels (forward and backward), registered as the PyTorch custom operators
+``gptfast::layer_norm_fwd`` / ``gptfast::layer_norm_bwd`` with autograd and fake implementations, so
+models using them compile with ``torch.compile(fullgraph=True)``.
+
+* Forward: each program holds ``BLOCK_M`` whole rows in registers, so x is read once and y written
+  once; statistics are float32 whatever the input dtype, and mean and 1/std are saved for backward.
+* Backward: a fixed grid of a few programs per SM; each walks its share of the row tiles, writes dx
+  (one read of x and dy, one write of dx per row) and keeps float32 running sums of dy * xhat and dy
+  in registers. The per-program partial sums (a (programs, n) array, small next to x) are then added
+  up in a fixed order: gradients are bit-identical run after run, with no atomics or locks.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from . import backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # kernels must import without Triton; backend.route then never picks a kernel
+    triton = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Whole rows live in registers: 8192 float32 values per row tile keep every thread under its
+# register budget without spills (checked ahead of time for sm_80 and sm_90 in tests).
+MAX_ROW_LENGTH = 8192
+_TILE_ELEMENTS = 4096  # short rows are grouped into tiles of at least this many elements
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -21,6 +49,177 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     return y
 
 
+@_jit
+def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+                    n_rows, n_cols, stride_x, stride_y, eps,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program normalises BLOCK_M rows of BLOCK_N >= n_cols columns: one read of x, one write of y.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = rows.to(tl.int64)  # row offsets can pass 2**31 elements
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Statistics of x - x[:, 0]: rows with a large common offset (1e4 +- 1) lose no precision in
+    # the sums, unlike E[x^2] - E[x]^2 or even sum(x). The first column is taken from registers.
+    pivot = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
+    shifted = tl.where(mask, x - pivot[:, None], 0.0)
+    shifted_mean = tl.sum(shifted, axis=1) / n_cols
+    centered = tl.where(mask, shifted - shifted_mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    tl.store(mean_ptr + rows, pivot + shifted_mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
+                    n_rows, n_cols, stride_dy, stride_x, stride_dx,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Each program takes every num_programs-th tile of BLOCK_M rows: it reads x and dy once, writes dx
+    # once, and accumulates dweight / dbias partial sums in registers, written once at the end.
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    dw_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        rows = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy * w
+        # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat)), the means taken over each row.
+        c1 = tl.sum(wdy * xhat, axis=1) / n_cols
+        c2 = tl.sum(wdy, axis=1) / n_cols
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            dw_sum += dy * xhat
+        if HAS_BIAS:
+            db_sum += dy
+    partial = tl.program_id(0).to(tl.int64) * n_cols + cols
+    if HAS_WEIGHT:
+        tl.store(dw_partial_ptr + partial, tl.sum(dw_sum, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(db_partial_ptr + partial, tl.sum(db_sum, axis=0), mask=col_ok)
+
+
+def _block_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``: whole rows, >= _TILE_ELEMENTS per tile.
+
+    Every tile gives each thread 16 values (two 128-bit loads of fp16, four of fp32) at most.
+    """
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, _TILE_ELEMENTS // block_n)
+    num_warps = min(16, max(4, block_m * block_n // (16 * 32)))
+    return block_m, block_n, num_warps
+
+
+def _kernel_configs() -> list[tuple[int, int, int]]:
+    """Every (BLOCK_M, BLOCK_N, num_warps) the kernels may launch with, for ahead-of-time checks."""
+    return sorted({_block_config(2**k) for k in range(MAX_ROW_LENGTH.bit_length())})
+
+
+@functools.lru_cache(maxsize=None)
+def _num_backward_programs(device: torch.device) -> int:
+    """Two programs per SM on a GPU; a few under the interpreter, where SMs do not exist."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a (rows, n) matrix with unit column stride, a view whenever the strides allow."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm forward: (y shaped like x, float32 mean and 1/std per row)."""
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows > 0:
+        block_m, block_n, num_warps = _block_config(n_cols)
+        _layer_norm_fwd[(triton.cdiv(n_rows, block_m),)](
+            x2, weight, bias, y, mean, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+
+
+@torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                       has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm backward: dx, and dweight / dbias (empty when there is no weight / bias)."""
+    x2, dy2 = _rows(x), _rows(dy)
+    n_rows, n_cols = x2.shape
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    has_weight = weight is not None
+    param_dtype = weight.dtype if has_weight else x.dtype
+    programs = max(1, min(_num_backward_programs(x.device), triton.cdiv(n_rows, _block_config(n_cols)[0])))
+    dw_partial = torch.zeros(programs if has_weight else 0, n_cols, dtype=torch.float32, device=x.device)
+    db_partial = torch.zeros(programs if has_bias else 0, n_cols, dtype=torch.float32, device=x.device)
+    if n_rows > 0:
+        block_m, block_n, num_warps = _block_config(n_cols)
+        _layer_norm_bwd[(programs,)](
+            dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
+            n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    # The partial sums are added in a fixed order: deterministic dweight and dbias.
+    return dx.view(x.shape), dw_partial.sum(0).to(param_dtype), db_partial.sum(0).to(param_dtype)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, has_bias, mean, rstd):
+    n_cols = x.shape[-1]
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dw = x.new_empty((n_cols if weight is not None else 0,), dtype=param_dtype)
+    db = x.new_empty((n_cols if has_bias else 0,), dtype=param_dtype)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.has_bias, mean, rstd)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
+
+
+_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("layer_norm: x must be a tensor with at least one dimension")
@@ -33,7 +232,13 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
 
 def _kernel_problem(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     eps: float = 1e-5) -> str | None:
-    return "no Triton LayerNorm kernel is built yet"
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            return f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
+    n = x.shape[-1]
+    if not 1 <= n <= MAX_ROW_LENGTH:
+        return f"row length {n} is outside the kernel's range 1..{MAX_ROW_LENGTH}"
+    return None
 
 
 backend.register("layer_norm", _kernel_problem)
@@ -41,7 +246,12 @@ backend.register("layer_norm", _kernel_problem)
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm of ``x`` over its last dimension, through the backend switch."""
+    """LayerNorm of ``x`` over its last dimension, through the backend switch.
+
+    The Triton path returns y in x's dtype (statistics in float32) and gradients in the
+    parameters' dtypes.
+    """
     _check_inputs(x, weight, bias)
-    backend.route("layer_norm", x, weight, bias, eps)  # the Triton kernel arrives in its own issue
+    if backend.route("layer_norm", x, weight, bias, eps):
+        return _layer_norm_fwd_op(x, weight, bias, eps)[0]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
