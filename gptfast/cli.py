@@ -1,4 +1,4 @@
-"""The ``gptfast`` command line: ``gptfast info`` (more subcommands: ``gptfast --help``)."""
+"""The ``gptfast`` command line: ``gptfast prepare | train | info`` (all of them: ``gptfast --help``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import torch
 import kernels
 from kernels.backend import HAS_TRITON, TRITON_INTERPRET
 
+from .data import BatchStream, prepare
 from .model import GPT, PRESETS, GPTConfig
+from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
+from .train import TrainConfig, train
 
 
 def _preset_table() -> str:
@@ -58,11 +61,106 @@ def cmd_info(args: argparse.Namespace) -> None:
               f"loss {loss.item():.3f} (untrained: ln(vocab) = {torch.log(torch.tensor(config.vocab_size)):.3f})")
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                   tiktoken_file=args.tiktoken_file)
+    print(f"{meta['num_tokens']:,} tokens ({meta['num_val_tokens']:,} for validation), {meta['dtype']}, "
+          f"vocabulary {meta['tokenizer']['kind']} -> {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+    fields.update(data=args.data or None, backend=kernels.get_backend())  # main() applied --backend
+    train(TrainConfig(**fields))
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    data = p.add_argument_group("data")
+    data.add_argument("data", nargs="*", default=None, metavar="DATA",
+                      help="a folder made by `gptfast prepare`, or text files/folders (prepared into "
+                           "OUT_DIR/data first); none: the embedded corpus")
+    data.add_argument("--tokenizer", choices=TOKENIZERS, default=d.tokenizer,
+                      help="tokenizer for text that needs preparing (default: %(default)s)")
+    data.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
+                      f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
+    data.add_argument("--order", choices=BatchStream.ORDERS, default=d.order,
+                      help="batch order (default: %(default)s)")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", choices=list(PRESETS), default=d.preset, help="model size (default: %(default)s)")
+    model.add_argument("--context-length", type=int, metavar="T", help="tokens per sequence (default: the preset's)")
+    model.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate (default: %(default)s)")
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size,
+                     help="sequences per micro-batch and process (default: %(default)s)")
+    opt.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                     help="micro-batches per step and process (default: %(default)s)")
+    opt.add_argument("--tokens-per-step", type=int, metavar="N",
+                     help="tokens per optimizer step over all processes; sets --grad-accum")
+    opt.add_argument("--max-steps", type=int, default=d.max_steps,
+                     help="optimizer steps, the length of the schedule (default: %(default)s)")
+    opt.add_argument("--run-steps", type=int, metavar="N",
+                     help="stop after N steps in this run, with a checkpoint to --resume from")
+    opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    opt.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default: lr/10)")
+    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                     help="steps of linear warm-up (default: %(default)s)")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                     help="AdamW weight decay, matrices only (default: %(default)s)")
+    opt.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1 (default: %(default)s)")
+    opt.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2 (default: %(default)s)")
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                     help="clip the gradient norm to this; 0: no clipping (default: %(default)s)")
+    opt.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out-dir", default=d.out_dir,
+                     help="checkpoint, log.jsonl and loss.png go here (default: %(default)s)")
+    run.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    run.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint")
+    run.add_argument("--eval-interval", type=int, default=d.eval_interval,
+                     help="validate and checkpoint every N steps (default: %(default)s)")
+    run.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                     help="batches per validation (default: %(default)s)")
+    run.add_argument("--log-interval", type=int, default=d.log_interval,
+                     help="log to the console and log.jsonl every N steps (default: %(default)s)")
+    run.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1... (default: %(default)s: "
+                     "the process's GPU under torchrun, else cuda if present, else cpu)")
+    run.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default=d.dtype,
+                     help="autocast dtype (default: %(default)s: bfloat16 on CUDA, float32 elsewhere)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
+                     help="tokens to generate at the end; 0: none (default: %(default)s)")
+    run.add_argument("--sample-prompt", default=d.sample_prompt, help="prompt of the final sample "
+                     "(default: a line break)")
+    run.add_argument("--backend", choices=kernels.BACKENDS, default=argparse.SUPPRESS,
+                     help="kernel backend, as `gptfast --backend` (default: $GPTFAST_BACKEND or auto)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
     parser.add_argument("--backend", choices=kernels.BACKENDS, help="kernel backend (default: "
                         "$GPTFAST_BACKEND or auto)")
     sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="tokenize text files or folders into a data folder for training",
+                          description="Tokenize text into OUT/tokens.bin (uint16 when the vocabulary fits) "
+                          "and OUT/meta.json; the last --val-fraction of the tokens is the validation split.")
+    prep.add_argument("inputs", nargs="*", metavar="INPUT",
+                      help="UTF-8 text files or folders (read recursively); none: the embedded corpus")
+    prep.add_argument("--out", required=True, help="data folder to write")
+    prep.add_argument("--tokenizer", choices=TOKENIZERS, default="char",
+                      help="char: a vocabulary of the text's characters; gpt2: GPT-2 BPE (default: %(default)s)")
+    prep.add_argument("--val-fraction", type=float, default=0.1,
+                      help="fraction of tokens held out for validation (default: %(default)s)")
+    prep.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
+                      f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
+    prep.set_defaults(func=cmd_prepare)
+    trn = sub.add_parser("train", help="train a GPT (also under torchrun for several GPUs)",
+                         description="Train a GPT on prepared data or on text. Ctrl-C stops after the current "
+                         "step and writes the checkpoint; --resume continues exactly. Under `torchrun "
+                         "--nproc_per_node N` the same command trains with DistributedDataParallel.")
+    _add_train_arguments(trn)
+    trn.set_defaults(func=cmd_train)
     info = sub.add_parser("info", help="parameter counts and memory per preset, and which backend "
                           "path each operation takes on this machine")
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),
