@@ -2,16 +2,43 @@
 
 With fewer queries than keys (decoding with a key/value cache) the causal mask is aligned
 bottom-right: the last query sees every key, query i sees keys up to ``i + (Tk - Tq)``.
+
+The Triton path is a flash attention: the (Tq, Tk) score matrix is never stored. The forward pass
+walks over key blocks with an online softmax and saves one log-sum-exp per query row; the backward
+pass recomputes the probabilities from it. Extra memory is O(batch x heads x seq) at any length.
+Three backward kernels, none with atomics, so gradients are identical run to run:
+
+* ``_attention_bwd_delta_kernel``: delta_i = dot(dO_i, O_i), one float per query row;
+* ``_attention_bwd_kv_kernel``: one key block per program, looping over the query blocks that see it;
+* ``_attention_bwd_q_kernel``: one query block per program, looping over the key blocks it sees.
+
+Dropout on the probabilities draws Philox numbers keyed by (seed, element index of the (batch x
+heads, Tq, Tk) probability tensor), so the backward kernels regenerate the forward's mask exactly
+whatever their block sizes. The seed comes from torch's default generator: ``torch.manual_seed``
+makes dropout reproducible.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import backend
+
+if backend.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
+    LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _triton_jit(fn):
+    """``triton.jit`` where Triton is installed; without it the kernels are never launched."""
+    return triton.jit(fn) if backend.HAS_TRITON else fn
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -37,7 +64,530 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return probs @ v
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Every tile is (rows, HEAD_DIM_PAD): head dims that are not a power of two are
+# padded inside the kernel by masking the loads (zeros) and stores, never by copying the inputs.
+# q, k, v and dO are read through their strides; O, dQ, dK, dV are contiguous outputs.
+# ---------------------------------------------------------------------------------------------
+
+
+@_triton_jit
+def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Load a (rows, HEAD_DIM_PAD) tile; zeros past ``n_rows`` (if CHECK_ROWS) and past HEAD_DIM.
+
+    Unchecked full tiles keep the loads unmasked, so they stay 128-bit vectorised.
+    """
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if HEAD_DIM < HEAD_DIM_PAD:
+            mask = mask & (dims[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif HEAD_DIM < HEAD_DIM_PAD:
+        tile = tl.load(ptrs, mask=dims[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@_triton_jit
+def _store_tile(ptrs, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Store the valid rows and head dims of a (rows, HEAD_DIM_PAD) tile."""
+    mask = rows[:, None] < n_rows
+    if HEAD_DIM < HEAD_DIM_PAD:
+        mask = mask & (dims[None, :] < HEAD_DIM)
+    tl.store(ptrs, tile, mask=mask)
+
+
+@_triton_jit
+def _visible(q_idx, k_idx, q_len, k_len, CAUSAL: tl.constexpr):
+    """Which keys exist and may be attended by the queries; the causal diagonal is bottom-right.
+
+    Query rows past q_len need no mask: they are never stored, and in the backward pass their
+    zero-loaded dO makes their contributions to dK and dV zero.
+    """
+    ok = k_idx < k_len
+    if CAUSAL:
+        ok = ok & (k_idx <= q_idx + (k_len - q_len))
+    return ok
+
+
+@_triton_jit
+def _dropout_keep(seed, rng_base, q_idx, k_idx, k_len, dropout_p):
+    """Philox keep-mask of the probabilities at (q_idx, k_idx) of one (batch, head)."""
+    return tl.rand(seed, rng_base + q_idx.to(tl.int64) * k_len + k_idx) >= dropout_p
+
+
+@_triton_jit
+def _key_range(start_m, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Keys that queries [start_m, start_m + BLOCK_M) attend to: [0, full_end) needs no mask
+    (every key exists and is visible to every query of the block); [full_end, end) needs one.
+    Key blocks wholly above the causal diagonal lie past ``end``: they are skipped, not masked."""
+    full_end = k_len // BLOCK_N * BLOCK_N
+    end = k_len
+    if CAUSAL:
+        first_pos = start_m + (k_len - q_len)  # key position of the block's first query
+        full_end = tl.minimum(full_end, (first_pos + 1) // BLOCK_N * BLOCK_N)
+        end = tl.minimum(end, first_pos + BLOCK_M)
+    return full_end, end
+
+
+@_triton_jit
+def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
+                    lo, hi, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): each K and V tile is read once per query block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
+                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # log2 units, float32
+        if MASKED:
+            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what earlier blocks accumulated
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped probabilities too
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p), p, 0.0)
+        v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
+                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@_triton_jit
+def _attention_fwd_kernel(Q, K, V, O, LSE,
+                          stride_qb, stride_qh, stride_qt, stride_qd,
+                          stride_kb, stride_kh, stride_kt, stride_kd,
+                          stride_vb, stride_vh, stride_vt, stride_vd,
+                          n_heads, q_len, k_len, scale, dropout_p, seed,
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """One program per (query block, batch x head): O = softmax(Q K^T * scale) V and the row LSE.
+
+    Q is read once, K and V once per query block; O and LSE are written once.
+    """
+    # The last query blocks see the most keys under the causal mask: launch them first.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    batch, head = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, dims,
+                   HEAD_DIM, HEAD_DIM_PAD, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    qk_scale = scale * LOG2E
+    rng_base = bh.to(tl.int64) * q_len * k_len
+    full_end, end = _key_range(start_m, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    rows, dims, 0, full_end, q_len, k_len, qk_scale, dropout_p, seed,
+                                    rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    rows, dims, full_end, end, q_len, k_len, qk_scale, dropout_p, seed,
+                                    rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
+    # Every query sees key 0, so l_i > 0 on every row, padded rows included.
+    inv_l = 1.0 / l_i
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    o = acc * inv_l[:, None]
+    O += bh.to(tl.int64) * q_len * HEAD_DIM
+    _store_tile(O + rows[:, None] * HEAD_DIM + dims[None, :], o.to(O.dtype.element_ty), rows, q_len, dims,
+                HEAD_DIM, HEAD_DIM_PAD)
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # natural log
+    tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=rows < q_len)
+
+
+@_triton_jit
+def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, stride_dod,
+                                n_heads, q_len, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
+    """delta_i = dot(dO_i, O_i) = rowsum(P * dP): reads O and dO once, writes one float per row."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    batch, head = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    o = _load_tile(O + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
+                   rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD, True)
+    do = _load_tile(DO + batch * stride_dob + head * stride_doh + rows[:, None] * stride_dot
+                    + dims[None, :] * stride_dod, rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
+
+
+@_triton_jit
+def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                         cols, dims, lo, hi, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate dK and dV of one key block over query blocks [lo, hi).
+
+    Works on transposed (key, query) tiles so that dK and dV come out of the dots row by key.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, dims,
+                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, dims,
+                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        if MASKED:
+            lse = tl.load(LSE + rows, mask=rows < q_len, other=0.0)
+            delta = tl.load(DELTA + rows, mask=rows < q_len, other=0.0)
+        else:
+            lse = tl.load(LSE + rows)
+            delta = tl.load(DELTA + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed
+        if MASKED:
+            p_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, CAUSAL), p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # dL/d(dropped P), transposed
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, rng_base, rows[None, :], cols[:, None], k_len, dropout_p)
+            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision="ieee")
+            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+        ds_t = p_t * (dp_t - delta[None, :])  # softmax backward
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+    return dk, dv
+
+
+@_triton_jit
+def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                             stride_qb, stride_qh, stride_qt, stride_qd,
+                             stride_kb, stride_kh, stride_kt, stride_kd,
+                             stride_vb, stride_vh, stride_vt, stride_vd,
+                             stride_dob, stride_doh, stride_dot, stride_dod,
+                             n_heads, q_len, k_len, scale, dropout_p, seed,
+                             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """One program per (key block, batch x head): dK and dV of the block, written once.
+
+    K and V stay in on-chip memory; Q, dO, LSE and delta are read once per key block that needs them.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    batch, head = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+    DO += batch * stride_dob + head * stride_doh
+    LSE += bh.to(tl.int64) * q_len
+    DELTA += bh.to(tl.int64) * q_len
+    cols = start_n + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
+                   HEAD_DIM, HEAD_DIM_PAD, True)
+    v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
+                   HEAD_DIM, HEAD_DIM_PAD, True)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    qk_scale = scale * LOG2E
+    rng_base = bh.to(tl.int64) * q_len * k_len
+
+    # Query blocks [lo, diag_end) straddle the causal diagonal, [diag_end, full_end) see the whole key
+    # block and are complete, [max(diag_end, full_end), q_end) is the last, partial query block.
+    q_end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    full_end = q_len // BLOCK_M * BLOCK_M
+    lo = 0
+    diag_end = 0
+    if CAUSAL:
+        offset = k_len - q_len  # query i sits at key position i + offset
+        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M  # earlier queries see none of it
+        diag_end = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
+                              q_end)
+    dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
+                                  stride_dod, cols, dims, lo, diag_end, q_len, k_len, qk_scale,
+                                  dropout_p, seed, rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
+                                  DROPOUT, True)
+    dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
+                                  stride_dod, cols, dims, diag_end, full_end, q_len, k_len, qk_scale,
+                                  dropout_p, seed, rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
+                                  DROPOUT, False)
+    dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
+                                  stride_dod, cols, dims, tl.maximum(diag_end, full_end), q_end, q_len,
+                                  k_len, qk_scale, dropout_p, seed, rng_base, HEAD_DIM, HEAD_DIM_PAD,
+                                  BLOCK_M, CAUSAL, DROPOUT, True)
+    if DROPOUT:
+        dv = dv / (1.0 - dropout_p)
+    dk = dk * scale
+    out = bh.to(tl.int64) * k_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
+    _store_tile(DK + out, dk.to(DK.dtype.element_ty), cols, k_len, dims, HEAD_DIM, HEAD_DIM_PAD)
+    _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, dims, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@_triton_jit
+def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
+                      lo, hi, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
+                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
+                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    return dq
+
+
+@_triton_jit
+def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                            stride_qb, stride_qh, stride_qt, stride_qd,
+                            stride_kb, stride_kh, stride_kt, stride_kd,
+                            stride_vb, stride_vh, stride_vt, stride_vd,
+                            stride_dob, stride_doh, stride_dot, stride_dod,
+                            n_heads, q_len, k_len, scale, dropout_p, seed,
+                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """One program per (query block, batch x head): dQ of the block, written once.
+
+    Q, dO, LSE and delta stay on chip; K and V are read once per query block, as in the forward.
+    """
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
+    bh = tl.program_id(1)
+    batch, head = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+    DO += batch * stride_dob + head * stride_doh
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, dims,
+                   HEAD_DIM, HEAD_DIM_PAD, True)
+    do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, dims,
+                    HEAD_DIM, HEAD_DIM_PAD, True)
+    row_ok = rows < q_len
+    lse2 = tl.load(LSE + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    qk_scale = scale * LOG2E
+    rng_base = bh.to(tl.int64) * q_len * k_len
+    full_end, end = _key_range(start_m, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
+                           dims, 0, full_end, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
+    dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
+                           dims, full_end, end, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
+    dq = dq * scale
+    _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
+                dq.to(DQ.dtype.element_ty), rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@_triton_jit
+def _dropout_keep_kernel(KEEP, q_len, k_len, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write the keep-mask the attention kernels draw, as int8 (batch x heads, q_len, k_len)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rng_base = tl.program_id(2).to(tl.int64) * q_len * k_len
+    keep = _dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p)
+    mask = (rows[:, None] < q_len) & (cols[None, :] < k_len)
+    tl.store(KEEP + rng_base + rows[:, None] * k_len + cols[None, :], keep.to(tl.int8), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes per GPU generation, head dim and element size.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile shape and launch parameters of one kernel: BLOCK_M query rows by BLOCK_N key rows."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class AttentionConfigs:
+    """The configurations of the forward kernel and the two backward kernels for one input kind."""
+
+    forward: BlockConfig
+    backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks
+    backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks
+
+
+# Under the interpreter tiles are small and unequal, so that short test sequences cross many block
+# boundaries and both the masked and the unmasked loops run.
+INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(32, 16))
+ARCHES = (80, 90)  # Ampere (A100) and Hopper (H100) tables; other GPUs use the nearest older one
+HEAD_DIM_PADS = (16, 32, 64, 128)
+
+
+def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionConfigs:
+    """Configurations for compute capability ``arch`` (80 or 90), padded head dim and input bytes.
+
+    Each (query, key) tile keeps its float32 scores in registers and its operands in shared memory:
+    128-row tiles feed Hopper's 64-row wgmma instructions from one or two warp groups, and K/V tiles
+    are multi-buffered (num_stages) while shared memory allows (163 KiB on A100, 227 KiB on H100).
+    The backward kernels keep two float32 accumulators (dK and dV) of BLOCK_N x head_dim, so their
+    key blocks shrink as head_dim grows to stay clear of register spills. float32 inputs use exact
+    (not TF32) products on CUDA cores, which need smaller tiles. ``tests/test_aot_flash_attention.py``
+    compiles every entry for sm_80 and sm_90 and checks spills and shared memory.
+    """
+    if element_size == 4:
+        small = BlockConfig(32, 32, num_warps=4, num_stages=2)
+        return AttentionConfigs(small, small, small)
+    if head_dim_pad <= 64:
+        stages = 3
+        return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=4, num_stages=stages),
+                                backward_kv=BlockConfig(32, 128, num_warps=4, num_stages=stages),
+                                backward_q=BlockConfig(128, 32, num_warps=4, num_stages=stages))
+    stages = 3 if arch >= 90 else 2
+    return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=stages),
+                            backward_kv=BlockConfig(32, 64, num_warps=4, num_stages=stages),
+                            backward_q=BlockConfig(64, 32, num_warps=4, num_stages=stages))
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _configs_for(q: torch.Tensor) -> AttentionConfigs:
+    if q.device.type != "cuda":
+        return INTERPRETER_CONFIGS
+    major, _ = torch.cuda.get_device_capability(q.device)
+    arch = 90 if major >= 9 else 80
+    return tuned_configs(arch, _head_dim_pad(q.shape[-1]), q.element_size())
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, registered as PyTorch custom operators so that torch.compile(fullgraph=True) treats
+# the kernels as opaque calls with known output shapes and a known backward.
+# ---------------------------------------------------------------------------------------------
+
+
+def _dropout_seed() -> torch.Tensor:
+    """A Philox seed from torch's default CPU generator (so torch.manual_seed fixes dropout)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+@torch.library.custom_op("gptfast::flash_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
+                scale: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp."""
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
+    config = _configs_for(q).forward
+    grid = (triton.cdiv(q_len, config.block_m), batch * heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale, dropout_p,
+        0 if seed is None else int(seed), HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, causal, dropout_p, scale, seed):
+    batch, heads, q_len, head_dim = q.shape
+    return (q.new_empty((batch, heads, q_len, head_dim)),
+            q.new_empty((batch, heads, q_len), dtype=torch.float32))
+
+
+@torch.library.custom_op("gptfast::flash_attention_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+                 seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV), contiguous, in the inputs' dtype."""
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    head_dim_pad = _head_dim_pad(head_dim)
+    seed_value = 0 if seed is None else int(seed)
+    configs = _configs_for(q)
+    delta = torch.empty_like(lse)
+    delta_rows = 64
+    _attention_bwd_delta_kernel[(triton.cdiv(q_len, delta_rows), batch * heads)](
+        out, grad_out, delta, *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_M=delta_rows)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
+    config = configs.backward_kv
+    _attention_bwd_kv_kernel[(triton.cdiv(k_len, config.block_n), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+        num_stages=config.num_stages, **shared)
+    config = configs.backward_q
+    _attention_bwd_q_kernel[(triton.cdiv(q_len, config.block_m), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+        num_stages=config.num_stages, **shared)
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, dropout_p, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
+    return dq, dk, dv, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout_keep_mask(seed: int | torch.Tensor, batch: int, heads: int, q_len: int, k_len: int,
+                      dropout_p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The boolean (batch, heads, q_len, k_len) keep-mask the kernels draw for ``seed``, for tests.
+
+    It materialises the whole score-sized mask: meant for small sizes only.
+    """
+    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
+    block = 32
+    grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
+    _dropout_keep_kernel[grid](keep, q_len, k_len, dropout_p, int(seed), BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# The public operation.
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+MAX_BATCH_HEADS = 65535  # the kernels' second grid axis
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -52,11 +602,27 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
         raise ValueError(f"flash_attention: devices differ: q {q.device}, k {k.device}, v {v.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"flash_attention: causal attention needs at least as many keys as "
+                         f"queries, got {q.shape[-2]} queries and {k.shape[-2]} keys")
 
 
 def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     dropout_p: float = 0.0, scale: float | None = None) -> str | None:
-    return "no Triton flash-attention kernel is built yet"
+    """Why the Triton kernel cannot take these (already validated) inputs, or None."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "bfloat16 on CPU: the Triton interpreter computes bfloat16 dot products wrongly"
+    head_dim = q.shape[-1]
+    if head_dim > MAX_HEAD_DIM or head_dim % 2:
+        return f"head_dim {head_dim} (the kernel takes even head dims up to {MAX_HEAD_DIM})"
+    batch_heads = q.shape[0] * q.shape[1]
+    if q.shape[-2] == 0 or k.shape[-2] == 0 or batch_heads == 0:
+        return f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}"
+    if batch_heads > MAX_BATCH_HEADS:
+        return f"batch x heads = {batch_heads} is over {MAX_BATCH_HEADS}"
+    return None
 
 
 backend.register("flash_attention", _kernel_problem)
@@ -69,13 +635,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     q: (batch, heads, Tq, head_dim); k, v: (batch, heads, Tk, head_dim) with Tk >= Tq when causal.
     ``scale`` defaults to 1 / sqrt(head_dim). ``dropout_p`` drops attention probabilities.
     """
-    _check_inputs(q, k, v, dropout_p)
-    backend.route("flash_attention", q, k, v, causal, dropout_p, scale)  # kernel: its own issue
+    _check_inputs(q, k, v, causal, dropout_p)
+    if backend.route("flash_attention", q, k, v, causal, dropout_p, scale):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        seed = _dropout_seed() if dropout_p > 0 else None
+        return _forward_op(q, k, v, causal, float(dropout_p), scale, seed)[0]
     q_len, k_len = q.shape[-2], k.shape[-2]
     if causal and q_len != k_len:
-        if q_len > k_len:
-            raise ValueError(f"flash_attention: causal attention needs at least as many keys as "
-                             f"queries, got {q_len} queries and {k_len} keys")
         mask = causal_mask(q_len, k_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
