@@ -1,4 +1,17 @@
-"""Fused bias add and GELU: ``y = GELU(x + bias)``, GPT-2's tanh form by default."""
+"""Fused bias add and GELU: ``y = GELU(x + bias)``, GPT-2's tanh form by default.
+
+Triton kernels (forward and backward), registered as the PyTorch custom operators
+``gptfast::bias_gelu_fwd`` / ``gptfast::bias_gelu_bwd`` with autograd and fake implementations.
+
+* Forward: one read of x, one write of y; the bias row is reused by every row of a tile.
+* Backward: recomputes ``x + bias`` from x (nothing else is saved), reads dy and writes dx once.
+  The bias gradient, the column sum of dx, is accumulated in float32 registers by a fixed grid of
+  programs while dx is written, and their partial sums are added in a fixed order: no second pass
+  over dx, and bit-identical results run after run.
+
+The tanh form uses ``0.5 * (1 + tanh(u)) = sigmoid(2u)``: no libdevice tanh (whose import path moves
+between Triton versions), and no cancellation in ``1 + tanh(u)`` for very negative inputs.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +21,18 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
+from .layer_norm import KERNEL_DTYPES, as_rows, sm_count
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # kernels must import without Triton; backend.route then never picks a kernel
+    triton = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 APPROXIMATIONS = ("tanh", "none")
+_TILE_ELEMENTS = 4096  # elements per program and tile: 16 per thread with 8 warps
 
 
 def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor | None,
@@ -20,6 +43,145 @@ def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor | None,
     if approximate == "tanh":
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+@_jit
+def _gelu_and_slope(h, TANH: tl.constexpr):
+    """GELU(h) and its derivative, in float32."""
+    if TANH:
+        # GELU = h * sigmoid(2u) with u = sqrt(2/pi) * (h + 0.044715 h^3).
+        s = tl.sigmoid(2.0 * 0.7978845608028654 * (h + 0.044715 * h * h * h))
+        du_dh = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+        return h * s, s + h * 2.0 * s * (1.0 - s) * du_dh
+    else:
+        # GELU = h * Phi(h), Phi the standard normal CDF, whose density is exp(-h^2 / 2) / sqrt(2 pi).
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        return h * cdf, cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+@_jit
+def _bias_gelu_fwd(x_ptr, bias_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
+                   HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One (BLOCK_M, BLOCK_N) tile per program: x read once, y written once, bias loaded once per tile.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    rows = rows.to(tl.int64)
+    h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y, _ = _gelu_and_slope(h, TANH)
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _bias_gelu_bwd(dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_partial_ptr,
+                   n_rows, n_cols, stride_dy, stride_x, stride_dx,
+                   HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (p, j) handles column block j of every num_programs(0)-th row tile from p: it reads x
+    # and dy once, writes dx once, and keeps dx's column sums in registers for the bias gradient.
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    dbias_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        rows = rows.to(tl.int64)
+        h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        _, slope = _gelu_and_slope(h + bias, TANH)
+        dx = tl.where(mask, dy * slope, 0.0)
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            dbias_sum += dx
+    if HAS_BIAS:
+        tl.store(dbias_partial_ptr + tl.program_id(0).to(tl.int64) * n_cols + cols,
+                 tl.sum(dbias_sum, axis=0), mask=col_ok)
+
+
+def _block_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): tiles of _TILE_ELEMENTS, at most 256 columns wide.
+
+    256-column blocks divide GPT-2's hidden sizes (3072, 4096, 5120, 6400) without masked waste.
+    """
+    block_n = min(256, triton.next_power_of_2(n_cols))
+    return _TILE_ELEMENTS // block_n, block_n, 8
+
+
+def _kernel_configs() -> list[tuple[int, int, int]]:
+    """Every (BLOCK_M, BLOCK_N, num_warps) the kernels may launch with, for ahead-of-time checks."""
+    return sorted({_block_config(2**k) for k in range(9)})
+
+
+@torch.library.custom_op("gptfast::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """Triton GELU(x + bias), in the dtype eager PyTorch would give (x's and bias's promoted)."""
+    x2 = as_rows(x)
+    n_rows, n_cols = x2.shape
+    out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    if y.numel() > 0:
+        block_m, block_n, num_warps = _block_config(n_cols)
+        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        _bias_gelu_fwd[grid](x2, bias, y, n_rows, n_cols, x2.stride(0), y.stride(0),
+                             HAS_BIAS=bias is not None, TANH=approximate == "tanh",
+                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y.view(x.shape)
+
+
+@_bias_gelu_fwd_op.register_fake
+def _(x, bias, approximate):
+    out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("gptfast::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+                      approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backward: dx in x's dtype, and dbias in bias's dtype (empty without a bias)."""
+    x2, dy2 = as_rows(x), as_rows(dy)
+    n_rows, n_cols = x2.shape
+    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    block_m, block_n, num_warps = _block_config(max(n_cols, 1))
+    col_blocks = triton.cdiv(n_cols, block_n)
+    # About four programs per SM in all, each owning a band of row tiles of one column block.
+    row_programs = max(1, min(triton.cdiv(n_rows, block_m), 4 * sm_count(x.device) // max(col_blocks, 1)))
+    dbias_partial = torch.zeros(row_programs if bias is not None else 0, n_cols,
+                                dtype=torch.float32, device=x.device)
+    if dx.numel() > 0:
+        _bias_gelu_bwd[(row_programs, col_blocks)](
+            dy2, x2, bias, dx, dbias_partial, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+            HAS_BIAS=bias is not None, TANH=approximate == "tanh",
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    dbias_dtype = bias.dtype if bias is not None else x.dtype
+    # The partial sums are added in a fixed order: a deterministic bias gradient.
+    return dx.view(x.shape), dbias_partial.sum(0).to(dbias_dtype)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dy, x, bias, approximate):
+    dbias_dtype = bias.dtype if bias is not None else x.dtype
+    dbias = x.new_empty((x.shape[-1] if bias is not None else 0,), dtype=dbias_dtype)
+    return x.new_empty(x.shape), dbias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = _bias_gelu_bwd_op(dy, x, bias, ctx.approximate)
+    return dx, (dbias if bias is not None else None), None
+
+
+_bias_gelu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
@@ -33,7 +195,10 @@ def _check_inputs(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) 
 
 
 def _kernel_problem(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "tanh") -> str | None:
-    return "no Triton bias+GELU kernel is built yet"
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            return f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
+    return None
 
 
 backend.register("bias_gelu", _kernel_problem)
@@ -45,7 +210,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "ta
     ``approximate="tanh"`` is GPT-2's form; ``"none"`` is the exact erf form.
     """
     _check_inputs(x, bias, approximate)
-    backend.route("bias_gelu", x, bias, approximate)  # the Triton kernel arrives in its own issue
+    if backend.route("bias_gelu", x, bias, approximate):
+        return _bias_gelu_fwd_op(x, bias, approximate)
     if bias is not None:
         x = x + bias
     return F.gelu(x, approximate=approximate)

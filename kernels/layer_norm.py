@@ -135,16 +135,17 @@ def _kernel_configs() -> list[tuple[int, int, int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_backward_programs(device: torch.device) -> int:
-    """Two programs per SM on a GPU; a few under the interpreter, where SMs do not exist."""
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 under the interpreter, so that grids sized by it
+    still have several programs to combine."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a (rows, n) matrix with unit column stride, a view whenever the strides allow."""
-    t = t.reshape(-1, t.shape[-1])
+    t = t.reshape(t.shape[:-1].numel(), t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -152,7 +153,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LayerNorm forward: (y shaped like x, float32 mean and 1/std per row)."""
-    x2 = _rows(x)
+    x2 = as_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -177,12 +178,12 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
                        has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LayerNorm backward: dx, and dweight / dbias (empty when there is no weight / bias)."""
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = as_rows(x), as_rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     has_weight = weight is not None
     param_dtype = weight.dtype if has_weight else x.dtype
-    programs = max(1, min(_num_backward_programs(x.device), triton.cdiv(n_rows, _block_config(n_cols)[0])))
+    programs = max(1, min(2 * sm_count(x.device), triton.cdiv(n_rows, _block_config(n_cols)[0])))
     dw_partial = torch.zeros(programs if has_weight else 0, n_cols, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs if has_bias else 0, n_cols, dtype=torch.float32, device=x.device)
     if n_rows > 0:
