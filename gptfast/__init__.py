@@ -5,11 +5,13 @@ The backend switch lives in ``kernels.backend`` and is re-exported here.
 
 from kernels.backend import BACKENDS, BackendError, explain, get_backend, set_backend, use_backend
 
-from .model import GPT, PRESETS, GPTConfig
+from .generate import generate
+from .model import GPT, PRESETS, GPTConfig, KVCache
+from .patch import patch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendError", "explain", "get_backend", "set_backend", "use_backend",
-    "GPT", "GPTConfig", "PRESETS", "__version__",
+    "GPT", "GPTConfig", "KVCache", "PRESETS", "generate", "patch", "__version__",
 ]
