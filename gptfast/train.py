@@ -284,19 +284,18 @@ def _plot(log_path: Path, png_path: Path) -> Path | None:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, context_length: int, device: torch.device,
              amp_dtype: torch.dtype | None, ctx: _Dist) -> float:
-    """Mean loss over the same ``eval_batches`` x world_size validation batches every time."""
+    """Mean loss over the first ``eval_batches`` validation batches, dealt out by rank."""
     stream = BatchStream(tokens, context_length, order="sequential", split="validation")
-    starts = stream.next_starts(ctx.world_size * cfg.eval_batches * cfg.batch_size)
-    mine = starts.view(ctx.world_size, cfg.eval_batches, cfg.batch_size)[ctx.rank]
+    starts = stream.next_starts(cfg.eval_batches * cfg.batch_size).view(cfg.eval_batches, cfg.batch_size)
     model.eval()
     total = torch.zeros((), device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for batch_starts in mine:
+    for batch_starts in starts[ctx.rank::ctx.world_size]:
         x, y = stream.batch(batch_starts, device)
         with autocast:
             total += model(x, y)[1].float()
     model.train()
-    return ctx.mean(total / cfg.eval_batches).item()
+    return (ctx.mean(total) * ctx.world_size / cfg.eval_batches).item()
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -356,8 +355,8 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
     if ctx.world_size > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
 
-    log_mode = "a" if cfg.resume else "w"
-    log = open(out / LOG_FILE, log_mode) if ctx.main else None
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / LOG_FILE, "a" if cfg.resume else "w") if ctx.main else None
     tokens_per_step = grad_accum * ctx.world_size * cfg.batch_size * T
     flops_per_step = model_flops_per_token(config, T) * tokens_per_step
     peak = peak_flops(device) if amp_dtype == torch.bfloat16 else None

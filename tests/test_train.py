@@ -1,0 +1,246 @@
+"""Training end to end on tiny models: learning, exact resume, DDP equality, interrupts, the CLI."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptfast import GPTConfig
+from gptfast.checkpoint import FORMAT, load_checkpoint, load_for_inference, save_checkpoint
+from gptfast.cli import main
+from gptfast.data import prepare
+from gptfast.train import (LOG_FILE, TrainConfig, lr_at, make_optimizer, model_flops_per_token, train,
+                           train_step)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, and far faster than on several on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The embedded corpus, char-level, prepared once for this module."""
+    out = tmp_path_factory.mktemp("data")
+    prepare(None, out)
+    return out
+
+
+def tiny(data_dir, out_dir, **overrides) -> TrainConfig:
+    """A ~0.8M-parameter model on 32-token windows: a step takes milliseconds on a CPU."""
+    base = dict(data=[str(data_dir)], out_dir=str(out_dir), preset="tiny", context_length=32,
+                batch_size=8, max_steps=20, warmup_steps=5, lr=3e-3, eval_interval=10, eval_batches=2,
+                log_interval=1, sample_tokens=0, progress=False, backend="torch")
+    return TrainConfig(**{**base, **overrides})
+
+
+def log_records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / LOG_FILE).read_text().splitlines()]
+
+
+def test_loss_falls_over_50_steps(data_dir, tmp_path):
+    summary = train(tiny(data_dir, tmp_path, max_steps=50, eval_interval=25, sample_tokens=20))
+    losses = [r["loss"] for r in log_records(tmp_path) if "loss" in r]
+    assert len(losses) == 50
+    assert losses[0] > math.log(100)  # ~uniform over the ~100 characters at first
+    assert summary["loss"] < losses[0] - 1.0 and summary["val_loss"] < losses[0] - 1.0
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "ckpt.pt").is_file()
+    assert isinstance(summary["sample"], str) and len(summary["sample"]) == 20  # 20 characters
+    assert not summary["stopped"]
+
+
+@pytest.mark.parametrize("order, dropout", [("random", 0.1), ("sequential", 0.0)])
+def test_resume_is_exact(data_dir, tmp_path, order, dropout):
+    straight = train(tiny(data_dir, tmp_path / "straight", order=order, dropout=dropout))
+    first = train(tiny(data_dir, tmp_path / "split", order=order, dropout=dropout, run_steps=10))
+    assert first["stopped"] and first["step"] == 10
+    resumed = train(tiny(data_dir, tmp_path / "split", order=order, dropout=dropout, resume=True))
+    assert resumed["step"] == straight["step"] == 20
+    assert resumed["loss"] == straight["loss"] and resumed["val_loss"] == straight["val_loss"]
+    a, b = (load_checkpoint(tmp_path / d)["model"] for d in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The split run's log holds every step once, as the straight run's does.
+    assert [r["step"] for r in log_records(tmp_path / "split")] == [r["step"] for r in log_records(tmp_path / "straight")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_with_double_accumulation(data_dir, tmp_path):
+    args = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--max-steps", "6",
+            "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "3", "--eval-batches", "2",
+            "--log-interval", "1", "--sample-tokens", "0", "--no-progress", "--backend", "torch"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "gptfast", "train", str(data_dir), "--out-dir", str(tmp_path / "ddp"), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = log_records(tmp_path / "ddp")
+    single = train(tiny(data_dir, tmp_path / "one", batch_size=4, grad_accum=2, max_steps=6, warmup_steps=2,
+                        eval_interval=3))
+    one = log_records(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one]
+    for r_ddp, r_one in zip(ddp, one):
+        key = "loss" if "loss" in r_one else "val_loss"
+        assert r_ddp[key] == pytest.approx(r_one[key], abs=2e-5), (r_ddp, r_one)
+    assert ddp[-1]["val_loss"] == pytest.approx(single["val_loss"], abs=2e-5)
+    a, b = load_checkpoint(tmp_path / "ddp")["model"], load_checkpoint(tmp_path / "one")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "gptfast", "train", str(data_dir), "--out-dir", str(out), "--preset",
+               "tiny", "--context-length", "32", "--batch-size", "8", "--max-steps", "100000",
+               "--log-interval", "1", "--eval-interval", "100000", "--no-progress", "--backend", "torch"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / LOG_FILE).is_file() and (out / LOG_FILE).read_text().count("\n") >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "continue with --resume" in stdout
+    state = load_checkpoint(out)
+    assert state["step"] >= 3 and state["train_config"]["max_steps"] == 100000
+    model, tokenizer = load_for_inference(out)
+    assert not model.training and tokenizer.vocab_size == model.config.vocab_size
+    logits, _ = model(torch.tensor([tokenizer.encode("def f():")]))
+    assert torch.isfinite(logits).all()
+    resumed = train(tiny(data_dir, out, max_steps=100000, eval_interval=100000, run_steps=2, resume=True))
+    assert resumed["step"] == state["step"] + 2
+
+
+def test_refuses_to_overwrite_or_resume_nothing(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(tiny(data_dir, tmp_path, resume=True))
+    train(tiny(data_dir, tmp_path, max_steps=2))
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        train(tiny(data_dir, tmp_path, max_steps=2))
+    assert train(tiny(data_dir, tmp_path, max_steps=2, overwrite=True))["step"] == 2
+
+
+def test_context_longer_than_the_text(tmp_path):
+    (tmp_path / "short.txt").write_text("a short text\n" * 4)
+    with pytest.raises(ValueError, match="split holds .* tokens, fewer than one context window"):
+        train(tiny(None, tmp_path / "out", data=[str(tmp_path / "short.txt")]))
+
+
+def test_tokens_per_step_sets_accumulation(data_dir, tmp_path):
+    summary = train(tiny(data_dir, tmp_path, tokens_per_step=3 * 8 * 32, max_steps=1))
+    assert summary["step"] == 1
+    with pytest.raises(ValueError, match="not a multiple"):
+        train(tiny(data_dir, tmp_path / "b", tokens_per_step=1000, max_steps=1))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig(preset="huge")
+    with pytest.raises(ValueError, match="unknown backend"):
+        TrainConfig(backend="cuda")
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        TrainConfig(batch_size=0)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_optimizer_decays_matrices_only():
+    from gptfast import GPT
+
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, context_length=8))
+    decay, no_decay = make_optimizer(model, lr=1e-3, weight_decay=0.1).param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_train_step_accumulation_matches_one_big_batch():
+    from gptfast import GPT
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, context_length=8)
+    a, b = GPT(config).double(), GPT(config).double()
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randint(0, 50, (2, 4, 8))
+    loss_a, norm_a = train_step(a, make_optimizer(a, 1e-2), [(x, y)], lr=1e-2)
+    loss_b, norm_b = train_step(b, make_optimizer(b, 1e-2), [(x[:2], y[:2]), (x[2:], y[2:])], lr=1e-2)
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(norm_a, norm_b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_model_flops_per_token():
+    config = GPTConfig.from_preset("gpt2")
+    weights = 124_439_808 - 1024 * 768  # without the position embeddings
+    assert model_flops_per_token(config) == 6 * weights + 12 * 12 * 1024 * 768
+    assert model_flops_per_token(config, seq_len=512) == 6 * weights + 12 * 12 * 512 * 768
+
+
+class Payload:
+    """An arbitrary class: unpickling it would run its module's code."""
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path):
+    torch.save({"format": FORMAT, "payload": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable gptfast checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a gptfast checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "none.pt")
+    save_checkpoint(tmp_path / "ok.pt", {"step": 3})
+    assert load_checkpoint(tmp_path / "ok.pt")["step"] == 3 and not (tmp_path / "ok.pt.tmp").exists()
+
+
+def test_cli_prepare_and_train(tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    assert main(["prepare", str(tmp_path / "text.txt"), "--out", str(tmp_path / "data")]) == 0
+    assert "tokens" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--context-length", "16",
+                 "--batch-size", "4", "--max-steps", "3", "--eval-interval", "3", "--eval-batches", "1",
+                 "--sample-tokens", "5", "--no-progress", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "step 3: train loss" in out and "sample (5 tokens" in out
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "info"])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: gptfast " + command in capsys.readouterr().out
