@@ -29,3 +29,19 @@ def _restore_backend():
     kernels.set_backend("auto")
     yield
     kernels.set_backend(previous)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmark", action="store_true", default=False,
+                     help="run the benchmark suite (tests using pytest-benchmark's `benchmark` fixture), "
+                     "full sizes on a GPU and small ones on a CPU; plain pytest skips it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --benchmark, skip every test that uses the `benchmark` fixture."""
+    if config.getoption("--benchmark"):
+        return
+    skip = pytest.mark.skip(reason="a benchmark: run it with pytest --benchmark")
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)

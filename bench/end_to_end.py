@@ -1,0 +1,138 @@
+"""End to end: GPT-2 training steps (tokens/s, MFU, peak memory) and generation (tokens/s).
+
+Training runs batch x context tokens of random ids through forward, backward and an AdamW step,
+under bf16 autocast on a GPU (float32 on the CPU), with the backend "triton" or "torch", each also
+under ``torch.compile``, through ``gptfast.train``'s own optimizer and step (gradient clipping
+included). The first step (which compiles) is timed apart from the steady ones. MFU is
+``gptfast.train.model_flops_per_token`` times tokens/s over the measured matmul ceiling (and over
+the datasheet peak, in the record's extra figures, where the GPU is known).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import kernels
+from gptfast import train
+from gptfast.model import GPT, GPTConfig
+
+from .records import Record, failure_status
+from .timing import peak_memory_mb, reset_peak_memory, synchronize, time_calls
+
+TRAIN_PROVIDERS = ("triton", "torch", "triton+compile", "torch+compile")
+GENERATE_PROVIDERS = ("triton", "torch")
+
+
+@dataclass(frozen=True)
+class TrainSize:
+    preset: str
+    batch: int
+    context: int
+
+    def as_dict(self) -> dict:
+        return dict(preset=self.preset, batch=self.batch, context=self.context)
+
+
+@dataclass(frozen=True)
+class GenerateSize:
+    preset: str
+    prompts: int
+    prompt_len: int
+    new_tokens: int
+
+    def as_dict(self) -> dict:
+        return dict(preset=self.preset, prompts=self.prompts, prompt_len=self.prompt_len,
+                    new_tokens=self.new_tokens)
+
+
+LR = 6e-4  # any rate: the benchmark times steps, it does not train
+TRAIN_SIZES = {"full": TrainSize("gpt2", 16, 1024), "small": TrainSize("tiny", 2, 64)}
+GENERATE_SIZES = {"full": GenerateSize("gpt2", 8, 64, 256), "small": GenerateSize("tiny", 2, 8, 8)}
+
+
+def train_step(provider: str, size: TrainSize, device: torch.device) -> tuple[Callable[[], None], GPTConfig]:
+    """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile"."""
+    backend, _, compile_flag = provider.partition("+")
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset(size.preset, context_length=size.context)
+    model = GPT(config).to(device).train()
+    optimizer = train.make_optimizer(model, lr=LR)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    if compile_flag:
+        torch._dynamo.reset()
+    forward = torch.compile(model) if compile_flag else model
+    tokens = torch.randint(0, config.vocab_size, (size.batch, size.context + 1), device=device)
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+
+    def step() -> None:
+        with kernels.use_backend(backend):
+            train.train_step(forward, optimizer, batch, lr=LR, amp_dtype=amp_dtype)
+
+    return step, config
+
+
+def run_train(provider: str, size: TrainSize, device: torch.device, matmul_tflops: float | None,
+              *, rep_ms: float = 2000.0) -> Record:
+    """Tokens per second (and MFU, peak memory, first-step seconds) of one training configuration."""
+    record = Record("train", provider, "step", size.as_dict(), unit="tokens/s")
+    try:
+        step, config = train_step(provider, size, device)
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        step()  # the first step: compilation, autotuning, allocator warm-up
+        synchronize(device)
+        first_step_s = time.perf_counter() - start
+        timing = time_calls([step], device, warmup_ms=rep_ms / 4, rep_ms=rep_ms, min_repeats=5)
+    except Exception as error:  # recorded, never raised
+        record.status, record.note = failure_status(error)
+        return record
+    tokens_per_s = size.batch * size.context / (timing.median_ms * 1e-3)
+    record.ms, record.value, record.peak_mb = timing.median_ms, tokens_per_s, peak_memory_mb(device)
+    record.extra = {"first_step_s": first_step_s, "repeats": timing.repeats}
+    model_flops = tokens_per_s * train.model_flops_per_token(config)
+    record.extra["model_tflops"] = model_flops / 1e12
+    if matmul_tflops:
+        record.pct_of_ceiling = 100.0 * model_flops / 1e12 / matmul_tflops  # MFU of the measured ceiling
+    if train.peak_flops(device):
+        record.extra["mfu_of_datasheet_pct"] = 100.0 * model_flops / train.peak_flops(device)
+    return record
+
+
+def generate_call(provider: str, use_cache: bool, size: GenerateSize, device: torch.device
+                  ) -> Callable[[], list[list[int]]]:
+    """A closure generating ``size.new_tokens`` for each random prompt with ``gptfast.generate``."""
+    from gptfast.generate import generate
+
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset(size.preset)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = GPT(config).to(device=device, dtype=dtype).eval()
+    prompts = torch.randint(0, config.vocab_size, (size.prompts, size.prompt_len)).tolist()
+
+    def run() -> list[list[int]]:
+        with kernels.use_backend(provider), torch.no_grad():
+            return generate(model, prompts, size.new_tokens, temperature=1.0, seed=0, use_cache=use_cache)
+
+    return run
+
+
+def run_generate(provider: str, use_cache: bool, size: GenerateSize, device: torch.device) -> Record:
+    """Generated tokens per second of ``gptfast.generate`` with or without the key/value cache."""
+    record = Record("generate", provider, "cache" if use_cache else "no cache", size.as_dict(),
+                    unit="tokens/s")
+    try:
+        run = generate_call(provider, use_cache, size, device)
+        reset_peak_memory(device)
+        timing = time_calls([run], device, warmup_ms=0.0, rep_ms=1000.0, min_repeats=3)
+    except Exception as error:  # recorded, never raised
+        record.status, record.note = failure_status(error)
+        return record
+    record.ms = timing.median_ms
+    record.value = size.prompts * size.new_tokens / (timing.median_ms * 1e-3)
+    record.peak_mb = peak_memory_mb(device)
+    record.extra = {"repeats": timing.repeats}
+    return record

@@ -1,0 +1,59 @@
+"""Causal attention: our flash-attention kernel against PyTorch's SDPA flash backend and eager math.
+
+TFLOP/s count the two matmuls of the forward, 4 * batch * heads * seq^2 * head_dim, halved for the
+causal mask; the backward does 2.5 times the forward's work. Sizes keep 16k tokens per batch with
+heads * head_dim = 2048, so every point does the same matmul work per token and only seq grows.
+The eager math path materialises the seq x seq scores and may run out of memory at long seq.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import kernels
+
+from .kernel_bench import KernelBench, Sweep, eager, triton_backend
+
+TOKENS, WIDTH = 16384, 2048
+BACKWARD_WORK = 2.5  # the backward's FLOPs over the forward's
+
+
+def _sdpa(backend: SDPBackend):
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return forward
+
+
+def _inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    shape = (size["batch"], size["heads"], size["seq"], size["head_dim"])
+    return tuple(torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+
+def _flops(size: dict, pass_: str, elem: int) -> float:
+    forward = 4 * size["batch"] * size["heads"] * size["seq"] ** 2 * size["head_dim"] / 2
+    return forward * {"forward": 1, "backward": BACKWARD_WORK, "forward+backward": 1 + BACKWARD_WORK}[pass_]
+
+
+def _size(seq: int, head_dim: int, tokens: int = TOKENS, width: int = WIDTH) -> dict:
+    return dict(batch=tokens // seq, heads=width // head_dim, seq=seq, head_dim=head_dim)
+
+
+BENCH = KernelBench(
+    name="flash_attention",
+    unit="TFLOP/s",
+    full=[Sweep(f"head_dim={d}", "seq", [_size(s, d) for s in (512, 1024, 2048, 4096, 8192, 16384)])
+          for d in (64, 128)],
+    small=[Sweep("head_dim=16", "seq", [_size(s, 16, tokens=128, width=32) for s in (32, 64)])],
+    headline=_size(1024, 64),
+    providers={
+        "triton": triton_backend(lambda q, k, v: kernels.flash_attention(q, k, v, causal=True)),
+        "sdpa-flash": eager(_sdpa(SDPBackend.FLASH_ATTENTION)),
+        "sdpa-math": eager(_sdpa(SDPBackend.MATH)),
+    },
+    make_inputs=_inputs,
+    work=_flops,
+    baseline="sdpa-flash",
+)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine: the test suite's log, then the full benchmark report, in under
+# 10 minutes on an H100. Run from anywhere; it works from the repository root with PYTHONPATH=. and
+# no install. Writes into $OUT (default out/gpu):
+#   tests.log                 plain `pytest tests` on the GPU (the benchmark suite skipped)
+#   report.log                nvidia-smi, then `python -m bench` (progress, tables)
+#   <date>-<device>/          results.json, results.md and one PNG per kernel
+# Then copy <date>-<device>/ into bench/results/ and run `python -m bench --readme-from` to update
+# the README's table. Liger-Kernel is not in the GPU image: `pip download liger-kernel --no-deps -d
+# bench/wheels` here, carry bench/wheels along (it is gitignored), and this script installs it.
+# Usage: bash bench/gpu.sh [all|tests|report]   (default all; tests and report split the time limit)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+what=${1:-all}
+limit_s=${BENCH_LIMIT_S:-570}  # the whole script's wall-clock budget
+start=$SECONDS
+
+if compgen -G "bench/wheels/liger_kernel-*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench-site bench/wheels/liger_kernel-*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/bench-site"
+fi
+
+if [[ $what == all || $what == tests ]]; then
+    tests_s=$([[ $what == all ]] && echo 150 || echo $((limit_s - 10)))
+    timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider --durations=10 tests 2>&1 | tee "$OUT/tests.log"
+    echo "tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped at the ${tests_s} s limit)" | tee -a "$OUT/tests.log"
+fi
+
+if [[ $what == all || $what == report ]]; then
+    left=$((limit_s - (SECONDS - start)))
+    {
+        nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit --format=csv
+        # Cases still queued after the budget are recorded as skipped; 30 s are kept for writing.
+        timeout "$left" $PY -m bench --results-root "$OUT" --warmup-ms 10 --rep-ms 50 --budget-s $((left - 60))
+        echo "report: exit $? after $((SECONDS - start)) s"
+    } 2>&1 | tee "$OUT/report.log"
+fi

@@ -1,0 +1,359 @@
+"""The benchmark report: run the chosen groups, then write JSON, markdown and plots.
+
+A run measures the device's ceilings first, then every (provider, pass, size) of the chosen groups,
+each into a :class:`~bench.records.Record`. ``results.json`` keeps the raw numbers with the device,
+the versions and the command; ``results.md`` the tables; ``<kernel>.png`` speed against size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from . import bias_gelu, end_to_end, flash_attention, layer_norm
+from .ceilings import Ceilings, measure_ceilings
+from .kernel_bench import PASSES, KernelBench, run_case
+from .records import OK, UNAVAILABLE, Record
+
+KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH)}
+# Training first: the end-to-end targets matter most if a time budget cuts the run short.
+GROUPS = ("train", "generate", *KERNELS)
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+README_START, README_END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
+SCHEMA = 1
+
+
+@dataclasses.dataclass
+class Settings:
+    groups: tuple[str, ...] = GROUPS
+    sizes: str = "full"  # "full", "small" or "headline"
+    providers: tuple[str, ...] = ()  # empty: every provider
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    budget_s: float | None = None  # later tasks are skipped once this many seconds have passed
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"type": device.type, "name": platform.processor() or platform.machine(),
+                "slug": "cpu"}
+    props = torch.cuda.get_device_properties(device)
+    return {"type": "cuda", "name": props.name, "slug": re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-"),
+            "multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
+            "l2_mib": getattr(props, "L2_cache_size", 0) / 2**20, "capability": f"{props.major}.{props.minor}"}
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.version.cuda}
+    for package in ("triton", "liger-kernel", "gptfast-triton"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One measurement to make: what it is, and the call that makes it."""
+
+    group: str
+    provider: str
+    pass_: str
+    size: dict
+    measure: Callable[[], Record]
+
+    def __str__(self) -> str:
+        return " ".join(filter(None, (self.group, self.provider, self.pass_, _size_label(self.size))))
+
+
+def _tasks(settings: Settings, device: torch.device, ceilings: Ceilings) -> list[Task]:
+    """Every measurement the settings ask for, in order."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    wanted = lambda provider: not settings.providers or provider in settings.providers  # noqa: E731
+    e2e_mode = "small" if settings.sizes == "small" else "full"
+    tasks: list[Task] = []
+    for group in settings.groups:
+        if group == "train":
+            size = end_to_end.TRAIN_SIZES[e2e_mode]
+            tasks += [Task(group, p, "step", size.as_dict(), lambda p=p: end_to_end.run_train(
+                p, size, device, ceilings.matmul_tflops)) for p in end_to_end.TRAIN_PROVIDERS if wanted(p)]
+        elif group == "generate":
+            size = end_to_end.GENERATE_SIZES[e2e_mode]
+            tasks += [Task(group, p, mode, size.as_dict(), lambda p=p, c=(mode == "cache"):
+                           end_to_end.run_generate(p, c, size, device))
+                      for p in end_to_end.GENERATE_PROVIDERS if wanted(p) for mode in ("cache", "no cache")]
+        else:
+            bench = KERNELS[group]
+            ceiling = ceilings.copy_gbps if bench.unit == "GB/s" else ceilings.matmul_tflops
+            tasks += [Task(group, p, pass_, size, lambda b=bench, p=p, s=pass_, z=size, c=ceiling: run_case(
+                          b, p, s, z, device, dtype, c, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms))
+                      for size in unique_sizes(bench, settings.sizes)
+                      for p in filter(wanted, bench.providers) for pass_ in PASSES]
+    return tasks
+
+
+def unique_sizes(bench: KernelBench, mode: str) -> list[dict]:
+    """The sizes of all sweeps, each once (sweeps may share a point)."""
+    sizes: list[dict] = []
+    for sweep in bench.sweeps(mode):
+        sizes += [s for s in sweep.sizes if s not in sizes]
+    return sizes
+
+
+def run(settings: Settings, device: torch.device, command: str, progress: bool = True) -> dict:
+    """Measure everything ``settings`` asks for; the results as a JSON-ready dictionary."""
+    unknown = set(settings.groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown groups {sorted(unknown)}: choose from {', '.join(GROUPS)}")
+    start = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc)
+    ceilings = measure_ceilings(device, small=settings.sizes == "small")
+    say = tqdm.write if progress else (lambda *a, **k: None)
+    say(f"ceilings on {device_info(device)['name']}: copy {ceilings.copy_gbps:,.0f} GB/s, "
+        f"{ceilings.matmul_dtype} matmul {ceilings.matmul_tflops:,.1f} TFLOP/s")
+    records: list[Record] = []
+    reasons_said: set[str] = set()
+    tasks = _tasks(settings, device, ceilings)
+    for task in (bar := tqdm(tasks, desc="bench", unit="case", disable=not progress)):
+        bar.set_postfix_str(str(task)[:60])
+        if settings.budget_s is not None and time.perf_counter() - start > settings.budget_s:
+            record = Record(task.group, task.provider, task.pass_, dict(task.size), status=UNAVAILABLE,
+                            note=f"skipped: the time budget of {settings.budget_s:.0f} s was spent")
+        else:
+            record = task.measure()
+        records.append(record)
+        key = f"{record.group} {record.provider}: {record.note}"
+        if record.status != OK and key not in reasons_said:
+            reasons_said.add(key)
+            say(f"{record.status}: {key}")
+    return {
+        "schema": SCHEMA,
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": time.perf_counter() - start,
+        "command": command,
+        "device": device_info(device),
+        "versions": versions(),
+        "settings": dataclasses.asdict(settings),
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "ceilings": dataclasses.asdict(ceilings),
+        "records": [r.to_dict() for r in records],
+    }
+
+
+# ---------------------------------------------------------------- writing the results
+
+
+def results_dir(results: dict, root: Path = RESULTS_ROOT) -> Path:
+    """``<root>/<date>-<device>``, with a numeric suffix if that already exists."""
+    base = root / f"{results['started'][:10]}-{results['device']['slug']}"
+    path, n = base, 2
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def write(results: dict, out_dir: Path, plots: bool = True) -> list[Path]:
+    """Write results.json, results.md and (if asked) one PNG per kernel into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.json", out_dir / "results.md"]
+    written[0].write_text(json.dumps(results, indent=1) + "\n")
+    written[1].write_text(markdown(results))
+    if plots:
+        written += plot(results, out_dir)
+    return written
+
+
+def _records(results: dict) -> list[Record]:
+    return [Record.from_dict(r) for r in results["records"]]
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def _cell(record: Record | None) -> str:
+    if record is None:
+        return "-"
+    if record.status != OK:
+        return "n/a"
+    pct = f" ({record.pct_of_ceiling:.0f}%)" if record.pct_of_ceiling is not None else ""
+    return f"{_fmt(record.value, 1 if record.value < 100 else 0)}{pct}"
+
+
+def _size_label(size: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in size.items())
+
+
+def _header(results: dict) -> list[str]:
+    dev, ver, ceil = results["device"], results["versions"], results["ceilings"]
+    return [
+        f"Device: {dev['name']} ({dev['type']}); torch {ver['torch']}, triton {ver['triton']}, "
+        f"Liger-Kernel {ver['liger-kernel'] or 'not installed'}; dtype {results['dtype']}; "
+        f"{results['started']}, {results['duration_s']:.0f} s.",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Ceilings: copy {_fmt(ceil['copy_gbps'])} GB/s (read + write), {ceil['matmul_dtype']} "
+        f"{ceil['matmul_size']}^3 matmul {_fmt(ceil['matmul_tflops'], 1)} TFLOP/s. Percentages are of these.",
+    ]
+
+
+def _kernel_table(bench: KernelBench, records: list[Record], sizes: list[dict]) -> list[str]:
+    providers = [p for p in bench.providers if any(r.provider == p for r in records)]
+    index = {(r.provider, r.pass_, json.dumps(r.size, sort_keys=True)): r for r in records}
+    lines = [f"| size | pass | {' | '.join(providers)} | triton / {bench.baseline} |",
+             "|---" * (len(providers) + 3) + "|"]
+    for size in sizes:
+        for pass_ in PASSES:
+            row = {p: index.get((p, pass_, json.dumps(size, sort_keys=True))) for p in providers}
+            if not any(row.values()):
+                continue
+            ours, base = row.get("triton"), row.get(bench.baseline)
+            ratio = (f"{ours.value / base.value:.2f}x" if ours and base and ours.status == OK
+                     and base.status == OK else "")
+            lines.append(f"| {_size_label(size)} | {pass_} | "
+                         f"{' | '.join(_cell(row[p]) for p in providers)} | {ratio} |")
+    return lines
+
+
+def _e2e_table(records: list[Record], group: str) -> list[str]:
+    rows = [r for r in records if r.group == group]
+    if not rows:
+        return []
+    lines = [f"| provider | mode | tokens/s | vs torch | MFU | peak memory | first step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.status != OK:
+            lines.append(f"| {r.provider} | {r.pass_} | n/a | | | | |")
+            continue
+        base = next((b for b in rows if b.provider == "torch" and b.pass_ == r.pass_ and b.status == OK), None)
+        ratio = f"{r.value / base.value:.2f}x" if base else ""
+        mfu = f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else ""
+        peak = f"{r.peak_mb / 1024:.1f} GiB" if r.peak_mb is not None else ""
+        first = f"{r.extra['first_step_s']:.1f} s" if "first_step_s" in r.extra else ""
+        lines.append(f"| {r.provider} | {r.pass_} | {_fmt(r.value)} | {ratio} | {mfu} | {peak} | {first} |")
+    return lines
+
+
+def _unavailable(records: list[Record]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records:
+        if r.status != OK:
+            seen.setdefault(f"- {r.group} / {r.provider} ({r.status}): {r.note}", None)
+    return ["## Not measured", "", *seen] if seen else []
+
+
+def markdown(results: dict) -> str:
+    """The full report as markdown: header, one table per kernel, end to end, what was not measured."""
+    records = _records(results)
+    lines = ["# Benchmark results", "", *_header(results), ""]
+    for name, bench in KERNELS.items():
+        rows = [r for r in records if r.group == name]
+        if rows:
+            lines += [f"## {name} ({bench.unit}, % of ceiling)", "",
+                      *_kernel_table(bench, rows, unique_sizes(bench, results["settings"]["sizes"])), ""]
+    for group, title in (("train", "Training steps"), ("generate", "Generation")):
+        table = _e2e_table(records, group)
+        if table:
+            size = next(r.size for r in records if r.group == group)
+            lines += [f"## {title} ({_size_label(size)})", "", *table, ""]
+    lines += _unavailable(records)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    """One PNG per kernel: a row per sweep, a column per pass, a line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in _records(results) if r.status == OK]
+    written = []
+    for name, bench in KERNELS.items():
+        mine = [r for r in records if r.group == name]
+        if not mine:
+            continue
+        sweeps = bench.sweeps(results["settings"]["sizes"])
+        fig, axes = plt.subplots(len(sweeps), len(PASSES), figsize=(5 * len(PASSES), 3.6 * len(sweeps)),
+                                 squeeze=False)
+        for row, sweep in enumerate(sweeps):
+            for col, pass_ in enumerate(PASSES):
+                ax = axes[row][col]
+                for provider in bench.providers:
+                    points = [(s[sweep.x], r.value) for s in sweep.sizes for r in mine
+                              if r.provider == provider and r.pass_ == pass_ and r.size == s]
+                    if points:
+                        xs, ys = zip(*points)
+                        ax.plot(xs, ys, marker="o", label=provider)
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"{name} {pass_} ({sweep.name})", fontsize=10)
+                ax.set_xlabel(sweep.x)
+                ax.set_ylabel(bench.unit)
+                ax.grid(True, alpha=0.3)
+                if ax.lines:
+                    ax.legend(fontsize=8)
+        fig.suptitle(f"{name} on {results['device']['name']} ({results['dtype']})")
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------- the README's table
+
+
+def latest_results(root: Path = RESULTS_ROOT) -> Path | None:
+    """The newest results.json under ``root`` (by its start time), or None."""
+    found = sorted(root.glob("*/results.json"), key=lambda p: json.loads(p.read_text())["started"])
+    return found[-1] if found else None
+
+
+def readme_table(results: dict, source: str) -> str:
+    """The README's summary: each kernel's forward+backward at its headline size, then end to end."""
+    records = _records(results)
+    lines = [*_header(results), "", f"Full report: `{source}`.", "",
+             "| kernel (forward+backward) | size | " + " | ".join(("ours (triton)", "baselines")) + " |",
+             "|---|---|---|---|"]
+    for name, bench in KERNELS.items():
+        rows = [r for r in records if r.group == name and r.pass_ == "forward+backward" and r.size == bench.headline]
+        if not rows:
+            continue
+        ours = next((r for r in rows if r.provider == "triton"), None)
+        others = ", ".join(f"{r.provider} {_cell(r)}" for r in rows if r.provider != "triton")
+        lines.append(f"| {name} ({bench.unit}) | {_size_label(bench.headline)} | {_cell(ours)} | {others} |")
+    for group, title in (("train", "Training"), ("generate", "Generation")):
+        table = _e2e_table(records, group)
+        if table:
+            size = next(r.size for r in records if r.group == group)
+            lines += ["", f"{title} ({_size_label(size)}):", "", *table]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results_json: Path) -> None:
+    """Replace the README's text between the result markers with the table of ``results_json``."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks the markers {README_START} and {README_END}")
+    results = json.loads(results_json.read_text())
+    try:
+        source = results_json.parent.resolve().relative_to(readme.parent.resolve()).as_posix()
+    except ValueError:
+        source = str(results_json.parent)
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{readme_table(results, source + '/results.md')}\n{README_END}{tail}")

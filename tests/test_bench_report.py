@@ -1,0 +1,168 @@
+"""The benchmark code itself: timing, work counts, unavailable providers, and the report's files."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import kernels
+from bench import __main__ as bench_cli
+from bench import bias_gelu, flash_attention, layer_norm, report
+from bench.kernel_bench import KernelBench, Sweep, eager, run_case
+from bench.records import FAILED, OK, UNAVAILABLE
+from bench.timing import Unavailable, input_sets, time_calls
+
+CPU = torch.device("cpu")
+FAST = dict(warmup_ms=1.0, rep_ms=5.0)
+
+
+def test_time_calls_rotates_inputs_and_takes_the_median():
+    counts = [0, 0, 0]
+
+    def make(i):
+        def call():
+            counts[i] += 1
+        return call
+
+    timing = time_calls([make(i) for i in range(3)], CPU, warmup_ms=0.0, rep_ms=1.0, min_repeats=7)
+    assert all(c >= 2 for c in counts)  # each input set warmed up once, then timed in rotation
+    assert timing.repeats >= 7 and 0 < timing.min_ms <= timing.median_ms <= timing.max_ms
+    with pytest.raises(ValueError, match="at least one"):
+        time_calls([], CPU)
+
+
+def test_one_input_set_on_the_cpu():
+    assert input_sets(10, CPU) == 1
+
+
+def test_work_counts():
+    size = dict(rows=10, hidden=7)
+    assert layer_norm.BENCH.work(size, "forward", 2) == (2 * 70 + 14) * 2
+    assert layer_norm.BENCH.work(size, "forward+backward", 2) == (2 * 70 + 14 + 3 * 70 + 21) * 2
+    assert bias_gelu.BENCH.work(size, "backward", 4) == (3 * 70 + 14) * 4
+    attention = dict(batch=2, heads=3, seq=5, head_dim=8)
+    forward = 4 * 2 * 3 * 25 * 8 / 2
+    assert flash_attention.BENCH.work(attention, "forward", 2) == forward
+    assert flash_attention.BENCH.work(attention, "forward+backward", 2) == 3.5 * forward
+    for bench in report.KERNELS.values():  # the headline size is one of the full sweep's sizes
+        assert bench.headline in report.unique_sizes(bench, "full")
+
+
+def _bench(providers: dict) -> KernelBench:
+    return KernelBench(
+        name="double", unit="GB/s", full=[], small=[Sweep("s", "n", [dict(n=1000)])], headline=dict(n=1000),
+        providers=providers,
+        make_inputs=lambda size, device, dtype: (torch.randn(size["n"], device=device, dtype=dtype,
+                                                             requires_grad=True),),
+        work=lambda size, pass_, elem: 2.0 * size["n"] * elem)
+
+
+def _refuse(message):
+    def factory(device):
+        raise Unavailable(message)
+    return factory
+
+
+def _broken(*args):
+    raise ZeroDivisionError("a bug")
+
+
+def _needs_triton(x):
+    with kernels.use_backend("triton"):
+        return kernels.layer_norm(x.view(10, 100), None, None)
+
+
+@pytest.mark.parametrize("pass_", ["forward", "backward", "forward+backward"])
+def test_run_case_measures_every_pass(pass_):
+    record = run_case(_bench({"torch": eager(lambda x: 2 * x)}), "torch", pass_, dict(n=1000), CPU,
+                      torch.float32, ceiling=10.0, **FAST)
+    assert record.status == OK, record.note
+    assert record.value > 0 and math.isclose(record.value, 2 * 1000 * 4 / (record.ms * 1e-3) / 1e9)
+    assert math.isclose(record.pct_of_ceiling, 10 * record.value)
+    assert record.extra["repeats"] >= 3
+
+
+def test_run_case_records_what_cannot_run():
+    bench = _bench({"missing": _refuse("no such library"), "buggy": eager(_broken),
+                    "gpu-only": eager(_needs_triton)})
+    missing = run_case(bench, "missing", "forward", dict(n=1000), CPU, torch.float32, None, **FAST)
+    assert (missing.status, missing.note, missing.value) == (UNAVAILABLE, "no such library", None)
+    buggy = run_case(bench, "buggy", "backward", dict(n=1000), CPU, torch.float32, None, **FAST)
+    assert buggy.status == FAILED and buggy.note == "ZeroDivisionError: a bug"
+    if not kernels.backend.TRITON_INTERPRET:  # under the interpreter the kernel runs on the CPU
+        refused = run_case(bench, "gpu-only", "forward", dict(n=1000), CPU, torch.float32, None, **FAST)
+        assert refused.status == UNAVAILABLE and "triton" in refused.note
+
+
+@pytest.fixture(scope="module")
+def results():
+    settings = report.Settings(groups=("layer_norm",), sizes="small", providers=("torch", "liger"), **FAST)
+    return report.run(settings, CPU, command="python -m bench --test", progress=False)
+
+
+def test_run_results(results):
+    assert results["device"]["slug"] == "cpu" and results["versions"]["torch"] == torch.__version__
+    assert results["ceilings"]["copy_gbps"] > 0 and results["ceilings"]["matmul_tflops"] > 0
+    records = results["records"]
+    assert {(r["provider"], r["status"]) for r in records} == {("torch", OK), ("liger", UNAVAILABLE)}
+    assert len(records) == 2 * 2 * 3  # providers x small sizes x passes
+    json.dumps(results)  # JSON-ready as it is
+
+
+def test_write_report_files(results, tmp_path):
+    paths = report.write(results, tmp_path)
+    assert sorted(p.name for p in paths) == ["layer_norm.png", "results.json", "results.md"]
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    text = (tmp_path / "results.md").read_text()
+    assert "| size | pass | torch | liger | triton / torch |" in text
+    assert "| rows=24 hidden=300 | backward |" in text
+    assert "layer_norm / liger (unavailable): Liger-Kernel runs on CUDA only" in text
+    assert (tmp_path / "layer_norm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_skips_the_rest():
+    settings = report.Settings(groups=("bias_gelu",), sizes="small", providers=("torch",), budget_s=0.0, **FAST)
+    results = report.run(settings, CPU, command="", progress=False)
+    assert results["records"] and all(r["status"] == UNAVAILABLE and "time budget" in r["note"]
+                                      for r in results["records"])
+
+
+def test_results_dir_and_latest(results, tmp_path):
+    first = report.results_dir(results, tmp_path)
+    assert first.name == f"{results['started'][:10]}-cpu"
+    report.write(results, first, plots=False)
+    second = report.results_dir(results, tmp_path)
+    assert second.name == first.name + "-2"
+    later = dict(results, started="2999-01-01T00:00:00+00:00")
+    report.write(later, second, plots=False)
+    assert report.latest_results(tmp_path) == second / "results.json"
+    assert report.latest_results(tmp_path / "empty") is None
+
+
+def test_update_readme_between_markers(results, tmp_path):
+    out = tmp_path / "bench" / "results" / "run"
+    report.write(results, out, plots=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\noutro\n")
+    report.update_readme(readme, out / "results.json")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{report.README_END}\noutro\n")
+    assert "old table" not in text and "`bench/results/run/results.md`" in text
+    assert "Command: `python -m bench --test`" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        report.update_readme(readme, out / "results.json")
+
+
+def test_cli(tmp_path, capsys):
+    assert bench_cli.main(["--readme-from", "--results-root", str(tmp_path)]) == 1
+    assert "no results" in capsys.readouterr().err
+    argv = ["--group", "bias_gelu", "--provider", "torch", "--sizes", "small", "--no-plots",
+            "--warmup-ms", "1", "--rep-ms", "5", "--out", str(tmp_path / "run")]
+    assert bench_cli.main(argv) == 0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["command"].startswith("python -m bench --group bias_gelu")
+    assert "## bias_gelu (GB/s, % of ceiling)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_cli.main(["--group", "nonsense"])
