@@ -1,9 +1,10 @@
-"""The ``gptfast`` command line: ``gptfast prepare | train | info`` (all of them: ``gptfast --help``)."""
+"""The ``gptfast`` command line: ``gptfast prepare | train | generate | info`` (all of them: ``gptfast --help``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -137,6 +138,92 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _load_for_generation(args: argparse.Namespace, device: str):
+    """The model (eval mode, on ``device``) and tokenizer named by --checkpoint or --pretrained."""
+    if args.checkpoint:
+        from .checkpoint import load_for_inference
+
+        model, tokenizer = load_for_inference(args.checkpoint, device, tiktoken_file=args.tiktoken_file)
+    else:
+        from .pretrained import from_pretrained
+        from .tokenizer import GPT2Tokenizer
+
+        model, tokenizer = from_pretrained(args.pretrained, device=device), GPT2Tokenizer(args.tiktoken_file)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    return model.to(getattr(torch, dtype)), tokenizer
+
+
+def _print_as_it_arrives(tokenizer, eos: int | None):
+    """An ``on_step`` callback printing the first prompt's text as its tokens arrive.
+
+    The whole text is decoded again each step: a byte-pair token can end inside a UTF-8
+    character, so text ending in a replacement character waits for the next token.
+    """
+    tokens, printed = [], 0
+
+    def on_step(step: list[int | None]) -> None:
+        nonlocal printed
+        if step[0] is not None and step[0] != eos:
+            tokens.append(step[0])
+            text = tokenizer.decode(tokens)
+            if not text.endswith("\ufffd"):
+                print(text[printed:], end="", flush=True)
+                printed = len(text)
+
+    return on_step
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_for_generation(args, device)
+    prompts = args.prompt or ["\n"]
+    encoded = [tokenizer.encode(p) or [tokenizer.eot_token_id or 0] for p in prompts]
+    eos = None if args.ignore_eos else tokenizer.eot_token_id
+    streaming = len(prompts) == 1
+    if streaming:
+        print(prompts[0], end="", flush=True)
+    start = time.perf_counter()
+    outputs = generate(model, encoded, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, eos_token_id=eos, use_cache=not args.no_cache,
+                       on_step=_print_as_it_arrives(tokenizer, eos) if streaming else None)
+    seconds = time.perf_counter() - start
+    if streaming:
+        print()
+    else:
+        for i, (prompt, new) in enumerate(zip(prompts, outputs)):
+            print(f"--- prompt {i} ---\n{prompt}{tokenizer.decode(t for t in new if t != eos)}")
+    n = sum(len(new) for new in outputs)
+    print(f"[{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s on {device}, "
+          f"{'with' if not args.no_cache else 'without'} the key/value cache]", file=sys.stderr)
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="a training checkpoint (ckpt.pt or its out_dir)")
+    source.add_argument("--pretrained", metavar="NAME_OR_DIR", help="a Hugging Face GPT-2 checkpoint "
+                        "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded; needs "
+                        "huggingface_hub and a network)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch "
+                   "(one prompt streams its text as it arrives; default: a line break)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=100, help="tokens to generate per prompt "
+                   "(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much "
+                   "probability only (nucleus sampling)")
+    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole context for every token "
+                   "(slow; for comparison)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights dtype (default: %(default)s: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
+                   f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
     parser.add_argument("--backend", choices=kernels.BACKENDS, help="kernel backend (default: "
@@ -161,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "--nproc_per_node N` the same command trains with DistributedDataParallel.")
     _add_train_arguments(trn)
     trn.set_defaults(func=cmd_train)
+    gen = sub.add_parser("generate", help="generate text from a training checkpoint or pretrained GPT-2",
+                         description="Generate text with the key/value cache: greedy (--temperature 0) or "
+                         "sampled with temperature, top-k and top-p. Prompts longer than the context keep "
+                         "their last tokens.")
+    _add_generate_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
     info = sub.add_parser("info", help="parameter counts and memory per preset, and which backend "
                           "path each operation takes on this machine")
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),

@@ -1,11 +1,16 @@
-"""Generation: the key/value cache against full recomputation, batching, sampling, stopping, errors."""
+"""Generation: the key/value cache against full recomputation, batching, sampling, stopping, errors, CLI."""
+
+import os
 
 import pytest
 import torch
 
 import kernels
 from gptfast import GPT, GPTConfig
+from gptfast.checkpoint import load_for_inference, save_checkpoint
+from gptfast.cli import _print_as_it_arrives, main
 from gptfast.generate import filter_logits, generate, pick_tokens, stream
+from gptfast.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer
 
 VOCAB = 97
 
@@ -231,3 +236,51 @@ def test_triton_backend_decoding_matches_eager():
     eager = generate(model, prompts, 6, temperature=0)
     with kernels.use_backend("triton"):
         assert generate(model, prompts, 6, temperature=0) == eager
+
+
+class ByteTokenizer:
+    """One token per byte; decoding replaces incomplete UTF-8 characters, as GPT-2's BPE does."""
+
+    eot_token_id = None
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streaming_waits_for_whole_characters(capsys):
+    on_step = _print_as_it_arrives(ByteTokenizer(), eos=None)
+    printed = []
+    for token in "aé日".encode():
+        on_step([token, 7])
+        printed.append(capsys.readouterr().out)
+    assert printed == ["a", "", "é", "", "", "日"]
+    on_step([None, 7])  # the first prompt has stopped
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_generate_from_training_checkpoint(tmp_path, capsys):
+    chars = "abcdefgh \n"
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=len(chars), n_layer=1, n_head=2, n_embd=16, context_length=16)
+    save_checkpoint(tmp_path, {"model_config": config.to_dict(), "model": GPT(config).state_dict(),
+                               "tokenizer": {"kind": "char", "chars": chars}})
+    main(["generate", "--checkpoint", str(tmp_path), "--prompt", "abc", "--prompt", "h", "-n", "5",
+          "--seed", "3", "--device", "cpu"])
+    out = capsys.readouterr()
+    model, tokenizer = load_for_inference(tmp_path)
+    new = generate(model, [tokenizer.encode("abc"), tokenizer.encode("h")], 5, temperature=0.8, seed=3)
+    assert out.out == "".join(f"--- prompt {i} ---\n{p}{tokenizer.decode(n)}\n"
+                              for i, (p, n) in enumerate(zip(["abc", "h"], new)))
+    assert "10 tokens in" in out.err and "with the key/value cache" in out.err
+
+
+@pytest.mark.skipif(not os.environ.get(TIKTOKEN_FILE_ENV), reason="no local GPT-2 ranks file")
+def test_cli_generate_streams_pretrained_gpt2(tmp_path, capsys):
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, context_length=32)).save_pretrained(tmp_path)
+    prompt = "Héllo, 日本"
+    main(["generate", "--pretrained", str(tmp_path), "--prompt", prompt, "-n", "8", "--temperature", "0",
+          "--no-cache", "--ignore-eos", "--device", "cpu"])
+    tokenizer = GPT2Tokenizer()
+    new = generate(GPT.from_pretrained(str(tmp_path)), [tokenizer.encode(prompt)], 8, temperature=0)[0]
+    assert capsys.readouterr().out == prompt + tokenizer.decode(new) + "\n"
