@@ -20,6 +20,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "safetensors"],
         "bench": ["matplotlib"],
+        # GPT.from_pretrained / save_pretrained; huggingface_hub downloads gpt2, gpt2-medium, ...
+        "pretrained": ["safetensors", "huggingface_hub"],
     },
     entry_points={"console_scripts": ["gptfast = gptfast.cli:main"]},
 )

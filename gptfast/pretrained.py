@@ -68,16 +68,23 @@ def _config_from_hf(hf: dict) -> GPTConfig:
                      attn_dropout=hf.get("attn_pdrop", 0.0), resid_dropout=hf.get("resid_pdrop", 0.0))
 
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise RuntimeError("reading and writing model.safetensors needs safetensors "
+                           "(pip install safetensors, or gptfast-triton[pretrained])") from None
+    return safetensors.torch
+
+
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, without running pickled code."""
     single, index, pickled = (directory / "model.safetensors", directory / "model.safetensors.index.json",
                               directory / "pytorch_model.bin")
     if single.exists() or index.exists():
-        from safetensors.torch import load_file
-
         files = [single] if single.exists() else sorted(
             {directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
+        return {k: v for f in files for k, v in _safetensors().load_file(str(f)).items()}
     if pickled.exists():
         return torch.load(pickled, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{directory} holds no model.safetensors, model.safetensors.index.json "
@@ -127,8 +134,6 @@ def from_pretrained(name_or_path: str | Path, device: torch.device | str | None 
 
 def save_pretrained(model: GPT, path: str | Path) -> None:
     """Write ``model`` as a Hugging Face GPT-2 checkpoint (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
-
     config = model.config
     if not (config.qkv_bias and config.bias):
         raise ValueError("GPT-2 checkpoints have every bias: a model with qkv_bias=False or bias=False "
@@ -143,7 +148,7 @@ def save_pretrained(model: GPT, path: str | Path) -> None:
             tensor = tensor[: config.vocab_size]  # drop rows padded for vocab_multiple
         tensor = tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor
         tensors[name] = tensor.detach().to("cpu").contiguous()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _safetensors().save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     hf_config = {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
         "n_positions": config.context_length, "n_embd": config.n_embd, "n_layer": config.n_layer,

@@ -144,3 +144,19 @@ def test_gptfast_model_is_unchanged_and_bad_input():
     assert [type(m) for m in patch(model).modules()] == before  # it already runs the kernels
     with pytest.raises(TypeError, match="torch.nn.Module"):
         patch("not a model")
+
+
+def test_patched_gpt2_on_the_triton_kernels():
+    """Under the "triton" backend (the interpreter on CPU) the patched model matches the original."""
+    original = tiny_gpt2(torch.float32)
+    patched = patch(copy.deepcopy(original))
+    idx = torch.randint(0, 61, (2, 16))
+    probe = torch.zeros(2, 4, 16, 8)
+    with kernels.use_backend("triton"):
+        routes = [kernels.explain("flash_attention", probe, probe, probe),
+                  kernels.explain("layer_norm", probe, probe[0, 0, 0], probe[0, 0, 0]),
+                  kernels.explain("bias_gelu", probe, probe[0, 0, 0])]
+        unsupported = [str(r) for r in routes if not r.use_triton]
+        if unsupported:
+            pytest.skip(f"Triton kernels not available: {unsupported}")
+        assert_same_outputs_and_gradients(original, patched, lambda m: m(idx).logits, torch.float32)

@@ -97,6 +97,23 @@ def test_pickled_gpt2model_checkpoint_with_mask_buffers(tmp_path):
         relative_close(from_pretrained(tmp_path)(idx)[0], hf(idx).logits, rtol=1e-5)
 
 
+def test_sharded_safetensors_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_checkpoint(tmp_path, 2, 2, 16, 30, 12, False)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(tmp_path / file))
+    weight_map = {k: file for file, part in shards.items() for k in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    idx = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        relative_close(from_pretrained(tmp_path)(idx)[0], hf(idx).logits, rtol=1e-5)
+
+
 class _Exploit:
     ran = False
 
