@@ -1,0 +1,172 @@
+"""The Triton bias + GELU (under the interpreter on CPU) against a float64 reference, and both
+kernels together in a small module, eager and under ``torch.compile(fullgraph=True)``.
+
+Tolerances: as for LayerNorm, float32 arithmetic plus one rounding of each output to its dtype
+(relative 2**-24, 2**-11, 2**-8 for float32, float16, bfloat16), with an absolute floor near zero.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels.bias_gelu import bias_gelu_reference
+
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+DTYPES = list(TOLERANCES)
+# Under the interpreter numpy warns where exp overflows to inf in GELU's tails; the results are right.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+def run_and_compare(x, bias, approximate="tanh"):
+    """Forward and backward on "triton" against the float64 reference, within the tolerance of the
+    output dtype (x's and bias's promoted, as in eager PyTorch)."""
+    out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
+    x = x.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    with kernels.use_backend("triton"):
+        y = kernels.bias_gelu(x, bias, approximate)
+    assert y.dtype == out_dtype and y.shape == x.shape
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    bd = bias.detach().double().requires_grad_() if bias is not None else None
+    ref = bias_gelu_reference(xd, bd, approximate)
+    ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), ref.detach(), **TOLERANCES[out_dtype])
+    torch.testing.assert_close(x.grad.double(), xd.grad, **TOLERANCES[x.dtype])
+    if bias is not None:
+        assert bias.grad.dtype == bias.dtype
+        torch.testing.assert_close(bias.grad.double(), bd.grad, **TOLERANCES[bias.dtype])
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 768, 1000, 3072, 4096, 5120, 6400])
+def test_matches_reference(n, dtype, approximate):
+    torch.manual_seed(n)
+    x = (3 * torch.randn(2, 3, n)).to(dtype)  # leading (batch, seq) dimensions; GELU's bend and tails
+    run_and_compare(x, torch.randn(n).to(dtype), approximate)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 37])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_row_counts_and_optional_bias(rows, has_bias):
+    torch.manual_seed(rows)
+    run_and_compare(torch.randn(rows, 300), torch.randn(300) if has_bias else None)
+
+
+def test_non_contiguous_inputs():
+    torch.manual_seed(0)
+    n = 96
+    for x in (torch.randn(n, 40).t(), torch.randn(40, n + 32)[:, :n], torch.randn(5, 8, n).transpose(0, 1)):
+        run_and_compare(x, torch.randn(n))
+
+
+def test_half_input_with_float32_bias_promotes_like_eager():
+    torch.manual_seed(0)
+    run_and_compare(torch.randn(9, 768).bfloat16(), torch.randn(768))
+
+
+def test_bias_gradient_is_deterministic():
+    torch.manual_seed(0)
+    x = torch.randn(200, 512, requires_grad=True)  # 13 row tiles for 8 row programs
+    b = torch.randn(512, requires_grad=True)
+    dy = torch.randn(200, 512)
+    grads = []
+    with kernels.use_backend("triton"):
+        for _ in range(2):
+            x.grad = b.grad = None
+            kernels.bias_gelu(x, b).backward(dy)
+            grads.append((x.grad.clone(), b.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_nan_and_inf_propagate_like_eager(approximate):
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0, -3.0, 3.0])
+    x = specials.repeat(3, 1).requires_grad_()
+    dy = torch.ones(3, 8)
+    with kernels.use_backend("triton"):
+        y = kernels.bias_gelu(x, None, approximate)
+    y.backward(dy)
+    xe = x.detach().requires_grad_()
+    ye = F.gelu(xe, approximate=approximate)
+    ye.backward(dy)
+    torch.testing.assert_close(y, ye, equal_nan=True, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(x.grad, xe.grad, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+def test_unsupported_dtype_is_refused():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="float64"):
+        kernels.bias_gelu(x, None)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"bias has shape \(7,\), expected \(8,\)"):
+        kernels.bias_gelu(torch.randn(2, 8), torch.randn(7))
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        kernels.bias_gelu(torch.randn(2, 8), None, approximate="erf")
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(0, 40), n=st.integers(1, 600), dtype=st.sampled_from(DTYPES),
+       approximate=st.sampled_from(["tanh", "none"]), has_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes(rows, n, dtype, approximate, has_bias, seed):
+    torch.manual_seed(seed)
+    run_and_compare(torch.randn(rows, n).to(dtype), torch.randn(n).to(dtype) if has_bias else None, approximate)
+
+
+class NormGelu(nn.Module):
+    """LayerNorm -> Linear (bias left to the fused op) -> bias + GELU: the model's two kernels."""
+
+    def __init__(self, n: int, hidden: int):
+        super().__init__()
+        self.ln_weight = nn.Parameter(1 + 0.1 * torch.randn(n))
+        self.ln_bias = nn.Parameter(0.1 * torch.randn(n))
+        self.fc = nn.Linear(n, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = kernels.layer_norm(x, self.ln_weight, self.ln_bias)
+        return kernels.bias_gelu(F.linear(h, self.fc.weight), self.fc.bias)
+
+
+def loss_and_grads(module: nn.Module, x: torch.Tensor, backend: str):
+    module.zero_grad()
+    with kernels.use_backend(backend):
+        loss = module(x).square().mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+
+def test_module_triton_matches_torch():
+    torch.manual_seed(0)
+    module, x = NormGelu(48, 192), torch.randn(2, 7, 48)
+    loss, grads = loss_and_grads(module, x, "triton")
+    want_loss, want_grads = loss_and_grads(module, x, "torch")
+    torch.testing.assert_close(loss, want_loss)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph():
+    """The custom operators compile with fullgraph=True and give the eager results, on the "triton"
+    backend (the kernels, interpreted) and on "torch" (the eager fallbacks)."""
+    torch.manual_seed(0)
+    module, x = NormGelu(48, 192), torch.randn(2, 7, 48)
+    want_loss, want_grads = loss_and_grads(module, x, "torch")
+    compiled = torch.compile(module, fullgraph=True)
+    for backend in ("triton", "torch"):
+        loss, grads = loss_and_grads(compiled, x, backend)
+        torch.testing.assert_close(loss, want_loss)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
