@@ -99,11 +99,18 @@ def _left_padded(prompts: Prompts, context_length: int, device: torch.device
 def stream(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            eos_token_id: int | None = None, use_cache: bool = True) -> Iterator[list[int | None]]:
-    """Yield, step by step, each prompt's new token, or None for a prompt that has already stopped.
+    """An iterator over the steps: each prompt's new token, or None for a prompt that has stopped.
 
-    Arguments as for :func:`generate`. The model is in eval mode while the stream runs.
+    Arguments as for :func:`generate` (checked here, at the call). The model is in eval mode while
+    the iterator runs.
     """
     _check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id)
+    return _steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, use_cache)
+
+
+def _steps(model: GPT, prompts: Prompts, max_new_tokens: int, temperature: float, top_k: int | None,
+           top_p: float | None, seed: int | None, eos_token_id: int | None, use_cache: bool
+           ) -> Iterator[list[int | None]]:
     context = model.config.context_length
     device = model.transformer.wte.weight.device
     tokens, left_pad = _left_padded(prompts, context, device)
@@ -160,9 +167,10 @@ def generate(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: 
     the whole window each step (slower; the same greedy tokens). ``on_step`` receives each step's
     tokens as :func:`stream` yields them.
     """
+    steps = stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, eos_token_id=eos_token_id, use_cache=use_cache)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed, eos_token_id=eos_token_id, use_cache=use_cache):
+    for step in steps:
         if on_step is not None:
             on_step(step)
         for output, token in zip(outputs, step):

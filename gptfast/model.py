@@ -301,12 +301,13 @@ class GPT(nn.Module):
                                  "(-1 marks positions to ignore)")
 
     @staticmethod
-    def _padding_mask(left_pad: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """(B, 1, T, K) booleans: query slot i sees key slot j <= i that is not padding.
+    def _padding_mask(left_pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        """(B, 1, T, start + T) booleans: the query in slot i sees key slot j <= i unless j is padding.
 
         A padding query sees itself only, so that no softmax row is empty; no real token sees it.
         """
-        keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
+        slots = torch.arange(start, start + T, device=left_pad.device)
+        keys = torch.arange(start + T, device=left_pad.device)
         causal = keys[None, :] <= slots[:, None]  # (T, K)
         real = keys[None, :] >= left_pad[:, None]  # (B, K)
         itself = keys[None, :] == slots[:, None]  # (T, K)
@@ -329,7 +330,7 @@ class GPT(nn.Module):
         pos, mask = slots, None
         if left_pad is not None:
             pos = (slots[None, :] - left_pad[:, None]).clamp(min=0)
-            mask = self._padding_mask(left_pad, slots)
+            mask = self._padding_mask(left_pad, start, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache.kv[i] if cache is not None else None, start, mask)
