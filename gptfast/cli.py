@@ -1,4 +1,4 @@
-"""The ``gptfast`` command line: ``gptfast prepare | train | generate | info`` (all of them: ``gptfast --help``)."""
+"""The ``gptfast`` command line: ``gptfast prepare | train | generate | info | bench`` (all of them: ``gptfast --help``)."""
 
 from __future__ import annotations
 
@@ -224,6 +224,14 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from bench.__main__ import main as bench_main  # the benchmark package is needed by this command only
+
+    code = bench_main(args.bench_args, prog="gptfast bench")
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
     parser.add_argument("--backend", choices=kernels.BACKENDS, help="kernel backend (default: "
@@ -259,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),
                       help="also run one forward pass of this preset")
     info.set_defaults(func=cmd_info)
+    # Every argument after "bench" goes to the benchmark's own parser: this one reads no options.
+    bench = sub.add_parser("bench", add_help=False, prefix_chars="+", help="benchmark the kernels, training "
+                           "and generation against their baselines and write a report (gptfast bench --help)")
+    bench.add_argument("bench_args", nargs="*")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
