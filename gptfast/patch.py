@@ -16,6 +16,8 @@ replaced modules are not carried over.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,8 +109,13 @@ def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
 
 def _use_flash_attention(model: nn.Module) -> None:
     """Route a transformers GPT-2's attention through :func:`_hf_attention`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # transformers before the attention registries (4.5x)
+        warnings.warn("this transformers version has no AttentionMaskInterface: its GPT-2 attention is "
+                      "left as it is (LayerNorm and bias + GELU are patched)", stacklevel=3)
+        return
 
     AttentionInterface.register(ATTENTION_NAME, _hf_attention)
     # sdpa_mask returns None when the plain causal mask will do: exactly when the flash kernel can run.
