@@ -15,8 +15,9 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $@
 
+# The main job: the tiny preset, character-level, on the embedded corpus; a few minutes on a CPU.
 run: setup
-	$(VENV)/bin/gptfast info --forward tiny
+	$(VENV)/bin/gptfast train --out-dir out/main --overwrite --max-steps 600 --lr 2e-3
 
 test: setup
 	$(PY) -m pytest -q tests
