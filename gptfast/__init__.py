@@ -8,10 +8,13 @@ from kernels.backend import BACKENDS, BackendError, explain, get_backend, set_ba
 from .generate import generate
 from .model import GPT, PRESETS, GPTConfig, KVCache
 from .patch import patch
+from .tokenizer import CharTokenizer, GPT2Tokenizer, load_tokenizer
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendError", "explain", "get_backend", "set_backend", "use_backend",
     "GPT", "GPTConfig", "KVCache", "PRESETS", "generate", "patch", "__version__",
+    "CharTokenizer", "GPT2Tokenizer", "load_tokenizer", "TrainConfig", "train",
 ]

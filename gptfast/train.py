@@ -256,6 +256,15 @@ def _grad_accum(cfg: TrainConfig, context_length: int, world_size: int) -> int:
     return cfg.tokens_per_step // per_micro
 
 
+def _open_log(path: Path, resume_step: int | None):
+    """log.jsonl for appending: emptied for a new run; on resume, cut back to the checkpoint's step."""
+    if resume_step is not None and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
+    return open(path, "w")
+
+
 def _plot(log_path: Path, png_path: Path) -> Path | None:
     """A loss-curve PNG from the JSON-lines log (None when matplotlib is missing)."""
     try:
@@ -356,7 +365,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
 
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / LOG_FILE, "a" if cfg.resume else "w") if ctx.main else None
+    log = _open_log(out / LOG_FILE, resume_step=step if cfg.resume else None) if ctx.main else None
     tokens_per_step = grad_accum * ctx.world_size * cfg.batch_size * T
     flops_per_step = model_flops_per_token(config, T) * tokens_per_step
     peak = peak_flops(device) if amp_dtype == torch.bfloat16 else None
@@ -366,7 +375,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
               f"{grad_accum} micro-batch(es) x {cfg.batch_size} x {T}; device {device}, "
               f"backend {kernels.get_backend()}" + (f"; resuming at step {step}" if step else ""))
 
-    def record(entry: dict) -> None:
+    def record(entry: dict) -> None:  # to log.jsonl
         if log is not None:
             log.write(json.dumps(entry) + "\n")
             log.flush()
@@ -382,10 +391,10 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", dynamic_ncols=True,
                disable=not (ctx.main and cfg.progress))
-    start_step, loss, val_loss, saved_at = step, None, None, None
+    start_step, loss, val_loss, saved_at, speed = step, None, None, None, "speed not measured yet"
     stopped = False
     t0, steps_since_log = time.perf_counter(), 0
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, bar, log if log is not None else contextlib.nullcontext():
         while step < cfg.max_steps:
             torch.manual_seed(cfg.seed + 1_000_003 * step + ctx.rank)  # dropout's random numbers
             starts = stream.next_starts(ctx.world_size * grad_accum * cfg.batch_size)
@@ -408,7 +417,8 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
                 if peak:
                     entry["mfu"] = round(steps_since_log * flops_per_step / elapsed / (peak * ctx.world_size), 4)
                 record(entry)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                speed = f"{tok_s:,.0f} tokens/s" + (f", MFU {entry['mfu']:.1%}" if "mfu" in entry else "")
+                bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {speed}")
                 t0, steps_since_log = time.perf_counter(), 0
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 val_loss = evaluate(runner, data.val, cfg, context_length=T, device=device,
@@ -416,7 +426,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
                 record({"step": step, "val_loss": round(val_loss, 6)})
                 if ctx.main:
                     bar.write(f"step {step}: train loss {loss if loss is not None else float('nan'):.4f}, "
-                              f"val loss {val_loss:.4f}")
+                              f"val loss {val_loss:.4f} ({speed})")
                 checkpoint()
                 saved_at = step
                 if steps_since_log == 0:
@@ -427,9 +437,6 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
                 break
         if saved_at != step:
             checkpoint()
-    bar.close()
-    if log is not None:
-        log.close()
     loss = ctx.mean(loss_t).item() if step > start_step else loss
     summary = {"step": step, "loss": loss, "val_loss": val_loss, "checkpoint": str(ckpt_path),
                "stopped": stopped, "sample": None}

@@ -69,12 +69,14 @@ def test_resume_is_exact(data_dir, tmp_path, order, dropout):
     straight = train(tiny(data_dir, tmp_path / "straight", order=order, dropout=dropout))
     first = train(tiny(data_dir, tmp_path / "split", order=order, dropout=dropout, run_steps=10))
     assert first["stopped"] and first["step"] == 10
+    with open(tmp_path / "split" / LOG_FILE, "a") as log:  # as if the run had crashed at step 15
+        log.write(json.dumps({"step": 15, "loss": 9.9}) + "\n")
     resumed = train(tiny(data_dir, tmp_path / "split", order=order, dropout=dropout, resume=True))
     assert resumed["step"] == straight["step"] == 20
     assert resumed["loss"] == straight["loss"] and resumed["val_loss"] == straight["val_loss"]
     a, b = (load_checkpoint(tmp_path / d)["model"] for d in ("straight", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # The split run's log holds every step once, as the straight run's does.
+    # The split run's log holds every step once, as the straight run's does (step 15's line is gone).
     assert [r["step"] for r in log_records(tmp_path / "split")] == [r["step"] for r in log_records(tmp_path / "straight")]
 
 
