@@ -143,7 +143,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # log2 units, float32
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units, float32
         if MASKED:
             s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -154,7 +154,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
             p = tl.where(_dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p), p, 0.0)
         v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -246,19 +246,19 @@ def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, 
         else:
             lse = tl.load(LSE + rows)
             delta = tl.load(DELTA + rows)
-        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed
         if MASKED:
             p_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, CAUSAL), p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # dL/d(dropped P), transposed
+        dp_t = tl.dot(v, tl.trans(do))  # dL/d(dropped P), transposed
         if DROPOUT:
             keep_t = _dropout_keep(seed, rng_base, rows[None, :], cols[:, None], k_len, dropout_p)
-            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision="ieee")
+            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do)
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
         else:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+            dv += tl.dot(p_t.to(do.dtype), do)
         ds_t = p_t * (dp_t - delta[None, :])  # softmax backward
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+        dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
@@ -338,16 +338,16 @@ def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
         v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
             keep = _dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        dq += tl.dot(ds.to(k.dtype), k)
     return dq
 
 
@@ -440,26 +440,29 @@ HEAD_DIM_PADS = (16, 32, 64, 128)
 def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionConfigs:
     """Configurations for compute capability ``arch`` (80 or 90), padded head dim and input bytes.
 
-    Each (query, key) tile keeps its float32 scores in registers and its operands in shared memory:
-    128-row tiles feed Hopper's 64-row wgmma instructions from one or two warp groups, and K/V tiles
-    are multi-buffered (num_stages) while shared memory allows (163 KiB on A100, 227 KiB on H100).
-    The backward kernels keep two float32 accumulators (dK and dV) of BLOCK_N x head_dim, so their
-    key blocks shrink as head_dim grows to stay clear of register spills. float32 inputs use exact
-    (not TF32) products on CUDA cores, which need smaller tiles. ``tests/test_aot_flash_attention.py``
-    compiles every entry for sm_80 and sm_90 and checks spills and shared memory.
+    Each tile keeps its float32 scores and accumulators in registers and streams K/V (forward, dQ)
+    or Q/dO (dK, dV) through shared memory, multi-buffered over num_stages (163 KiB on an A100,
+    227 KiB on an H100). 128-row tiles feed Hopper's 64-row wgmma instructions from two warp groups.
+    The dK/dV kernel holds two float32 accumulators of BLOCK_N x head_dim, so its key block shrinks
+    where registers run short (Ampere keeps mma operands in registers too). float32 inputs multiply
+    in TF32 on tensor cores (float32 accumulation) with smaller tiles, as they take twice the space.
+    The choices were made by compiling ahead of time (dropout variant, the largest head dim of each
+    class): ``tests/test_aot_flash_attention.py`` checks every entry for spills and shared memory.
     """
+    hopper = arch >= 90
     if element_size == 4:
-        small = BlockConfig(32, 32, num_warps=4, num_stages=2)
-        return AttentionConfigs(small, small, small)
+        return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=4, num_stages=2),
+                                backward_kv=BlockConfig(16, 64, num_warps=4, num_stages=2),
+                                backward_q=BlockConfig(64, 32, num_warps=8, num_stages=2))
     if head_dim_pad <= 64:
-        stages = 3
-        return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=4, num_stages=stages),
-                                backward_kv=BlockConfig(32, 128, num_warps=4, num_stages=stages),
-                                backward_q=BlockConfig(128, 32, num_warps=4, num_stages=stages))
-    stages = 3 if arch >= 90 else 2
-    return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=stages),
-                            backward_kv=BlockConfig(32, 64, num_warps=4, num_stages=stages),
-                            backward_q=BlockConfig(64, 32, num_warps=4, num_stages=stages))
+        return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=3),
+                                backward_kv=BlockConfig(32, 128 if hopper else 64, num_warps=8,
+                                                        num_stages=3 if hopper else 2),
+                                backward_q=BlockConfig(128, 32, num_warps=8, num_stages=3))
+    return AttentionConfigs(forward=BlockConfig(128, 64 if hopper else 32, num_warps=8,
+                                                num_stages=3 if hopper else 2),
+                            backward_kv=BlockConfig(32, 64, num_warps=8, num_stages=2),
+                            backward_q=BlockConfig(128, 32, num_warps=8, num_stages=2))
 
 
 def _head_dim_pad(head_dim: int) -> int:

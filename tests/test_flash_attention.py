@@ -1,0 +1,294 @@
+"""The Triton flash attention (under the interpreter on CPU) against a float64 reference.
+
+Forward and the three gradients are compared on fresh random inputs given as strided views (the
+model's fused qkv projection split and transposed, a key/value cache's prefix, a transposed output
+gradient), causal and not, over head dims 16..128 and sequence lengths that cross the interpreter's
+16- and 32-row blocks. Tolerances per dtype: float32 is exact float32 arithmetic under the interpreter
+but TF32 products on a GPU; float16 and bfloat16 round the probabilities and dS to the input dtype
+before their matrix products, so gradients get a looser bound than the output.
+"""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import gptfast
+import kernels
+
+fa = importlib.import_module("kernels.flash_attention")  # the module; kernels.flash_attention is the function
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (output, gradients) tolerances, as torch.testing.assert_close keyword arguments.
+TOLERANCES = {
+    torch.float32: (dict(rtol=1e-2, atol=1e-2) if CUDA else dict(rtol=1e-4, atol=1e-5),) * 2,
+    torch.float16: (dict(rtol=2e-3, atol=2e-3), dict(rtol=1e-2, atol=1e-2)),
+    torch.bfloat16: (dict(rtol=2e-2, atol=2e-2), dict(rtol=5e-2, atol=5e-2)),
+}
+
+
+def make_inputs(batch, heads, q_len, k_len, head_dim, dtype):
+    """q, k, v as the model makes them: views of one (B, T, 3, H, D) projection, transposed to
+    (B, H, T, D). With fewer queries than keys, k and v are the prefix of a longer cache."""
+    if q_len == k_len:
+        qkv = torch.randn(batch, q_len, 3, heads, head_dim, device=DEVICE).to(dtype)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
+    else:
+        q = torch.randn(batch, q_len, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+        cache = torch.randn(2, batch, heads, k_len + 7, head_dim, device=DEVICE).to(dtype)
+        k, v = cache[0, :, :, :k_len], cache[1, :, :, :k_len]
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def triton_attention(q, k, v, grad_out, **kwargs):
+    """Output and (dq, dk, dv) of the Triton path."""
+    for t in (q, k, v):
+        t.grad = None
+    with kernels.use_backend("triton"):
+        out = kernels.flash_attention(q, k, v, **kwargs)
+    out.backward(grad_out)
+    return out, [t.grad for t in (q, k, v)]
+
+
+def reference_attention(q, k, v, grad_out, **kwargs):
+    """Output and gradients of the plain-math reference, in float64."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = fa.attention_reference(q64, k64, v64, **kwargs)
+    out.backward(grad_out.double())
+    return out.detach(), [t.grad for t in (q64, k64, v64)]
+
+
+def assert_matches(got, want, dtype):
+    (out, grads), (ref_out, ref_grads) = got, want
+    out_tol, grad_tol = TOLERANCES[dtype]
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out.double(), ref_out, **out_tol)
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert grad.dtype == dtype and grad.shape == ref.shape, name
+        torch.testing.assert_close(grad.double(), ref, **grad_tol, msg=lambda m: f"d{name}: {m}")
+
+
+# (batch, heads, q_len, k_len, head_dim, causal, dtype): every head dim, lengths 1..200 around the
+# block sizes, fewer queries than keys (bottom-right causal), and non-causal with more queries.
+SHAPES = [
+    (1, 2, 1, 1, 64, True, torch.float32),
+    (1, 1, 2, 2, 16, False, torch.float16),
+    (2, 1, 17, 17, 32, True, torch.float16),
+    (1, 2, 63, 63, 80, False, torch.float32),
+    (1, 1, 64, 64, 96, True, torch.float16),
+    (1, 1, 65, 65, 128, True, torch.float32),
+    (1, 1, 200, 200, 64, True, torch.float16),
+    (1, 1, 200, 200, 16, False, torch.float32),
+    (1, 2, 1, 65, 64, True, torch.float16),
+    (1, 1, 17, 200, 32, True, torch.float32),
+    (2, 1, 5, 63, 80, False, torch.float16),
+    (1, 1, 65, 17, 128, False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,dtype", SHAPES)
+def test_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, dtype):
+    torch.manual_seed(q_len * 1000 + k_len + head_dim)
+    q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
+    grad_out = torch.randn(batch, q_len, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+    assert_matches(triton_attention(q, k, v, grad_out, causal=causal),
+                   reference_attention(q, k, v, grad_out, causal=causal), dtype)
+
+
+def test_explicit_scale():
+    torch.manual_seed(1)
+    q, k, v = make_inputs(1, 1, 40, 40, 32, torch.float32)
+    grad_out = torch.randn(1, 1, 40, 32, device=DEVICE)
+    assert_matches(triton_attention(q, k, v, grad_out, scale=0.3),
+                   reference_attention(q, k, v, grad_out, scale=0.3), torch.float32)
+
+
+@pytest.mark.skipif(not CUDA, reason="bfloat16 dot products need a GPU (the interpreter gets them wrong)")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bfloat16_matches_float64_reference(head_dim):
+    torch.manual_seed(head_dim)
+    q, k, v = make_inputs(2, 3, 333, 333, head_dim, torch.bfloat16)
+    grad_out = torch.randn(2, 3, 333, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    assert_matches(triton_attention(q, k, v, grad_out), reference_attention(q, k, v, grad_out),
+                   torch.bfloat16)
+
+
+def test_log_sum_exp_is_saved_per_row():
+    """The forward op saves one float32 log-sum-exp per query row: the only extra memory."""
+    torch.manual_seed(2)
+    q, k, v = (t.detach() for t in make_inputs(2, 2, 33, 70, 48, torch.float32))
+    scale = 1 / math.sqrt(48)
+    out, lse = torch.ops.gptfast.flash_attention_forward(q, k, v, True, 0.0, scale, None)
+    assert out.is_contiguous() and lse.shape == (2, 2, 33) and lse.dtype == torch.float32
+    scores = (q.double() @ k.double().transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~fa.causal_mask(33, 70, q.device), float("-inf"))
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_are_deterministic():
+    """No atomics: the same inputs and dropout seed give bitwise the same output and gradients."""
+    torch.manual_seed(3)
+    q, k, v = make_inputs(1, 2, 50, 50, 32, torch.float16)
+    grad_out = torch.randn(1, 2, 50, 32, device=DEVICE).half()
+    torch.manual_seed(4)  # the dropout seed
+    first = triton_attention(q, k, v, grad_out, dropout_p=0.2)
+    torch.manual_seed(4)
+    first_again = triton_attention(q, k, v, grad_out, dropout_p=0.2)
+    for a, b in zip([first[0], *first[1]], [first_again[0], *first_again[1]]):
+        assert torch.equal(a, b)
+
+
+# ---- dropout ----
+
+
+@pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,dtype", [
+    (1, 2, 65, 65, 32, True, torch.float32),
+    (2, 1, 17, 40, 80, True, torch.float16),
+    (1, 1, 33, 50, 64, False, torch.float32),
+])
+def test_dropout_matches_reference_with_the_kernels_mask(batch, heads, q_len, k_len, head_dim, causal, dtype):
+    """The kernels' output and gradients equal the reference computed with their exact keep-mask,
+    which depends on the seed drawn from torch's generator and not on the block sizes."""
+    p = 0.3
+    q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
+    grad_out = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).to(dtype)
+    torch.manual_seed(11)
+    got = triton_attention(q, k, v, grad_out, causal=causal, dropout_p=p)
+    torch.manual_seed(11)
+    keep = fa.dropout_keep_mask(fa._dropout_seed(), batch, heads, q_len, k_len, p, DEVICE)
+    assert 0 < keep.float().mean() < 1
+    assert_matches(got, reference_attention(q, k, v, grad_out, causal=causal, keep_mask=keep, dropout_p=p),
+                   dtype)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(p):
+    """About 1 - p of the probabilities are kept (5 standard deviations), different seeds differ."""
+    keep = fa.dropout_keep_mask(1234, 2, 2, 150, 170, p, DEVICE)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert not torch.equal(keep, fa.dropout_keep_mask(1235, 2, 2, 150, 170, p, DEVICE))
+    # Heads and rows draw different numbers: the mask does not repeat across them.
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_dropout_same_seed_same_result():
+    q, k, v = (t.detach() for t in make_inputs(1, 2, 40, 40, 16, torch.float32))
+    with kernels.use_backend("triton"):
+        torch.manual_seed(5)
+        a = kernels.flash_attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(5)
+        b = kernels.flash_attention(q, k, v, dropout_p=0.5)
+        c = kernels.flash_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---- the backend switch and bad input ----
+
+
+@pytest.mark.parametrize("shape,dtype,words", [
+    ((1, 1, 8, 130), torch.float32, "head_dim 130"),
+    ((1, 1, 8, 33), torch.float16, "head_dim 33"),
+    ((1, 1, 8, 16), torch.float64, "dtype torch.float64"),
+    ((1, 1, 8, 16), torch.bfloat16, "bfloat16 on CPU"),
+])
+def test_unsupported_input_raises_on_triton_and_runs_eager_on_auto(shape, dtype, words):
+    if CUDA and dtype == torch.bfloat16:
+        pytest.skip("bfloat16 is supported on a GPU")
+    q = torch.randn(shape, device=DEVICE).to(dtype)
+    with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match=words):
+        kernels.flash_attention(q, q, q)
+    with kernels.use_backend("auto"):
+        route = kernels.explain("flash_attention", q, q, q)
+        assert not route.use_triton
+        out = kernels.flash_attention(q, q, q)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+
+
+@pytest.mark.parametrize("q_shape,k_shape,error", [
+    ((1, 2, 8, 16), (1, 2, 8), "4-D"),
+    ((1, 2, 8, 16), (1, 3, 8, 16), "shapes do not match"),
+    ((1, 2, 8, 16), (1, 2, 8, 32), "shapes do not match"),
+    ((1, 2, 9, 16), (1, 2, 8, 16), "at least as many keys as queries"),
+])
+def test_bad_shapes_raise_clear_errors(q_shape, k_shape, error):
+    q, k = torch.randn(q_shape), torch.randn(k_shape)
+    for name in ("triton", "torch"):
+        with kernels.use_backend(name), pytest.raises(ValueError, match=error):
+            kernels.flash_attention(q, k, k)
+
+
+def test_bad_dtype_and_dropout_raise_clear_errors():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        kernels.flash_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="dropout_p"):
+        kernels.flash_attention(q, q, q, dropout_p=1.0)
+
+
+# ---- the model: one training step, and torch.compile ----
+
+
+def tiny_model(attn_dropout=0.0):
+    torch.manual_seed(0)
+    config = gptfast.GPTConfig(vocab_size=97, context_length=64, n_embd=64, n_head=2, n_layer=2,
+                               attn_dropout=attn_dropout)
+    return gptfast.GPT(config).to(DEVICE)
+
+
+# float32 model on a GPU: the attention kernel multiplies in TF32.
+MODEL_TOLERANCE = dict(rtol=1e-2, atol=1e-3) if CUDA else dict(rtol=1e-4, atol=1e-5)
+
+
+def loss_and_grads(model, idx, backend, runner=None):
+    """Loss and parameter gradients of ``runner`` (the model, or a compiled wrapper of it)."""
+    model.zero_grad()
+    with kernels.use_backend(backend):
+        _, loss = (model if runner is None else runner)(idx, targets=idx)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_step(got, want):
+    (loss, grads), (want_loss, want_grads) = got, want
+    torch.testing.assert_close(loss, want_loss, **MODEL_TOLERANCE)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], **MODEL_TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_training_step_triton_matches_torch():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 45), device=DEVICE)
+    assert_same_step(loss_and_grads(model, idx, "triton"), loss_and_grads(model, idx, "torch"))
+
+
+def test_model_trains_with_attention_dropout_on_triton():
+    """Attention dropout stays on the kernel: the same seed gives the same loss, another seed not."""
+    model = tiny_model(attn_dropout=0.2).train()
+    idx = torch.randint(0, 97, (1, 40), device=DEVICE)
+    with kernels.use_backend("triton"):
+        assert kernels.explain("flash_attention", *(torch.zeros(1, 2, 40, 32, device=DEVICE),) * 3,
+                               True, 0.2).use_triton
+    torch.manual_seed(7)
+    first, grads = loss_and_grads(model, idx, "triton")
+    torch.manual_seed(7)
+    again, _ = loss_and_grads(model, idx, "triton")
+    other, _ = loss_and_grads(model, idx, "triton")
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_torch_compile_fullgraph_model():
+    """The model compiles with fullgraph=True and gives the eager results, on "torch" (the eager
+    fallbacks) and on "triton" (the custom operators, interpreted)."""
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 33), device=DEVICE)
+    want = loss_and_grads(model, idx, "torch")
+    compiled = torch.compile(model, fullgraph=True)
+    try:
+        for backend in ("torch", "triton"):
+            assert_same_step(loss_and_grads(model, idx, backend, runner=compiled), want)
+    finally:
+        torch._dynamo.reset()
