@@ -253,7 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     trn = sub.add_parser("train", help="train a GPT (also under torchrun for several GPUs)",
                          description="Train a GPT on prepared data or on text. Ctrl-C stops after the current "
                          "step and writes the checkpoint; --resume continues exactly. Under `torchrun "
-                         "--nproc_per_node N` the same command trains with DistributedDataParallel.")
+                         "--nproc_per_node N` the same command trains with DistributedDataParallel.",
+                         epilog="examples:\n"
+                         "  gptfast train                                  # tiny model, embedded corpus\n"
+                         "  gptfast train notes.txt --preset mini --max-steps 2000\n"
+                         "  gptfast train notes.txt --preset mini --max-steps 2000 --resume\n"
+                         "  torchrun --nproc_per_node 8 -m gptfast train data/owt --preset gpt2 "
+                         "--tokens-per-step 524288",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_arguments(trn)
     trn.set_defaults(func=cmd_train)
     gen = sub.add_parser("generate", help="generate text from a training checkpoint or pretrained GPT-2",

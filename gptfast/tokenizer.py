@@ -36,7 +36,10 @@ class GPT2Tokenizer:
     """GPT-2's byte-pair encoding: 50,257 tokens, ``<|endoftext|>`` = 50256."""
 
     def __init__(self, tiktoken_file: str | os.PathLike | None = None):
-        import tiktoken
+        try:
+            import tiktoken
+        except ImportError:
+            raise ImportError("GPT-2 BPE needs tiktoken: pip install tiktoken") from None
 
         path = tiktoken_file or os.environ.get(TIKTOKEN_FILE_ENV)
         if path:

@@ -333,6 +333,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
                               "--overwrite to start afresh (or choose another --out-dir)")
     data = _resolve_data(cfg, ctx)
     tokenizer = data.tokenizer(cfg.tiktoken_file)
+    prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_tokens else []  # a bad prompt fails now
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     if state is not None:
         if state["tokenizer"] != tokenizer.to_dict():
@@ -447,17 +448,16 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
         if png:
             print(f"loss curve: {png}")
         if not stopped and cfg.sample_tokens > 0:
-            summary["sample"] = _sample(model, tokenizer, cfg)
+            summary["sample"] = _sample(model, tokenizer, prompt, cfg)
             print(f"\nsample ({cfg.sample_tokens} tokens after {cfg.sample_prompt!r}):\n"
                   f"{cfg.sample_prompt}{summary['sample']}")
     return summary
 
 
-def _sample(model: GPT, tokenizer, cfg: TrainConfig) -> str:
+def _sample(model: GPT, tokenizer, prompt: list[int], cfg: TrainConfig) -> str:
     from .generate import generate
 
     model.eval()
-    prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.eot_token_id or 0]
-    new = generate(model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed,
+    new = generate(model, [prompt or [tokenizer.eot_token_id or 0]], cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed,
                    eos_token_id=tokenizer.eot_token_id)[0]
     return tokenizer.decode(new)

@@ -154,6 +154,12 @@ def test_context_longer_than_the_text(tmp_path):
         train(tiny(None, tmp_path / "out", data=[str(tmp_path / "short.txt")]))
 
 
+def test_prompt_outside_vocabulary_fails_before_training(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"U\+0000.*not in this character-level vocabulary"):
+        train(tiny(data_dir, tmp_path, sample_prompt="\x00", sample_tokens=5))
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
 def test_tokens_per_step_sets_accumulation(data_dir, tmp_path):
     summary = train(tiny(data_dir, tmp_path, tokens_per_step=3 * 8 * 32, max_steps=1))
     assert summary["step"] == 1
