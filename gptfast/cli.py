@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                       f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
     prep.set_defaults(func=cmd_prepare)
     trn = sub.add_parser("train", help="train a GPT (also under torchrun for several GPUs)",
-                         description="Train a GPT on prepared data or on text. Ctrl-C stops after the current "
-                         "step and writes the checkpoint; --resume continues exactly. Under `torchrun "
+                         description="Train a GPT on prepared data or on text. Ctrl-C stops after the current\n"
+                         "step and writes the checkpoint; --resume continues exactly. Under `torchrun\n"
                          "--nproc_per_node N` the same command trains with DistributedDataParallel.",
                          epilog="examples:\n"
                          "  gptfast train                                  # tiny model, embedded corpus\n"
