@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.backend:
         kernels.set_backend(args.backend)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, OSError, kernels.BackendError) as error:  # bad input: the message, no traceback
+        print(f"gptfast {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -246,6 +246,16 @@ def _resolve_data(cfg: TrainConfig, ctx: _Dist) -> TokenData:
     return TokenData(data_dir)
 
 
+def _model_config(cfg: TrainConfig, vocab_size: int, state: dict | None) -> GPTConfig:
+    """The checkpoint's model when resuming, else the preset sized for the tokenizer."""
+    if state is not None:
+        return GPTConfig.from_dict(state["model_config"])
+    overrides = {"vocab_size": vocab_size, "drop_rate": cfg.dropout}
+    if cfg.context_length:
+        overrides["context_length"] = cfg.context_length
+    return GPTConfig.from_preset(cfg.preset, **overrides)
+
+
 def _grad_accum(cfg: TrainConfig, context_length: int, world_size: int) -> int:
     if cfg.tokens_per_step is None:
         return cfg.grad_accum
@@ -335,16 +345,10 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
     tokenizer = data.tokenizer(cfg.tiktoken_file)
     prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_tokens else []  # a bad prompt fails now
     state = load_checkpoint(ckpt_path) if cfg.resume else None
-    if state is not None:
-        if state["tokenizer"] != tokenizer.to_dict():
-            raise ValueError(f"the checkpoint was trained with another tokenizer than {data.dir}'s: "
-                             "resume with the data it was trained on")
-        config = GPTConfig.from_dict(state["model_config"])
-    else:
-        overrides = {"vocab_size": tokenizer.vocab_size, "drop_rate": cfg.dropout}
-        if cfg.context_length:
-            overrides["context_length"] = cfg.context_length
-        config = GPTConfig.from_preset(cfg.preset, **overrides)
+    if state is not None and state["tokenizer"] != tokenizer.to_dict():
+        raise ValueError(f"the checkpoint was trained with another tokenizer than {data.dir}'s: "
+                         "resume with the data it was trained on")
+    config = _model_config(cfg, tokenizer.vocab_size, state)
     T = config.context_length
     grad_accum = _grad_accum(cfg, T, ctx.world_size)
     amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,

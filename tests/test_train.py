@@ -246,6 +246,11 @@ def test_cli_prepare_and_train(tmp_path, capsys):
     assert "step 3: train loss" in out and "sample (5 tokens" in out
 
 
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "data")]) == 2
+    assert capsys.readouterr().err == f"gptfast prepare: error: no such file or folder: '{tmp_path / 'missing.txt'}'\n"
+
+
 @pytest.mark.parametrize("command", ["prepare", "train", "info"])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
