@@ -71,7 +71,8 @@ def assert_matches(got, want, dtype):
 
 
 # (batch, heads, q_len, k_len, head_dim, causal, dtype): every head dim, lengths 1..200 around the
-# block sizes, fewer queries than keys (bottom-right causal), and non-causal with more queries.
+# block sizes, fewer queries than keys (bottom-right causal; offsets Tk - Tq of 17 and 14 put the
+# diagonal one row either side of a block edge), and non-causal with more queries than keys.
 SHAPES = [
     (1, 2, 1, 1, 64, True, torch.float32),
     (1, 1, 2, 2, 16, False, torch.float16),
@@ -82,7 +83,8 @@ SHAPES = [
     (1, 1, 200, 200, 64, True, torch.float16),
     (1, 1, 200, 200, 16, False, torch.float32),
     (1, 2, 1, 65, 64, True, torch.float16),
-    (1, 1, 17, 200, 32, True, torch.float32),
+    (1, 1, 40, 57, 32, True, torch.float32),
+    (1, 1, 50, 64, 48, True, torch.float16),
     (2, 1, 5, 63, 80, False, torch.float16),
     (1, 1, 65, 17, 128, False, torch.float32),
 ]
