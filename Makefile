@@ -19,8 +19,9 @@ $(VENV)/.installed: setup.py
 run: setup
 	$(VENV)/bin/gptfast train --out-dir out/main --overwrite --max-steps 600 --lr 2e-3
 
+# The tests, and the benchmark suite once at its small CPU sizes (--benchmark) so CI keeps it working.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --benchmark
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ the datasheet peak, in the record's extra figures, where the GPU is known).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 
 import kernels
-from gptfast import train
+from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
 from gptfast.model import GPT, GPTConfig
 
 from .records import Record, failure_status
@@ -32,35 +33,45 @@ class TrainSize:
     preset: str
     batch: int
     context: int
+    n_layer: int | None = None  # None: the preset's; fewer keep the CPU runs short
+    vocab_size: int | None = None
+
+    def config(self) -> GPTConfig:
+        overrides = {"n_layer": self.n_layer, "vocab_size": self.vocab_size}
+        return GPTConfig.from_preset(self.preset, context_length=self.context,
+                                     **{k: v for k, v in overrides.items() if v is not None})
 
     def as_dict(self) -> dict:
-        return dict(preset=self.preset, batch=self.batch, context=self.context)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
 class GenerateSize:
-    preset: str
+    model: TrainSize  # the model's preset and context (its batch is unused)
     prompts: int
     prompt_len: int
     new_tokens: int
 
     def as_dict(self) -> dict:
-        return dict(preset=self.preset, prompts=self.prompts, prompt_len=self.prompt_len,
+        return dict(self.model.as_dict(), batch=self.prompts, prompt_len=self.prompt_len,
                     new_tokens=self.new_tokens)
 
 
 LR = 6e-4  # any rate: the benchmark times steps, it does not train
-TRAIN_SIZES = {"full": TrainSize("gpt2", 16, 1024), "small": TrainSize("tiny", 2, 64)}
-GENERATE_SIZES = {"full": GenerateSize("gpt2", 8, 64, 256), "small": GenerateSize("tiny", 2, 8, 8)}
+# CPU sizes: one layer and a small vocabulary, since the CPU runs the kernels in the interpreter.
+_CPU_MODEL = TrainSize("tiny", batch=2, context=32, n_layer=1, vocab_size=512)
+TRAIN_SIZES = {"full": TrainSize("gpt2", batch=16, context=1024), "small": _CPU_MODEL}
+GENERATE_SIZES = {"full": GenerateSize(TrainSize("gpt2", batch=8, context=1024), 8, 64, 256),
+                  "small": GenerateSize(_CPU_MODEL, 2, 8, 4)}
 
 
-def train_step(provider: str, size: TrainSize, device: torch.device) -> tuple[Callable[[], None], GPTConfig]:
+def make_train_step(provider: str, size: TrainSize, device: torch.device) -> tuple[Callable[[], None], GPTConfig]:
     """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile"."""
     backend, _, compile_flag = provider.partition("+")
     torch.manual_seed(0)
-    config = GPTConfig.from_preset(size.preset, context_length=size.context)
+    config = size.config()
     model = GPT(config).to(device).train()
-    optimizer = train.make_optimizer(model, lr=LR)
+    optimizer = make_optimizer(model, lr=LR)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     if compile_flag:
         torch._dynamo.reset()
@@ -70,7 +81,7 @@ def train_step(provider: str, size: TrainSize, device: torch.device) -> tuple[Ca
 
     def step() -> None:
         with kernels.use_backend(backend):
-            train.train_step(forward, optimizer, batch, lr=LR, amp_dtype=amp_dtype)
+            train_step(forward, optimizer, batch, lr=LR, amp_dtype=amp_dtype)
 
     return step, config
 
@@ -80,7 +91,7 @@ def run_train(provider: str, size: TrainSize, device: torch.device, matmul_tflop
     """Tokens per second (and MFU, peak memory, first-step seconds) of one training configuration."""
     record = Record("train", provider, "step", size.as_dict(), unit="tokens/s")
     try:
-        step, config = train_step(provider, size, device)
+        step, config = make_train_step(provider, size, device)
         reset_peak_memory(device)
         start = time.perf_counter()
         step()  # the first step: compilation, autotuning, allocator warm-up
@@ -93,12 +104,12 @@ def run_train(provider: str, size: TrainSize, device: torch.device, matmul_tflop
     tokens_per_s = size.batch * size.context / (timing.median_ms * 1e-3)
     record.ms, record.value, record.peak_mb = timing.median_ms, tokens_per_s, peak_memory_mb(device)
     record.extra = {"first_step_s": first_step_s, "repeats": timing.repeats}
-    model_flops = tokens_per_s * train.model_flops_per_token(config)
+    model_flops = tokens_per_s * model_flops_per_token(config)
     record.extra["model_tflops"] = model_flops / 1e12
     if matmul_tflops:
         record.pct_of_ceiling = 100.0 * model_flops / 1e12 / matmul_tflops  # MFU of the measured ceiling
-    if train.peak_flops(device):
-        record.extra["mfu_of_datasheet_pct"] = 100.0 * model_flops / train.peak_flops(device)
+    if peak_flops(device):
+        record.extra["mfu_of_datasheet_pct"] = 100.0 * model_flops / peak_flops(device)
     return record
 
 
@@ -108,7 +119,7 @@ def generate_call(provider: str, use_cache: bool, size: GenerateSize, device: to
     from gptfast.generate import generate
 
     torch.manual_seed(0)
-    config = GPTConfig.from_preset(size.preset)
+    config = size.model.config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = GPT(config).to(device=device, dtype=dtype).eval()
     prompts = torch.randint(0, config.vocab_size, (size.prompts, size.prompt_len)).tolist()

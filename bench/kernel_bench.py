@@ -8,6 +8,8 @@ forward, ``retain_graph``), and the forward then the backward.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,24 +85,38 @@ class PreparedCase:
     calls: list[Callable[[], object]]
     work: float  # bytes or FLOPs of one call
     scale: float  # work per second over this is ``unit``
+    first_calls_s: float  # the first run of every call: compilation and autotuning show here
 
     def figure(self, seconds: float) -> float:
         return self.work / seconds / self.scale
 
 
+_built: dict[tuple, Callable[..., torch.Tensor]] = {}  # the last provider built, shared by its passes
+
+
+def _provider(bench: KernelBench, provider: str, size: dict, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The provider's forward for this size; the three passes of a size share one (one compilation)."""
+    key = (bench.name, provider, json.dumps(size, sort_keys=True), str(device))
+    if key not in _built:
+        _built.clear()
+        _built[key] = bench.providers[provider](device)
+    return _built[key]
+
+
 def prepare_case(bench: KernelBench, provider: str, pass_: str, size: dict, device: torch.device,
                  dtype: torch.dtype) -> PreparedCase:
     """Build inputs and the provider's calls, and run each once (compiling, or raising if it cannot run)."""
-    forward = bench.providers[provider](device)
+    forward = _provider(bench, provider, size, device)
     one_set = bench.make_inputs(size, device, dtype)
     n_sets = input_sets(sum(t.numel() * t.element_size() for t in one_set), device)
     sets = [one_set] + [bench.make_inputs(size, device, dtype) for _ in range(n_sets - 1)]
     calls = _pass_calls(forward, sets, pass_)
+    start = time.perf_counter()
     for call in calls:
         call()
     synchronize(device)
     return PreparedCase(calls, bench.work(size, pass_, one_set[0].element_size()),
-                        1e9 if bench.unit == "GB/s" else 1e12)
+                        1e9 if bench.unit == "GB/s" else 1e12, first_calls_s=time.perf_counter() - start)
 
 
 def run_case(bench: KernelBench, provider: str, pass_: str, size: dict, device: torch.device,
@@ -122,12 +138,16 @@ def run_case(bench: KernelBench, provider: str, pass_: str, size: dict, device: 
     record.pct_of_ceiling = 100.0 * record.value / ceiling if ceiling else None
     record.peak_mb = peak_memory_mb(device)
     record.extra = {"min_ms": timing.min_ms, "max_ms": timing.max_ms, "repeats": timing.repeats,
-                    "input_sets": len(case.calls)}
+                    "input_sets": len(case.calls), "first_calls_s": case.first_calls_s}
     return record
 
 
 def compiled(eager: Callable[..., torch.Tensor]) -> ProviderFactory:
-    """A provider factory: ``torch.compile`` of the eager code, fresh for each size (no recompile limit)."""
+    """A provider factory: ``torch.compile`` of the eager code, compiled afresh for each size.
+
+    Resetting Dynamo per size keeps every size static and away from the recompile limit, past
+    which Dynamo would silently run the eager code.
+    """
     def factory(device: torch.device) -> Callable[..., torch.Tensor]:
         torch._dynamo.reset()
         return torch.compile(eager, dynamic=False)

@@ -87,12 +87,12 @@ def _tasks(settings: Settings, device: torch.device, ceilings: Ceilings) -> list
     for group in settings.groups:
         if group == "train":
             size = end_to_end.TRAIN_SIZES[e2e_mode]
-            tasks += [Task(group, p, "step", size.as_dict(), lambda p=p: end_to_end.run_train(
-                p, size, device, ceilings.matmul_tflops)) for p in end_to_end.TRAIN_PROVIDERS if wanted(p)]
+            tasks += [Task(group, p, "step", size.as_dict(), lambda p=p, z=size: end_to_end.run_train(
+                p, z, device, ceilings.matmul_tflops)) for p in end_to_end.TRAIN_PROVIDERS if wanted(p)]
         elif group == "generate":
             size = end_to_end.GENERATE_SIZES[e2e_mode]
-            tasks += [Task(group, p, mode, size.as_dict(), lambda p=p, c=(mode == "cache"):
-                           end_to_end.run_generate(p, c, size, device))
+            tasks += [Task(group, p, mode, size.as_dict(), lambda p=p, c=(mode == "cache"), z=size:
+                           end_to_end.run_generate(p, c, z, device))
                       for p in end_to_end.GENERATE_PROVIDERS if wanted(p) for mode in ("cache", "no cache")]
         else:
             bench = KERNELS[group]
@@ -126,7 +126,7 @@ def run(settings: Settings, device: torch.device, command: str, progress: bool =
     records: list[Record] = []
     reasons_said: set[str] = set()
     tasks = _tasks(settings, device, ceilings)
-    for task in (bar := tqdm(tasks, desc="bench", unit="case", disable=not progress)):
+    for task in (bar := tqdm(tasks, desc="bench", unit="case", mininterval=2.0, disable=not progress)):
         bar.set_postfix_str(str(task)[:60])
         if settings.budget_s is not None and time.perf_counter() - start > settings.budget_s:
             record = Record(task.group, task.provider, task.pass_, dict(task.size), status=UNAVAILABLE,
@@ -179,8 +179,11 @@ def _records(results: dict) -> list[Record]:
     return [Record.from_dict(r) for r in results["records"]]
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
-    return "" if value is None else f"{value:,.{digits}f}"
+def _fmt(value: float | None) -> str:
+    """Whole numbers from 100 up, three significant digits below (CPU figures can be tiny)."""
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _cell(record: Record | None) -> str:
@@ -189,7 +192,7 @@ def _cell(record: Record | None) -> str:
     if record.status != OK:
         return "n/a"
     pct = f" ({record.pct_of_ceiling:.0f}%)" if record.pct_of_ceiling is not None else ""
-    return f"{_fmt(record.value, 1 if record.value < 100 else 0)}{pct}"
+    return f"{_fmt(record.value)}{pct}"
 
 
 def _size_label(size: dict) -> str:
@@ -206,7 +209,7 @@ def _header(results: dict) -> list[str]:
         f"Command: `{results['command']}`",
         "",
         f"Ceilings: copy {_fmt(ceil['copy_gbps'])} GB/s (read + write), {ceil['matmul_dtype']} "
-        f"{ceil['matmul_size']}^3 matmul {_fmt(ceil['matmul_tflops'], 1)} TFLOP/s. Percentages are of these.",
+        f"{ceil['matmul_size']}^3 matmul {_fmt(ceil['matmul_tflops'])} TFLOP/s. Percentages are of these.",
     ]
 
 
@@ -229,21 +232,27 @@ def _kernel_table(bench: KernelBench, records: list[Record], sizes: list[dict]) 
 
 
 def _e2e_table(records: list[Record], group: str) -> list[str]:
+    """Training (with MFU and the first step's seconds) or generation rows, each against torch eager."""
     rows = [r for r in records if r.group == group]
     if not rows:
         return []
-    lines = [f"| provider | mode | tokens/s | vs torch | MFU | peak memory | first step |",
-             "|---|---|---|---|---|---|---|"]
+    train = group == "train"
+    columns = ["provider", "mode", "tokens/s", "vs torch", *(("MFU",) if train else ()), "peak memory",
+               *(("first step",) if train else ())]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
+        cells = [r.provider, r.pass_]
         if r.status != OK:
-            lines.append(f"| {r.provider} | {r.pass_} | n/a | | | | |")
-            continue
-        base = next((b for b in rows if b.provider == "torch" and b.pass_ == r.pass_ and b.status == OK), None)
-        ratio = f"{r.value / base.value:.2f}x" if base else ""
-        mfu = f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else ""
-        peak = f"{r.peak_mb / 1024:.1f} GiB" if r.peak_mb is not None else ""
-        first = f"{r.extra['first_step_s']:.1f} s" if "first_step_s" in r.extra else ""
-        lines.append(f"| {r.provider} | {r.pass_} | {_fmt(r.value)} | {ratio} | {mfu} | {peak} | {first} |")
+            cells += ["n/a"] + [""] * (len(columns) - 3)
+        else:
+            base = next((b for b in rows if b.provider == "torch" and b.pass_ == r.pass_ and b.status == OK), None)
+            cells += [_fmt(r.value), f"{r.value / base.value:.2f}x" if base else ""]
+            if train:
+                cells.append(f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else "")
+            cells.append(f"{r.peak_mb / 1024:.1f} GiB" if r.peak_mb is not None else "")
+            if train:
+                cells.append(f"{r.extra['first_step_s']:.1f} s")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -299,6 +308,9 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                         xs, ys = zip(*points)
                         ax.plot(xs, ys, marker="o", label=provider)
                 ax.set_xscale("log", base=2)
+                ticks = [s[sweep.x] for s in sweep.sizes]
+                ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+                ax.minorticks_off()
                 ax.set_title(f"{name} {pass_} ({sweep.name})", fontsize=10)
                 ax.set_xlabel(sweep.x)
                 ax.set_ylabel(bench.unit)
