@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -38,6 +39,9 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     parser.add_argument("--readme-from", type=Path, metavar="RESULTS_JSON", nargs="?", const="latest",
                         help="measure nothing: regenerate the README's table from this results.json "
                         "(default: the latest under bench/results) and exit")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: rewrite results.md and the plots beside this results.json "
+                        "(say, of a run stopped by a time limit) and exit")
     return parser
 
 
@@ -55,6 +59,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         print(f"README.md: results table regenerated from {source}")
         return 0
 
+    if args.render is not None:
+        for path in report.write(json.loads(args.render.read_text()), args.render.parent,
+                                 plots=not args.no_plots):
+            print(f"wrote {path}")
+        return 0
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = report.Settings(groups=tuple(args.group or report.GROUPS),
                                sizes=args.sizes or ("full" if device.type == "cuda" else "small"),
@@ -65,8 +75,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
                             "the interpreter, not the kernels" if TRITON_INTERPRET else
                             "the Triton rows are unavailable (TRITON_INTERPRET=1 runs them under the "
                             "interpreter)") + "; CPU numbers only show that the code works")
-    results = report.run(settings, device, command=" ".join([prog, *map(shlex.quote, argv)]))
-    out_dir = args.out or report.results_dir(results, args.results_root)
+    out_dir = args.out or report.results_dir(device, args.results_root)
+    results = report.run(settings, device, command=" ".join([prog, *map(shlex.quote, argv)]),
+                         checkpoint=out_dir / "results.json")
     for path in report.write(results, out_dir, plots=not args.no_plots):
         print(f"wrote {path}")
     if args.update_readme:

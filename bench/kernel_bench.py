@@ -8,6 +8,7 @@ forward, ``retain_graph``), and the forward then the backward.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -46,7 +47,6 @@ class KernelBench:
     providers: dict[str, ProviderFactory]
     make_inputs: Callable[[dict, torch.device, torch.dtype], tuple[torch.Tensor, ...]]
     work: Callable[[dict, str, int], float]  # (size, pass, element bytes) -> bytes or FLOPs
-    notes: str = ""
     baseline: str = "torch"  # the provider the others are compared with
 
     def sweeps(self, mode: str) -> list[Sweep]:
@@ -154,12 +154,12 @@ def compiled(eager: Callable[..., torch.Tensor]) -> ProviderFactory:
     return factory
 
 
-def triton_backend(op: Callable[..., torch.Tensor], **kwargs) -> ProviderFactory:
+def triton_backend(op: Callable[..., torch.Tensor]) -> ProviderFactory:
     """A provider factory: ``op`` of ``kernels`` under the "triton" backend (BackendError if it cannot)."""
     def factory(device: torch.device) -> Callable[..., torch.Tensor]:
         def forward(*args: torch.Tensor) -> torch.Tensor:
             with kernels.use_backend("triton"):
-                return op(*args, **kwargs)
+                return op(*args)
         return forward
     return factory
 
@@ -175,7 +175,7 @@ def liger(import_path: str, attribute: str, extra_args: tuple = ()) -> ProviderF
         if device.type != "cuda":
             raise Unavailable("Liger-Kernel runs on CUDA only")
         try:
-            module = __import__(import_path, fromlist=[attribute])
+            module = importlib.import_module(import_path)
         except ImportError as error:
             raise Unavailable(f"Liger-Kernel is not installed ({error})") from error
         function = getattr(module, attribute)

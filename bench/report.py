@@ -112,18 +112,34 @@ def unique_sizes(bench: KernelBench, mode: str) -> list[dict]:
     return sizes
 
 
-def run(settings: Settings, device: torch.device, command: str, progress: bool = True) -> dict:
-    """Measure everything ``settings`` asks for; the results as a JSON-ready dictionary."""
+def run(settings: Settings, device: torch.device, command: str, progress: bool = True,
+        checkpoint: Path | None = None) -> dict:
+    """Measure everything ``settings`` asks for; the results as a JSON-ready dictionary.
+
+    With ``checkpoint``, the results so far are written there as JSON after every case, so a run
+    stopped from outside (a time limit) still leaves its numbers behind.
+    """
     unknown = set(settings.groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown groups {sorted(unknown)}: choose from {', '.join(GROUPS)}")
     start = time.perf_counter()
-    started = dt.datetime.now(dt.timezone.utc)
     ceilings = measure_ceilings(device, small=settings.sizes == "small")
     say = tqdm.write if progress else (lambda *a, **k: None)
     say(f"ceilings on {device_info(device)['name']}: copy {ceilings.copy_gbps:,.0f} GB/s, "
-        f"{ceilings.matmul_dtype} matmul {ceilings.matmul_tflops:,.1f} TFLOP/s")
-    records: list[Record] = []
+        f"{ceilings.matmul_dtype} matmul {_fmt(ceilings.matmul_tflops)} TFLOP/s")
+    results = {
+        "schema": SCHEMA,
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": False,
+        "duration_s": 0.0,
+        "command": command,
+        "device": device_info(device),
+        "versions": versions(),
+        "settings": dataclasses.asdict(settings),
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "ceilings": dataclasses.asdict(ceilings),
+        "records": [],
+    }
     reasons_said: set[str] = set()
     tasks = _tasks(settings, device, ceilings)
     for task in (bar := tqdm(tasks, desc="bench", unit="case", mininterval=2.0, disable=not progress)):
@@ -133,42 +149,40 @@ def run(settings: Settings, device: torch.device, command: str, progress: bool =
                             note=f"skipped: the time budget of {settings.budget_s:.0f} s was spent")
         else:
             record = task.measure()
-        records.append(record)
+        results["records"].append(record.to_dict())
+        results["duration_s"] = time.perf_counter() - start
+        if checkpoint is not None:
+            _write_json(results, checkpoint)
         key = f"{record.group} {record.provider}: {record.note}"
         if record.status != OK and key not in reasons_said:
             reasons_said.add(key)
             say(f"{record.status}: {key}")
-    return {
-        "schema": SCHEMA,
-        "started": started.isoformat(timespec="seconds"),
-        "duration_s": time.perf_counter() - start,
-        "command": command,
-        "device": device_info(device),
-        "versions": versions(),
-        "settings": dataclasses.asdict(settings),
-        "dtype": "bfloat16" if device.type == "cuda" else "float32",
-        "ceilings": dataclasses.asdict(ceilings),
-        "records": [r.to_dict() for r in records],
-    }
+    results["finished"] = True
+    return results
 
 
 # ---------------------------------------------------------------- writing the results
 
 
-def results_dir(results: dict, root: Path = RESULTS_ROOT) -> Path:
-    """``<root>/<date>-<device>``, with a numeric suffix if that already exists."""
-    base = root / f"{results['started'][:10]}-{results['device']['slug']}"
+def results_dir(device: torch.device, root: Path = RESULTS_ROOT) -> Path:
+    """``<root>/<today>-<device>``, with a numeric suffix if that already exists."""
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    base = root / f"{today}-{device_info(device)['slug']}"
     path, n = base, 2
     while path.exists():
         path, n = base.with_name(f"{base.name}-{n}"), n + 1
     return path
 
 
+def _write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def write(results: dict, out_dir: Path, plots: bool = True) -> list[Path]:
     """Write results.json, results.md and (if asked) one PNG per kernel into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "results.json", out_dir / "results.md"]
-    written[0].write_text(json.dumps(results, indent=1) + "\n")
+    _write_json(results, written[0])
     written[1].write_text(markdown(results))
     if plots:
         written += plot(results, out_dir)
@@ -204,7 +218,8 @@ def _header(results: dict) -> list[str]:
     return [
         f"Device: {dev['name']} ({dev['type']}); torch {ver['torch']}, triton {ver['triton']}, "
         f"Liger-Kernel {ver['liger-kernel'] or 'not installed'}; dtype {results['dtype']}; "
-        f"{results['started']}, {results['duration_s']:.0f} s.",
+        f"{results['started']}, {results['duration_s']:.0f} s"
+        f"{'' if results.get('finished', True) else ' (stopped before the end: partial results)'}.",
         "",
         f"Command: `{results['command']}`",
         "",

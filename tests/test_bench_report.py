@@ -129,15 +129,25 @@ def test_budget_skips_the_rest():
 
 
 def test_results_dir_and_latest(results, tmp_path):
-    first = report.results_dir(results, tmp_path)
-    assert first.name == f"{results['started'][:10]}-cpu"
+    first = report.results_dir(CPU, tmp_path)
+    assert first.name.endswith("-cpu") and first.name[:4].isdigit()
     report.write(results, first, plots=False)
-    second = report.results_dir(results, tmp_path)
+    second = report.results_dir(CPU, tmp_path)
     assert second.name == first.name + "-2"
     later = dict(results, started="2999-01-01T00:00:00+00:00")
     report.write(later, second, plots=False)
     assert report.latest_results(tmp_path) == second / "results.json"
     assert report.latest_results(tmp_path / "empty") is None
+
+
+def test_checkpoint_after_every_case(tmp_path):
+    checkpoint = tmp_path / "run" / "results.json"
+    settings = report.Settings(groups=("bias_gelu",), sizes="small", providers=("torch",), **FAST)
+    results = report.run(settings, CPU, command="", progress=False, checkpoint=checkpoint)
+    saved = json.loads(checkpoint.read_text())
+    assert results["finished"] and not saved["finished"]  # written before the run was done
+    assert saved["records"] == results["records"]
+    assert "partial results" in report.markdown(saved)
 
 
 def test_update_readme_between_markers(results, tmp_path):
@@ -164,5 +174,8 @@ def test_cli(tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["command"].startswith("python -m bench --group bias_gelu")
     assert "## bias_gelu (GB/s, % of ceiling)" in capsys.readouterr().out
+    (tmp_path / "run" / "results.md").unlink()
+    assert bench_cli.main(["--render", str(tmp_path / "run" / "results.json")]) == 0
+    assert (tmp_path / "run" / "results.md").exists() and (tmp_path / "run" / "bias_gelu.png").exists()
     with pytest.raises(SystemExit):
         bench_cli.main(["--group", "nonsense"])
