@@ -135,7 +135,7 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
     with open(tmp, "wb") as f:
         for doc, block in _iter_blocks(files, "tokenizing"):
             ids = tok.encode(block)
-            if doc != last_doc and tok.eot_token_id is not None:
+            if doc != last_doc and num_tokens and tok.eot_token_id is not None:
                 ids.insert(0, tok.eot_token_id)  # separate documents
             last_doc = doc
             np.asarray(ids, dtype=dtype).tofile(f)

@@ -1,4 +1,9 @@
-"""Training end to end on tiny models: learning, exact resume, DDP equality, interrupts, the CLI."""
+"""Training end to end on tiny models: learning, exact resume, DDP equality, interrupts, the CLI.
+
+The runs are on the CPU even where a GPU exists: CPU kernels are deterministic, so resumed and
+distributed runs can be compared exactly (and two processes cannot share one GPU under NCCL). A
+separate test trains on CUDA with bfloat16 autocast when a GPU is present.
+"""
 
 import json
 import math
@@ -45,7 +50,7 @@ def tiny(data_dir, out_dir, **overrides) -> TrainConfig:
     """A ~0.8M-parameter model on 32-token windows: a step takes milliseconds on a CPU."""
     base = dict(data=[str(data_dir)], out_dir=str(out_dir), preset="tiny", context_length=32,
                 batch_size=8, max_steps=20, warmup_steps=5, lr=3e-3, eval_interval=10, eval_batches=2,
-                log_interval=1, sample_tokens=0, progress=False, backend="torch")
+                log_interval=1, sample_tokens=0, progress=False, backend="torch", device="cpu")
     return TrainConfig(**{**base, **overrides})
 
 
@@ -89,7 +94,7 @@ def free_port() -> int:
 def test_ddp_two_processes_equal_one_with_double_accumulation(data_dir, tmp_path):
     args = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--max-steps", "6",
             "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "3", "--eval-batches", "2",
-            "--log-interval", "1", "--sample-tokens", "0", "--no-progress", "--backend", "torch"]
+            "--log-interval", "1", "--sample-tokens", "0", "--no-progress", "--backend", "torch", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -115,7 +120,8 @@ def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "gptfast", "train", str(data_dir), "--out-dir", str(out), "--preset",
                "tiny", "--context-length", "32", "--batch-size", "8", "--max-steps", "100000",
-               "--log-interval", "1", "--eval-interval", "100000", "--no-progress", "--backend", "torch"]
+               "--log-interval", "1", "--eval-interval", "100000", "--no-progress", "--backend", "torch",
+               "--device", "cpu"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -137,6 +143,22 @@ def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
     assert torch.isfinite(logits).all()
     resumed = train(tiny(data_dir, out, max_steps=100000, eval_interval=100000, run_steps=2, resume=True))
     assert resumed["step"] == state["step"] + 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cuda_bfloat16_training(data_dir, tmp_path, backend):
+    summary = train(tiny(data_dir, tmp_path, device="cuda", backend=backend, max_steps=40, eval_interval=20,
+                         grad_accum=2, dropout=0.1, sample_tokens=10))
+    records = log_records(tmp_path)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert summary["loss"] < losses[0] - 0.5 and math.isfinite(summary["val_loss"])
+    assert all(r["tokens_per_sec"] > 0 for r in records if "loss" in r)
+    model, _ = load_for_inference(tmp_path, device="cuda")
+    assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights in float32
+    resumed = train(tiny(data_dir, tmp_path, device="cuda", backend=backend, max_steps=45, eval_interval=20,
+                         grad_accum=2, dropout=0.1, resume=True))
+    assert resumed["step"] == 45 and abs(resumed["loss"] - summary["loss"]) < 0.5
 
 
 def test_refuses_to_overwrite_or_resume_nothing(data_dir, tmp_path):
@@ -241,7 +263,7 @@ def test_cli_prepare_and_train(tmp_path, capsys):
     assert "tokens" in capsys.readouterr().out
     assert main(["train", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--context-length", "16",
                  "--batch-size", "4", "--max-steps", "3", "--eval-interval", "3", "--eval-batches", "1",
-                 "--sample-tokens", "5", "--no-progress", "--backend", "torch"]) == 0
+                 "--sample-tokens", "5", "--no-progress", "--backend", "torch", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "step 3: train loss" in out and "sample (5 tokens" in out
 
