@@ -21,6 +21,7 @@ import kernels
 from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
 from gptfast.model import GPT, GPTConfig
 
+from .kernel_bench import bench_dtype
 from .records import Record, failure_status
 from .timing import peak_memory_mb, reset_peak_memory, synchronize, time_calls
 
@@ -120,8 +121,7 @@ def generate_call(provider: str, use_cache: bool, size: GenerateSize, device: to
 
     torch.manual_seed(0)
     config = size.model.config()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = GPT(config).to(device=device, dtype=dtype).eval()
+    model = GPT(config).to(device=device, dtype=bench_dtype(device)).eval()
     prompts = torch.randint(0, config.vocab_size, (size.prompts, size.prompt_len)).tolist()
 
     def run() -> list[list[int]]:

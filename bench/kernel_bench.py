@@ -24,6 +24,12 @@ from .timing import Unavailable, input_sets, peak_memory_mb, reset_peak_memory, 
 PASSES = ("forward", "backward", "forward+backward")
 SIZE_MODES = ("small", "full", "headline")
 
+
+def bench_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, as training runs; float32 on a CPU (the interpreter's bf16 dot is unreliable)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 # A provider's factory returns the forward function for a device, or raises Unavailable.
 ProviderFactory = Callable[[torch.device], Callable[..., torch.Tensor]]
 

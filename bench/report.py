@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import platform
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from . import bias_gelu, end_to_end, flash_attention, layer_norm
 from .ceilings import Ceilings, measure_ceilings
-from .kernel_bench import PASSES, KernelBench, run_case
+from .kernel_bench import PASSES, KernelBench, bench_dtype, run_case
 from .records import OK, UNAVAILABLE, Record
 
 KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH)}
@@ -54,14 +55,27 @@ def device_info(device: torch.device) -> dict:
 
 
 def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "cuda": torch.version.cuda}
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+             "commit": _git_commit()}
     for package in ("triton", "liger-kernel", "gptfast-triton"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return found
+
+
+def _git_commit() -> str | None:
+    """The repository's commit, with "+dirty" for uncommitted changes; None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +94,7 @@ class Task:
 
 def _tasks(settings: Settings, device: torch.device, ceilings: Ceilings) -> list[Task]:
     """Every measurement the settings ask for, in order."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = bench_dtype(device)
     wanted = lambda provider: not settings.providers or provider in settings.providers  # noqa: E731
     e2e_mode = "small" if settings.sizes == "small" else "full"
     tasks: list[Task] = []
@@ -136,7 +150,7 @@ def run(settings: Settings, device: torch.device, command: str, progress: bool =
         "device": device_info(device),
         "versions": versions(),
         "settings": dataclasses.asdict(settings),
-        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "dtype": str(bench_dtype(device)).removeprefix("torch."),
         "ceilings": dataclasses.asdict(ceilings),
         "records": [],
     }

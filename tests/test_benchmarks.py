@@ -16,7 +16,7 @@ import torch
 
 from bench import end_to_end
 from bench.ceilings import measure_ceilings
-from bench.kernel_bench import PASSES, prepare_case
+from bench.kernel_bench import PASSES, bench_dtype, prepare_case
 from bench.records import FAILED, failure_status
 from bench.report import KERNELS, unique_sizes
 from bench.timing import synchronize
@@ -24,7 +24,7 @@ from gptfast.train import model_flops_per_token
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = "full" if DEVICE.type == "cuda" else "small"
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+DTYPE = bench_dtype(DEVICE)
 ROUNDS, WARMUP_ROUNDS = (20, 3) if DEVICE.type == "cuda" else (3, 1)
 E2E_ROUNDS = 10 if DEVICE.type == "cuda" else 2  # a whole step or generation per round
 
