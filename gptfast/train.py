@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ PLOT_FILE = "loss.png"
 
 # Dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation; the first name found in the
 # device name wins, so the more specific names come first.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
                    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
 
 

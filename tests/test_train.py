@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 from gptfast import GPTConfig
 from gptfast.checkpoint import FORMAT, load_checkpoint, load_for_inference, save_checkpoint
 from gptfast.cli import main
-from gptfast.data import prepare
+from gptfast.data import TokenData, prepare
 from gptfast.train import (LOG_FILE, TrainConfig, lr_at, make_optimizer, model_flops_per_token, train,
                            train_step)
 
@@ -168,6 +167,15 @@ def test_refuses_to_overwrite_or_resume_nothing(data_dir, tmp_path):
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         train(tiny(data_dir, tmp_path, max_steps=2))
     assert train(tiny(data_dir, tmp_path, max_steps=2, overwrite=True))["step"] == 2
+
+
+def test_text_is_prepared_once_per_run(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("abc def\n" * 300)
+    assert train(tiny(None, tmp_path / "out", data=[str(text)], max_steps=4, run_steps=2))["stopped"]
+    text.write_text("xyz\n" * 300)  # resuming reads the data the run started with
+    assert train(tiny(None, tmp_path / "out", data=[str(text)], max_steps=4, resume=True))["step"] == 4
+    assert TokenData(tmp_path / "out" / "data").tokenizer().chars == "\n abcdef"
 
 
 def test_context_longer_than_the_text(tmp_path):
