@@ -365,6 +365,9 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["data"])
         step = state["step"]
+        if step >= cfg.max_steps:
+            raise ValueError(f"the checkpoint is at step {step}, already at max_steps {cfg.max_steps}: "
+                             "raise --max-steps to train further")
     runner: torch.nn.Module = torch.compile(model) if cfg.compile else model
     if ctx.world_size > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)

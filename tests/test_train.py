@@ -167,6 +167,8 @@ def test_refuses_to_overwrite_or_resume_nothing(data_dir, tmp_path):
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         train(tiny(data_dir, tmp_path, max_steps=2))
     assert train(tiny(data_dir, tmp_path, max_steps=2, overwrite=True))["step"] == 2
+    with pytest.raises(ValueError, match="already at max_steps 2: raise --max-steps"):
+        train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
 
 
 def test_text_is_prepared_once_per_run(tmp_path):
