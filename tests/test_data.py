@@ -68,6 +68,15 @@ def test_default_corpus(tmp_path):
     assert meta["num_tokens"] == len(text) and meta["sources"] == ["<embedded corpus: pydoc>"]
 
 
+def test_progress_bar_on_large_inputs(corpus, tmp_path, monkeypatch, capsys):
+    prepare([corpus], tmp_path / "small")
+    assert "tokenizing" not in capsys.readouterr().err
+    monkeypatch.setattr(data, "PROGRESS_MIN_BYTES", 100)  # as if the corpus were large
+    prepare([corpus], tmp_path / "large")
+    err = capsys.readouterr().err
+    assert "reading" in err and "tokenizing" in err and "100%" in err
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder.*missing.txt"):
         prepare([tmp_path / "missing.txt"], tmp_path / "out")
