@@ -452,15 +452,15 @@ def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionC
     hopper = arch >= 90
     if element_size == 4:
         return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=4, num_stages=2),
-                                backward_kv=BlockConfig(16, 64, num_warps=4, num_stages=2),
+                                backward_kv=BlockConfig(16, 64, num_warps=4, num_stages=2) if hopper
+                                else BlockConfig(32, 64, num_warps=8, num_stages=2),
                                 backward_q=BlockConfig(64, 32, num_warps=8, num_stages=2))
     if head_dim_pad <= 64:
         return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=3),
                                 backward_kv=BlockConfig(32, 128 if hopper else 64, num_warps=8,
                                                         num_stages=3 if hopper else 2),
                                 backward_q=BlockConfig(128, 32, num_warps=8, num_stages=3))
-    return AttentionConfigs(forward=BlockConfig(128, 64 if hopper else 32, num_warps=8,
-                                                num_stages=3 if hopper else 2),
+    return AttentionConfigs(forward=BlockConfig(128, 128 if hopper else 32, num_warps=8, num_stages=2),
                             backward_kv=BlockConfig(32, 64, num_warps=8, num_stages=2),
                             backward_q=BlockConfig(128, 32, num_warps=8, num_stages=2))
 

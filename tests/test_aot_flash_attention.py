@@ -1,0 +1,97 @@
+"""The flash-attention kernels compiled ahead of time for sm_80 (A100) and sm_90 (H100).
+
+Every configuration ``tuned_configs`` may return is compiled at the largest head dim that uses it,
+in its fullest variant (causal with dropout: the most live registers), and must not spill registers
+and must fit in shared memory (163 KiB on sm_80, 227 KiB on sm_90). On sm_90 the matrix products
+must compile to Hopper's wgmma instructions (TF32 ones for float32 inputs). Compilation runs in
+subprocesses without ``TRITON_INTERPRET`` (see ``aot.py``), split over the CPU cores.
+"""
+
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import aot
+import pytest
+
+fa = importlib.import_module("kernels.flash_attention")  # the module, not the public function
+pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
+
+KERNELS = {  # configuration field: kernel
+    "forward": "_attention_fwd_kernel",
+    "backward_kv": "_attention_bwd_kv_kernel",
+    "backward_q": "_attention_bwd_q_kernel",
+}
+DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
+
+
+def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bool = True) -> aot.Build:
+    """The aot.Build of ``kernel`` as the launcher specialises it for the model's strided q/k/v:
+    unit head-dim strides, 16-divisible pointers and row strides, causal."""
+    signature, constexprs, aligned = {}, {}, []
+    for arg in getattr(fa, kernel).arg_names:
+        if arg in ("LSE", "DELTA"):
+            signature[arg], aligned = "*fp32", aligned + [arg]
+        elif arg.isupper() and len(arg) <= 2:  # Q, K, V, O, DO, DQ, DK, DV
+            signature[arg], aligned = f"*{dtype}", aligned + [arg]
+        elif arg.startswith("stride_") and arg.endswith("d"):  # 1: Triton specialises it
+            signature[arg], constexprs[arg] = "constexpr", 1
+        elif arg.startswith("stride_"):
+            signature[arg], aligned = "i32", aligned + [arg]
+        elif arg in ("scale", "dropout_p"):
+            signature[arg] = "fp32"
+        elif arg.isupper():
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = "i32"
+    constexprs.update(HEAD_DIM=head_dim, HEAD_DIM_PAD=fa._head_dim_pad(head_dim), BLOCK_M=config.block_m,
+                      BLOCK_N=config.block_n, CAUSAL=True, DROPOUT=dropout)
+    return aot.Build(fa.__name__, kernel, signature, constexprs, tuple(aligned), config.num_warps,
+                     config.num_stages, arch)
+
+
+def every_config_builds() -> list[aot.Build]:
+    largest = {}  # (arch, element size, field, config) -> the largest head dim using it
+    for arch in fa.ARCHES:
+        for element_size in DTYPES:
+            for head_dim in fa.HEAD_DIM_PADS:
+                configs = fa.tuned_configs(arch, head_dim, element_size)
+                for field in KERNELS:
+                    key = (arch, element_size, field, getattr(configs, field))
+                    largest[key] = max(largest.get(key, 0), head_dim)
+    return [build(KERNELS[field], DTYPES[size], head_dim, config, arch)
+            for (arch, size, field, config), head_dim in largest.items()]
+
+
+def extra_builds() -> list[aot.Build]:
+    """bfloat16 without dropout (the training fast path) and a padded head dim (80 -> 128)."""
+    configs = fa.tuned_configs(90, 128, 2)
+    return [build(KERNELS[field], "bf16", 128, getattr(configs, field), 90, dropout=False) for field in KERNELS] + [
+        build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90)]
+
+
+def compile_all(builds: list[aot.Build]) -> list[aot.KernelStats]:
+    """Compile in one subprocess per CPU core (each compiles a share of the builds)."""
+    workers = max(1, min(len(builds), os.cpu_count() or 1))
+    shares = [builds[i::workers] for i in range(workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        return [stats for share in pool.map(aot.compile_kernels, shares) for stats in share]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[aot.KernelStats]:
+    return compile_all(every_config_builds() + extra_builds())
+
+
+def test_every_config_is_compiled(compiled):
+    kernels_per_arch = {(s.build.arch, s.build.kernel) for s in compiled}
+    assert kernels_per_arch == {(arch, kernel) for arch in fa.ARCHES for kernel in KERNELS.values()}
+
+
+def test_no_spills_and_shared_memory_fits(compiled):
+    assert [str(s) for s in compiled if s.spill_bytes] == []
+    assert [str(s) for s in compiled if s.shared > s.shared_limit] == []
+
+
+def test_hopper_uses_wgmma(compiled):
+    assert [str(s) for s in compiled if s.build.arch == 90 and "wgmma.mma_async" not in s.ptx] == []
