@@ -322,7 +322,8 @@ def train(cfg: TrainConfig) -> dict:
 
     The summary holds ``step``, ``loss`` (the last step's training loss), ``val_loss`` (the last
     validation), ``checkpoint`` (its path), ``stopped`` (True when a signal or ``run_steps`` ended
-    the run early) and ``sample`` (generated text, or None).
+    the run early) and ``sample`` (generated text, or None). It seeds torch's global generator and
+    selects ``cfg.backend`` while it runs.
     """
     with kernels.use_backend(cfg.backend):
         ctx, device = _init_distributed(cfg)

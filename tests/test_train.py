@@ -22,6 +22,7 @@ from gptfast import GPTConfig
 from gptfast.checkpoint import FORMAT, load_checkpoint, load_for_inference, save_checkpoint
 from gptfast.cli import main
 from gptfast.data import TokenData, prepare
+from gptfast.tokenizer import TIKTOKEN_FILE_ENV
 from gptfast.train import (LOG_FILE, TrainConfig, lr_at, make_optimizer, model_flops_per_token, train,
                            train_step)
 
@@ -178,6 +179,15 @@ def test_text_is_prepared_once_per_run(tmp_path):
     text.write_text("xyz\n" * 300)  # resuming reads the data the run started with
     assert train(tiny(None, tmp_path / "out", data=[str(text)], max_steps=4, resume=True))["step"] == 4
     assert TokenData(tmp_path / "out" / "data").tokenizer().chars == "\n abcdef"
+
+
+@pytest.mark.skipif(not os.environ.get(TIKTOKEN_FILE_ENV), reason=f"no local GPT-2 ranks file (${TIKTOKEN_FILE_ENV})")
+def test_gpt2_tokenizer_run(tmp_path):
+    summary = train(tiny(None, tmp_path, data=None, tokenizer="gpt2", max_steps=3, eval_interval=3,
+                         sample_prompt="The", sample_tokens=4))
+    model, tokenizer = load_for_inference(tmp_path)
+    assert model.config.vocab_size == tokenizer.vocab_size == 50257
+    assert isinstance(summary["sample"], str) and math.isfinite(summary["val_loss"])
 
 
 def test_context_longer_than_the_text(tmp_path):
