@@ -170,6 +170,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 @dataclass
 class _Dist:
+    """This process's place among the training processes, and the collectives the loop needs."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
