@@ -25,7 +25,7 @@ if compgen -G "bench/wheels/liger_kernel-*.whl" >/dev/null; then
 fi
 
 if [[ $what == all || $what == tests ]]; then
-    tests_s=$([[ $what == all ]] && echo 150 || echo $((limit_s - 10)))
+    tests_s=$([[ $what == all ]] && echo 120 || echo $((limit_s - 10)))
     timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider --durations=10 tests 2>&1 | tee "$OUT/tests.log"
     echo "tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped at the ${tests_s} s limit)" | tee -a "$OUT/tests.log"
 fi
