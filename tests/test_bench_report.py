@@ -10,7 +10,7 @@ import kernels
 from bench import __main__ as bench_cli
 from bench import bias_gelu, flash_attention, layer_norm, report
 from bench.kernel_bench import KernelBench, Sweep, eager, run_case
-from bench.records import FAILED, OK, UNAVAILABLE
+from bench.records import FAILED, OK, UNAVAILABLE, failure_status
 from bench.timing import Unavailable, input_sets, time_calls
 
 CPU = torch.device("cpu")
@@ -68,9 +68,10 @@ def _broken(*args):
     raise ZeroDivisionError("a bug")
 
 
-def _needs_triton(x):
+def _refused_by_the_switch(x):
     with kernels.use_backend("triton"):
-        return kernels.layer_norm(x.view(10, 100), None, None)
+        kernels.backend.route("bench_test_op", x)
+    return x
 
 
 @pytest.mark.parametrize("pass_", ["forward", "backward", "forward+backward"])
@@ -83,16 +84,16 @@ def test_run_case_measures_every_pass(pass_):
     assert record.extra["repeats"] >= 3
 
 
-def test_run_case_records_what_cannot_run():
+def test_run_case_records_what_cannot_run(monkeypatch):
+    monkeypatch.setitem(kernels.backend._CHECKS, "bench_test_op", lambda x: "no kernel takes this")
     bench = _bench({"missing": _refuse("no such library"), "buggy": eager(_broken),
-                    "gpu-only": eager(_needs_triton)})
+                    "refused": eager(_refused_by_the_switch)})
     missing = run_case(bench, "missing", "forward", dict(n=1000), CPU, torch.float32, None, **FAST)
     assert (missing.status, missing.note, missing.value) == (UNAVAILABLE, "no such library", None)
     buggy = run_case(bench, "buggy", "backward", dict(n=1000), CPU, torch.float32, None, **FAST)
     assert buggy.status == FAILED and buggy.note == "ZeroDivisionError: a bug"
-    if not kernels.backend.TRITON_INTERPRET:  # under the interpreter the kernel runs on the CPU
-        refused = run_case(bench, "gpu-only", "forward", dict(n=1000), CPU, torch.float32, None, **FAST)
-        assert refused.status == UNAVAILABLE and "triton" in refused.note
+    refused = run_case(bench, "refused", "forward+backward", dict(n=1000), CPU, torch.float32, None, **FAST)
+    assert refused.status == UNAVAILABLE and "bench_test_op: the 'triton' backend cannot run" in refused.note
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,16 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "run" / "results.md").exists() and (tmp_path / "run" / "bias_gelu.png").exists()
     with pytest.raises(SystemExit):
         bench_cli.main(["--group", "nonsense"])
+
+
+@pytest.mark.parametrize("error, status, note", [
+    (Unavailable("no flash backend"), UNAVAILABLE, "no flash backend"),
+    (kernels.BackendError("cannot run"), UNAVAILABLE, "cannot run"),
+    (ImportError("no module named liger_kernel"), UNAVAILABLE, "no module named liger_kernel"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 17 GiB"), UNAVAILABLE, "out of memory"),
+    (torch._dynamo.exc.TorchDynamoException("inductor broke\ndetails"), UNAVAILABLE,
+     "torch.compile failed: TorchDynamoException: inductor broke"),
+    (ValueError("bad shape"), FAILED, "ValueError: bad shape"),
+])
+def test_failure_status(error, status, note):
+    assert failure_status(error) == (status, note)
