@@ -65,6 +65,10 @@ TRAIN_SIZES = {"full": TrainSize("gpt2", batch=16, context=1024), "small": _CPU_
 GENERATE_SIZES = {"full": GenerateSize(TrainSize("gpt2", batch=8, context=1024), 8, 64, 256),
                   "small": GenerateSize(_CPU_MODEL, 2, 8, 4)}
 
+# The issue's targets for GPT-2 124M training on one H100 (full sizes only).
+SPEEDUP_TARGETS = (("triton", "torch", 1.5), ("triton", "torch+compile", 1.1))
+TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
+
 
 def make_train_step(provider: str, size: TrainSize, device: torch.device) -> tuple[Callable[[], None], GPTConfig]:
     """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile"."""

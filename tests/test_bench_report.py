@@ -8,9 +8,9 @@ import torch
 
 import kernels
 from bench import __main__ as bench_cli
-from bench import bias_gelu, flash_attention, layer_norm, report
+from bench import bias_gelu, end_to_end, flash_attention, layer_norm, report
 from bench.kernel_bench import KernelBench, Sweep, eager, run_case
-from bench.records import FAILED, OK, UNAVAILABLE, failure_status
+from bench.records import FAILED, OK, UNAVAILABLE, Record, failure_status
 from bench.timing import Unavailable, input_sets, time_calls
 
 CPU = torch.device("cpu")
@@ -193,3 +193,22 @@ def test_cli(tmp_path, capsys):
 ])
 def test_failure_status(error, status, note):
     assert failure_status(error) == (status, note)
+
+
+def test_readme_summary_and_targets(results):
+    """Synthetic full-size records: the headline kernel row, the training table and the targets."""
+    full = end_to_end.TRAIN_SIZES["full"].as_dict()
+    tokens = {"triton": 300_000, "torch": 180_000, "triton+compile": 480_000, "torch+compile": 290_000}
+    records = [Record("train", p, "step", full, value=v, unit="tokens/s", pct_of_ceiling=40.0,
+                      extra={"first_step_s": 2.0}) for p, v in tokens.items()]
+    headline = layer_norm.BENCH.headline
+    records += [Record("layer_norm", "triton", "forward+backward", headline, value=2400.0, pct_of_ceiling=80.0),
+                Record("layer_norm", "torch", "forward+backward", headline, value=1200.0, pct_of_ceiling=40.0),
+                Record("layer_norm", "liger", "forward+backward", headline, status=UNAVAILABLE, note="missing")]
+    synthetic = dict(results, records=[r.to_dict() for r in records])
+    text = report.readme_table(synthetic, "bench/results/x/results.md")
+    assert "| layer_norm (GB/s) | rows=16384 hidden=768 | 2,400 (80%) | torch 1,200 (40%), liger n/a |" in text
+    assert "| triton+compile | step | 480,000 | 2.67x | 40% | | 2.0 s |" in text.replace("  ", " ")
+    assert "- triton / torch: 1.67x (target 1.5x: met)" in text
+    assert "- triton / torch+compile: 1.03x (target 1.1x: missed)" in text
+    assert "- triton+compile: 480,000 tokens/s (target 500,000: missed)" in text
