@@ -55,6 +55,7 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program normalises BLOCK_M rows of BLOCK_N >= n_cols columns: one read of x, one write of y.
+    inv_n = 1.0 / n_cols
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -66,9 +67,9 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     # the sums, unlike E[x^2] - E[x]^2 or even sum(x). The first column is taken from registers.
     pivot = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
     shifted = tl.where(mask, x - pivot[:, None], 0.0)
-    shifted_mean = tl.sum(shifted, axis=1) / n_cols
+    shifted_mean = tl.sum(shifted, axis=1) * inv_n
     centered = tl.where(mask, shifted - shifted_mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) * inv_n + eps)
     tl.store(mean_ptr + rows, pivot + shifted_mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     y = centered * rstd[:, None]
@@ -86,9 +87,9 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Each program takes every num_programs-th tile of BLOCK_M rows: it reads x and dy once, writes dx
     # once, and accumulates dweight / dbias partial sums in registers, written once at the end.
+    inv_n = 1.0 / n_cols
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
     dw_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
@@ -101,10 +102,12 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = dy * w
+        wdy = dy
+        if HAS_WEIGHT:  # the weight row is re-read (an L1 hit) per tile, not held: registers are scarce
+            wdy = dy * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat)), the means taken over each row.
-        c1 = tl.sum(wdy * xhat, axis=1) / n_cols
-        c2 = tl.sum(wdy, axis=1) / n_cols
+        c1 = tl.sum(wdy * xhat, axis=1) * inv_n
+        c2 = tl.sum(wdy, axis=1) * inv_n
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
@@ -118,20 +121,28 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial
         tl.store(db_partial_ptr + partial, tl.sum(db_sum, axis=0), mask=col_ok)
 
 
-def _block_config(n_cols: int) -> tuple[int, int, int]:
+def _block_config(n_cols: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``: whole rows, >= _TILE_ELEMENTS per tile.
 
-    Every tile gives each thread 16 values (two 128-bit loads of fp16, four of fp32) at most.
+    Forward threads hold 16 values of each tensor (two 128-bit loads of fp16), backward threads 8:
+    the backward keeps more tensors live, and twice the warps keep it within its register budget.
     """
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, _TILE_ELEMENTS // block_n)
-    num_warps = min(16, max(4, block_m * block_n // (16 * 32)))
+    values_per_thread = 8 if backward else 16
+    num_warps = min(32, max(4, block_m * block_n // (values_per_thread * 32)))
     return block_m, block_n, num_warps
 
 
-def _kernel_configs() -> list[tuple[int, int, int]]:
-    """Every (BLOCK_M, BLOCK_N, num_warps) the kernels may launch with, for ahead-of-time checks."""
-    return sorted({_block_config(2**k) for k in range(MAX_ROW_LENGTH.bit_length())})
+def _register_budget(num_warps: int) -> int:
+    """Registers per thread that let one program use a whole SM's register file (64K, at most 255
+    per thread). Uncapped, ptxas aims at two programs per SM at 16 warps and spills to fit."""
+    return min(255, 65536 // (32 * num_warps))
+
+
+def _kernel_configs(backward: bool) -> list[tuple[int, int, int]]:
+    """Every (BLOCK_M, BLOCK_N, num_warps) a kernel may launch with, for ahead-of-time checks."""
+    return sorted({_block_config(2**k, backward) for k in range(MAX_ROW_LENGTH.bit_length())})
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,11 +170,11 @@ def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        block_m, block_n, num_warps = _block_config(n_cols)
+        block_m, block_n, num_warps = _block_config(n_cols, backward=False)
         _layer_norm_fwd[(triton.cdiv(n_rows, block_m),)](
             x2, weight, bias, y, mean, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
@@ -183,15 +194,16 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     has_weight = weight is not None
     param_dtype = weight.dtype if has_weight else x.dtype
-    programs = max(1, min(2 * sm_count(x.device), triton.cdiv(n_rows, _block_config(n_cols)[0])))
+    programs = max(1, min(2 * sm_count(x.device), triton.cdiv(n_rows, _block_config(n_cols, backward=True)[0])))
     dw_partial = torch.zeros(programs if has_weight else 0, n_cols, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs if has_bias else 0, n_cols, dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        block_m, block_n, num_warps = _block_config(n_cols)
+        block_m, block_n, num_warps = _block_config(n_cols, backward=True)
         _layer_norm_bwd[(programs,)](
             dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
             n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
-            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps, maxnreg=_register_budget(num_warps))
     # The partial sums are added in a fixed order: deterministic dweight and dbias.
     return dx.view(x.shape), dw_partial.sum(0).to(param_dtype), db_partial.sum(0).to(param_dtype)
 

@@ -12,7 +12,7 @@ variable; one process compiles a whole list of builds to pay Triton's start-up o
                                    signature={"x_ptr": "*fp16", "n_cols": "i32", "BLOCK_N": "constexpr"},
                                    constexprs={"BLOCK_N": 1024}, aligned=("x_ptr",), arch=90)])
     assert stats[0].spill_bytes == 0 and stats[0].shared <= stats[0].shared_limit
-    assert 128 in global_load_bits(stats[0].ptx)
+    assert global_load_bits(stats[0].ptx)[128] > 0  # 128-bit loads of x
 
 Registers and spills come from ``ptxas -v`` run on the PTX (the bundled ptxas Triton itself uses);
 shared memory from the compiled kernel's metadata.
@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Build:
     num_warps: int = 4
     num_stages: int = 3
     arch: int = 90
+    maxnreg: int | None = None  # the launcher's register cap per thread, if it sets one
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class KernelStats:
 
     def __str__(self) -> str:
         b = self.build
-        return (f"{b.kernel} sm_{b.arch} {b.constexprs} warps={b.num_warps} stages={b.num_stages}: "
+        return (f"{b.kernel} sm_{b.arch} {b.constexprs} warps={b.num_warps} stages={b.num_stages} "
+                f"maxnreg={b.maxnreg}: "
                 f"{self.registers} registers, {self.spill_stores}+{self.spill_loads} spill bytes, "
                 f"{self.shared} bytes shared")
 
@@ -97,9 +100,10 @@ def compile_kernels(builds: list[Build], timeout: float = 600.0) -> list[KernelS
 _GLOBAL_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfus](\d+)\b")
 
 
-def global_load_bits(ptx: str) -> set[int]:
-    """Widths in bits of the global-memory loads in ``ptx`` (e.g. {128} for ld.global.v4.b32 only)."""
-    return {int(vec or 1) * int(bits) for vec, bits in _GLOBAL_LOAD.findall(ptx)}
+def global_load_bits(ptx: str) -> Counter[int]:
+    """How many global-memory load instructions ``ptx`` has of each width in bits
+    (ld.global.v4.b32 counts as one 128-bit load)."""
+    return Counter(int(vec or 1) * int(bits) for vec, bits in _GLOBAL_LOAD.findall(ptx))
 
 
 # ---- the subprocess side: runs with the real (compiling) Triton ----
@@ -141,8 +145,10 @@ def _compile(build: dict) -> dict:
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in build["aligned"]}
     source = ASTSource(fn, signature=build["signature"], constexprs=build["constexprs"], attrs=attrs)
     target = GPUTarget("cuda", build["arch"], 32)
-    compiled = triton.compile(source, target=target,
-                              options={"num_warps": build["num_warps"], "num_stages": build["num_stages"]})
+    options = {"num_warps": build["num_warps"], "num_stages": build["num_stages"]}
+    if build["maxnreg"] is not None:
+        options["maxnreg"] = build["maxnreg"]
+    compiled = triton.compile(source, target=target, options=options)
     ptx = compiled.asm["ptx"]
     registers, spill_stores, spill_loads = _ptxas_report(ptx, build["arch"])
     return dict(registers=registers, spill_stores=spill_stores, spill_loads=spill_loads,
