@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 import kernels
-from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
+from gptfast.generate import generate
 from gptfast.model import GPT, GPTConfig
+from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
 
 from .kernel_bench import bench_dtype
 from .records import Record, failure_status
@@ -77,7 +78,7 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> tup
     config = size.config()
     model = GPT(config).to(device).train()
     optimizer = make_optimizer(model, lr=LR)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp_dtype = bench_dtype(device) if device.type == "cuda" else None  # bf16 autocast on a GPU only
     if compile_flag:
         torch._dynamo.reset()
     forward = torch.compile(model) if compile_flag else model
@@ -121,8 +122,6 @@ def run_train(provider: str, size: TrainSize, device: torch.device, matmul_tflop
 def generate_call(provider: str, use_cache: bool, size: GenerateSize, device: torch.device
                   ) -> Callable[[], list[list[int]]]:
     """A closure generating ``size.new_tokens`` for each random prompt with ``gptfast.generate``."""
-    from gptfast.generate import generate
-
     torch.manual_seed(0)
     config = size.model.config()
     model = GPT(config).to(device=device, dtype=bench_dtype(device)).eval()
