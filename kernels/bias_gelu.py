@@ -122,6 +122,7 @@ def _kernel_configs() -> list[tuple[int, int, int]]:
 def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     """Triton GELU(x + bias), in the dtype eager PyTorch would give (x's and bias's promoted)."""
     x2 = as_rows(x)
+    bias = bias.contiguous() if bias is not None else None
     n_rows, n_cols = x2.shape
     out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
@@ -145,6 +146,7 @@ def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | No
                       approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: dx in x's dtype, and dbias in bias's dtype (empty without a bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
+    bias = bias.contiguous() if bias is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = _block_config(max(n_cols, 1))

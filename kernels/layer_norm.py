@@ -165,6 +165,7 @@ def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LayerNorm forward: (y shaped like x, float32 mean and 1/std per row)."""
     x2 = as_rows(x)
+    weight, bias = (p.contiguous() if p is not None else None for p in (weight, bias))
     n_rows, n_cols = x2.shape
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -190,6 +191,7 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LayerNorm backward: dx, and dweight / dbias (empty when there is no weight / bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
+    weight = weight.contiguous() if weight is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     has_weight = weight is not None

@@ -68,6 +68,7 @@ def test_non_contiguous_inputs():
     n = 96
     for x in (torch.randn(n, 40).t(), torch.randn(40, n + 32)[:, :n], torch.randn(5, 8, n).transpose(0, 1)):
         run_and_compare(x, torch.randn(n))
+    run_and_compare(torch.randn(7, n), torch.randn(2 * n)[::2])  # a strided bias
 
 
 def test_half_input_with_float32_bias_promotes_like_eager():

@@ -66,6 +66,7 @@ def test_non_contiguous_inputs():
     batch_major = torch.randn(5, 8, n).transpose(0, 1)  # leading dimensions that do not flatten to a view
     for x in (transposed, padded_rows, batch_major):
         run_and_compare(x, torch.randn(n), torch.randn(n))
+    run_and_compare(torch.randn(7, n), torch.randn(2 * n)[::2], torch.randn(n, 3)[:, 1])  # strided parameters
 
 
 def test_gradient_with_stride_zero_rows():
