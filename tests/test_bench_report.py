@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +215,11 @@ def test_readme_summary_and_targets(results):
     assert "- triton / torch: 1.67x (target 1.5x: met)" in text
     assert "- triton / torch+compile: 1.03x (target 1.1x: missed)" in text
     assert "- triton+compile: 480,000 tokens/s (target 500,000: missed)" in text
+
+
+def test_plain_pytest_skips_the_benchmark_suite():
+    suite = Path(__file__).with_name("test_benchmarks.py")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(suite),
+                          "-k", "train_step"], capture_output=True, text=True, cwd=suite.parents[1])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "4 skipped" in run.stdout and "run it with pytest --benchmark" in run.stdout
