@@ -7,6 +7,7 @@ and strides are multiples of 16, as the launcher specialises them for GPT-2's hi
 Compilation runs in one subprocess without ``TRITON_INTERPRET`` (see ``aot.py``).
 """
 
+import dataclasses
 import importlib
 
 import aot
@@ -72,15 +73,25 @@ def wide_load_builds() -> list:
             for name, config in configs.items() for dtype in ("fp16", "bf16") for arch in ARCHS]
 
 
+def without_parameters(full: aot.Build) -> aot.Build:
+    """``full`` as launched with weight and bias None: those pointers become constexpr None."""
+    params = [p for p in ("w_ptr", "b_ptr", "bias_ptr") if p in full.signature]
+    flags = {k: False for k in full.constexprs if k.startswith("HAS_")}
+    return dataclasses.replace(full, signature={**full.signature, **{p: "constexpr" for p in params}},
+                               constexprs={**full.constexprs, **flags, **{p: None for p in params}},
+                               aligned=tuple(a for a in full.aligned if a not in params))
+
+
 @pytest.fixture(scope="module")
 def compiled():
     every, wide = every_config_builds(), wide_load_builds()
-    stats = aot.compile_kernels(every + wide)
-    return stats[:len(every)], stats[len(every):]
+    bare = [without_parameters(b) for b in wide if b.arch == 90 and "bf16" in b.signature["x_ptr"]]
+    stats = aot.compile_kernels(every + wide + bare)
+    return stats[:len(every)], stats[len(every):len(every) + len(wide)], stats[len(every) + len(wide):]
 
 
 def test_every_config_compiles_without_spills_within_shared_memory(compiled):
-    every, _ = compiled
+    every, _, _ = compiled
     assert len(every) > 100  # configs x kernels x targets, all of them checked
     spilling = [str(s) for s in every if s.spill_bytes > 0]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
@@ -98,12 +109,18 @@ def tile_loads(stats) -> int:
 
 
 def test_16_bit_rows_use_128_bit_loads(compiled):
-    _, wide = compiled
+    _, wide, _ = compiled
     for stats in wide:
         widths = aot.global_load_bits(stats.ptx)
         # Every value of the x (and dy) tiles comes through 128-bit loads; the narrower loads left
         # are per-row statistics and the one bias/weight row per tile.
         assert widths[128] >= tile_loads(stats) > 0, f"{stats}: global loads by width {dict(widths)}"
+
+
+def test_kernels_compile_without_weight_and_bias(compiled):
+    """weight / bias None reach the kernels as constexpr None, a path the interpreter cannot check."""
+    _, _, bare = compiled
+    assert len(bare) == 4 and all(s.spill_bytes == 0 for s in bare)
 
 
 def test_load_width_check_can_fail():
