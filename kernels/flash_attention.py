@@ -12,9 +12,8 @@ Three backward kernels, none with atomics, so gradients are identical run to run
 * ``_attention_bwd_kv_kernel``: one key block per program, looping over the query blocks that see it;
 * ``_attention_bwd_q_kernel``: one query block per program, looping over the key blocks it sees.
 
-Dropout on the probabilities draws Philox numbers keyed by (seed, element index of the (batch x
-heads, Tq, Tk) probability tensor), so the backward kernels regenerate the forward's mask exactly
-whatever their block sizes. The seed comes from torch's default generator: ``torch.manual_seed``
+Dropout on the probabilities draws one Philox number per (batch x head, query, key) from a seed,
+so the backward kernels regenerate the forward's mask exactly whatever their block sizes. The seed comes from torch's default generator: ``torch.manual_seed``
 makes dropout reproducible.
 """
 
@@ -113,9 +112,17 @@ def _visible(q_idx, k_idx, q_len, k_len, CAUSAL: tl.constexpr):
 
 
 @_triton_jit
-def _dropout_keep(seed, rng_base, q_idx, k_idx, k_len, dropout_p):
-    """Philox keep-mask of the probabilities at (q_idx, k_idx) of one (batch, head)."""
-    return tl.rand(seed, rng_base + q_idx.to(tl.int64) * k_len + k_idx) >= dropout_p
+def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
+    """Philox keep-mask of the probabilities at (q_idx, k_idx) of (batch x head) ``bh``.
+
+    The counter is (key, query, batch x head, 0): every probability draws its own number at any
+    sequence length, with 32-bit arithmetic only.
+    """
+    k_idx, q_idx = tl.broadcast(k_idx, q_idx)
+    zero = tl.zeros_like(k_idx)
+    bits, _, _, _ = tl.philox(seed, k_idx.to(tl.uint32), q_idx.to(tl.uint32), (zero + bh).to(tl.uint32),
+                              zero.to(tl.uint32))
+    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 @_triton_jit
@@ -135,7 +142,7 @@ def _key_range(start_m, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexp
 
 @_triton_jit
 def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
-                    lo, hi, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                    lo, hi, q_len, k_len, qk_scale, dropout_p, seed, bh,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key blocks [lo, hi): each K and V tile is read once per query block."""
@@ -151,7 +158,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
         alpha = tl.math.exp2(m_i - m_new)  # rescales what earlier blocks accumulated
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped probabilities too
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
         v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -187,14 +194,13 @@ def _attention_fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * LOG2E
-    rng_base = bh.to(tl.int64) * q_len * k_len
     full_end, end = _key_range(start_m, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                     rows, dims, 0, full_end, q_len, k_len, qk_scale, dropout_p, seed,
-                                    rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
+                                    bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
     acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                     rows, dims, full_end, end, q_len, k_len, qk_scale, dropout_p, seed,
-                                    rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
+                                    bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
     # Every query sees key 0, so l_i > 0 on every row, padded rows included.
     inv_l = 1.0 / l_i
     if DROPOUT:
@@ -227,7 +233,7 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot
 
 @_triton_jit
 def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                         cols, dims, lo, hi, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                         cols, dims, lo, hi, q_len, k_len, qk_scale, dropout_p, seed, bh,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dK and dV of one key block over query blocks [lo, hi).
@@ -247,12 +253,12 @@ def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, 
             lse = tl.load(LSE + rows)
             delta = tl.load(DELTA + rows)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
-        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed
         if MASKED:
-            p_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, CAUSAL), p_t, 0.0)
+            s_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, CAUSAL), s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed
         dp_t = tl.dot(v, tl.trans(do))  # dL/d(dropped P), transposed
         if DROPOUT:
-            keep_t = _dropout_keep(seed, rng_base, rows[None, :], cols[:, None], k_len, dropout_p)
+            keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
             dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do)
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
         else:
@@ -293,7 +299,6 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * LOG2E
-    rng_base = bh.to(tl.int64) * q_len * k_len
 
     # Query blocks [lo, diag_end) straddle the causal diagonal, [diag_end, full_end) see the whole key
     # block and are complete, [max(diag_end, full_end), q_end) is the last, partial query block.
@@ -308,15 +313,15 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                               q_end)
     dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
                                   stride_dod, cols, dims, lo, diag_end, q_len, k_len, qk_scale,
-                                  dropout_p, seed, rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
+                                  dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
                                   DROPOUT, True)
     dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
                                   stride_dod, cols, dims, diag_end, full_end, q_len, k_len, qk_scale,
-                                  dropout_p, seed, rng_base, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
+                                  dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
                                   DROPOUT, False)
     dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
                                   stride_dod, cols, dims, tl.maximum(diag_end, full_end), q_end, q_len,
-                                  k_len, qk_scale, dropout_p, seed, rng_base, HEAD_DIM, HEAD_DIM_PAD,
+                                  k_len, qk_scale, dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD,
                                   BLOCK_M, CAUSAL, DROPOUT, True)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
@@ -328,7 +333,7 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @_triton_jit
 def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
-                      lo, hi, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                      lo, hi, q_len, k_len, qk_scale, dropout_p, seed, bh,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
@@ -339,12 +344,12 @@ def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_
         v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), p, 0.0)
+            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p)
+            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -382,13 +387,12 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * LOG2E
-    rng_base = bh.to(tl.int64) * q_len * k_len
     full_end, end = _key_range(start_m, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
-                           dims, 0, full_end, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                           dims, 0, full_end, q_len, k_len, qk_scale, dropout_p, seed, bh,
                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
     dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
-                           dims, full_end, end, q_len, k_len, qk_scale, dropout_p, seed, rng_base,
+                           dims, full_end, end, q_len, k_len, qk_scale, dropout_p, seed, bh,
                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
     dq = dq * scale
     _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
@@ -400,10 +404,11 @@ def _dropout_keep_kernel(KEEP, q_len, k_len, dropout_p, seed, BLOCK_M: tl.conste
     """Write the keep-mask the attention kernels draw, as int8 (batch x heads, q_len, k_len)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rng_base = tl.program_id(2).to(tl.int64) * q_len * k_len
-    keep = _dropout_keep(seed, rng_base, rows[:, None], cols[None, :], k_len, dropout_p)
+    bh = tl.program_id(2)
+    keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
     mask = (rows[:, None] < q_len) & (cols[None, :] < k_len)
-    tl.store(KEEP + rng_base + rows[:, None] * k_len + cols[None, :], keep.to(tl.int8), mask=mask)
+    KEEP += bh.to(tl.int64) * q_len * k_len
+    tl.store(KEEP + rows[:, None] * k_len + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +438,7 @@ class AttentionConfigs:
 # Under the interpreter tiles are small and unequal, so that short test sequences cross many block
 # boundaries and both the masked and the unmasked loops run.
 INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(32, 16))
-ARCHES = (80, 90)  # Ampere (A100) and Hopper (H100) tables; other GPUs use the nearest older one
+ARCHES = (80, 90)  # Ampere (A100) and Hopper (H100) tables: capability 9.0 and up uses Hopper's
 HEAD_DIM_PADS = (16, 32, 64, 128)
 
 
@@ -452,7 +457,7 @@ def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionC
     hopper = arch >= 90
     if element_size == 4:
         return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=4, num_stages=2),
-                                backward_kv=BlockConfig(16, 64, num_warps=4, num_stages=2) if hopper
+                                backward_kv=BlockConfig(16, 32, num_warps=4, num_stages=2) if hopper
                                 else BlockConfig(32, 64, num_warps=8, num_stages=2),
                                 backward_q=BlockConfig(64, 32, num_warps=8, num_stages=2))
     if head_dim_pad <= 64:
@@ -460,7 +465,8 @@ def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionC
                                 backward_kv=BlockConfig(32, 128 if hopper else 64, num_warps=8,
                                                         num_stages=3 if hopper else 2),
                                 backward_q=BlockConfig(128, 32, num_warps=8, num_stages=3))
-    return AttentionConfigs(forward=BlockConfig(128, 128 if hopper else 32, num_warps=8, num_stages=2),
+    return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=3) if hopper
+                            else BlockConfig(128, 32, num_warps=8, num_stages=2),
                             backward_kv=BlockConfig(32, 64, num_warps=8, num_stages=2),
                             backward_q=BlockConfig(128, 32, num_warps=8, num_stages=2))
 
@@ -524,7 +530,7 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     seed_value = 0 if seed is None else int(seed)
     configs = _configs_for(q)
     delta = torch.empty_like(lse)
-    delta_rows = 64
+    delta_rows = 64  # query rows per program of the small dot(dO, O) pass
     _attention_bwd_delta_kernel[(triton.cdiv(q_len, delta_rows), batch * heads)](
         out, grad_out, delta, *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_M=delta_rows)
