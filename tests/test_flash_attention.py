@@ -140,6 +140,22 @@ def test_log_sum_exp_is_saved_per_row():
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1), **TOLERANCES[torch.float32][0])
 
 
+@pytest.mark.skipif(not CUDA, reason="measures GPU memory")
+def test_extra_memory_is_linear_in_sequence():
+    """Forward + backward at seq 8192 allocate a few q-sized tensors (output, gradients) and two
+    floats per row, nowhere near the 512 MiB a float16 score matrix would take."""
+    q, k, v = (torch.randn(1, 4, 8192, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    grad_out = torch.randn_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    triton_attention(q, k, v, grad_out)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 8 * q.numel() * q.element_size(), f"{extra / 2**20:.1f} MiB"
+
+
 def test_gradients_are_deterministic():
     """No atomics: the same inputs and dropout seed give bitwise the same output and gradients."""
     torch.manual_seed(3)
