@@ -25,8 +25,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                         help="run this group only (repeat for several; default: all)")
     parser.add_argument("--sizes", choices=SIZE_MODES, help="full (GPU sizes), small (CPU sizes) or "
                         "headline (each kernel's GPT-2 size only); default: full on a GPU, else small")
-    parser.add_argument("--provider", action="append", help="measure this provider only, e.g. triton, "
-                        "torch, torch.compile, liger, sdpa-flash, torch+compile (repeatable)")
+    parser.add_argument("--provider", action="append", choices=report.PROVIDERS,
+                        help="measure this provider only (repeatable; default: all)")
     parser.add_argument("--results-root", type=Path, default=report.RESULTS_ROOT,
                         help="where result folders <date>-<device> go and are looked up (default: bench/results)")
     parser.add_argument("--out", type=Path, help="output folder (default: <results-root>/<date>-<device>)")

@@ -29,6 +29,8 @@ from .records import OK, UNAVAILABLE, Record
 KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH)}
 # Training first: the end-to-end targets matter most if a time budget cuts the run short.
 GROUPS = ("train", "generate", *KERNELS)
+PROVIDERS = tuple(dict.fromkeys([*end_to_end.TRAIN_PROVIDERS, *end_to_end.GENERATE_PROVIDERS,
+                                 *(p for bench in KERNELS.values() for p in bench.providers)]))
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 README_START, README_END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 SCHEMA = 1
@@ -133,9 +135,9 @@ def run(settings: Settings, device: torch.device, command: str, progress: bool =
     With ``checkpoint``, the results so far are written there as JSON after every case, so a run
     stopped from outside (a time limit) still leaves its numbers behind.
     """
-    unknown = set(settings.groups) - set(GROUPS)
-    if unknown:
-        raise ValueError(f"unknown groups {sorted(unknown)}: choose from {', '.join(GROUPS)}")
+    for kind, chosen, known in (("groups", settings.groups, GROUPS), ("providers", settings.providers, PROVIDERS)):
+        if set(chosen) - set(known):
+            raise ValueError(f"unknown {kind} {sorted(set(chosen) - set(known))}: choose from {', '.join(known)}")
     start = time.perf_counter()
     ceilings = measure_ceilings(device, small=settings.sizes == "small")
     say = tqdm.write if progress else (lambda *a, **k: None)

@@ -223,3 +223,10 @@ def test_plain_pytest_skips_the_benchmark_suite():
                           "-k", "train_step"], capture_output=True, text=True, cwd=suite.parents[1])
     assert run.returncode == 0, run.stdout + run.stderr
     assert "4 skipped" in run.stdout and "run it with pytest --benchmark" in run.stdout
+
+
+def test_unknown_groups_and_providers_are_refused():
+    with pytest.raises(ValueError, match=r"unknown groups \['nonsense'\]"):
+        report.run(report.Settings(groups=("nonsense",)), CPU, command="", progress=False)
+    with pytest.raises(ValueError, match=r"unknown providers \['cudnn'\]: choose from triton, torch"):
+        report.run(report.Settings(providers=("cudnn",)), CPU, command="", progress=False)
