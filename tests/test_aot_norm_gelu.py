@@ -82,16 +82,23 @@ def without_parameters(full: aot.Build) -> aot.Build:
                                aligned=tuple(a for a in full.aligned if a not in params))
 
 
+def unhinted_build() -> aot.Build:
+    """bias + GELU on fp16 rows of 3072 without divisibility hints: Triton must assume odd rows."""
+    return build("bias_gelu_fwd", bias_gelu._block_config(3072), "fp16", 90, aligned=False, TANH=True)
+
+
 @pytest.fixture(scope="module")
-def compiled():
-    every, wide = every_config_builds(), wide_load_builds()
-    bare = [without_parameters(b) for b in wide if b.arch == 90 and "bf16" in b.signature["x_ptr"]]
-    stats = aot.compile_kernels(every + wide + bare)
-    return stats[:len(every)], stats[len(every):len(every) + len(wide)], stats[len(every) + len(wide):]
+def compiled() -> dict[str, list[aot.KernelStats]]:
+    """All builds of this file, compiled in one subprocess, by group."""
+    wide = wide_load_builds()
+    groups = {"every": every_config_builds(), "wide": wide, "unhinted": [unhinted_build()],
+              "bare": [without_parameters(b) for b in wide if b.arch == 90 and b.signature["x_ptr"] == "*bf16"]}
+    stats = iter(aot.compile_kernels([b for builds in groups.values() for b in builds]))
+    return {name: [next(stats) for _ in builds] for name, builds in groups.items()}
 
 
 def test_every_config_compiles_without_spills_within_shared_memory(compiled):
-    every, _, _ = compiled
+    every = compiled["every"]
     assert len(every) > 100  # configs x kernels x targets, all of them checked
     spilling = [str(s) for s in every if s.spill_bytes > 0]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
@@ -109,8 +116,7 @@ def tile_loads(stats) -> int:
 
 
 def test_16_bit_rows_use_128_bit_loads(compiled):
-    _, wide, _ = compiled
-    for stats in wide:
+    for stats in compiled["wide"]:
         widths = aot.global_load_bits(stats.ptx)
         # Every value of the x (and dy) tiles comes through 128-bit loads; the narrower loads left
         # are per-row statistics and the one bias/weight row per tile.
@@ -119,12 +125,11 @@ def test_16_bit_rows_use_128_bit_loads(compiled):
 
 def test_kernels_compile_without_weight_and_bias(compiled):
     """weight / bias None reach the kernels as constexpr None, a path the interpreter cannot check."""
-    _, _, bare = compiled
+    bare = compiled["bare"]
     assert len(bare) == 4 and all(s.spill_bytes == 0 for s in bare)
 
 
-def test_load_width_check_can_fail():
+def test_load_width_check_can_fail(compiled):
     """Without the divisibility hints Triton must assume odd row lengths: no 128-bit loads."""
-    (stats,) = aot.compile_kernels([build("bias_gelu_fwd", bias_gelu._block_config(3072), "fp16", 90,
-                                          aligned=False, TANH=True)])
+    (stats,) = compiled["unhinted"]
     assert aot.global_load_bits(stats.ptx)[128] == 0
