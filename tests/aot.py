@@ -8,9 +8,10 @@ variable; one process compiles a whole list of builds to pay Triton's start-up o
 
     from aot import Build, compile_kernels, global_load_bits
 
-    stats = compile_kernels([Build("kernels.layer_norm", "_layer_norm_fwd",
-                                   signature={"x_ptr": "*fp16", "n_cols": "i32", "BLOCK_N": "constexpr"},
-                                   constexprs={"BLOCK_N": 1024}, aligned=("x_ptr",), arch=90)])
+    # for a kernel `def copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr)` in the module mypkg.ops:
+    stats = compile_kernels([Build("mypkg.ops", "copy",
+                                   signature={"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"},
+                                   constexprs={"BLOCK": 1024}, aligned=("x_ptr", "y_ptr", "n"), arch=90)])
     assert stats[0].spill_bytes == 0 and stats[0].shared <= stats[0].shared_limit
     assert global_load_bits(stats[0].ptx)[128] > 0  # 128-bit loads of x
 
