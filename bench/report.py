@@ -245,6 +245,7 @@ def _header(results: dict) -> list[str]:
 
 
 def _kernel_table(bench: KernelBench, records: list[Record], sizes: list[dict]) -> list[str]:
+    """Figures per size and pass, a column per provider, and ours over the baseline."""
     providers = [p for p in bench.providers if any(r.provider == p for r in records)]
     index = {(r.provider, r.pass_, json.dumps(r.size, sort_keys=True)): r for r in records}
     lines = [f"| size | pass | {' | '.join(providers)} | triton / {bench.baseline} |",
@@ -260,6 +261,22 @@ def _kernel_table(bench: KernelBench, records: list[Record], sizes: list[dict]) 
             lines.append(f"| {_size_label(size)} | {pass_} | "
                          f"{' | '.join(_cell(row[p]) for p in providers)} | {ratio} |")
     return lines
+
+
+def _memory_table(bench: KernelBench, records: list[Record], sizes: list[dict]) -> list[str]:
+    """Peak device memory of forward+backward per size, a column per provider (GPU runs only)."""
+    rows = [r for r in records if r.pass_ == "forward+backward" and r.peak_mb is not None]
+    if not rows:
+        return []
+    providers = [p for p in bench.providers if any(r.provider == p for r in rows)]
+    index = {(r.provider, json.dumps(r.size, sort_keys=True)): r for r in rows}
+    lines = ["Peak memory, forward+backward (MiB, inputs included):", "",
+             f"| size | {' | '.join(providers)} |", "|---" * (len(providers) + 1) + "|"]
+    for size in sizes:
+        cells = [index.get((p, json.dumps(size, sort_keys=True))) for p in providers]
+        if any(cells):
+            lines.append(f"| {_size_label(size)} | " + " | ".join(_fmt(c.peak_mb) if c else "n/a" for c in cells) + " |")
+    return lines + [""]
 
 
 def _e2e_table(records: list[Record], group: str) -> list[str]:
@@ -333,8 +350,9 @@ def markdown(results: dict) -> str:
     for name, bench in KERNELS.items():
         rows = [r for r in records if r.group == name]
         if rows:
-            lines += [f"## {name} ({bench.unit}, % of ceiling)", "",
-                      *_kernel_table(bench, rows, unique_sizes(bench, results["settings"]["sizes"])), ""]
+            sizes = unique_sizes(bench, results["settings"]["sizes"])
+            lines += [f"## {name} ({bench.unit}, % of ceiling)", "", *_kernel_table(bench, rows, sizes), ""]
+            lines += _memory_table(bench, rows, sizes)
     lines += _end_to_end(records, "##")
     lines += _unavailable(records)
     return "\n".join(lines).rstrip() + "\n"

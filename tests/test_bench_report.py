@@ -230,3 +230,15 @@ def test_unknown_groups_and_providers_are_refused():
         report.run(report.Settings(groups=("nonsense",)), CPU, command="", progress=False)
     with pytest.raises(ValueError, match=r"unknown providers \['cudnn'\]: choose from triton, torch"):
         report.run(report.Settings(providers=("cudnn",)), CPU, command="", progress=False)
+
+
+def test_peak_memory_table(results):
+    size = flash_attention.BENCH.headline
+    records = [Record("flash_attention", p, "forward+backward", size, value=300.0, peak_mb=mb)
+               for p, mb in (("triton", 1536.0), ("sdpa-math", 20480.0))]
+    records.append(Record("flash_attention", "sdpa-flash", "forward+backward", size, status=UNAVAILABLE, note="x"))
+    text = report.markdown(dict(results, records=[r.to_dict() for r in records],
+                                settings=dict(results["settings"], sizes="full")))
+    assert "| size | triton | sdpa-math |" in text
+    assert "| batch=16 heads=32 seq=1024 head_dim=64 | 1,536 | 20,480 |" in text
+    assert "Peak memory" not in report.markdown(results)  # CPU runs record none
