@@ -191,8 +191,11 @@ def results_dir(device: torch.device, root: Path = RESULTS_ROOT) -> Path:
 
 
 def _write_json(results: dict, path: Path) -> None:
+    """Write through a temporary file, so a run killed mid-write leaves the previous complete JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(results, indent=1) + "\n")
+    temporary.replace(path)
 
 
 def write(results: dict, out_dir: Path, plots: bool = True) -> list[Path]:
