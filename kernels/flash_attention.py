@@ -13,8 +13,8 @@ Three backward kernels, none with atomics, so gradients are identical run to run
 * ``_attention_bwd_q_kernel``: one query block per program, looping over the key blocks it sees.
 
 Dropout on the probabilities draws one Philox number per (batch x head, query, key) from a seed,
-so the backward kernels regenerate the forward's mask exactly whatever their block sizes. The seed comes from torch's default generator: ``torch.manual_seed``
-makes dropout reproducible.
+so the backward kernels regenerate the forward's mask exactly whatever their block sizes. The
+seed comes from torch's default generator: ``torch.manual_seed`` makes dropout reproducible.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: t
                CHECK_ROWS: tl.constexpr):
     """Load a (rows, HEAD_DIM_PAD) tile; zeros past ``n_rows`` (if CHECK_ROWS) and past HEAD_DIM.
 
-    Unchecked full tiles keep the loads unmasked, so they stay 128-bit vectorised.
+    Full tiles of power-of-two head dims load without a mask, which keeps them vectorisable.
     """
     if CHECK_ROWS:
         mask = rows[:, None] < n_rows

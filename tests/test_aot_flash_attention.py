@@ -66,8 +66,9 @@ def every_config_builds() -> list[aot.Build]:
 def extra_builds() -> list[aot.Build]:
     """bfloat16 without dropout (the training fast path) and a padded head dim (80 -> 128)."""
     configs = fa.tuned_configs(90, 128, 2)
-    return [build(KERNELS[field], "bf16", 128, getattr(configs, field), 90, dropout=False) for field in KERNELS] + [
-        build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90)]
+    bf16 = [build(kernel, "bf16", 128, getattr(configs, field), 90, dropout=False)
+            for field, kernel in KERNELS.items()]
+    return bf16 + [build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90)]
 
 
 def compile_all(builds: list[aot.Build]) -> list[aot.KernelStats]:
