@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernel_bench import bench_dtype
 from .timing import time_calls
 
 
@@ -34,7 +35,7 @@ def measure_ceilings(device: torch.device, small: bool = False) -> Ceilings:
     del src, dst
 
     n = 512 if small else 8192
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = bench_dtype(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     matmul = time_calls([lambda: a @ b], device)

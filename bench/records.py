@@ -23,13 +23,13 @@ class Record:
 
     group: str  # "layer_norm", "bias_gelu", "flash_attention", "train", "generate"
     provider: str  # "triton", "torch", "torch.compile", "liger", "sdpa-flash", ...
-    pass_: str  # "forward", "backward", "forward+backward", "step", "decode"
+    pass_: str  # "forward", "backward", "forward+backward"; "step" (train); "cache", "no cache" (generate)
     size: dict
     status: str = OK
     ms: float | None = None  # median milliseconds per call
     value: float | None = None  # the figure, in ``unit``
     unit: str = ""
-    pct_of_ceiling: float | None = None
+    pct_of_ceiling: float | None = None  # of the copy or matmul ceiling; for training, the MFU
     peak_mb: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
