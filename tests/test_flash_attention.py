@@ -107,6 +107,14 @@ def test_explicit_scale():
                    reference_attention(q, k, v, grad_out, scale=0.3), torch.float32)
 
 
+def test_broadcast_output_gradient():
+    """out.sum().backward() hands the kernels a dO with zero strides."""
+    torch.manual_seed(8)
+    q, k, v = make_inputs(1, 2, 30, 30, 32, torch.float32)
+    grad_out = torch.ones(1, 1, 1, 1, device=DEVICE).expand(1, 2, 30, 32)
+    assert_matches(triton_attention(q, k, v, grad_out), reference_attention(q, k, v, grad_out), torch.float32)
+
+
 @pytest.mark.skipif(not CUDA, reason="bfloat16 dot products need a GPU (the interpreter gets them wrong)")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bfloat16_matches_float64_reference(head_dim):
@@ -222,6 +230,8 @@ def test_dropout_same_seed_same_result():
     ((1, 1, 8, 33), torch.float16, "head_dim 33"),
     ((1, 1, 8, 16), torch.float64, "dtype torch.float64"),
     ((1, 1, 8, 16), torch.bfloat16, "bfloat16 on CPU"),
+    ((1, 1, 0, 16), torch.float32, "empty input"),
+    ((65536, 1, 1, 16), torch.float32, "batch x heads = 65536"),
 ])
 def test_unsupported_input_raises_on_triton_and_runs_eager_on_auto(shape, dtype, words):
     if CUDA and dtype == torch.bfloat16:
