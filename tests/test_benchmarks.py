@@ -53,6 +53,8 @@ def _time(benchmark, call, rounds: int = ROUNDS) -> float:
 
     synchronize(DEVICE)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    if benchmark.disabled:
+        pytest.skip("ran once untimed (--benchmark-disable)")
     median = benchmark.stats.stats.median
     assert math.isfinite(median) and median > 0
     return median
