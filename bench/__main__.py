@@ -38,7 +38,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                         help="after the run, regenerate the README's results table from it")
     parser.add_argument("--readme-from", type=Path, metavar="RESULTS_JSON", nargs="?", const="latest",
                         help="measure nothing: regenerate the README's table from this results.json "
-                        "(default: the latest under bench/results) and exit")
+                        "(default: the latest GPU one under bench/results) and exit")
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
                         help="measure nothing: rewrite results.md and the plots beside this results.json "
                         "(say, of a run stopped by a time limit) and exit")

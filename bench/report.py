@@ -409,9 +409,10 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 
 
 def latest_results(root: Path = RESULTS_ROOT) -> Path | None:
-    """The newest results.json under ``root`` (by its start time), or None."""
-    found = sorted(root.glob("*/results.json"), key=lambda p: json.loads(p.read_text())["started"])
-    return found[-1] if found else None
+    """The newest GPU results.json under ``root`` (by start time), or None; CPU runs are never quoted."""
+    found = [(json.loads(p.read_text()), p) for p in root.glob("*/results.json")]
+    found = sorted((r["started"], p) for r, p in found if r["device"]["type"] == "cuda")
+    return found[-1][1] if found else None
 
 
 def readme_table(results: dict, source: str) -> str:

@@ -138,10 +138,11 @@ def test_results_dir_and_latest(results, tmp_path):
     report.write(results, first, plots=False)
     second = report.results_dir(CPU, tmp_path)
     assert second.name == first.name + "-2"
-    later = dict(results, started="2999-01-01T00:00:00+00:00")
-    report.write(later, second, plots=False)
-    assert report.latest_results(tmp_path) == second / "results.json"
-    assert report.latest_results(tmp_path / "empty") is None
+    assert report.latest_results(tmp_path) is None  # CPU results are never the README's
+    gpu = dict(results, device=dict(results["device"], type="cuda"))
+    report.write(gpu, tmp_path / "gpu-early", plots=False)
+    report.write(dict(gpu, started="2999-01-01T00:00:00+00:00"), tmp_path / "gpu-late", plots=False)
+    assert report.latest_results(tmp_path) == tmp_path / "gpu-late" / "results.json"
 
 
 def test_checkpoint_after_every_case(tmp_path):
