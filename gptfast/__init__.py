@@ -5,7 +5,7 @@ The backend switch lives in ``kernels.backend`` and is re-exported here.
 
 from kernels.backend import BACKENDS, BackendError, explain, get_backend, set_backend, use_backend
 
-from .generate import generate
+from .generation import generate, stream
 from .model import GPT, PRESETS, GPTConfig, KVCache
 from .patch import patch
 from .tokenizer import CharTokenizer, GPT2Tokenizer, load_tokenizer
@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendError", "explain", "get_backend", "set_backend", "use_backend",
-    "GPT", "GPTConfig", "KVCache", "PRESETS", "generate", "patch", "__version__",
+    "GPT", "GPTConfig", "KVCache", "PRESETS", "generate", "stream", "patch", "__version__",
     "CharTokenizer", "GPT2Tokenizer", "load_tokenizer", "TrainConfig", "train",
 ]

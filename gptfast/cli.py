@@ -174,7 +174,7 @@ def _print_as_it_arrives(tokenizer, eos: int | None):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generate import generate
+    from .generation import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_for_generation(args, device)

@@ -465,7 +465,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
 
 
 def _sample(model: GPT, tokenizer, prompt: list[int], cfg: TrainConfig) -> str:
-    from .generate import generate
+    from .generation import generate
 
     model.eval()
     new = generate(model, [prompt or [tokenizer.eot_token_id or 0]], cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed,

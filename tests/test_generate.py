@@ -9,7 +9,7 @@ import kernels
 from gptfast import GPT, GPTConfig
 from gptfast.checkpoint import load_for_inference, save_checkpoint
 from gptfast.cli import _print_as_it_arrives, main
-from gptfast.generate import filter_logits, generate, pick_tokens, stream
+from gptfast.generation import filter_logits, generate, pick_tokens, stream
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer
 
 VOCAB = 97

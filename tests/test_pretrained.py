@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from gptfast import GPT, GPTConfig  # noqa: E402
-from gptfast.generate import generate  # noqa: E402
+from gptfast.generation import generate  # noqa: E402
 from gptfast.pretrained import from_pretrained  # noqa: E402
 
 transformers.logging.set_verbosity_error()
