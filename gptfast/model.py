@@ -158,10 +158,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.resid_dropout)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                left_pad: torch.Tensor | None = None) -> torch.Tensor:
         """``kv``: this layer's (2, B, n_head, max_len, head_dim) cache slice, ``start`` positions filled.
 
-        ``mask``: (B, 1, T, start + T) booleans, True where a query may attend (left-padded batches).
+        ``left_pad``: (B,) leading key slots of each row that are padding, hidden from every query
+        (a padding query then sees nothing and outputs zeros).
         """
         B, T, C = x.shape
         # One projection for q, k and v; the kernels take the split, transposed views by their strides.
@@ -173,12 +174,8 @@ class CausalSelfAttention(nn.Module):
             kv[1, :, :, start:start + T] = v
             k, v = kv[0, :, :, :start + T], kv[1, :, :, :start + T]
         dropout_p = self.attn_dropout if self.training else 0.0
-        if mask is None:
-            # With a cache, T queries meet start + T keys: the causal mask is aligned bottom-right.
-            y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
-        else:
-            # The flash kernel takes no padding mask: left-padded batches use eager attention.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        # With a cache, T queries meet start + T keys: the causal mask is aligned bottom-right.
+        y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p, key_start=left_pad)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -205,8 +202,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv, start, mask)
+                left_pad: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv, start, left_pad)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -289,29 +286,18 @@ class GPT(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         if torch.compiler.is_compiling() or idx.numel() == 0:
             return  # value checks need a host sync; compiled graphs skip them
-        lo, hi = int(idx.min()), int(idx.max())
+        # One host sync for every bound: (min, max) of the ids, and of the targets when given.
+        tensors = [idx] if targets is None else [idx, targets]
+        bounds = torch.stack([b.long() for t in tensors for b in t.aminmax()]).tolist()
+        lo, hi = bounds[:2]
         if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
         if targets is not None:
-            lo, hi = int(targets.min()), int(targets.max())
+            lo, hi = bounds[2:]
             if lo < -1 or hi >= self.config.vocab_size:
-                bad = lo if lo < -1 else hi
-                raise ValueError(f"target id {bad} is outside the vocabulary [0, {self.config.vocab_size}) "
-                                 "(-1 marks positions to ignore)")
-
-    @staticmethod
-    def _padding_mask(left_pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
-        """(B, 1, T, start + T) booleans: the query in slot i sees key slot j <= i unless j is padding.
-
-        A padding query sees itself only, so that no softmax row is empty; no real token sees it.
-        """
-        slots = torch.arange(start, start + T, device=left_pad.device)
-        keys = torch.arange(start + T, device=left_pad.device)
-        causal = keys[None, :] <= slots[:, None]  # (T, K)
-        real = keys[None, :] >= left_pad[:, None]  # (B, K)
-        itself = keys[None, :] == slots[:, None]  # (T, K)
-        return (causal & (real[:, None, :] | itself))[:, None]
+                raise ValueError(f"target id {lo if lo < -1 else hi} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size}) (-1 marks positions to ignore)")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, left_pad: torch.Tensor | None = None
@@ -326,14 +312,12 @@ class GPT(nn.Module):
         self._check_input(idx, targets, cache, left_pad)
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
-        slots = torch.arange(start, start + T, device=idx.device)
-        pos, mask = slots, None
+        pos = torch.arange(start, start + T, device=idx.device)
         if left_pad is not None:
-            pos = (slots[None, :] - left_pad[:, None]).clamp(min=0)
-            mask = self._padding_mask(left_pad, start, T)
+            pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache.kv[i] if cache is not None else None, start, mask)
+            x = block(x, cache.kv[i] if cache is not None else None, start, left_pad)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
