@@ -2,6 +2,9 @@
 
 With fewer queries than keys (decoding with a key/value cache) the causal mask is aligned
 bottom-right: the last query sees every key, query i sees keys up to ``i + (Tk - Tq)``.
+``key_start`` (one integer per batch row) hides that row's leading keys, the left padding of a
+batch of prompts of different lengths. A query that sees no key at all (a padding query) outputs
+zeros and gets zero gradients, never NaN.
 
 The Triton path is a flash attention: the (Tq, Tk) score matrix is never stored. The forward pass
 walks over key blocks with an online softmax and saves one log-sum-exp per query row; the backward
@@ -45,19 +48,31 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> t
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
+def visible_mask(q_len: int, k_len: int, causal: bool, key_start: torch.Tensor | None,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Boolean mask, True where a query may attend: (q_len, k_len), or (batch, 1, q_len, k_len)
+    with ``key_start``, which hides each batch row's first ``key_start[b]`` keys."""
+    mask = causal_mask(q_len, k_len, device) if causal else torch.ones(q_len, k_len, dtype=torch.bool,
+                                                                        device=device)
+    if key_start is not None:
+        keys = torch.arange(k_len, device=device)
+        mask = mask & (keys >= key_start.to(device)[:, None, None, None])
+    return mask
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         scale: float | None = None, keep_mask: torch.Tensor | None = None,
-                        dropout_p: float = 0.0) -> torch.Tensor:
+                        dropout_p: float = 0.0, key_start: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-math attention, for tests (call it on float64 inputs).
 
     ``keep_mask`` (broadcastable to (B, H, Tq, Tk), True = kept) applies dropout with the given
-    mask, scaling kept probabilities by 1 / (1 - dropout_p).
+    mask, scaling kept probabilities by 1 / (1 - dropout_p). Rows that see no key give zeros.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    mask = visible_mask(q.shape[-2], k.shape[-2], causal, key_start, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
     if keep_mask is not None:
         probs = probs * keep_mask / (1.0 - dropout_p)
     return probs @ v
@@ -99,13 +114,14 @@ def _store_tile(ptrs, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM
 
 
 @_triton_jit
-def _visible(q_idx, k_idx, q_len, k_len, CAUSAL: tl.constexpr):
-    """Which keys exist and may be attended by the queries; the causal diagonal is bottom-right.
+def _visible(q_idx, k_idx, q_len, k_len, key_start, CAUSAL: tl.constexpr):
+    """Which keys exist, are not padding and may be attended by the queries; the causal diagonal
+    is bottom-right.
 
     Query rows past q_len need no mask: they are never stored, and in the backward pass their
     zero-loaded dO makes their contributions to dK and dV zero.
     """
-    ok = k_idx < k_len
+    ok = (k_idx < k_len) & (k_idx >= key_start)
     if CAUSAL:
         ok = ok & (k_idx <= q_idx + (k_len - q_len))
     return ok
@@ -126,23 +142,36 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
 
 
 @_triton_jit
-def _key_range(start_m, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+def _key_range(start_m, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
-    """Keys that queries [start_m, start_m + BLOCK_M) attend to: [0, full_end) needs no mask
-    (every key exists and is visible to every query of the block); [full_end, end) needs one.
-    Key blocks wholly above the causal diagonal lie past ``end``: they are skipped, not masked."""
+    """Keys that queries [start_m, start_m + BLOCK_M) attend to, as (lo, mid, full_end, end):
+    [lo, mid) is the block holding the first real key ``key_start``, masked; [mid, full_end) needs
+    no mask (every key exists and is visible to every query of the block); [full_end, end) needs
+    one. Blocks of padding before ``lo`` and blocks wholly above the causal diagonal past ``end``
+    are skipped, not masked."""
     full_end = k_len // BLOCK_N * BLOCK_N
     end = k_len
     if CAUSAL:
         first_pos = start_m + (k_len - q_len)  # key position of the block's first query
         full_end = tl.minimum(full_end, (first_pos + 1) // BLOCK_N * BLOCK_N)
         end = tl.minimum(end, first_pos + BLOCK_M)
-    return full_end, end
+    lo = key_start // BLOCK_N * BLOCK_N
+    mid = tl.maximum(lo, tl.minimum(tl.cdiv(key_start, BLOCK_N) * BLOCK_N, full_end))
+    return lo, mid, tl.maximum(mid, full_end), end
+
+
+@_triton_jit
+def _load_key_start(KEY_START, batch):
+    """Keys of this batch row hidden as padding (0 without KEY_START; negative counts as 0)."""
+    key_start = 0
+    if KEY_START is not None:
+        key_start = tl.maximum(tl.load(KEY_START + batch).to(tl.int32), 0)
+    return key_start
 
 
 @_triton_jit
 def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
-                    lo, hi, q_len, k_len, qk_scale, dropout_p, seed, bh,
+                    lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key blocks [lo, hi): each K and V tile is read once per query block."""
@@ -152,10 +181,14 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units, float32
         if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
+            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, key_start, CAUSAL), s,
+                         float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what earlier blocks accumulated
+        m_ref = m_new
+        if MASKED:  # a row that has seen no key yet keeps m = -inf: subtract 0 so p = 0, not NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)  # rescales what earlier blocks accumulated
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped probabilities too
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
@@ -167,7 +200,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
 
 
 @_triton_jit
-def _attention_fwd_kernel(Q, K, V, O, LSE,
+def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -176,7 +209,8 @@ def _attention_fwd_kernel(Q, K, V, O, LSE,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per (query block, batch x head): O = softmax(Q K^T * scale) V and the row LSE.
 
-    Q is read once, K and V once per query block; O and LSE are written once.
+    Q is read once, K and V once per query block (from the row's first real key); O and LSE are
+    written once. KEY_START (or None): per batch row, the number of leading padding keys.
     """
     # The last query blocks see the most keys under the causal mask: launch them first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -194,14 +228,23 @@ def _attention_fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * LOG2E
-    full_end, end = _key_range(start_m, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
+    key_start = _load_key_start(KEY_START, batch)
+    lo, mid, full_end, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                                    rows, dims, 0, full_end, q_len, k_len, qk_scale, dropout_p, seed,
-                                    bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
+                                    rows, dims, lo, mid, q_len, k_len, key_start, qk_scale, dropout_p,
+                                    seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
     acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                                    rows, dims, full_end, end, q_len, k_len, qk_scale, dropout_p, seed,
-                                    bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
-    # Every query sees key 0, so l_i > 0 on every row, padded rows included.
+                                    rows, dims, mid, full_end, q_len, k_len, key_start, qk_scale,
+                                    dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT,
+                                    False)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    rows, dims, full_end, end, q_len, k_len, key_start, qk_scale,
+                                    dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT,
+                                    True)
+    # A row that sees no key (padding) has l_i = 0: it outputs zeros, and its LSE is +inf so that
+    # the backward pass recomputes its probabilities as exp(s - inf) = 0.
+    seen = l_i > 0
+    l_i = tl.where(seen, l_i, 1.0)  # acc is 0 on such rows
     inv_l = 1.0 / l_i
     if DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -209,7 +252,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE,
     O += bh.to(tl.int64) * q_len * HEAD_DIM
     _store_tile(O + rows[:, None] * HEAD_DIM + dims[None, :], o.to(O.dtype.element_ty), rows, q_len, dims,
                 HEAD_DIM, HEAD_DIM_PAD)
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # natural log
+    lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * LN2, float("inf"))  # natural log
     tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=rows < q_len)
 
 
@@ -233,7 +276,7 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot
 
 @_triton_jit
 def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                         cols, dims, lo, hi, q_len, k_len, qk_scale, dropout_p, seed, bh,
+                         cols, dims, lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dK and dV of one key block over query blocks [lo, hi).
@@ -254,8 +297,9 @@ def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, 
             delta = tl.load(DELTA + rows)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
         if MASKED:
-            s_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, CAUSAL), s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed
+            s_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, key_start, CAUSAL), s_t,
+                           float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed (0 where LSE = inf)
         dp_t = tl.dot(v, tl.trans(do))  # dL/d(dropped P), transposed
         if DROPOUT:
             keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
@@ -269,7 +313,7 @@ def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, 
 
 
 @_triton_jit
-def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
                              stride_vb, stride_vh, stride_vt, stride_vd,
@@ -280,6 +324,8 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     """One program per (key block, batch x head): dK and dV of the block, written once.
 
     K and V stay in on-chip memory; Q, dO, LSE and delta are read once per key block that needs them.
+    The first key blocks are the heaviest under the causal mask (every later query sees them) and
+    they are launched first.
     """
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -311,18 +357,22 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M  # earlier queries see none of it
         diag_end = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
                               q_end)
+    # A key block holding padding is masked for every query block; one of padding only is skipped.
+    key_start = _load_key_start(KEY_START, batch)
+    diag_end = tl.where(start_n < key_start, q_end, diag_end)
+    lo = tl.where(start_n + BLOCK_N <= key_start, q_end, lo)
     dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
-                                  stride_dod, cols, dims, lo, diag_end, q_len, k_len, qk_scale,
-                                  dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
-                                  DROPOUT, True)
+                                  stride_dod, cols, dims, lo, diag_end, q_len, k_len, key_start,
+                                  qk_scale, dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                                  CAUSAL, DROPOUT, True)
     dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
-                                  stride_dod, cols, dims, diag_end, full_end, q_len, k_len, qk_scale,
-                                  dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL,
-                                  DROPOUT, False)
+                                  stride_dod, cols, dims, diag_end, full_end, q_len, k_len, key_start,
+                                  qk_scale, dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                                  CAUSAL, DROPOUT, False)
     dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
                                   stride_dod, cols, dims, tl.maximum(diag_end, full_end), q_end, q_len,
-                                  k_len, qk_scale, dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD,
-                                  BLOCK_M, CAUSAL, DROPOUT, True)
+                                  k_len, key_start, qk_scale, dropout_p, seed, bh, HEAD_DIM,
+                                  HEAD_DIM_PAD, BLOCK_M, CAUSAL, DROPOUT, True)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     dk = dk * scale
@@ -333,7 +383,7 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @_triton_jit
 def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
-                      lo, hi, q_len, k_len, qk_scale, dropout_p, seed, bh,
+                      lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
@@ -345,7 +395,8 @@ def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
+            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, key_start, CAUSAL), s,
+                         float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
@@ -357,7 +408,7 @@ def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_
 
 
 @_triton_jit
-def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
                             stride_vb, stride_vh, stride_vt, stride_vd,
@@ -387,12 +438,16 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * LOG2E
-    full_end, end = _key_range(start_m, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
+    key_start = _load_key_start(KEY_START, batch)
+    lo, mid, full_end, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
-                           dims, 0, full_end, q_len, k_len, qk_scale, dropout_p, seed, bh,
+                           dims, lo, mid, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
+                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
+    dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
+                           dims, mid, full_end, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
     dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
-                           dims, full_end, end, q_len, k_len, qk_scale, dropout_p, seed, bh,
+                           dims, full_end, end, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
     dq = dq * scale
     _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
@@ -496,8 +551,10 @@ def _dropout_seed() -> torch.Tensor:
 
 @torch.library.custom_op("gptfast::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
-                scale: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp."""
+                scale: float, seed: torch.Tensor | None, key_start: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp
+    (+inf on rows that see no key)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
@@ -505,7 +562,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     config = _configs_for(q).forward
     grid = (triton.cdiv(q_len, config.block_m), batch * heads)
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale, dropout_p,
+        q, k, v, out, lse, key_start, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale, dropout_p,
         0 if seed is None else int(seed), HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
@@ -513,7 +570,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, causal, dropout_p, scale, seed):
+def _forward_fake(q, k, v, causal, dropout_p, scale, seed, key_start):
     batch, heads, q_len, head_dim = q.shape
     return (q.new_empty((batch, heads, q_len, head_dim)),
             q.new_empty((batch, heads, q_len), dtype=torch.float32))
@@ -522,7 +579,8 @@ def _forward_fake(q, k, v, causal, dropout_p, scale, seed):
 @torch.library.custom_op("gptfast::flash_attention_backward", mutates_args=())
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float, scale: float,
-                 seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 seed: torch.Tensor | None, key_start: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), contiguous, in the inputs' dtype."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
@@ -541,34 +599,35 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
     config = configs.backward_kv
     _attention_bwd_kv_kernel[(triton.cdiv(k_len, config.block_n), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+        q, k, v, grad_out, lse, delta, dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
         num_stages=config.num_stages, **shared)
     config = configs.backward_q
     _attention_bwd_q_kernel[(triton.cdiv(q_len, config.block_m), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+        q, k, v, grad_out, lse, delta, dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
         num_stages=config.num_stages, **shared)
     return dq, dk, dv
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed):
+def _backward_fake(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed, key_start):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, dropout_p, scale, seed = inputs
+    q, k, v, causal, dropout_p, scale, seed, key_start = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_start)
     ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, key_start = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
+                              key_start)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -596,7 +655,8 @@ MAX_HEAD_DIM = 128
 MAX_BATCH_HEADS = 65535  # the kernels' second grid axis
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
+                  key_start: torch.Tensor | None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -614,10 +674,21 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(f"flash_attention: causal attention needs at least as many keys as "
                          f"queries, got {q.shape[-2]} queries and {k.shape[-2]} keys")
+    if key_start is None:
+        return
+    if not isinstance(key_start, torch.Tensor) or key_start.dtype not in (torch.int32, torch.int64):
+        kind = key_start.dtype if isinstance(key_start, torch.Tensor) else type(key_start).__name__
+        raise ValueError(f"flash_attention: key_start must be an int32 or int64 tensor, got {kind}")
+    if tuple(key_start.shape) != (q.shape[0],):
+        raise ValueError(f"flash_attention: key_start must have shape ({q.shape[0]},), one count per "
+                         f"batch row, got {tuple(key_start.shape)}")
+    if key_start.device != q.device:
+        raise ValueError(f"flash_attention: key_start is on {key_start.device}, q on {q.device}")
 
 
 def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    dropout_p: float = 0.0, scale: float | None = None) -> str | None:
+                    dropout_p: float = 0.0, scale: float | None = None,
+                    key_start: torch.Tensor | None = None) -> str | None:
     """Why the Triton kernel cannot take these (already validated) inputs, or None."""
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
@@ -638,18 +709,28 @@ backend.register("flash_attention", _kernel_problem)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+                    dropout_p: float = 0.0, scale: float | None = None,
+                    key_start: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax(q k^T * scale) v, through the backend switch.
 
     q: (batch, heads, Tq, head_dim); k, v: (batch, heads, Tk, head_dim) with Tk >= Tq when causal.
     ``scale`` defaults to 1 / sqrt(head_dim). ``dropout_p`` drops attention probabilities.
+    ``key_start``: int tensor (batch,), keys [0, key_start[b]) of batch row b are hidden (left
+    padding; negative counts as 0). Queries that see no key output zeros.
     """
-    _check_inputs(q, k, v, causal, dropout_p)
-    if backend.route("flash_attention", q, k, v, causal, dropout_p, scale):
+    _check_inputs(q, k, v, causal, dropout_p, key_start)
+    if backend.route("flash_attention", q, k, v, causal, dropout_p, scale, key_start):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         seed = _dropout_seed() if dropout_p > 0 else None
-        return _forward_op(q, k, v, causal, float(dropout_p), scale, seed)[0]
+        key_start = None if key_start is None else key_start.contiguous()
+        return _forward_op(q, k, v, causal, float(dropout_p), scale, seed, key_start)[0]
     q_len, k_len = q.shape[-2], k.shape[-2]
+    if key_start is not None:
+        # Rows that see no key attend to every key instead (no NaN, forward or backward), then give 0.
+        mask = visible_mask(q_len, k_len, causal, key_start, q.device)
+        blind = ~mask.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | blind, dropout_p=dropout_p, scale=scale)
+        return out.masked_fill(blind, 0.0)
     if causal and q_len != k_len:
         mask = causal_mask(q_len, k_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

@@ -25,12 +25,18 @@ KERNELS = {  # configuration field: kernel
 DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
 
 
-def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bool = True) -> aot.Build:
+def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bool = True,
+          padded: bool = False) -> aot.Build:
     """The aot.Build of ``kernel`` as the launcher specialises it for the model's strided q/k/v:
-    unit head-dim strides, 16-divisible pointers and row strides, causal."""
+    unit head-dim strides, 16-divisible pointers and row strides, causal; with int64 key_start
+    counts if ``padded``, else KEY_START is a constexpr None."""
     signature, constexprs, aligned = {}, {}, []
     for arg in getattr(fa, kernel).arg_names:
-        if arg in ("LSE", "DELTA"):
+        if arg == "KEY_START":
+            signature[arg] = "*i64" if padded else "constexpr"
+            if not padded:
+                constexprs[arg] = None
+        elif arg in ("LSE", "DELTA"):
             signature[arg], aligned = "*fp32", aligned + [arg]
         elif arg.isupper() and len(arg) <= 2:  # Q, K, V, O, DO, DQ, DK, DV
             signature[arg], aligned = f"*{dtype}", aligned + [arg]

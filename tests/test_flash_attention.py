@@ -141,7 +141,7 @@ def test_log_sum_exp_is_saved_per_row():
     torch.manual_seed(2)
     q, k, v = (t.detach() for t in make_inputs(2, 2, 33, 70, 48, torch.float32))
     scale = 1 / math.sqrt(48)
-    out, lse = torch.ops.gptfast.flash_attention_forward(q, k, v, True, 0.0, scale, None)
+    out, lse = torch.ops.gptfast.flash_attention_forward(q, k, v, True, 0.0, scale, None, None)
     assert out.is_contiguous() and lse.shape == (2, 2, 33) and lse.dtype == torch.float32
     scores = (q.double() @ k.double().transpose(-2, -1)) * scale
     scores = scores.masked_fill(~fa.causal_mask(33, 70, q.device), float("-inf"))
@@ -175,6 +175,68 @@ def test_gradients_are_deterministic():
     first_again = triton_attention(q, k, v, grad_out, dropout_p=0.2)
     for a, b in zip([first[0], *first[1]], [first_again[0], *first_again[1]]):
         assert torch.equal(a, b)
+
+
+# ---- left padding: key_start ----
+
+# (batch, heads, q_len, k_len, head_dim, causal, dtype, key_start): padding that ends inside a key
+# block and on its edge, none, all of it (key_start >= k_len: every query sees nothing), enough that
+# the first causal queries see nothing, fewer queries than keys, and non-causal.
+PADDED_SHAPES = [
+    (3, 2, 40, 40, 32, True, torch.float32, [0, 5, 40]),
+    (2, 1, 45, 45, 16, True, torch.float16, [16, 33]),
+    (2, 1, 7, 50, 48, True, torch.float32, [17, 49]),
+    (2, 2, 1, 37, 64, True, torch.float16, [36, 3]),
+    (2, 1, 33, 20, 16, False, torch.float32, [3, 25]),
+    (2, 1, 70, 70, 80, True, torch.float16, [32, 69]),
+]
+
+
+@pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,dtype,key_start", PADDED_SHAPES)
+def test_key_start_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, dtype, key_start):
+    """Padding keys are hidden from every query; queries that see no key give zeros and zero
+    gradients (no NaN), on the kernel and on the eager path."""
+    torch.manual_seed(q_len * 1000 + k_len + sum(key_start))
+    q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
+    grad_out = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).to(dtype)
+    key_start = torch.tensor(key_start, device=DEVICE)
+    want = reference_attention(q, k, v, grad_out, causal=causal, key_start=key_start)
+    got = triton_attention(q, k, v, grad_out, causal=causal, key_start=key_start)
+    assert_matches(got, want, dtype)
+    blind = ~fa.visible_mask(q_len, k_len, causal, key_start, q.device).any(-1)  # (batch, 1, q_len)
+    assert torch.equal(got[0].masked_fill(~blind[..., None], 0.0), torch.zeros_like(got[0]))
+    assert all(torch.isfinite(t).all() for t in (got[0], *got[1]))
+    if dtype == torch.float32:
+        for t in (q, k, v):
+            t.grad = None
+        with kernels.use_backend("torch"):
+            out = kernels.flash_attention(q, k, v, causal=causal, key_start=key_start)
+        out.backward(grad_out)
+        assert_matches((out, [t.grad for t in (q, k, v)]), want, dtype)
+
+
+def test_key_start_int32_and_negative():
+    """int32 counts work like int64 ones; a negative count hides nothing."""
+    torch.manual_seed(9)
+    q, k, v = (t.detach() for t in make_inputs(2, 1, 20, 20, 16, torch.float32))
+    with kernels.use_backend("triton"):
+        plain = kernels.flash_attention(q, k, v)
+        padded = kernels.flash_attention(q, k, v, key_start=torch.tensor([-3, 4], dtype=torch.int32))
+    assert torch.equal(padded[0], plain[0])
+    want = fa.attention_reference(q.double(), k.double(), v.double(), key_start=torch.tensor([0, 4]))
+    torch.testing.assert_close(padded.double(), want, **TOLERANCES[torch.float32][0])
+
+
+@pytest.mark.parametrize("key_start,error", [
+    (torch.tensor([1.0, 2.0]), "int32 or int64 tensor"),
+    ([1, 2], "int32 or int64 tensor"),
+    (torch.tensor([1, 2, 3]), r"shape \(2,\)"),
+])
+def test_bad_key_start_raises_clear_errors(key_start, error):
+    q = torch.randn(2, 1, 4, 16)
+    for name in ("triton", "torch"):
+        with kernels.use_backend(name), pytest.raises(ValueError, match=error):
+            kernels.flash_attention(q, q, q, key_start=key_start)
 
 
 # ---- dropout ----
@@ -331,3 +393,18 @@ def test_torch_compile_fullgraph_model():
             assert_same_step(loss_and_grads(model, idx, backend, runner=compiled), want)
     finally:
         torch._dynamo.reset()
+
+
+def test_left_padded_batch_on_triton_matches_each_prompt_alone():
+    """The model hides left padding with key_start on the kernel: a padded row's logits and greedy
+    tokens (through the key/value cache) equal those of its prompt run alone."""
+    model = tiny_model().eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 11)]
+    padded = torch.tensor([[0] * 8 + prompts[0], prompts[1]], device=DEVICE)
+    with kernels.use_backend("triton"), torch.no_grad():
+        logits, _ = model(padded, left_pad=torch.tensor([8, 0], device=DEVICE))
+        alone, _ = model(torch.tensor([prompts[0]], device=DEVICE))
+        torch.testing.assert_close(logits[0, 8:], alone[0], **MODEL_TOLERANCE)
+        batched = gptfast.generate(model, prompts, 4, temperature=0)
+        assert batched == [gptfast.generate(model, [p], 4, temperature=0)[0] for p in prompts]
