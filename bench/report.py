@@ -106,9 +106,9 @@ def _tasks(settings: Settings, device: torch.device, ceilings: Ceilings) -> list
             tasks += [Task(group, p, "step", size.as_dict(), lambda p=p, z=size: end_to_end.run_train(
                 p, z, device, ceilings.matmul_tflops)) for p in end_to_end.TRAIN_PROVIDERS if wanted(p)]
         elif group == "generate":
-            size = end_to_end.GENERATE_SIZES[e2e_mode]
             tasks += [Task(group, p, mode, size.as_dict(), lambda p=p, c=(mode == "cache"), z=size:
                            end_to_end.run_generate(p, c, z, device))
+                      for size in end_to_end.GENERATE_SIZES[e2e_mode]
                       for p in end_to_end.GENERATE_PROVIDERS if wanted(p) for mode in ("cache", "no cache")]
         else:
             bench = KERNELS[group]
@@ -288,16 +288,17 @@ def _e2e_table(records: list[Record], group: str) -> list[str]:
     if not rows:
         return []
     train = group == "train"
-    columns = ["provider", "mode", "tokens/s", "vs torch", *(("MFU: measured / datasheet peak",) if train else ()),
+    columns = ["provider", "mode", *(() if train else ("batch",)), "tokens/s", "vs torch", *(("MFU: measured / datasheet peak",) if train else ()),
                "peak memory",
                *(("first step",) if train else ())]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
-        cells = [r.provider, r.pass_]
+        cells = [r.provider, r.pass_, *(() if train else (str(r.size["batch"]),))]
         if r.status != OK:
-            cells += ["n/a"] + [""] * (len(columns) - 3)
+            cells += ["n/a"] + [""] * (len(columns) - len(cells) - 1)
         else:
-            base = next((b for b in rows if b.provider == "torch" and b.pass_ == r.pass_ and b.status == OK), None)
+            base = next((b for b in rows if b.provider == "torch" and b.pass_ == r.pass_ and b.size == r.size
+                         and b.status == OK), None)
             cells += [_fmt(r.value), f"{r.value / base.value:.2f}x" if base else ""]
             if train:
                 datasheet = r.extra.get("mfu_of_datasheet_pct")
@@ -331,7 +332,8 @@ def _end_to_end(records: list[Record], level: str) -> list[str]:
     for group, title in (("train", "Training steps"), ("generate", "Generation")):
         table = _e2e_table(records, group)
         if table:
-            size = next(r.size for r in records if r.group == group)
+            size = {k: v for k, v in next(r.size for r in records if r.group == group).items() if k != "batch"
+                    or group == "train"}  # generation tables have a batch column
             lines += [f"{level} {title} ({_size_label(size)})", "", *table, ""]
             if group == "train":
                 lines += _targets(records)

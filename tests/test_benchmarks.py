@@ -91,8 +91,8 @@ def test_train_step(benchmark, ceilings, provider):
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("provider", end_to_end.GENERATE_PROVIDERS)
-def test_generate(benchmark, provider, use_cache):
-    size = end_to_end.GENERATE_SIZES[SIZES]
+@pytest.mark.parametrize("size", end_to_end.GENERATE_SIZES[SIZES], ids=lambda z: f"batch{z.prompts}")
+def test_generate(benchmark, provider, use_cache, size):
     run = _or_skip(lambda: end_to_end.generate_call(provider, use_cache, size, DEVICE))
     outputs = _or_skip(run)
     assert [len(tokens) for tokens in outputs] == [size.new_tokens] * size.prompts
