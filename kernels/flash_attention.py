@@ -22,6 +22,7 @@ seed comes from torch's default generator: ``torch.manual_seed`` makes dropout r
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -467,7 +468,7 @@ def _dropout_keep_kernel(KEEP, q_len, k_len, dropout_p, seed, BLOCK_M: tl.conste
 
 
 # ---------------------------------------------------------------------------------------------
-# Block sizes per GPU generation, head dim and element size.
+# Block sizes per GPU class (shared memory per block), head dim and element size.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -493,23 +494,45 @@ class AttentionConfigs:
 # Under the interpreter tiles are small and unequal, so that short test sequences cross many block
 # boundaries and both the masked and the unmasked loops run.
 INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(32, 16))
-ARCHES = (80, 90)  # Ampere (A100) and Hopper (H100) tables: capability 9.0 and up uses Hopper's
+# The tables, named by the compute capability they were tuned on, with the shared memory one block
+# may use there (the opt-in maximum): A100-class parts (8.0, 8.7); the smaller Ampere and Ada parts
+# (8.6, 8.9: RTX 30xx/40xx, A10, L4, L40S) and any other part with less shared memory; Hopper (9.0,
+# and later parts with as much shared memory).
+SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+ARCHES = tuple(SHARED_MEMORY)
 HEAD_DIM_PADS = (16, 32, 64, 128)
 
 
+def table_for(major: int, minor: int, shared_memory: int | None) -> int:
+    """The table (a key of SHARED_MEMORY) for a GPU of compute capability major.minor with
+    ``shared_memory`` bytes per block (opt-in maximum); None: guessed from the capability."""
+    if shared_memory is None:
+        known = {(8, 0): 80, (8, 7): 80, (9, 0): 90}
+        shared_memory = SHARED_MEMORY[known.get((major, minor), 86)]
+    if major >= 9 and shared_memory >= SHARED_MEMORY[90]:
+        return 90
+    return 80 if shared_memory >= SHARED_MEMORY[80] else 86
+
+
 def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionConfigs:
-    """Configurations for compute capability ``arch`` (80 or 90), padded head dim and input bytes.
+    """Configurations of table ``arch`` (a key of SHARED_MEMORY), padded head dim and input bytes.
 
     Each tile keeps its float32 scores and accumulators in registers and streams K/V (forward, dQ)
     or Q/dO (dK, dV) through shared memory, multi-buffered over num_stages (163 KiB on an A100,
-    227 KiB on an H100). 128-row tiles feed Hopper's 64-row wgmma instructions from two warp groups.
+    99 KiB on an RTX 4090 or L4, 227 KiB on an H100). 128-row tiles feed Hopper's 64-row wgmma
+    instructions from two warp groups. The 99 KiB parts share the A100's 16-bit entries (at most
+    80 KiB) and take smaller float32 tiles.
     The dK/dV kernel holds two float32 accumulators of BLOCK_N x head_dim, so its key block shrinks
     where registers run short (Ampere keeps mma operands in registers too). float32 inputs multiply
     in TF32 on tensor cores (float32 accumulation) with smaller tiles, as they take twice the space.
     The choices were made by compiling ahead of time (dropout variant, the largest head dim of each
     class): ``tests/test_aot_flash_attention.py`` checks every entry for spills and shared memory.
     """
-    hopper = arch >= 90
+    hopper = arch == 90
+    if element_size == 4 and arch == 86:
+        return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=8, num_stages=2),
+                                backward_kv=BlockConfig(32, 32, num_warps=8, num_stages=2),
+                                backward_q=BlockConfig(64, 16, num_warps=8, num_stages=2))
     if element_size == 4:
         return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=4, num_stages=2),
                                 backward_kv=BlockConfig(16, 32, num_warps=4, num_stages=2) if hopper
@@ -530,12 +553,17 @@ def _head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+@functools.cache
+def _table_of_device(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return table_for(props.major, props.minor, getattr(props, "shared_memory_per_block_optin", None))
+
+
 def _configs_for(q: torch.Tensor) -> AttentionConfigs:
     if q.device.type != "cuda":
         return INTERPRETER_CONFIGS
-    major, _ = torch.cuda.get_device_capability(q.device)
-    arch = 90 if major >= 9 else 80
-    return tuned_configs(arch, _head_dim_pad(q.shape[-1]), q.element_size())
+    table = _table_of_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return tuned_configs(table, _head_dim_pad(q.shape[-1]), q.element_size())
 
 
 # ---------------------------------------------------------------------------------------------

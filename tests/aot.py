@@ -33,8 +33,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Shared memory one block may use (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Shared memory one block may use (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB,
+# RTX 30xx / A10 (sm_86) and RTX 40xx / L4 / L40S (sm_89) 99 KiB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 @dataclass(frozen=True)

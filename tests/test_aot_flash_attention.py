@@ -1,10 +1,12 @@
-"""The flash-attention kernels compiled ahead of time for sm_80 (A100) and sm_90 (H100).
+"""The flash-attention kernels compiled ahead of time for sm_80 (A100), sm_86 / sm_89 (RTX 30xx and
+40xx, A10, L4, L40S) and sm_90 (H100).
 
 Every configuration ``tuned_configs`` may return is compiled at the largest head dim that uses it,
-in its fullest variant (causal with dropout: the most live registers), and must not spill registers
-and must fit in shared memory (163 KiB on sm_80, 227 KiB on sm_90). On sm_90 the matrix products
-of 16-bit inputs must compile to Hopper's wgmma instructions. Compilation runs in
-subprocesses without ``TRITON_INTERPRET`` (see ``aot.py``), split over the CPU cores.
+in its fullest variant (causal with dropout: the most live registers), for each target its table
+serves, and must not spill registers and must fit in shared memory (163 KiB on sm_80, 99 KiB on
+sm_86 and sm_89, 227 KiB on sm_90). On sm_90 the matrix products of 16-bit inputs must compile to
+Hopper's wgmma instructions. Compilation runs in subprocesses without ``TRITON_INTERPRET`` (see
+``aot.py``), split over the CPU cores.
 """
 
 import importlib
@@ -23,6 +25,7 @@ KERNELS = {  # configuration field: kernel
     "backward_q": "_attention_bwd_q_kernel",
 }
 DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
+TARGETS = {80: (80,), 86: (86, 89), 90: (90,)}  # table: the compute capabilities it is compiled for
 
 
 def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bool = True,
@@ -57,24 +60,28 @@ def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bo
 
 
 def every_config_builds() -> list[aot.Build]:
-    largest = {}  # (arch, element size, field, config) -> the largest head dim using it
-    for arch in fa.ARCHES:
+    largest = {}  # (target, element size, field, config) -> the largest head dim using it
+    for table in fa.ARCHES:
         for element_size in DTYPES:
             for head_dim in fa.HEAD_DIM_PADS:
-                configs = fa.tuned_configs(arch, head_dim, element_size)
+                configs = fa.tuned_configs(table, head_dim, element_size)
                 for field in KERNELS:
-                    key = (arch, element_size, field, getattr(configs, field))
-                    largest[key] = max(largest.get(key, 0), head_dim)
-    return [build(KERNELS[field], DTYPES[size], head_dim, config, arch)
-            for (arch, size, field, config), head_dim in largest.items()]
+                    for target in TARGETS[table]:
+                        key = (target, element_size, field, getattr(configs, field))
+                        largest[key] = max(largest.get(key, 0), head_dim)
+    return [build(KERNELS[field], DTYPES[size], head_dim, config, target)
+            for (target, size, field, config), head_dim in largest.items()]
 
 
 def extra_builds() -> list[aot.Build]:
-    """bfloat16 without dropout (the training fast path) and a padded head dim (80 -> 128)."""
+    """bfloat16 without dropout (the training fast path), a padded head dim (80 -> 128) and the
+    left-padding variant (key_start counts) of each kernel."""
     configs = fa.tuned_configs(90, 128, 2)
     bf16 = [build(kernel, "bf16", 128, getattr(configs, field), 90, dropout=False)
             for field, kernel in KERNELS.items()]
-    return bf16 + [build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90)]
+    key_start = [build(kernel, "fp16", 128, getattr(configs, field), 90, padded=True)
+                 for field, kernel in KERNELS.items()]
+    return bf16 + key_start + [build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90)]
 
 
 def compile_all(builds: list[aot.Build]) -> list[aot.KernelStats]:
@@ -91,8 +98,15 @@ def compiled() -> list[aot.KernelStats]:
 
 
 def test_every_config_is_compiled(compiled):
-    kernels_per_arch = {(s.build.arch, s.build.kernel) for s in compiled}
-    assert kernels_per_arch == {(arch, kernel) for arch in fa.ARCHES for kernel in KERNELS.values()}
+    kernels_per_target = {(s.build.arch, s.build.kernel) for s in compiled}
+    assert kernels_per_target == {(target, kernel) for table in fa.ARCHES for target in TARGETS[table]
+                                  for kernel in KERNELS.values()}
+
+
+def test_each_table_is_checked_against_its_shared_memory():
+    assert set(TARGETS) == set(fa.ARCHES)
+    assert {(table, aot.SHARED_MEMORY_LIMIT[target]) for table in fa.ARCHES for target in TARGETS[table]} \
+        == set(fa.SHARED_MEMORY.items())
 
 
 def test_no_spills_and_shared_memory_fits(compiled):

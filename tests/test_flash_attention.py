@@ -284,6 +284,19 @@ def test_dropout_same_seed_same_result():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# ---- configurations per GPU ----
+
+
+@pytest.mark.parametrize("major,minor,shared_kib,table", [
+    (8, 0, 163, 80), (8, 0, None, 80),  # A100
+    (8, 6, 99, 86), (8, 9, 99, 86), (8, 9, None, 86),  # RTX 30xx/40xx, A10, L4
+    (9, 0, 227, 90), (9, 0, None, 90), (12, 0, 99, 86),  # H100; a consumer Blackwell part
+])
+def test_table_is_chosen_by_shared_memory(major, minor, shared_kib, table):
+    shared = None if shared_kib is None else shared_kib * 1024
+    assert fa.table_for(major, minor, shared) == table
+
+
 # ---- the backend switch and bad input ----
 
 
