@@ -242,24 +242,26 @@ def test_bad_key_start_raises_clear_errors(key_start, error):
 # ---- dropout ----
 
 
-@pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,dtype", [
-    (1, 2, 65, 65, 32, True, torch.float32),
-    (2, 1, 17, 40, 80, True, torch.float16),
-    (1, 1, 33, 50, 64, False, torch.float32),
+@pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,dtype,key_start", [
+    (1, 2, 65, 65, 32, True, torch.float32, None),
+    (2, 1, 17, 40, 80, True, torch.float16, [30, 5]),
+    (1, 1, 33, 50, 64, False, torch.float32, None),
 ])
-def test_dropout_matches_reference_with_the_kernels_mask(batch, heads, q_len, k_len, head_dim, causal, dtype):
+def test_dropout_matches_reference_with_the_kernels_mask(batch, heads, q_len, k_len, head_dim, causal, dtype,
+                                                         key_start):
     """The kernels' output and gradients equal the reference computed with their exact keep-mask,
     which depends on the seed drawn from torch's generator and not on the block sizes."""
     p = 0.3
+    key_start = None if key_start is None else torch.tensor(key_start, device=DEVICE)
     q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
     grad_out = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).to(dtype)
     torch.manual_seed(11)
-    got = triton_attention(q, k, v, grad_out, causal=causal, dropout_p=p)
+    got = triton_attention(q, k, v, grad_out, causal=causal, dropout_p=p, key_start=key_start)
     torch.manual_seed(11)
     keep = fa.dropout_keep_mask(fa._dropout_seed(), batch, heads, q_len, k_len, p, DEVICE)
     assert 0 < keep.float().mean() < 1
-    assert_matches(got, reference_attention(q, k, v, grad_out, causal=causal, keep_mask=keep, dropout_p=p),
-                   dtype)
+    assert_matches(got, reference_attention(q, k, v, grad_out, causal=causal, keep_mask=keep, dropout_p=p,
+                                            key_start=key_start), dtype)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
