@@ -15,6 +15,10 @@ Three backward kernels, none with atomics, so gradients are identical run to run
 * ``_attention_bwd_kv_kernel``: one key block per program, looping over the query blocks that see it;
 * ``_attention_bwd_q_kernel``: one query block per program, looping over the key blocks it sees.
 
+Under the causal mask the work per program grows with the query block (forward, dQ) and shrinks
+with the key block (dK, dV): programs are mapped to blocks so that the heaviest are launched first
+and the light ones fill the last wave, rather than a few heavy ones running alone at the end.
+
 Dropout on the probabilities draws one Philox number per (batch x head, query, key) from a seed,
 so the backward kernels regenerate the forward's mask exactly whatever their block sizes. The
 seed comes from torch's default generator: ``torch.manual_seed`` makes dropout reproducible.
