@@ -594,8 +594,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     config = _configs_for(q).forward
     grid = (triton.cdiv(q_len, config.block_m), batch * heads)
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, key_start, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale, dropout_p,
-        0 if seed is None else int(seed), HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        q, k, v, out, lse, key_start, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale,
+        dropout_p, 0 if seed is None else int(seed), HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse
@@ -631,13 +631,13 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
     config = configs.backward_kv
     _attention_bwd_kv_kernel[(triton.cdiv(k_len, config.block_n), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+        q, k, v, grad_out, lse, delta, dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
+        seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
         num_stages=config.num_stages, **shared)
     config = configs.backward_q
     _attention_bwd_q_kernel[(triton.cdiv(q_len, config.block_m), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+        q, k, v, grad_out, lse, delta, dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
+        seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
         num_stages=config.num_stages, **shared)
     return dq, dk, dv
 
@@ -761,7 +761,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         # Rows that see no key attend to every key instead (no NaN, forward or backward), then give 0.
         mask = visible_mask(q_len, k_len, causal, key_start, q.device)
         blind = ~mask.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | blind, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | blind, dropout_p=dropout_p,
+                                             scale=scale)
         return out.masked_fill(blind, 0.0)
     if causal and q_len != k_len:
         mask = causal_mask(q_len, k_len, q.device)
