@@ -726,6 +726,9 @@ def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return "bfloat16 on CPU: the Triton interpreter computes bfloat16 dot products wrongly"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return f"compute capability {major}.{minor}: the kernels are tuned for 8.0 (Ampere) and newer"
     head_dim = q.shape[-1]
     if head_dim > MAX_HEAD_DIM or head_dim % 2:
         return f"head_dim {head_dim} (the kernel takes even head dims up to {MAX_HEAD_DIM})"
