@@ -541,7 +541,9 @@ def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionC
         return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=4, num_stages=2),
                                 backward_kv=BlockConfig(16, 32, num_warps=4, num_stages=2) if hopper
                                 else BlockConfig(32, 64, num_warps=8, num_stages=2),
-                                backward_q=BlockConfig(64, 32, num_warps=8, num_stages=2))
+                                # 64 x 32 spills on sm_90 with Triton 3.6 (the GPU image's) at head dim 128.
+                                backward_q=BlockConfig(32, 32, num_warps=4, num_stages=2) if hopper
+                                else BlockConfig(64, 32, num_warps=8, num_stages=2))
     if head_dim_pad <= 64:
         return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=3),
                                 backward_kv=BlockConfig(32, 128 if hopper else 64, num_warps=8,
