@@ -2,7 +2,7 @@
 # The one command for a GPU machine: the test suite's log, then the full benchmark report, in under
 # 10 minutes on an H100. Run from anywhere; it works from the repository root with PYTHONPATH=. and
 # no install. Writes into $OUT (default out/gpu):
-#   tests.log                 plain `pytest tests` on the GPU (the benchmark suite skipped)
+#   tests.log                 `pytest tests` on the GPU, kernel and model tests first (benchmark suite skipped)
 #   report.log                nvidia-smi, then `python -m bench` (progress, tables)
 #   <date>-<device>/          results.json, results.md and one PNG per kernel
 # Then copy <date>-<device>/ into bench/results/ and run `python -m bench --readme-from` to update
@@ -25,8 +25,11 @@ if compgen -G "bench/wheels/liger_kernel-*.whl" >/dev/null; then
 fi
 
 if [[ $what == all || $what == tests ]]; then
-    tests_s=$([[ $what == all ]] && echo 120 || echo $((limit_s - 10)))
-    timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider --durations=10 tests 2>&1 | tee "$OUT/tests.log"
+    tests_s=$([[ $what == all ]] && echo 150 || echo $((limit_s - 10)))
+    # The kernels' and the model's tests first (bf16 and memory checks run only on a GPU), then the rest.
+    timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider --durations=10 tests/test_flash_attention.py \
+        tests/test_layer_norm.py tests/test_bias_gelu.py tests/test_model.py tests/test_train.py \
+        tests/test_generate.py tests 2>&1 | tee "$OUT/tests.log"
     echo "tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped at the ${tests_s} s limit)" | tee -a "$OUT/tests.log"
 fi
 
