@@ -120,12 +120,11 @@ def _kernel_configs() -> list[tuple[int, int, int]]:
 
 @torch.library.custom_op("gptfast::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
-    """Triton GELU(x + bias), in the dtype eager PyTorch would give (x's and bias's promoted)."""
+    """Triton GELU(x + bias), in x's dtype (the bias is added in float32)."""
     x2 = as_rows(x)
     bias = bias.contiguous() if bias is not None else None
     n_rows, n_cols = x2.shape
-    out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
-    y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if y.numel() > 0:
         block_m, block_n, num_warps = _block_config(n_cols)
         grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
@@ -137,8 +136,7 @@ def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: s
 
 @_bias_gelu_fwd_op.register_fake
 def _(x, bias, approximate):
-    out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
-    return x.new_empty(x.shape, dtype=out_dtype)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("gptfast::bias_gelu_bwd", mutates_args=())
@@ -210,11 +208,13 @@ backend.register("bias_gelu", _kernel_problem)
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "tanh") -> torch.Tensor:
     """GELU(x + bias) over the last dimension of ``x``, through the backend switch.
 
-    ``approximate="tanh"`` is GPT-2's form; ``"none"`` is the exact erf form.
+    ``approximate="tanh"`` is GPT-2's form; ``"none"`` is the exact erf form. The result has x's
+    dtype, as a linear layer's bias add gives under autocast: bf16 activations with a float32 bias
+    stay bf16 (the bias gradient keeps the bias's dtype).
     """
     _check_inputs(x, bias, approximate)
     if backend.route("bias_gelu", x, bias, approximate):
         return _bias_gelu_fwd_op(x, bias, approximate)
     if bias is not None:
-        x = x + bias
+        x = x + bias.to(x.dtype)
     return F.gelu(x, approximate=approximate)

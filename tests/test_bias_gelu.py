@@ -27,8 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 
 def run_and_compare(x, bias, approximate="tanh"):
     """Forward and backward on "triton" against the float64 reference, within the tolerance of the
-    output dtype (x's and bias's promoted, as in eager PyTorch)."""
-    out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
+    output dtype, which is x's whatever the bias's dtype."""
+    out_dtype = x.dtype
     x = x.detach().requires_grad_()
     bias = bias.detach().requires_grad_() if bias is not None else None
     with kernels.use_backend("triton"):
@@ -171,3 +171,18 @@ def test_torch_compile_fullgraph():
         for got, want in zip(grads, want_grads):
             torch.testing.assert_close(got, want)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float32_bias_keeps_half_activations_half(backend):
+    """bf16 activations with a float32 bias (autocast training) give bf16, as a linear layer's bias
+    add does under autocast, on both paths; the bias gradient stays float32."""
+    x = torch.randn(5, 96).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(96, requires_grad=True)
+    with kernels.use_backend(backend):
+        y = kernels.bias_gelu(x, bias)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32
+    ref = bias_gelu_reference(x.detach().double(), bias.detach().double())
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.bfloat16])
