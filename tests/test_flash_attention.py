@@ -423,3 +423,27 @@ def test_left_padded_batch_on_triton_matches_each_prompt_alone():
         torch.testing.assert_close(logits[0, 8:], alone[0], **MODEL_TOLERANCE)
         batched = gptfast.generate(model, prompts, 4, temperature=0)
         assert batched == [gptfast.generate(model, [p], 4, temperature=0)[0] for p in prompts]
+
+
+# The GPU block tables under the interpreter: the tests above use small interpreter tiles, so this
+# runs the shapes that GPUs launch (128-row query blocks, 64-key blocks, unequal dK/dV and dQ
+# tiles) through the causal skipping, tail masking and left-padding logic before any GPU sees them.
+@pytest.mark.skipif(CUDA, reason="on a GPU every test above already runs the GPU tables")
+@pytest.mark.parametrize("table", fa.ARCHES)
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 64), (torch.float16, 80), (torch.float32, 128)])
+def test_gpu_tables_under_interpreter(monkeypatch, table, dtype, head_dim):
+    monkeypatch.setattr(fa, "_configs_for",
+                        lambda q: fa.tuned_configs(table, fa._head_dim_pad(q.shape[-1]), q.element_size()))
+    torch.manual_seed(table + head_dim)
+    cases = [(1, 1, 200, 200, True), (1, 1, 130, 259, True), (1, 1, 70, 150, False)]
+    for batch, heads, q_len, k_len, causal in cases:
+        q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
+        grad_out = torch.randn(batch, heads, q_len, head_dim).to(dtype)
+        assert_matches(triton_attention(q, k, v, grad_out, causal=causal),
+                       reference_attention(q, k, v, grad_out, causal=causal), dtype)
+    # Left padding that ends inside the first 128-row block and past a 64-key block edge.
+    q, k, v = make_inputs(2, 1, 150, 150, head_dim, dtype)
+    grad_out = torch.randn(2, 1, 150, head_dim).to(dtype)
+    key_start = torch.tensor([0, 70])
+    assert_matches(triton_attention(q, k, v, grad_out, key_start=key_start),
+                   reference_attention(q, k, v, grad_out, key_start=key_start), dtype)
