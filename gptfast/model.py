@@ -111,7 +111,10 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        # Under autocast the next matmul casts y to the autocast dtype: write it in that dtype.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
 
 
 class KVCache:

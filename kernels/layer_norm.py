@@ -162,12 +162,12 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton LayerNorm forward: (y shaped like x, float32 mean and 1/std per row)."""
+                       eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm forward: (y shaped like x in out_dtype, float32 mean and 1/std per row)."""
     x2 = as_rows(x)
     weight, bias = (p.contiguous() if p is not None else None for p in (weight, bias))
     n_rows, n_cols = x2.shape
-    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
@@ -180,9 +180,9 @@ def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+    return x.new_empty(x.shape, dtype=out_dtype), stats, stats.clone()
 
 
 @torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
@@ -220,7 +220,7 @@ def _(dy, x, weight, has_bias, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _ = inputs
+    x, weight, bias, _, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
@@ -229,15 +229,18 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.has_bias, mean, rstd)
-    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None
 
 
 _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype | None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("layer_norm: x must be a tensor with at least one dimension")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"layer_norm: out_dtype must be a floating-point torch.dtype, got {out_dtype!r}")
     n = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (n,):
@@ -246,10 +249,12 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
 
 
 def _kernel_problem(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    eps: float = 1e-5) -> str | None:
+                    eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> str | None:
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in KERNEL_DTYPES:
             return f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
+    if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
+        return f"out_dtype {out_dtype}; the kernel writes float32, float16 and bfloat16"
     n = x.shape[-1]
     if not 1 <= n <= MAX_ROW_LENGTH:
         return f"row length {n} is outside the kernel's range 1..{MAX_ROW_LENGTH}"
@@ -260,13 +265,15 @@ backend.register("layer_norm", _kernel_problem)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float = 1e-5) -> torch.Tensor:
+               eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm of ``x`` over its last dimension, through the backend switch.
 
-    The Triton path returns y in x's dtype (statistics in float32) and gradients in the
-    parameters' dtypes.
+    Statistics are float32; y is written in ``out_dtype`` (default: x's dtype), gradients come back
+    in the inputs' dtypes. ``out_dtype`` lets autocast training write bf16 straight from a float32
+    residual stream: the next matmul would cast it anyway, and the kernel then writes half the bytes.
     """
-    _check_inputs(x, weight, bias)
-    if backend.route("layer_norm", x, weight, bias, eps):
-        return _layer_norm_fwd_op(x, weight, bias, eps)[0]
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    _check_inputs(x, weight, bias, out_dtype)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if backend.route("layer_norm", x, weight, bias, eps, out_dtype):
+        return _layer_norm_fwd_op(x, weight, bias, eps, out_dtype)[0]
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)

@@ -178,3 +178,28 @@ def test_random_shapes(rows, n, dtype, has_weight, has_bias, seed):
     torch.manual_seed(seed)
     run_and_compare(torch.randn(rows, n).to(dtype), torch.randn(n).to(dtype) if has_weight else None,
                     torch.randn(n).to(dtype) if has_bias else None)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_out_dtype_writes_half_from_float32(out_dtype):
+    """A float32 residual stream normalised straight into the autocast dtype: y is out_dtype and
+    within its rounding of the float64 reference; dx stays float32, as exact as without out_dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 768, requires_grad=True)
+    weight, bias = torch.randn(768, requires_grad=True), torch.randn(768, requires_grad=True)
+    with kernels.use_backend("triton"):
+        y = kernels.layer_norm(x, weight, bias, 1e-5, out_dtype)
+    assert y.dtype == out_dtype
+    dy = torch.randn(y.shape).to(out_dtype)
+    y.backward(dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    ref = layer_norm_reference(*leaves64)
+    ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), ref.detach(), **TOLERANCES[out_dtype])
+    assert x.grad.dtype == torch.float32
+    for got, want in zip((x.grad, weight.grad, bias.grad), (t.grad for t in leaves64)):
+        torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+    with kernels.use_backend("torch"):
+        eager = kernels.layer_norm(x, weight, bias, 1e-5, out_dtype)
+    assert eager.dtype == out_dtype
+    torch.testing.assert_close(y, eager, **TOLERANCES[out_dtype])
