@@ -175,6 +175,16 @@ def _load_key_start(KEY_START, batch):
 
 
 @_triton_jit
+def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """q k^T * qk_scale (log2 units, float32); with MASKED, keys a query cannot see (causal,
+    padding, past k_len) score -inf."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, key_start, CAUSAL), s, float("-inf"))
+    return s
+
+
+@_triton_jit
 def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
                     lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -184,10 +194,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units, float32
-        if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, key_start, CAUSAL), s,
-                         float("-inf"))
+        s = _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = m_new
         if MASKED:  # a row that has seen no key yet keeps m = -inf: subtract 0 so p = 0, not NaN
@@ -396,12 +403,10 @@ def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        # V is loaded before the first dot: loaded after it, float32 tiles spill on Triton 3.6.
         v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, key_start, CAUSAL), s,
-                         float("-inf"))
+        s = _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL, MASKED)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
