@@ -28,8 +28,8 @@ if [[ $what == all || $what == tests ]]; then
     tests_s=$([[ $what == all ]] && echo 150 || echo $((limit_s - 10)))
     # The kernels' and the model's tests first (bf16 and memory checks run only on a GPU), then the rest.
     timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider --durations=10 tests/test_flash_attention.py \
-        tests/test_layer_norm.py tests/test_bias_gelu.py tests/test_model.py tests/test_train.py \
-        tests/test_generate.py tests 2>&1 | tee "$OUT/tests.log"
+        tests/test_layer_norm.py tests/test_bias_gelu.py tests/test_cross_entropy.py tests/test_model.py \
+        tests/test_train.py tests/test_generate.py tests 2>&1 | tee "$OUT/tests.log"
     echo "tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: stopped at the ${tests_s} s limit)" | tee -a "$OUT/tests.log"
 fi
 

@@ -175,8 +175,9 @@ def eager(fn: Callable[..., torch.Tensor]) -> ProviderFactory:
     return lambda device: fn
 
 
-def liger(import_path: str, attribute: str, extra_args: tuple = ()) -> ProviderFactory:
-    """A provider factory for a Liger-Kernel autograd function, Unavailable when Liger is missing."""
+def liger(import_path: str, attribute: str, extra_args: tuple = (), output: int | None = None) -> ProviderFactory:
+    """A provider factory for a Liger-Kernel autograd function, Unavailable when Liger is missing.
+    ``output``: the index of the result in the tuple the function returns, if it returns one."""
     def factory(device: torch.device) -> Callable[..., torch.Tensor]:
         if device.type != "cuda":
             raise Unavailable("Liger-Kernel runs on CUDA only")
@@ -185,5 +186,7 @@ def liger(import_path: str, attribute: str, extra_args: tuple = ()) -> ProviderF
         except ImportError as error:
             raise Unavailable(f"Liger-Kernel is not installed ({error})") from error
         function = getattr(module, attribute)
-        return lambda *args: function.apply(*args, *extra_args)
+        if output is None:
+            return lambda *args: function.apply(*args, *extra_args)
+        return lambda *args: function.apply(*args, *extra_args)[output]
     return factory

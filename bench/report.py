@@ -21,12 +21,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import bias_gelu, end_to_end, flash_attention, layer_norm
+from . import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm
 from .ceilings import Ceilings, measure_ceilings
 from .kernel_bench import PASSES, KernelBench, bench_dtype, run_case
 from .records import OK, UNAVAILABLE, Record
 
-KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH)}
+KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH,
+                                                      cross_entropy.BENCH)}
 # Training first: the end-to-end targets matter most if a time budget cuts the run short.
 GROUPS = ("train", "generate", *KERNELS)
 PROVIDERS = tuple(dict.fromkeys([*end_to_end.TRAIN_PROVIDERS, *end_to_end.GENERATE_PROVIDERS,

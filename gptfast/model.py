@@ -1,6 +1,6 @@
 """GPT-2 from scratch: the whole model in one file.
 
-Hot operations (LayerNorm, the MLP's bias + GELU, attention) go through the public ops of
+Hot operations (LayerNorm, the MLP's bias + GELU, attention, the loss) go through the public ops of
 ``kernels``, which run Triton kernels or eager PyTorch as the backend switch decides. Module names
 follow GPT-2's (``transformer.wte``, ``h.{i}.attn.c_attn``, ``mlp.c_fc``, ``lm_head``...), so state
 dicts map onto Hugging Face's GPT-2 with only its Conv1D transposes.
@@ -325,10 +325,12 @@ class GPT(nn.Module):
             cache.length += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
+            # The loss takes the padded logits whole: the padding columns are left out of the softmax
+            # and get a zero gradient, with no copy for the slice below. Targets were checked above.
+            loss = kernels.cross_entropy(logits, targets, ignore_index=-1, num_classes=self.config.vocab_size,
+                                         check_targets=False)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
         return logits, loss

@@ -1,7 +1,7 @@
 """Test set-up: kernels run under the Triton interpreter on machines without a GPU.
 
 TRITON_INTERPRET must be set before triton is imported, so it is set here, before any test module
-imports ``kernels``. On a CUDA machine the real kernels run.
+imports ``kernels``. On a CUDA machine the real kernels run, on the GPU (``on_kernel_device``).
 """
 
 import os
@@ -20,6 +20,18 @@ if _LOCAL_RANKS.exists():
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def on_kernel_device():
+    """Tensors made without a device go where the Triton kernels really run: the GPU when there is
+    one; on a machine without one they stay on the CPU, where the interpreter runs the kernels.
+    Kernel test modules use it through ``pytestmark``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    yield device
+    torch.set_default_device(previous)
 
 
 @pytest.fixture(autouse=True)

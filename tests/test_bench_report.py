@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from bench import __main__ as bench_cli
-from bench import bias_gelu, end_to_end, flash_attention, layer_norm, report
+from bench import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm, report
 from bench.kernel_bench import KernelBench, Sweep, eager, run_case
 from bench.records import FAILED, OK, UNAVAILABLE, Record, failure_status
 from bench.timing import Unavailable, input_sets, time_calls
@@ -44,6 +44,8 @@ def test_work_counts():
     assert layer_norm.BENCH.work(size, "forward", 2) == (2 * 70 + 14) * 2
     assert layer_norm.BENCH.work(size, "forward+backward", 2) == (2 * 70 + 14 + 3 * 70 + 21) * 2
     assert bias_gelu.BENCH.work(size, "backward", 4) == (3 * 70 + 14) * 4
+    logits = dict(rows=10, vocab=7)
+    assert cross_entropy.BENCH.work(logits, "forward+backward", 2) == 3 * 70 * 2 + 2 * 10 * 8
     attention = dict(batch=2, heads=3, seq=5, head_dim=8)
     forward = 4 * 2 * 3 * 25 * 8 / 2
     assert flash_attention.BENCH.work(attention, "forward", 2) == forward

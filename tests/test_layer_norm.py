@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 import kernels
 from kernels.layer_norm import MAX_ROW_LENGTH, layer_norm_reference
 
+pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one
+
 TOLERANCES = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.float16: dict(rtol=2e-3, atol=2e-3),

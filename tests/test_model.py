@@ -7,6 +7,9 @@ import torch
 
 from gptfast import GPT, GPTConfig
 
+# Where the "triton" backend runs: the GPU, or the CPU under the interpreter (tests/conftest.py).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 CLASSIC = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12,
                drop_rate=0.1, qkv_bias=False)
 
@@ -44,12 +47,24 @@ def test_logits_shape_gpt2_vocabulary():
     assert logits.shape == (2, 4, 50257) and loss is None
 
 
-def test_padded_vocabulary_keeps_true_size():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_vocabulary_keeps_true_size(backend):
+    """The padding rows of the vocabulary are never predicted: the loss is that of the true logits and
+    the padding embeddings get no gradient, on both backends."""
+    import kernels
+
+    torch.manual_seed(0)
     config = GPTConfig(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, context_length=16, vocab_multiple=64)
-    model = GPT(config)
+    model = GPT(config).to(DEVICE)
     assert model.transformer.wte.weight.shape[0] == 1024
-    logits, loss = model(torch.randint(0, 1000, (3, 5)), torch.randint(0, 1000, (3, 5)))
-    assert logits.shape == (3, 5, 1000) and torch.isfinite(loss)
+    idx, targets = torch.randint(0, 1000, (2, 3, 5), device=DEVICE)
+    with kernels.use_backend(backend):
+        logits, loss = model(idx, targets)
+    assert logits.shape == (3, 5, 1000)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), targets.reshape(-1)))
+    loss.backward()
+    grad = model.transformer.wte.weight.grad
+    assert grad[:1000].any() and not grad[1000:].any()
 
 
 def test_initial_loss_near_uniform_and_backward():
@@ -167,12 +182,12 @@ def test_autocast_training_step_triton_matches_torch():
     import kernels
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=96, n_layer=2, n_head=2, n_embd=64, context_length=24))
-    idx, targets = torch.randint(0, 96, (2, 2, 24))
+    model = GPT(GPTConfig(vocab_size=96, n_layer=2, n_head=2, n_embd=64, context_length=24)).to(DEVICE)
+    idx, targets = torch.randint(0, 96, (2, 2, 24), device=DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         model.zero_grad()
-        with kernels.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+        with kernels.use_backend(backend), torch.autocast(DEVICE.type, dtype=torch.float16):
             _, loss = model(idx, targets)
         loss.backward()
         results[backend] = (loss.float(), [p.grad.clone() for p in model.parameters()])

@@ -1,0 +1,247 @@
+"""Cross-entropy over the last dimension of logits, for the LM head: ``lse(x) - x[target]`` per row.
+
+Triton kernels (forward and backward), registered as the PyTorch custom operators
+``gptfast::cross_entropy_fwd`` / ``gptfast::cross_entropy_bwd`` with autograd and fake implementations.
+
+The logits are the largest activation of a GPT step (16 x 1024 rows of 50,304 bf16 values: 1.6 GB),
+and eager PyTorch under autocast first copies them to float32, then writes float32 log-probabilities,
+a one-hot gradient and the float32 gradient before casting it back: about 30 GB of traffic. Here:
+
+* Forward: one program per row streams the row once in ``BLOCK_V`` chunks, keeping a running max and
+  sum of exponentials per lane (an online softmax, in base 2); it writes only the row's loss and
+  log-sum-exp (8 bytes). One read of the logits in their own dtype.
+* Backward: recomputes ``softmax = exp(x - lse)`` from the logits and the saved log-sum-exp and writes
+  ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
+
+``num_classes`` lets the LM head pass its vocabulary-padded logits whole (50,257 classes in rows of
+50,304): the padding columns are left out of the softmax and get a zero gradient, which saves the
+copy that slicing the logits would cost in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .layer_norm import KERNEL_DTYPES, as_rows
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # kernels must import without Triton; backend.route then never picks a kernel
+    triton = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+REDUCTIONS = ("mean", "sum", "none")
+TARGET_DTYPES = (torch.int64, torch.int32)
+_MAX_BLOCK_V = 4096  # chunk of a row per loop step: 16 values per thread with 8 warps
+
+
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Plain-math per-row losses ``logsumexp(x) - x[target]`` (0 where ignored), for tests (call it on
+    float64 logits of shape (rows, classes))."""
+    keep = targets != ignore_index
+    picked = logits.gather(1, torch.where(keep, targets, 0).long()[:, None])[:, 0]
+    return torch.where(keep, torch.logsumexp(logits, dim=1) - picked, 0.0)
+
+
+@_jit
+def _logsumexp_step(m, s, x):
+    """Fold a chunk x into each lane's running max m and sum s of exp(x - m)."""
+    m_new = tl.maximum(m, x)
+    # Differences first, then the scale to base 2: x - m is exact for nearby values, so rows with a
+    # large common offset lose nothing.
+    return m_new, s * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2((x - m_new) * 1.4426950408889634)
+
+
+@_jit
+def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_classes, stride_row, ignore_index,
+                       BLOCK_V: tl.constexpr):
+    # One row per program, read once: each lane keeps a running max and sum of exponentials over the
+    # chunks it sees, and the lanes are combined at the end. Whole chunks load unmasked, so 16-bit
+    # rows are read with 128-bit loads even though 50,257 classes are not a multiple of 8.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((BLOCK_V,), -1e30, tl.float32)  # finite, so m - m_new is never -inf - -inf
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    n_whole = n_classes // BLOCK_V * BLOCK_V
+    for start in range(0, n_whole, BLOCK_V):
+        m, s = _logsumexp_step(m, s, tl.load(row_ptr + start + cols).to(tl.float32))
+    if n_whole < n_classes:
+        tail = n_whole + cols
+        x = tl.load(row_ptr + tail, mask=tail < n_classes, other=float("-inf")).to(tl.float32)
+        m, s = _logsumexp_step(m, s, x)
+    m_row = tl.max(m, axis=0)
+    log_sum = tl.log(tl.sum(s * tl.exp2((m - m_row) * 1.4426950408889634), axis=0))
+    tl.store(lse_ptr + row, m_row + log_sum)
+    # The target's logit is one scalar load; a target outside [0, n_classes) gives NaN, not a wild read.
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    in_range = (target >= 0) & (target < n_classes)
+    picked = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, (m_row - picked) + log_sum))
+
+
+@_jit
+def _grad_chunk(x, col, target, lse, scale):
+    """(softmax(x) - onehot(target)) * scale for one chunk of columns col."""
+    p = tl.exp2((x - lse) * 1.4426950408889634)
+    return (p - tl.where(col == target, 1.0, 0.0)) * scale
+
+
+@_jit
+def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, lse_ptr, dlogits_ptr, n_classes, n_cols,
+                       stride_row, stride_drow, ignore_index, BLOCK_V: tl.constexpr):
+    # One row per program: reads the row once and writes its gradient once,
+    # d loss / d x = (softmax(x) - onehot(target)) * dloss, zero on ignored rows and padding columns.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    drow_ptr = dlogits_ptr + row * stride_drow
+    cols = tl.arange(0, BLOCK_V)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    scale = tl.where(target == ignore_index, 0.0, tl.load(dloss_ptr + row))  # 0 * exp(...) = 0: no NaN from
+    lse = tl.where(target == ignore_index, 0.0, tl.load(lse_ptr + row))      # an ignored row's logits
+    n_whole = n_classes // BLOCK_V * BLOCK_V
+    for start in range(0, n_whole, BLOCK_V):  # whole chunks: unmasked, vectorised loads and stores
+        x = tl.load(row_ptr + start + cols).to(tl.float32)
+        grad = _grad_chunk(x, start + cols, target, lse, scale)
+        tl.store(drow_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty))
+    for start in range(n_whole, n_cols, BLOCK_V):  # the last classes, then the padding columns
+        col = start + cols
+        x = tl.load(row_ptr + col, mask=col < n_classes, other=float("-inf")).to(tl.float32)
+        grad = _grad_chunk(x, col, target, lse, scale)
+        tl.store(drow_ptr + col, grad.to(dlogits_ptr.dtype.element_ty), mask=col < n_cols)
+
+
+def _block_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): chunks of up to _MAX_BLOCK_V columns, 16 values per thread."""
+    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(max(n_cols, 16)))
+    return block_v, max(1, min(8, block_v // 512))
+
+
+def _kernel_configs() -> list[tuple[int, int]]:
+    """Every (BLOCK_V, num_warps) the kernels may launch with, for ahead-of-time checks."""
+    return sorted({_block_config(2**k) for k in range(4, _MAX_BLOCK_V.bit_length())})
+
+
+@torch.library.custom_op("gptfast::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                          num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward on (rows, n) logits: float32 per-row losses (0 where ignored) and log-sum-exps."""
+    n_rows = logits.shape[0]
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows > 0:
+        block_v, num_warps = _block_config(num_classes)
+        _cross_entropy_fwd[(n_rows,)](logits, targets.contiguous(), loss, lse, num_classes, logits.stride(0),
+                                      ignore_index, BLOCK_V=block_v, num_warps=num_warps)
+    return loss, lse
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, targets, ignore_index, num_classes):
+    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("gptfast::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                          lse: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
+    """Triton backward: the logits' gradient, in their dtype and shape (rows, n)."""
+    n_rows, n_cols = logits.shape
+    dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if dlogits.numel() > 0:
+        block_v, num_warps = _block_config(n_cols)
+        _cross_entropy_bwd[(n_rows,)](dloss.float().contiguous(), logits, targets.contiguous(), lse, dlogits,
+                                      num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index,
+                                      BLOCK_V=block_v, num_warps=num_warps)
+    return dlogits
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(dloss, logits, targets, lse, ignore_index, num_classes):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, targets, ignore_index, num_classes = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.ignore_index, ctx.num_classes = ignore_index, num_classes
+
+
+def _backward(ctx, dloss, _dlse):
+    logits, targets, lse = ctx.saved_tensors
+    return _cross_entropy_bwd_op(dloss, logits, targets, lse, ctx.ignore_index, ctx.num_classes), None, None, None
+
+
+_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str, num_classes: int | None) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or not logits.dtype.is_floating_point:
+        raise ValueError("cross_entropy: logits must be a floating-point tensor of shape (..., classes)")
+    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"cross_entropy: targets have shape {shape}, expected {tuple(logits.shape[:-1])} "
+                         f"(the logits' shape {tuple(logits.shape)} without the class dimension)")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"cross_entropy: targets must hold integer class ids, got dtype {targets.dtype}")
+    if num_classes is not None and not 1 <= num_classes <= logits.shape[-1]:
+        raise ValueError(f"cross_entropy: num_classes {num_classes} must be between 1 and the logits' "
+                         f"last dimension {logits.shape[-1]}")
+
+
+def _check_target_values(targets: torch.Tensor, ignore_index: int, num_classes: int) -> None:
+    """One host sync: every target is a class id or ignore_index."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+    if targets.numel() and bool(bad.any()):
+        value = targets[bad][0].item()
+        raise ValueError(f"cross_entropy: target {value} is outside the classes [0, {num_classes}) "
+                         f"and is not ignore_index ({ignore_index})")
+
+
+def _kernel_problem(logits: torch.Tensor, targets: torch.Tensor, *args, **kwargs) -> str | None:
+    if logits.dtype not in KERNEL_DTYPES:
+        return f"logits have dtype {logits.dtype}; the kernel takes float32, float16 and bfloat16"
+    if targets.dtype not in TARGET_DTYPES:
+        return f"targets have dtype {targets.dtype}; the kernel takes int64 and int32"
+    if logits.shape[-1] == 0:
+        return "logits have no classes"
+    return None
+
+
+backend.register("cross_entropy", _kernel_problem)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                  reduction: str = "mean", num_classes: int | None = None,
+                  check_targets: bool = True) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (..., classes) against integer ``targets`` (...), through the backend
+    switch. The loss is float32 whatever the logits' dtype; the logits' gradient keeps their dtype.
+
+    ``ignore_index`` marks positions left out (their loss and gradient are 0; ``"mean"`` averages
+    over the others, NaN when there are none, as ``F.cross_entropy``). ``reduction`` is "mean",
+    "sum" or "none" (a loss per position). ``num_classes``: only the first ``num_classes`` columns
+    are classes, the rest (vocabulary padding) take no part and get a zero gradient.
+    ``check_targets`` raises ValueError for a target that is neither a class nor ``ignore_index``;
+    it costs one host sync and is skipped under ``torch.compile``, where such a target gives NaN.
+    """
+    _check_inputs(logits, targets, reduction, num_classes)
+    num_classes = logits.shape[-1] if num_classes is None else num_classes
+    if check_targets and not torch.compiler.is_compiling():
+        _check_target_values(targets, ignore_index, num_classes)
+    logits2, targets1 = as_rows(logits), targets.reshape(-1)
+    if backend.route("cross_entropy", logits2, targets1):
+        losses = _cross_entropy_fwd_op(logits2, targets1, ignore_index, num_classes)[0]
+    else:
+        losses = F.cross_entropy(logits2[:, :num_classes].float(), targets1.long(), ignore_index=ignore_index,
+                                 reduction="none")
+    if reduction == "none":
+        return losses.view(targets.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (targets1 != ignore_index).sum()
