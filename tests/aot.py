@@ -99,13 +99,18 @@ def compile_kernels(builds: list[Build], timeout: float = 600.0) -> list[KernelS
     return [KernelStats(build=b, **r) for b, r in zip(builds, reports)]
 
 
-_GLOBAL_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfus](\d+)\b")
+_GLOBAL_ACCESS = {op: re.compile(rf"\b{op}\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfus](\d+)\b") for op in ("ld", "st")}
 
 
 def global_load_bits(ptx: str) -> Counter[int]:
     """How many global-memory load instructions ``ptx`` has of each width in bits
     (ld.global.v4.b32 counts as one 128-bit load)."""
-    return Counter(int(vec or 1) * int(bits) for vec, bits in _GLOBAL_LOAD.findall(ptx))
+    return Counter(int(vec or 1) * int(bits) for vec, bits in _GLOBAL_ACCESS["ld"].findall(ptx))
+
+
+def global_store_bits(ptx: str) -> Counter[int]:
+    """The same for global-memory stores (st.global.v4.b32: one 128-bit store)."""
+    return Counter(int(vec or 1) * int(bits) for vec, bits in _GLOBAL_ACCESS["st"].findall(ptx))
 
 
 # ---- the subprocess side: runs with the real (compiling) Triton ----

@@ -1,9 +1,10 @@
 """The cross-entropy kernels compiled ahead of time for sm_80 (A100) and sm_90 (H100).
 
 Every chunk size the launchers may pick must compile without register spills and within the
-target's shared memory, and GPT-2's 16-bit logits (rows of 50,304 padded columns holding 50,257
-classes) must be read with 128-bit loads: the whole chunks are loaded unmasked for that, since the
-class count is odd. Compilation runs in one subprocess without ``TRITON_INTERPRET`` (see ``aot.py``).
+target's shared memory. GPT-2's 16-bit logits (rows of 50,304 padded columns holding 50,257
+classes) must be read with 128-bit loads and their gradient written with 128-bit stores: whole
+chunks are accessed unmasked for that, since the class count is odd. Compilation runs in one
+subprocess without ``TRITON_INTERPRET`` (see ``aot.py``).
 """
 
 import importlib
@@ -58,12 +59,15 @@ def test_every_config_compiles_without_spills_within_shared_memory(compiled):
     assert not over, "shared memory over the limit:\n" + "\n".join(over)
 
 
-def test_16_bit_logits_use_128_bit_loads(compiled):
+def test_16_bit_logits_use_128_bit_loads_and_stores(compiled):
     for stats in compiled["gpt2"]:
         block_v, num_warps = stats.build.constexprs["BLOCK_V"], stats.build.num_warps
-        per_chunk = block_v // (32 * num_warps) // 8  # 128-bit loads per thread for one whole chunk
-        widths = aot.global_load_bits(stats.ptx)
-        assert widths[128] >= per_chunk > 0, f"{stats}: global loads by width {dict(widths)}"
+        per_chunk = block_v // (32 * num_warps) // 8  # 128-bit accesses per thread for one whole chunk
+        loads = aot.global_load_bits(stats.ptx)
+        assert loads[128] >= per_chunk > 0, f"{stats}: global loads by width {dict(loads)}"
+        if stats.build.kernel == "_cross_entropy_bwd":  # the gradient is written as wide as it is read
+            stores = aot.global_store_bits(stats.ptx)
+            assert stores[128] >= per_chunk, f"{stats}: global stores by width {dict(stores)}"
 
 
 def test_load_width_check_can_fail(compiled):
