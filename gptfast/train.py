@@ -207,6 +207,8 @@ def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
     else:
         device = torch.device(cfg.device)
     if device.type == "cuda":
+        if device.index is None:  # plain "cuda": the current GPU, named by index for set_device and DDP
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -221,7 +221,7 @@ def test_key_start_int32_and_negative():
     q, k, v = (t.detach() for t in make_inputs(2, 1, 20, 20, 16, torch.float32))
     with kernels.use_backend("triton"):
         plain = kernels.flash_attention(q, k, v)
-        padded = kernels.flash_attention(q, k, v, key_start=torch.tensor([-3, 4], dtype=torch.int32))
+        padded = kernels.flash_attention(q, k, v, key_start=torch.tensor([-3, 4], dtype=torch.int32, device=DEVICE))
     assert torch.equal(padded[0], plain[0])
     want = fa.attention_reference(q.double(), k.double(), v.double(), key_start=torch.tensor([0, 4]))
     torch.testing.assert_close(padded.double(), want, **TOLERANCES[torch.float32][0])

@@ -145,6 +145,17 @@ def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
     assert resumed["step"] == state["step"] + 2
 
 
+def test_plain_cuda_device_gets_the_current_index(monkeypatch):
+    """--device cuda means the current GPU: torch.cuda.set_device and DDP need its index."""
+    from gptfast.train import _init_distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    _, device = _init_distributed(TrainConfig(data=[], device="cuda"))
+    assert device == torch.device("cuda", 3) and chosen == [device]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_cuda_bfloat16_training(data_dir, tmp_path, backend):
