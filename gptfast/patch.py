@@ -9,6 +9,8 @@ Swaps in place, keeping every parameter (same tensors, same state-dict names):
 * transformers' GPT-2 runs attention through ``kernels.flash_attention``, registered as the
   attention implementation ``"gptfast"``. Batches with padding (an ``attention_mask`` with zeros)
   take transformers' own SDPA path, as the flash kernel has no padding mask.
+* A transformers causal language model (``GPT2LMHeadModel``, ``...ForCausalLM``) computes its loss
+  with ``kernels.cross_entropy``, on the logits in their own dtype, rather than on a float32 copy.
 
 Each op goes through the backend switch, so a patched model still runs anywhere. Forward hooks on
 replaced modules are not carried over.
@@ -107,6 +109,22 @@ def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     return out.transpose(1, 2), None  # transformers expects (batch, seq, heads, head_dim)
 
 
+def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                    num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
+                    shift_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """transformers' causal-LM loss (position t predicts label t + 1; the mean over the labels that
+    are not ``ignore_index``, or their sum over ``num_items_in_batch``) on ``kernels.cross_entropy``."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(logits.device)
+    if num_items_in_batch is None:
+        return kernels.cross_entropy(logits, shift_labels, ignore_index, num_classes=vocab_size)
+    total = kernels.cross_entropy(logits, shift_labels, ignore_index, reduction="sum", num_classes=vocab_size)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 def _use_flash_attention(model: nn.Module) -> None:
     """Route a transformers GPT-2's attention through :func:`_hf_attention`."""
     try:
@@ -127,6 +145,13 @@ def _is_transformers_gpt2(module: nn.Module) -> bool:
     config = getattr(module, "config", None)
     return (_from_transformers(module) and getattr(config, "model_type", None) == "gpt2"
             and hasattr(module, "set_attn_implementation"))
+
+
+def _is_transformers_causal_lm(module: nn.Module) -> bool:
+    """A transformers model whose ``loss_function`` is the causal-LM loss (transformers 4.46 and later)."""
+    return (_from_transformers(module) and hasattr(type(module), "loss_function")
+            and type(module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+            and getattr(module, "loss_type", None) in (None, "ForCausalLM"))
 
 
 def patch(model: nn.Module) -> nn.Module:
@@ -152,4 +177,6 @@ def patch(model: nn.Module) -> nn.Module:
                 module.c_fc, module.act = fused, nn.Identity()
         if _is_transformers_gpt2(module) and module.config._attn_implementation != ATTENTION_NAME:
             _use_flash_attention(module)
+        if _is_transformers_causal_lm(module):
+            module.loss_function = _causal_lm_loss
     return model

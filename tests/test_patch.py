@@ -84,7 +84,7 @@ def tiny_gpt2(dtype, activation="gelu_new", tie=True) -> GPT2LMHeadModel:
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the calls of each kernels op (the patched model's modules call them)."""
-    counts = {"layer_norm": 0, "bias_gelu": 0, "flash_attention": 0}
+    counts = {"layer_norm": 0, "bias_gelu": 0, "flash_attention": 0, "cross_entropy": 0}
     for name in counts:
         real = getattr(kernels, name)
 
@@ -108,7 +108,22 @@ def test_transformers_gpt2_outputs_and_gradients(dtype, activation, tie, calls):
     idx = torch.randint(0, 61, (2, 24))
     assert_same_outputs_and_gradients(original, patched, lambda m: m(idx).logits, dtype)
     # 2 blocks x (2 LayerNorms, 1 GELU, 1 attention) + the final LayerNorm, in one forward pass.
-    assert calls == {"layer_norm": 5, "bias_gelu": 2, "flash_attention": 2}
+    assert calls == {"layer_norm": 5, "bias_gelu": 2, "flash_attention": 2, "cross_entropy": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_transformers_gpt2_loss(dtype, calls):
+    """The causal-LM loss (labels shifted inside, -100 ignored; or summed over num_items_in_batch)
+    and its gradients match transformers' own."""
+    original = tiny_gpt2(dtype)
+    patched = patch(copy.deepcopy(original))
+    idx = torch.randint(0, 61, (2, 24))
+    labels = idx.clone()
+    labels[0, :5] = -100
+    assert_same_outputs_and_gradients(original, patched, lambda m: m(idx, labels=labels).loss, torch.float32)
+    assert calls["cross_entropy"] == 1
+    summed = lambda m: m(idx, labels=labels, num_items_in_batch=torch.tensor(40)).loss  # noqa: E731
+    assert_same_outputs_and_gradients(original, patched, summed, torch.float32)
 
 
 def test_transformers_gpt2_padding_and_cached_generation(calls):
@@ -160,3 +175,4 @@ def test_patched_gpt2_on_the_triton_kernels():
         if unsupported:
             pytest.skip(f"Triton kernels not available: {unsupported}")
         assert_same_outputs_and_gradients(original, patched, lambda m: m(idx).logits, torch.float32)
+        assert_same_outputs_and_gradients(original, patched, lambda m: m(idx, labels=idx).loss, torch.float32)
