@@ -34,6 +34,28 @@ def on_kernel_device():
     torch.set_default_device(previous)
 
 
+@pytest.fixture
+def interpreter_bf16_dot(monkeypatch):
+    """Under the interpreter, ``tl.dot`` multiplies bfloat16 operands' raw bits (it stores them as
+    uint16). This widens them to float32 first, which is exact (a GPU's bf16 dot also multiplies
+    exactly and accumulates in float32), so bf16 kernels can be checked on a CPU. Nothing on a GPU."""
+    if not kernels.backend.TRITON_INTERPRET:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def widened(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << 16  # bf16 is the top half of a float32
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, *args: create_dot(self, widened(a), widened(b), *args))
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     """Each test starts on the "auto" backend and cannot leak a backend change into the next."""

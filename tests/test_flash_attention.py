@@ -125,6 +125,20 @@ def test_bfloat16_matches_float64_reference(head_dim):
                    torch.bfloat16)
 
 
+@pytest.mark.skipif(CUDA, reason="the test above runs the kernels in bfloat16 on the GPU")
+@pytest.mark.parametrize("q_len,k_len,head_dim,causal", [(70, 70, 64, True), (33, 50, 80, True), (40, 40, 32, False)])
+def test_bfloat16_kernels_under_the_interpreter(interpreter_bf16_dot, q_len, k_len, head_dim, causal):
+    """The bfloat16 kernels on a CPU, through the custom operator (the public function refuses
+    bfloat16 on a CPU, since the stock interpreter's bf16 dot is wrong; the fixture mends it)."""
+    torch.manual_seed(q_len + head_dim)
+    q, k, v = make_inputs(2, 2, q_len, k_len, head_dim, torch.bfloat16)
+    grad_out = torch.randn(2, 2, q_len, head_dim).to(torch.bfloat16)
+    out, _ = fa._forward_op(q, k, v, causal, 0.0, 1 / math.sqrt(head_dim), None, None)
+    out.backward(grad_out)
+    assert_matches((out, [t.grad for t in (q, k, v)]), reference_attention(q, k, v, grad_out, causal=causal),
+                   torch.bfloat16)
+
+
 def test_large_scores():
     """Scores of several hundred (sharp softmax rows) neither overflow nor lose the small terms."""
     torch.manual_seed(6)
