@@ -14,6 +14,7 @@ from kernels.backend import TRITON_INTERPRET
 
 from . import report
 from .kernel_bench import SIZE_MODES
+from .timing import REP_MS, WARMUP_MS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,8 +32,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                         help="where result folders <date>-<device> go and are looked up (default: bench/results)")
     parser.add_argument("--out", type=Path, help="output folder (default: <results-root>/<date>-<device>)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per kernel case (ms)")
-    parser.add_argument("--rep-ms", type=float, default=100.0, help="timed repeats per kernel case (ms)")
+    parser.add_argument("--warmup-ms", type=float, default=WARMUP_MS, help="warm-up per kernel case (ms)")
+    parser.add_argument("--rep-ms", type=float, default=REP_MS, help="timed repeats per kernel case (ms)")
     parser.add_argument("--budget-s", type=float, help="skip the cases left after this many seconds")
     parser.add_argument("--update-readme", action="store_true",
                         help="after the run, regenerate the README's results table from it")

@@ -19,7 +19,8 @@ import torch
 import kernels
 
 from .records import Record, failure_status
-from .timing import Unavailable, input_sets, peak_memory_mb, reset_peak_memory, synchronize, time_calls
+from .timing import (REP_MS, WARMUP_MS, Unavailable, input_sets, peak_memory_mb, reset_peak_memory, synchronize,
+                     time_calls)
 
 PASSES = ("forward", "backward", "forward+backward")
 SIZE_MODES = ("small", "full", "headline")
@@ -126,8 +127,8 @@ def prepare_case(bench: KernelBench, provider: str, pass_: str, size: dict, devi
 
 
 def run_case(bench: KernelBench, provider: str, pass_: str, size: dict, device: torch.device,
-             dtype: torch.dtype, ceiling: float | None, *, warmup_ms: float = 25.0,
-             rep_ms: float = 100.0) -> Record:
+             dtype: torch.dtype, ceiling: float | None, *, warmup_ms: float = WARMUP_MS,
+             rep_ms: float = REP_MS) -> Record:
     """Time one (provider, pass, size); a provider that cannot run gives a record saying why."""
     record = Record(bench.name, provider, pass_, dict(size), unit=bench.unit)
     try:

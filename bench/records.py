@@ -21,7 +21,7 @@ class Record:
     or "failed" (an unexpected error, ``note`` holds it: a bug to look at).
     """
 
-    group: str  # "layer_norm", "bias_gelu", "flash_attention", "train", "generate"
+    group: str  # "layer_norm", "bias_gelu", "flash_attention", "cross_entropy", "train", "generate"
     provider: str  # "triton", "torch", "torch.compile", "liger", "sdpa-flash", ...
     pass_: str  # "forward", "backward", "forward+backward"; "step" (train); "cache", "no cache" (generate)
     size: dict

@@ -25,6 +25,7 @@ from . import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm
 from .ceilings import Ceilings, measure_ceilings
 from .kernel_bench import PASSES, KernelBench, bench_dtype, run_case
 from .records import OK, UNAVAILABLE, Record
+from .timing import REP_MS, WARMUP_MS
 
 KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH,
                                                       cross_entropy.BENCH)}
@@ -42,8 +43,8 @@ class Settings:
     groups: tuple[str, ...] = GROUPS
     sizes: str = "full"  # "full", "small" or "headline"
     providers: tuple[str, ...] = ()  # empty: every provider
-    warmup_ms: float = 25.0
-    rep_ms: float = 100.0
+    warmup_ms: float = WARMUP_MS
+    rep_ms: float = REP_MS
     budget_s: float | None = None  # later tasks are skipped once this many seconds have passed
 
 

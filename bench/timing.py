@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+WARMUP_MS, REP_MS = 25.0, 100.0  # default warm-up and timed repeats per case
+
 
 class Unavailable(Exception):
     """A provider (a baseline, a kernel, a compiler) cannot run here; the message says why."""
@@ -36,7 +38,7 @@ class Timing:
 
 
 def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, *,
-               warmup_ms: float = 25.0, rep_ms: float = 100.0, min_repeats: int = 3,
+               warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS, min_repeats: int = 3,
                max_repeats: int = 1000) -> Timing:
     """Time ``calls`` in rotation: each call is one input set of the same work.
 

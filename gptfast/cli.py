@@ -38,7 +38,8 @@ def _backend_report(device: str) -> str:
     h = torch.empty(8, 1024, 3072, device=device, dtype=torch.bfloat16)
     b = torch.empty(3072, device=device, dtype=torch.bfloat16)
     q = torch.empty(8, 12, 1024, 64, device=device, dtype=torch.bfloat16)
-    logits = torch.empty(8, 1024, 50304, device=device, dtype=torch.bfloat16)
+    vocab = GPTConfig(vocab_multiple=64).padded_vocab_size
+    logits = torch.empty(8, 1024, vocab, device=device, dtype=torch.bfloat16)
     targets = torch.empty(8, 1024, device=device, dtype=torch.long)
     routes = [kernels.explain("layer_norm", x, w, w), kernels.explain("bias_gelu", h, b),
               kernels.explain("flash_attention", q, q, q), kernels.explain("cross_entropy", logits, targets)]

@@ -8,7 +8,8 @@ Swaps in place, keeping every parameter (same tensors, same state-dict names):
   matmul without bias followed by ``kernels.bias_gelu``; the GELU module becomes ``nn.Identity``.
 * transformers' GPT-2 runs attention through ``kernels.flash_attention``, registered as the
   attention implementation ``"gptfast"``. Batches with padding (an ``attention_mask`` with zeros)
-  take transformers' own SDPA path, as the flash kernel has no padding mask.
+  take transformers' own SDPA path: the flash kernel takes left padding (``key_start``), not a
+  general mask.
 * A transformers causal language model (``GPT2LMHeadModel``, ``...ForCausalLM``) computes its loss
   with ``kernels.cross_entropy``, on the logits in their own dtype, rather than on a float32 copy.
 

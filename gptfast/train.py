@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -305,7 +306,7 @@ def _plot(log_path: Path, png_path: Path) -> Path | None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, context_length: int, device: torch.device,
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, cfg: TrainConfig, context_length: int, device: torch.device,
              amp_dtype: torch.dtype | None, ctx: _Dist) -> float:
     """Mean loss over the first ``eval_batches`` validation batches, dealt out by rank."""
     stream = BatchStream(tokens, context_length, order="sequential", split="validation")

@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from . import backend
 from .layer_norm import KERNEL_DTYPES, as_rows, sm_count
 
-try:
+if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
     import triton
     import triton.language as tl
-except ImportError:  # kernels must import without Triton; backend.route then never picks a kernel
-    triton = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
 
 APPROXIMATIONS = ("tanh", "none")
 _TILE_ELEMENTS = 2048  # elements per tile: 8 per thread with 8 warps, one 128-bit load of fp16

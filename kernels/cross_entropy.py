@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from . import backend
 from .layer_norm import KERNEL_DTYPES, as_rows
 
-try:
+if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
     import triton
     import triton.language as tl
-except ImportError:  # kernels must import without Triton; backend.route then never picks a kernel
-    triton = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+    LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+
+_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -53,7 +53,7 @@ def _logsumexp_step(m, s, x):
     m_new = tl.maximum(m, x)
     # Differences first, then the scale to base 2: x - m is exact for nearby values, so rows with a
     # large common offset lose nothing.
-    return m_new, s * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2((x - m_new) * 1.4426950408889634)
+    return m_new, s * tl.exp2((m - m_new) * LOG2E) + tl.exp2((x - m_new) * LOG2E)
 
 
 @_jit
@@ -75,7 +75,7 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_classes, st
         x = tl.load(row_ptr + tail, mask=tail < n_classes, other=float("-inf")).to(tl.float32)
         m, s = _logsumexp_step(m, s, x)
     m_row = tl.max(m, axis=0)
-    log_sum = tl.log(tl.sum(s * tl.exp2((m - m_row) * 1.4426950408889634), axis=0))
+    log_sum = tl.log(tl.sum(s * tl.exp2((m - m_row) * LOG2E), axis=0))
     tl.store(lse_ptr + row, m_row + log_sum)
     # The target's logit is one scalar load; a target outside [0, n_classes) gives NaN, not a wild read.
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -87,7 +87,7 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_classes, st
 @_jit
 def _grad_chunk(x, col, target, lse, scale):
     """(softmax(x) - onehot(target)) * scale for one chunk of columns col."""
-    p = tl.exp2((x - lse) * 1.4426950408889634)
+    p = tl.exp2((x - lse) * LOG2E)
     return (p - tl.where(col == target, 1.0, 0.0)) * scale
 
 

@@ -34,18 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
+from .layer_norm import KERNEL_DTYPES
 
-if backend.HAS_TRITON:
+if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
     import triton
     import triton.language as tl
 
     LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
     LN2 = tl.constexpr(0.6931471805599453)
 
-
-def _triton_jit(fn):
-    """``triton.jit`` where Triton is installed; without it the kernels are never launched."""
-    return triton.jit(fn) if backend.HAS_TRITON else fn
+_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -90,7 +88,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 # ---------------------------------------------------------------------------------------------
 
 
-@_triton_jit
+@_jit
 def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """Load a (rows, HEAD_DIM_PAD) tile; zeros past ``n_rows`` (if CHECK_ROWS) and past HEAD_DIM.
@@ -109,7 +107,7 @@ def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: t
     return tile
 
 
-@_triton_jit
+@_jit
 def _store_tile(ptrs, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """Store the valid rows and head dims of a (rows, HEAD_DIM_PAD) tile."""
     mask = rows[:, None] < n_rows
@@ -118,7 +116,7 @@ def _store_tile(ptrs, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM
     tl.store(ptrs, tile, mask=mask)
 
 
-@_triton_jit
+@_jit
 def _visible(q_idx, k_idx, q_len, k_len, key_start, CAUSAL: tl.constexpr):
     """Which keys exist, are not padding and may be attended by the queries; the causal diagonal
     is bottom-right.
@@ -132,7 +130,7 @@ def _visible(q_idx, k_idx, q_len, k_len, key_start, CAUSAL: tl.constexpr):
     return ok
 
 
-@_triton_jit
+@_jit
 def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     """Philox keep-mask of the probabilities at (q_idx, k_idx) of (batch x head) ``bh``.
 
@@ -146,7 +144,7 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
-@_triton_jit
+@_jit
 def _key_range(start_m, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Keys that queries [start_m, start_m + BLOCK_M) attend to, as (lo, mid, full_end, end):
@@ -165,7 +163,7 @@ def _key_range(start_m, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M: 
     return lo, mid, tl.maximum(mid, full_end), end
 
 
-@_triton_jit
+@_jit
 def _load_key_start(KEY_START, batch):
     """Keys of this batch row hidden as padding (0 without KEY_START; negative counts as 0)."""
     key_start = 0
@@ -174,7 +172,7 @@ def _load_key_start(KEY_START, batch):
     return key_start
 
 
-@_triton_jit
+@_jit
 def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """q k^T * qk_scale (log2 units, float32); with MASKED, keys a query cannot see (causal,
     padding, past k_len) score -inf."""
@@ -184,7 +182,7 @@ def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.cons
     return s
 
 
-@_triton_jit
+@_jit
 def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
                     lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -211,7 +209,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
     return acc, l_i, m_i
 
 
-@_triton_jit
+@_jit
 def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
@@ -268,7 +266,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
     tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=rows < q_len)
 
 
-@_triton_jit
+@_jit
 def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, stride_dod,
                                 n_heads, q_len, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
@@ -286,7 +284,7 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot
     tl.store(DELTA + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
 
 
-@_triton_jit
+@_jit
 def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
                          cols, dims, lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -324,7 +322,7 @@ def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, 
     return dk, dv
 
 
-@_triton_jit
+@_jit
 def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
@@ -393,7 +391,7 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
     _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, dims, HEAD_DIM, HEAD_DIM_PAD)
 
 
-@_triton_jit
+@_jit
 def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
                       lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -417,7 +415,7 @@ def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_
     return dq
 
 
-@_triton_jit
+@_jit
 def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
@@ -464,7 +462,7 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
                 dq.to(DQ.dtype.element_ty), rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD)
 
 
-@_triton_jit
+@_jit
 def _dropout_keep_kernel(KEEP, q_len, k_len, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Write the keep-mask the attention kernels draw, as int8 (batch x heads, q_len, k_len)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -689,7 +687,6 @@ def dropout_keep_mask(seed: int | torch.Tensor, batch: int, heads: int, q_len: i
 # The public operation.
 # ---------------------------------------------------------------------------------------------
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 MAX_BATCH_HEADS = 65535  # the kernels' second grid axis
 

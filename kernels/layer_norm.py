@@ -21,13 +21,11 @@ import torch.nn.functional as F
 
 from . import backend
 
-try:
+if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
     import triton
     import triton.language as tl
-except ImportError:  # kernels must import without Triton; backend.route then never picks a kernel
-    triton = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Whole rows live in registers: 8192 float32 values per row tile keep every thread under its
