@@ -101,8 +101,9 @@ def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, lse_ptr, dlogits_ptr,
     drow_ptr = dlogits_ptr + row * stride_drow
     cols = tl.arange(0, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
-    scale = tl.where(target == ignore_index, 0.0, tl.load(dloss_ptr + row))  # 0 * exp(...) = 0: no NaN from
-    lse = tl.where(target == ignore_index, 0.0, tl.load(lse_ptr + row))      # an ignored row's logits
+    # An ignored row's gradient is (softmax - onehot) * 0: exactly zero, as softmax <= 1.
+    scale = tl.where(target == ignore_index, 0.0, tl.load(dloss_ptr + row))
+    lse = tl.load(lse_ptr + row)
     n_whole = n_classes // BLOCK_V * BLOCK_V
     for start in range(0, n_whole, BLOCK_V):  # whole chunks: unmasked, vectorised loads and stores
         x = tl.load(row_ptr + start + cols).to(tl.float32)
