@@ -14,7 +14,7 @@ from kernels.backend import HAS_TRITON, TRITON_INTERPRET
 from .data import BatchStream, prepare
 from .model import GPT, PRESETS, GPTConfig
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
-from .train import TrainConfig, train
+from .train import AMP_DTYPES, TrainConfig, train
 
 
 def _preset_table() -> str:
@@ -129,8 +129,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="log to the console and log.jsonl every N steps (default: %(default)s)")
     run.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1... (default: %(default)s: "
                      "the process's GPU under torchrun, else cuda if present, else cpu)")
-    run.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default=d.dtype,
-                     help="autocast dtype (default: %(default)s: bfloat16 on CUDA, float32 elsewhere)")
+    run.add_argument("--dtype", choices=tuple(AMP_DTYPES), default=d.dtype,
+                     help="autocast dtype (default: %(default)s: bfloat16 on GPUs that have it, float16 with "
+                     "loss scaling on older ones, float32 on CPUs)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
                      help="tokens to generate at the end; 0: none (default: %(default)s)")

@@ -42,6 +42,8 @@ PLOT_FILE = "loss.png"
 
 # Dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation; the first name found in the
 # device name wins, so the more specific names come first.
+# --dtype: the autocast dtype of each choice ("auto" picks one for the device, see amp_dtype_for).
+AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
                    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
 
@@ -76,7 +78,7 @@ class TrainConfig:
     seed: int = 1337
     backend: str = "auto"
     device: str = "auto"  # "auto": the process's GPU under torchrun, else cuda if present, else cpu
-    dtype: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 elsewhere; or "bfloat16"/"float32"
+    dtype: str = "auto"  # autocast dtype; "auto": bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs
     compile: bool = False
     resume: bool = False
     overwrite: bool = False  # start afresh even if out_dir holds a checkpoint
@@ -96,8 +98,8 @@ class TrainConfig:
             raise ValueError(f"run_steps must be positive, got {self.run_steps}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: choose one")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        if self.dtype not in AMP_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(AMP_DTYPES)}, got {self.dtype!r}")
         if self.backend not in kernels.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(kernels.BACKENDS)}")
 
@@ -122,6 +124,19 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def amp_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a ``--dtype`` choice on ``device`` (None: float32, no autocast).
+
+    "auto" is bfloat16 on GPUs with bf16 arithmetic (compute capability 8.0 and up), float16 on
+    older ones (the trainer then scales the loss), and float32 on CPUs.
+    """
+    if dtype != "auto":
+        return AMP_DTYPES[dtype]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW decaying the matrices (linear weights, embeddings) only, fused on CUDA."""
@@ -143,11 +158,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                batches: list[tuple[torch.Tensor, torch.Tensor]], *, lr: float, grad_clip: float = 1.0,
-               amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over micro-batches ``[(x, y), ...]``; returns (mean loss, gradient norm).
 
     The loss and norm stay on the device (no host sync). Under DDP, gradients are averaged
-    across processes once, on the last micro-batch.
+    across processes once, on the last micro-batch. ``scaler`` (float16 autocast) scales the loss
+    so small gradients survive float16; the gradients are unscaled before clipping, and a step
+    whose gradients overflowed is skipped (the scale then halves).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -161,10 +179,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         with no_sync:
             with autocast:
                 _, loss = model(x, y)
-            (loss / len(batches)).backward()
+            scaled = loss / len(batches)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(batches), norm
 
@@ -357,18 +382,20 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
     config = _model_config(cfg, tokenizer.vocab_size, state)
     T = config.context_length
     grad_accum = _grad_accum(cfg, T, ctx.world_size)
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
-                 "bfloat16": torch.bfloat16, "float32": None}[cfg.dtype]
+    amp_dtype = amp_dtype_for(cfg.dtype, device)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     stream = BatchStream(data.train, T, order=cfg.order, seed=cfg.seed)
     BatchStream(data.val, T, split="validation")  # fail now, not at the first validation
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         stream.load_state_dict(state["data"])
         step = state["step"]
         if step >= cfg.max_steps:
@@ -399,7 +426,8 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "model_config": config.to_dict(), "train_config": asdict(cfg),
-                "tokenizer": tokenizer.to_dict(), "data": stream.state_dict()})
+                "tokenizer": tokenizer.to_dict(), "data": stream.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {})})
 
     from tqdm import tqdm
 
@@ -416,7 +444,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
             batches = [stream.batch(s, device) for s in mine]
             lr = lr_at(step, cfg)
             loss_t, norm = train_step(runner, optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
-                                      amp_dtype=amp_dtype)
+                                      amp_dtype=amp_dtype, scaler=scaler)
             step += 1
             steps_since_log += 1
             bar.update(1)

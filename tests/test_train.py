@@ -23,8 +23,8 @@ from gptfast.checkpoint import FORMAT, load_checkpoint, load_for_inference, save
 from gptfast.cli import main
 from gptfast.data import TokenData, prepare
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV
-from gptfast.train import (LOG_FILE, TrainConfig, lr_at, make_optimizer, model_flops_per_token, train,
-                           train_step)
+from gptfast.train import (LOG_FILE, TrainConfig, amp_dtype_for, lr_at, make_optimizer, model_flops_per_token,
+                           train, train_step)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,6 +262,48 @@ def test_train_step_accumulation_matches_one_big_batch():
     torch.testing.assert_close(norm_a, norm_b)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_amp_dtype_for_each_device(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert amp_dtype_for("auto", cpu) is None and amp_dtype_for("float16", cpu) == torch.float16
+    assert amp_dtype_for("bfloat16", gpu) == torch.bfloat16 and amp_dtype_for("float32", gpu) is None
+    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert amp_dtype_for("auto", gpu) == dtype  # H100, A100; T4 has no bf16 arithmetic
+    with pytest.raises(ValueError, match="dtype must be one of auto, bfloat16, float16, float32"):
+        TrainConfig(dtype="half")
+
+
+def test_train_step_skips_a_step_whose_float16_gradients_overflow():
+    """With loss scaling, gradients that overflow float16 leave the weights unchanged and halve the
+    scale; the next step, at a workable scale, updates them."""
+    from gptfast import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, context_length=8))
+    optimizer = make_optimizer(model, 1e-2)
+    x, y = torch.randint(0, 50, (2, 4, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # float16 overflows past 65504
+    loss, _ = train_step(model, optimizer, [(x, y)], lr=1e-2, amp_dtype=torch.float16, scaler=scaler)
+    assert torch.isfinite(loss) and scaler.get_scale() == 2.0**39
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    scaler.update(2.0**8)
+    train_step(model, optimizer, [(x, y)], lr=1e-2, amp_dtype=torch.float16, scaler=scaler)
+    assert scaler.get_scale() == 2.0**8 and not torch.equal(model.lm_head.weight, before[0])
+
+
+def test_float16_training_with_loss_scaling(data_dir, tmp_path):
+    """float16 autocast (what --dtype auto picks on GPUs without bf16), here on the CPU: the loss
+    falls, and the loss scale is checkpointed and restored."""
+    summary = train(tiny(data_dir, tmp_path, dtype="float16", max_steps=30, eval_interval=15))
+    losses = [r["loss"] for r in log_records(tmp_path) if "loss" in r]
+    assert summary["loss"] < losses[0] - 0.5 and math.isfinite(summary["val_loss"])
+    state = load_checkpoint(tmp_path)
+    assert state["scaler"]["scale"] > 0
+    resumed = train(tiny(data_dir, tmp_path, dtype="float16", max_steps=32, eval_interval=15, resume=True))
+    assert resumed["step"] == 32 and math.isfinite(resumed["loss"])
 
 
 def test_model_flops_per_token():
