@@ -148,9 +148,9 @@ def _next_token_logits(model: GPT, tokens: torch.Tensor, left_pad: torch.Tensor,
     """Logits (batch, vocab) for the token after ``tokens``; with a cache, only uncached tokens run."""
     padding = left_pad if bool(left_pad.any()) else None
     if cache is None:
-        logits, _ = model(tokens, left_pad=padding)
+        logits, _ = model(tokens, left_pad=padding, last_only=True)
     else:
-        logits, _ = model(tokens[:, cache.length:], cache=cache, left_pad=padding)
+        logits, _ = model(tokens[:, cache.length:], cache=cache, left_pad=padding, last_only=True)
     return logits[:, -1, :]
 
 

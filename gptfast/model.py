@@ -303,7 +303,7 @@ class GPT(nn.Module):
                                  f"[0, {self.config.vocab_size}) (-1 marks positions to ignore)")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, left_pad: torch.Tensor | None = None
+                cache: KVCache | None = None, left_pad: torch.Tensor | None = None, last_only: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (batch, seq, vocab_size) and, given targets, the mean cross-entropy (-1 ignored).
 
@@ -311,7 +311,11 @@ class GPT(nn.Module):
         and attention covers every cached position. ``left_pad``: (batch,) number of padding
         tokens at the start of each row of the whole sequence (cached part included); padding is
         masked out of attention and each row's positions count from its first real token.
+        ``last_only``: logits (batch, 1, vocab_size) of the last position only, as generation needs:
+        the LM head, the widest matmul of a small model, then runs on one position, not all.
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only gives the last position's logits only: it cannot compute a loss")
         self._check_input(idx, targets, cache, left_pad)
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
@@ -323,7 +327,7 @@ class GPT(nn.Module):
             x = block(x, cache.kv[i] if cache is not None else None, start, left_pad)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

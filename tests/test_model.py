@@ -80,6 +80,19 @@ def test_initial_loss_near_uniform_and_backward():
     assert model.transformer.wpe.weight.grad.abs().sum() > 0
 
 
+def test_last_only_logits():
+    """Generation's forward: the last position's logits, equal to those of the full forward."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, n_layer=1, n_head=2, n_embd=32, context_length=16, vocab_multiple=64))
+    idx = torch.randint(0, 100, (3, 9))
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (3, 1, 100)
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="last_only .* cannot compute a loss"):
+        model(idx, idx, last_only=True)
+
+
 def test_ignore_index():
     model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, context_length=8))
     idx = torch.randint(0, 64, (2, 8))
