@@ -82,9 +82,9 @@ def _check_arguments(model: GPT, prompts: Prompts, max_new_tokens: int, temperat
 
 
 def _left_padded(prompts: Prompts, context_length: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, list[int]]:
     """The prompts cropped to the context, as one left-padded (batch, longest) tensor, and the
-    number of padding tokens per row."""
+    number of padding tokens per row (kept on the host: deciding on padding needs no sync)."""
     cropped = [list(p[-context_length:]) for p in prompts]
     longest = [i for i, p in enumerate(prompts) if len(p) > context_length]
     if longest:
@@ -92,8 +92,7 @@ def _left_padded(prompts: Prompts, context_length: int, device: torch.device
                       "each keeps its last tokens", stacklevel=3)
     width = max(len(p) for p in cropped)
     tokens = torch.tensor([[0] * (width - len(p)) + p for p in cropped], device=device)
-    left_pad = torch.tensor([width - len(p) for p in cropped], device=device)
-    return tokens, left_pad
+    return tokens, [width - len(p) for p in cropped]
 
 
 def stream(model: GPT, prompts: Prompts, max_new_tokens: int, *, temperature: float = 1.0,
@@ -113,7 +112,8 @@ def _steps(model: GPT, prompts: Prompts, max_new_tokens: int, temperature: float
            ) -> Iterator[list[int | None]]:
     context = model.config.context_length
     device = model.transformer.wte.weight.device
-    tokens, left_pad = _left_padded(prompts, context, device)
+    tokens, pads = _left_padded(prompts, context, device)
+    left_pad = torch.tensor(pads, device=device) if any(pads) else None
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     # The window drops its oldest quarter when full, at least one token.
     keep = context - max(1, context // 4)
@@ -125,7 +125,8 @@ def _steps(model: GPT, prompts: Prompts, max_new_tokens: int, temperature: float
         for _ in range(max_new_tokens):
             if tokens.shape[1] > context:
                 dropped = tokens.shape[1] - keep
-                tokens, left_pad = tokens[:, dropped:], (left_pad - dropped).clamp(min=0)
+                tokens, pads = tokens[:, dropped:], [max(0, p - dropped) for p in pads]
+                left_pad = torch.tensor(pads, device=device) if any(pads) else None
                 if cache is not None:
                     cache.reset()
             logits = _next_token_logits(model, tokens, left_pad, cache)
@@ -143,14 +144,13 @@ def _steps(model: GPT, prompts: Prompts, max_new_tokens: int, temperature: float
 
 
 @torch.no_grad()
-def _next_token_logits(model: GPT, tokens: torch.Tensor, left_pad: torch.Tensor,
+def _next_token_logits(model: GPT, tokens: torch.Tensor, left_pad: torch.Tensor | None,
                        cache: KVCache | None) -> torch.Tensor:
     """Logits (batch, vocab) for the token after ``tokens``; with a cache, only uncached tokens run."""
-    padding = left_pad if bool(left_pad.any()) else None
     if cache is None:
-        logits, _ = model(tokens, left_pad=padding, last_only=True)
+        logits, _ = model(tokens, left_pad=left_pad, last_only=True)
     else:
-        logits, _ = model(tokens[:, cache.length:], cache=cache, left_pad=padding, last_only=True)
+        logits, _ = model(tokens[:, cache.length:], cache=cache, left_pad=left_pad, last_only=True)
     return logits[:, -1, :]
 
 
