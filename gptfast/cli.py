@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -11,10 +12,10 @@ import torch
 import kernels
 from kernels.backend import HAS_TRITON, TRITON_INTERPRET
 
-from .data import BatchStream, prepare
+from .data import BatchStream, TokenData, prepare
 from .model import GPT, PRESETS, GPTConfig
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
-from .train import AMP_DTYPES, TrainConfig, train
+from .train import AMP_DTYPES, TrainConfig, split_loss, train
 
 
 def _preset_table() -> str:
@@ -142,7 +143,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _load_for_generation(args: argparse.Namespace, device: str):
+def _load_model(args: argparse.Namespace, device: str):
     """The model (eval mode, on ``device``) and tokenizer named by --checkpoint or --pretrained."""
     if args.checkpoint:
         from .checkpoint import load_for_inference
@@ -181,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .generation import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = _load_for_generation(args, device)
+    model, tokenizer = _load_model(args, device)
     prompts = args.prompt or ["\n"]
     encoded = [tokenizer.encode(p) or [tokenizer.eot_token_id or 0] for p in prompts]
     eos = None if args.ignore_eos else tokenizer.eot_token_id
@@ -203,12 +204,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"{'with' if not args.no_cache else 'without'} the key/value cache]", file=sys.stderr)
 
 
-def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model to load (see _load_model): its source, device, weights dtype and tokenizer file."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH", help="a training checkpoint (ckpt.pt or its out_dir)")
     source.add_argument("--pretrained", metavar="NAME_OR_DIR", help="a Hugging Face GPT-2 checkpoint "
                         "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded; needs "
                         "huggingface_hub and a network)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights dtype (default: %(default)s: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
+                   f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_arguments(p)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch "
                    "(one prompt streams its text as it arrives; default: a line break)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=100, help="tokens to generate per prompt "
@@ -221,11 +232,35 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole context for every token "
                    "(slow; for comparison)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights dtype (default: %(default)s: bfloat16 on CUDA, float32 elsewhere)")
-    p.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
-                   f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_model(args, device)
+    data = TokenData(args.data)
+    data_kind, model_kind = data.meta["tokenizer"]["kind"], tokenizer.to_dict()["kind"]
+    if data_kind != model_kind:
+        raise ValueError(f"{args.data} was prepared with the {data_kind} tokenizer but the model uses "
+                         f"{model_kind}: prepare the text with --tokenizer {model_kind}")
+    if data.meta["tokenizer"] != tokenizer.to_dict():
+        raise ValueError(f"{args.data} numbers its characters differently from the model's vocabulary: a char "
+                         "model evaluates only data prepared from the text it was trained on")
+    context = args.context_length or model.config.context_length
+    if not 1 <= context <= model.config.context_length:
+        raise ValueError(f"--context-length {context} must be between 1 and the model's {model.config.context_length}")
+    loss, n = split_loss(model, data.val if args.split == "val" else data.train, context, args.batch_size,
+                         args.max_windows)
+    print(f"{args.split} split of {args.data}: {n:,} tokens in windows of {context}: "
+          f"loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="a folder made by `gptfast prepare` with the model's tokenizer")
+    _add_model_arguments(p)
+    p.add_argument("--split", choices=("val", "train"), default="val", help="which split (default: %(default)s)")
+    p.add_argument("--context-length", type=int, metavar="T", help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, metavar="N", help="evaluate the first N windows only")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -273,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "their last tokens.")
     _add_generate_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint or pretrained GPT-2 on prepared data",
+                        description="The mean next-token loss (and its exponential, the perplexity) over "
+                        "consecutive windows of a data folder's validation (or training) split.")
+    _add_eval_arguments(ev)
+    ev.set_defaults(func=cmd_eval)
     info = sub.add_parser("info", help="parameter counts and memory per preset, and which backend "
                           "path each operation takes on this machine")
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),

@@ -78,7 +78,7 @@ class TrainConfig:
     seed: int = 1337
     backend: str = "auto"
     device: str = "auto"  # "auto": the process's GPU under torchrun, else cuda if present, else cpu
-    dtype: str = "auto"  # autocast dtype; "auto": bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs
+    dtype: str = "auto"  # autocast; "auto": bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs
     compile: bool = False
     resume: bool = False
     overwrite: bool = False  # start afresh even if out_dir holds a checkpoint
@@ -328,6 +328,30 @@ def _plot(log_path: Path, png_path: Path) -> Path | None:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+@torch.no_grad()
+def split_loss(model: GPT, tokens: np.ndarray, context_length: int, batch_size: int = 16,
+               max_windows: int | None = None, amp_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """Mean next-token loss of ``model`` over ``tokens`` cut into consecutive windows of
+    ``context_length`` (every whole window, or the first ``max_windows``), and how many tokens that is.
+    """
+    stream = BatchStream(tokens, context_length, order="sequential", split="evaluated")
+    windows = (len(tokens) - 1) // context_length
+    windows = windows if max_windows is None else min(windows, max_windows)
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for first in range(0, windows, batch_size):
+            x, y = stream.batch(stream.next_starts(min(batch_size, windows - first)), device)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                _, loss = model(x, y)
+            total += loss.double() * y.numel()
+    finally:
+        model.train(was_training)
+    return (total / (windows * context_length)).item(), windows * context_length
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from gptfast.cli import main
 from gptfast.data import TokenData, prepare
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV
 from gptfast.train import (LOG_FILE, TrainConfig, amp_dtype_for, lr_at, make_optimizer, model_flops_per_token,
-                           train, train_step)
+                           split_loss, train, train_step)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -341,12 +341,41 @@ def test_cli_prepare_and_train(tmp_path, capsys):
     assert "step 3: train loss" in out and "sample (5 tokens" in out
 
 
+def test_eval_matches_the_validation_loss_of_training(data_dir, tmp_path, capsys):
+    """`gptfast eval` over the windows training validates on gives training's validation loss; over
+    the whole split, split_loss's mean weights every window alike."""
+    summary = train(tiny(data_dir, tmp_path, max_steps=10, eval_interval=10))
+    argv = ["eval", "--checkpoint", str(tmp_path), str(data_dir), "--device", "cpu"]
+    assert main(argv + ["--max-windows", "16", "--batch-size", "5"]) == 0  # training: 2 batches of 8
+    out = capsys.readouterr().out
+    assert f"val split of {data_dir}: 512 tokens in windows of 32: loss {summary['val_loss']:.4f}" in out
+    model, _ = load_for_inference(tmp_path)
+    val = TokenData(data_dir).val
+    loss, n = split_loss(model, val, 32, batch_size=7)
+    assert n == (len(val) - 1) // 32 * 32
+    windows = torch.from_numpy(val[: n + 1].astype("int64"))
+    with torch.no_grad():
+        _, want = model(windows[:n].view(-1, 32), windows[1:].view(-1, 32))
+    assert abs(loss - want.item()) < 1e-5
+
+
+def test_eval_refuses_data_of_another_tokenization(data_dir, tmp_path, capsys):
+    train(tiny(data_dir, tmp_path / "run", max_steps=1, eval_interval=1))
+    (tmp_path / "text.txt").write_text("abc\n" * 100)
+    prepare([str(tmp_path / "text.txt")], tmp_path / "abc")
+    argv = ["eval", "--checkpoint", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(argv + [str(tmp_path / "abc")]) == 2
+    assert "numbers its characters differently from the model's vocabulary" in capsys.readouterr().err
+    assert main(argv + [str(data_dir), "--context-length", "33"]) == 2
+    assert "--context-length 33 must be between 1 and the model's 32" in capsys.readouterr().err
+
+
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "data")]) == 2
     assert capsys.readouterr().err == f"gptfast prepare: error: no such file or folder: '{tmp_path / 'missing.txt'}'\n"
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "info"])
+@pytest.mark.parametrize("command", ["prepare", "train", "eval", "info"])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
