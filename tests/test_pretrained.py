@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 checkpoints: load into our GPT, save from it, cross-checked against transformers."""
 
 import json
+import os
 import pickle
 import sys
 
@@ -185,3 +186,21 @@ def test_hub_download_errors_are_explained(monkeypatch):
     with pytest.raises(RuntimeError, match="could not download 'gpt2'.*local checkpoint directory"):
         from_pretrained("gpt2")
     assert requested == ["openai-community/gpt2"]
+
+
+@pytest.mark.skipif(not os.environ.get("GPTFAST_TIKTOKEN_FILE"), reason="no local GPT-2 ranks file")
+def test_eval_of_a_pretrained_checkpoint_matches_transformers(tmp_path, capsys):
+    """`gptfast eval --pretrained DIR` on GPT-2 BPE data: the loss transformers gives for the same windows."""
+    from gptfast.cli import main
+    from gptfast.data import TokenData, prepare
+
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    prepare([str(tmp_path / "text.txt")], tmp_path / "data", tokenizer="gpt2", val_fraction=0.5)
+    theirs = hf_checkpoint(tmp_path / "hf", 1, 2, 16, 50257, 16, True)
+    assert main(["eval", str(tmp_path / "data"), "--pretrained", str(tmp_path / "hf"), "--device", "cpu",
+                 "--max-windows", "3"]) == 0
+    val = torch.from_numpy(TokenData(tmp_path / "data").val[: 3 * 16 + 1].astype("int64"))
+    with torch.no_grad():  # every window's 16 targets, the last included (transformers' own loss drops it)
+        logits = theirs(val[:-1].view(3, 16)).logits
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), val[1:].reshape(-1))
+    assert f"48 tokens in windows of 16: loss {want.item():.4f}" in capsys.readouterr().out
