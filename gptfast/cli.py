@@ -15,7 +15,7 @@ from kernels.backend import HAS_TRITON, TRITON_INTERPRET
 from .data import BatchStream, TokenData, prepare
 from .model import GPT, PRESETS, GPTConfig
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
-from .train import AMP_DTYPES, TrainConfig, split_loss, train
+from .train import AMP_DTYPES, TrainConfig, amp_dtype_for, split_loss, train
 
 
 def _preset_table() -> str:
@@ -154,8 +154,8 @@ def _load_model(args: argparse.Namespace, device: str):
         from .tokenizer import GPT2Tokenizer
 
         model, tokenizer = from_pretrained(args.pretrained, device=device), GPT2Tokenizer(args.tiktoken_file)
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
-    return model.to(getattr(torch, dtype)), tokenizer
+    dtype = amp_dtype_for(args.dtype, torch.device(device)) or torch.float32  # as training's autocast picks
+    return model.to(dtype), tokenizer
 
 
 def _print_as_it_arrives(tokenizer, eos: int | None):
@@ -212,8 +212,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded; needs "
                         "huggingface_hub and a network)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights dtype (default: %(default)s: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--dtype", choices=tuple(AMP_DTYPES), default="auto",
+                   help="weights dtype (default: %(default)s: bfloat16 on GPUs that have it, float16 on older "
+                   "ones, float32 on CPUs)")
     p.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
                    f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
 
