@@ -5,10 +5,12 @@ Triton kernels (forward and backward), registered as the PyTorch custom operator
 models using them compile with ``torch.compile(fullgraph=True)``.
 
 * Forward: each program holds ``BLOCK_M`` whole rows in registers, so x is read once and y written
-  once; statistics are float32 whatever the input dtype, and mean and 1/std are saved for backward.
+  once; statistics are float32 whatever the input dtype, and 1/std is saved for backward.
 * Backward: a fixed grid of a few programs per SM; each walks its share of the row tiles, writes dx
   (one read of x and dy, one write of dx per row) and keeps float32 running sums of dy * xhat and dy
-  in registers. The per-program partial sums (a (programs, n) array, small next to x) are then added
+  in registers. The centred rows are recomputed from x in registers (as the forward computes them),
+  not from a saved mean: a float32 mean of 1e4 + m is off by up to 2**-11, far more than x - mean
+  can afford when the row's spread is small. The per-program partial sums (a (programs, n) array, small next to x) are then added
   up in a fixed order: gradients are bit-identical run after run, with no atomics or locks.
 """
 
@@ -48,7 +50,17 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
 
 
 @_jit
-def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+def _centered(x, cols, mask, inv_n):
+    """x minus its row means, computed from x - x[:, 0]: rows with a large common offset (1e4 +- 1)
+    lose no precision, unlike E[x^2] - E[x]^2, sum(x), or a row mean rounded to float32 and
+    subtracted later. The first column is taken from registers."""
+    pivot = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
+    shifted = tl.where(mask, x - pivot[:, None], 0.0)
+    return tl.where(mask, shifted - (tl.sum(shifted, axis=1) * inv_n)[:, None], 0.0)
+
+
+@_jit
+def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
                     n_rows, n_cols, stride_x, stride_y, eps,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -61,14 +73,8 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     mask = row_ok[:, None] & col_ok[None, :]
     rows = rows.to(tl.int64)  # row offsets can pass 2**31 elements
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    # Statistics of x - x[:, 0]: rows with a large common offset (1e4 +- 1) lose no precision in
-    # the sums, unlike E[x^2] - E[x]^2 or even sum(x). The first column is taken from registers.
-    pivot = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
-    shifted = tl.where(mask, x - pivot[:, None], 0.0)
-    shifted_mean = tl.sum(shifted, axis=1) * inv_n
-    centered = tl.where(mask, shifted - shifted_mean[:, None], 0.0)
+    centered = _centered(x, cols, mask, inv_n)
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) * inv_n + eps)
-    tl.store(mean_ptr + rows, pivot + shifted_mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     y = centered * rstd[:, None]
     if HAS_WEIGHT:
@@ -79,7 +85,7 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
 
 
 @_jit
-def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
+def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
                     n_rows, n_cols, stride_dy, stride_x, stride_dx,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -94,12 +100,11 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         rows = rows.to(tl.int64)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = _centered(x, cols, mask, inv_n) * rstd[:, None]  # recomputed: exact where a saved mean is not
         wdy = dy
         if HAS_WEIGHT:  # the weight row is re-read (an L1 hit) per tile, not held: registers are scarce
             wdy = dy * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -120,13 +125,15 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial
 
 
 def _block_config(n_cols: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``: whole rows, >= _TILE_ELEMENTS per tile.
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``: whole rows, tiles of _TILE_ELEMENTS
+    (half that in the backward) when the rows are short.
 
-    Forward threads hold 16 values of each tensor (two 128-bit loads of fp16), backward threads 8:
-    the backward keeps more tensors live, and twice the warps keep it within its register budget.
+    Forward threads hold 16 values of each tensor (two 128-bit loads of fp16), backward threads 8 in
+    tiles half as large: the backward keeps more tensors live (x, dy, the centred rows, two running
+    sums), and this keeps it within its register budget without spills.
     """
     block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, _TILE_ELEMENTS // block_n)
+    block_m = max(1, (_TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS) // block_n)
     values_per_thread = 8 if backward else 16
     num_warps = min(32, max(4, block_m * block_n // (values_per_thread * 32)))
     return block_m, block_n, num_warps
@@ -160,33 +167,30 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton LayerNorm forward: (y shaped like x in out_dtype, float32 mean and 1/std per row)."""
+                       eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm forward: (y shaped like x in out_dtype, float32 1/std per row)."""
     x2 = as_rows(x)
     weight, bias = (p.contiguous() if p is not None else None for p in (weight, bias))
     n_rows, n_cols = x2.shape
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
         block_m, block_n, num_warps = _block_config(n_cols, backward=False)
         _layer_norm_fwd[(triton.cdiv(n_rows, block_m),)](
-            x2, weight, bias, y, mean, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+            x2, weight, bias, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
-    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+    return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
 @_layer_norm_fwd_op.register_fake
 def _(x, weight, bias, eps, out_dtype):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=out_dtype), stats, stats.clone()
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                       has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       has_bias: bool, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LayerNorm backward: dx, and dweight / dbias (empty when there is no weight / bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
     weight = weight.contiguous() if weight is not None else None
@@ -200,7 +204,7 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
     if n_rows > 0:
         block_m, block_n, num_warps = _block_config(n_cols, backward=True)
         _layer_norm_bwd[(programs,)](
-            dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
+            dy2, x2, weight, rstd, dx, dw_partial, db_partial,
             n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
             HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps, maxnreg=_register_budget(num_warps))
@@ -209,7 +213,7 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, has_bias, mean, rstd):
+def _(dy, x, weight, has_bias, rstd):
     n_cols = x.shape[-1]
     param_dtype = weight.dtype if weight is not None else x.dtype
     dw = x.new_empty((n_cols if weight is not None else 0,), dtype=param_dtype)
@@ -219,14 +223,13 @@ def _(dy, x, weight, has_bias, mean, rstd):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, _, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.save_for_backward(x, weight, output[1])
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.has_bias, mean, rstd)
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.has_bias, rstd)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 
 ARCHS = (80, 90)
 # Pointers to float32 statistics and partial sums, whatever the input dtype.
-FLOAT32_POINTERS = {"mean_ptr", "rstd_ptr", "dw_partial_ptr", "db_partial_ptr", "dbias_partial_ptr"}
+FLOAT32_POINTERS = {"rstd_ptr", "dw_partial_ptr", "db_partial_ptr", "dbias_partial_ptr"}
 KERNELS = {  # name: (module, kernel function name, its block configurations, fullest constexpr flags)
     "layer_norm_fwd": (layer_norm, "_layer_norm_fwd", layer_norm._kernel_configs(backward=False),
                        dict(HAS_WEIGHT=True, HAS_BIAS=True)),

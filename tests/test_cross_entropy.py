@@ -3,8 +3,9 @@
 
 Tolerances: the loss is float32 arithmetic on the given logits, so it is compared with the float64
 reference on the same (rounded) logits at float32 precision whatever their dtype. The gradient is
-float32 arithmetic plus one rounding to the logits' dtype (relative 2**-24, 2**-11, 2**-8), with a
-small absolute floor for entries near zero.
+float32 arithmetic plus one rounding to the logits' dtype (relative 2**-24, 2**-11, 2**-8), with an
+absolute floor: softmax - 1 at a target whose probability is near 1 keeps only the absolute
+accuracy of the float32 softmax, about 1e-7 times dloss (as in eager PyTorch).
 """
 
 import pytest
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there i
 
 LOSS_TOLERANCE = dict(rtol=2e-6, atol=2e-6)
 GRAD_TOLERANCES = {
-    torch.float32: dict(rtol=1e-5, atol=1e-7),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
     torch.float16: dict(rtol=2e-3, atol=1e-6),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
 }

@@ -104,10 +104,11 @@ def test_large_common_offset():
     assert not torch.allclose(naive.double(), ref, rtol=0.1, atol=0.1)  # negative variances, NaN rows
 
 
-def test_large_common_offset_backward_no_worse_than_eager():
-    """Backward uses the saved float32 mean, which rounds 1e4 + m to a multiple of 2**-10 (as eager
-    PyTorch does): each gradient must be at least as close to float64 as F.layer_norm's (on the
-    CPU, the same baseline on every machine)."""
+def test_large_common_offset_backward():
+    """The backward recomputes the centred rows from x, so rows of 1e4 + N(0, 1) get gradients within
+    float32 rounding of float64 (1e-6 of their largest entry). F.layer_norm (on the CPU, the same
+    baseline on every machine) subtracts a float32 mean, a multiple of 2**-10 there, and misses by
+    more than 1e-4: the check can fail."""
     torch.manual_seed(1)
     cpu = torch.device("cpu")
     inputs = (1e4 + torch.randn(8, 1024, device=cpu), torch.randn(1024, device=cpu), torch.randn(1024, device=cpu))
@@ -122,8 +123,11 @@ def test_large_common_offset_backward_no_worse_than_eager():
     with kernels.use_backend("triton"):
         ours = grads(kernels.layer_norm, torch.float32, torch.get_default_device())
     eager = grads(lambda x, w, b: F.layer_norm(x, (1024,), w, b), torch.float32)
-    for got, base, want in zip(ours, eager, ref):
-        assert (got - want).abs().max() <= (base - want).abs().max()
+    for name, got, base, want in zip(("dx", "dweight", "dbias"), ours, eager, ref):
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 1e-6 * scale, name
+        if name != "dbias":  # a plain sum of dy: no mean involved
+            assert (base - want).abs().max() > 1e-4 * scale, name
 
 
 def test_backward_is_deterministic():
