@@ -41,9 +41,10 @@ def _bytes(size: dict, pass_: str, elem: int) -> float:
 BENCH = KernelBench(
     name="cross_entropy",
     unit="GB/s",
-    full=[Sweep("rows=16384", "vocab", [dict(rows=16384, vocab=v) for v in (8192, 32768, 50257, 128256)])],
+    # Vocabularies padded to a multiple of 64, as the model's LM head pads GPT-2's 50,257 to 50,304.
+    full=[Sweep("rows=16384", "vocab", [dict(rows=16384, vocab=v) for v in (8192, 32768, 50304, 128256)])],
     small=[Sweep("rows=24", "vocab", [dict(rows=24, vocab=v) for v in (96, 300)])],
-    headline=dict(rows=16384, vocab=50257),  # GPT-2 124M: 16 x 1024 tokens, GPT-2's vocabulary
+    headline=dict(rows=16384, vocab=50304),  # GPT-2 124M: 16 x 1024 tokens, its padded vocabulary
     providers={
         "triton": triton_backend(_triton),
         "torch": eager(_eager),

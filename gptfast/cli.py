@@ -40,8 +40,8 @@ def _backend_report(device: str) -> str:
     b = torch.empty(3072, device=device, dtype=torch.bfloat16)
     q = torch.empty(8, 12, 1024, 64, device=device, dtype=torch.bfloat16)
     vocab = GPTConfig(vocab_multiple=64).padded_vocab_size
-    logits = torch.empty(8, 1024, vocab, device=device, dtype=torch.bfloat16)
-    targets = torch.empty(8, 1024, device=device, dtype=torch.long)
+    logits = torch.empty(8, 1, vocab, device=device, dtype=torch.bfloat16)  # the route depends on the row only
+    targets = torch.empty(8, 1, device=device, dtype=torch.long)
     routes = [kernels.explain("layer_norm", x, w, w), kernels.explain("bias_gelu", h, b),
               kernels.explain("flash_attention", q, q, q), kernels.explain("cross_entropy", logits, targets)]
     return "\n".join(f"  {r}" for r in routes)
@@ -235,6 +235,13 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    "(slow; for comparison)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model(args, device)
@@ -246,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if data.meta["tokenizer"] != tokenizer.to_dict():
         raise ValueError(f"{args.data} numbers its characters differently from the model's vocabulary: a char "
                          "model evaluates only data prepared from the text it was trained on")
-    context = args.context_length or model.config.context_length
+    context = model.config.context_length if args.context_length is None else args.context_length
     if not 1 <= context <= model.config.context_length:
         raise ValueError(f"--context-length {context} must be between 1 and the model's {model.config.context_length}")
     loss, n = split_loss(model, data.val if args.split == "val" else data.train, context, args.batch_size,
@@ -260,8 +267,9 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split (default: %(default)s)")
     p.add_argument("--context-length", type=int, metavar="T", help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, metavar="N", help="evaluate the first N windows only")
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--max-windows", type=_positive_int, metavar="N", help="evaluate the first N windows only")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -149,8 +149,10 @@ def _is_transformers_gpt2(module: nn.Module) -> bool:
 
 
 def _is_transformers_causal_lm(module: nn.Module) -> bool:
-    """A transformers model whose ``loss_function`` is the causal-LM loss (transformers 4.46 and later)."""
-    return (_from_transformers(module) and hasattr(type(module), "loss_function")
+    """A transformers model whose ``loss_function`` is the causal-LM loss and can be set (transformers
+    versions without that setter keep their own loss)."""
+    loss_function = getattr(type(module), "loss_function", None)
+    return (_from_transformers(module) and isinstance(loss_function, property) and loss_function.fset is not None
             and type(module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
             and getattr(module, "loss_type", None) in (None, "ForCausalLM"))
 

@@ -336,6 +336,8 @@ def split_loss(model: GPT, tokens: np.ndarray, context_length: int, batch_size: 
     """Mean next-token loss of ``model`` over ``tokens`` cut into consecutive windows of
     ``context_length`` (every whole window, or the first ``max_windows``), and how many tokens that is.
     """
+    if batch_size < 1 or (max_windows is not None and max_windows < 1):
+        raise ValueError(f"batch_size ({batch_size}) and max_windows ({max_windows}) must be positive")
     stream = BatchStream(tokens, context_length, order="sequential", split="evaluated")
     windows = (len(tokens) - 1) // context_length
     windows = windows if max_windows is None else min(windows, max_windows)
@@ -478,8 +480,10 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
                     raise FloatingPointError(f"training loss is {loss} at step {step}: lower --lr")
                 elapsed = time.perf_counter() - t0
                 tok_s = steps_since_log * tokens_per_step / elapsed
+                grad_norm = None if norm is None else norm.item()  # inf on a step float16 overflow skipped
                 entry = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_sec": round(tok_s, 1),
-                         "grad_norm": None if norm is None else round(norm.item(), 4)}
+                         "grad_norm": round(grad_norm, 4) if grad_norm is not None and math.isfinite(grad_norm)
+                         else None}
                 if peak:
                     entry["mfu"] = round(steps_since_log * flops_per_step / elapsed / (peak * ctx.world_size), 4)
                 record(entry)

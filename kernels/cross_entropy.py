@@ -8,10 +8,11 @@ and eager PyTorch under autocast first copies them to float32, then writes float
 a one-hot gradient and the float32 gradient before casting it back: about 30 GB of traffic. Here:
 
 * Forward: one program per row streams the row once in ``BLOCK_V`` chunks, keeping a running max and
-  sum of exponentials per lane (an online softmax, in base 2); it writes only the row's loss and
-  log-sum-exp (8 bytes). One read of the logits in their own dtype.
-* Backward: recomputes ``softmax = exp(x - lse)`` from the logits and the saved log-sum-exp and writes
-  ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
+  sum of exponentials per lane (an online softmax, in base 2); it writes only the row's loss, max m
+  and log-sum log(sum(exp(x - m))) (12 bytes). One read of the logits in their own dtype.
+* Backward: recomputes ``softmax = exp((x - m) - log-sum)`` from the logits and the saved pair and
+  writes ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
+  The pair, not their float32 sum: m + log-sum would round away the log-sum of rows near 1e4.
 
 ``num_classes`` lets the LM head pass its vocabulary-padded logits whole (50,257 classes in rows of
 50,304): the padding columns are left out of the softmax and get a zero gradient, which saves the
@@ -48,16 +49,23 @@ def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_
 
 
 @_jit
-def _logsumexp_step(m, s, x):
-    """Fold a chunk x into each lane's running max m and sum s of exp(x - m)."""
-    m_new = tl.maximum(m, x)
-    # Differences first, then the scale to base 2: x - m is exact for nearby values, so rows with a
-    # large common offset lose nothing.
-    return m_new, s * tl.exp2((m - m_new) * LOG2E) + tl.exp2((x - m_new) * LOG2E)
+def _finite_or_zero(m):
+    """m, or 0 where m is -inf: a lane that has seen only -inf subtracts 0, so exp gives 0, not NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @_jit
-def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_classes, stride_row, ignore_index,
+def _logsumexp_step(m, s, x):
+    """Fold a chunk x into each lane's running max m and sum s of exp(x - m)."""
+    m_new = tl.maximum(m, x)
+    m_ref = _finite_or_zero(m_new)
+    # Differences first, then the scale to base 2: x - m is exact for nearby values, so rows with a
+    # large common offset lose nothing.
+    return m_new, s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
+
+
+@_jit
+def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, stride_row, ignore_index,
                        BLOCK_V: tl.constexpr):
     # One row per program, read once: each lane keeps a running max and sum of exponentials over the
     # chunks it sees, and the lanes are combined at the end. Whole chunks load unmasked, so 16-bit
@@ -65,7 +73,7 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_classes, st
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full((BLOCK_V,), -1e30, tl.float32)  # finite, so m - m_new is never -inf - -inf
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
     n_whole = n_classes // BLOCK_V * BLOCK_V
     for start in range(0, n_whole, BLOCK_V):
@@ -75,8 +83,9 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_classes, st
         x = tl.load(row_ptr + tail, mask=tail < n_classes, other=float("-inf")).to(tl.float32)
         m, s = _logsumexp_step(m, s, x)
     m_row = tl.max(m, axis=0)
-    log_sum = tl.log(tl.sum(s * tl.exp2((m - m_row) * LOG2E), axis=0))
-    tl.store(lse_ptr + row, m_row + log_sum)
+    log_sum = tl.log(tl.sum(s * tl.exp2((m - _finite_or_zero(m_row)) * LOG2E), axis=0))
+    tl.store(stats_ptr + 2 * row, m_row)
+    tl.store(stats_ptr + 2 * row + 1, log_sum)
     # The target's logit is one scalar load; a target outside [0, n_classes) gives NaN, not a wild read.
     target = tl.load(targets_ptr + row).to(tl.int64)
     in_range = (target >= 0) & (target < n_classes)
@@ -85,14 +94,14 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_classes, st
 
 
 @_jit
-def _grad_chunk(x, col, target, lse, scale):
+def _grad_chunk(x, col, target, m_row, log_sum, scale):
     """(softmax(x) - onehot(target)) * scale for one chunk of columns col."""
-    p = tl.exp2((x - lse) * LOG2E)
+    p = tl.exp2(((x - m_row) - log_sum) * LOG2E)
     return (p - tl.where(col == target, 1.0, 0.0)) * scale
 
 
 @_jit
-def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, lse_ptr, dlogits_ptr, n_classes, n_cols,
+def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_ptr, n_classes, n_cols,
                        stride_row, stride_drow, ignore_index, BLOCK_V: tl.constexpr):
     # One row per program: reads the row once and writes its gradient once,
     # d loss / d x = (softmax(x) - onehot(target)) * dloss, zero on ignored rows and padding columns.
@@ -103,16 +112,16 @@ def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, lse_ptr, dlogits_ptr,
     target = tl.load(targets_ptr + row).to(tl.int64)
     # An ignored row's gradient is (softmax - onehot) * 0: exactly zero, as softmax <= 1.
     scale = tl.where(target == ignore_index, 0.0, tl.load(dloss_ptr + row))
-    lse = tl.load(lse_ptr + row)
+    m_row, log_sum = tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1)
     n_whole = n_classes // BLOCK_V * BLOCK_V
     for start in range(0, n_whole, BLOCK_V):  # whole chunks: unmasked, vectorised loads and stores
         x = tl.load(row_ptr + start + cols).to(tl.float32)
-        grad = _grad_chunk(x, start + cols, target, lse, scale)
+        grad = _grad_chunk(x, start + cols, target, m_row, log_sum, scale)
         tl.store(drow_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty))
     for start in range(n_whole, n_cols, BLOCK_V):  # the last classes, then the padding columns
         col = start + cols
         x = tl.load(row_ptr + col, mask=col < n_classes, other=float("-inf")).to(tl.float32)
-        grad = _grad_chunk(x, col, target, lse, scale)
+        grad = _grad_chunk(x, col, target, m_row, log_sum, scale)
         tl.store(drow_ptr + col, grad.to(dlogits_ptr.dtype.element_ty), mask=col < n_cols)
 
 
@@ -130,39 +139,40 @@ def _kernel_configs() -> list[tuple[int, int]]:
 @torch.library.custom_op("gptfast::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                           num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward on (rows, n) logits: float32 per-row losses (0 where ignored) and log-sum-exps."""
+    """Triton forward on (rows, n) logits: float32 per-row losses (0 where ignored), and per row the
+    float32 pair (max, log-sum) the backward recomputes the softmax from."""
     n_rows = logits.shape[0]
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
     if n_rows > 0:
         block_v, num_warps = _block_config(num_classes)
-        _cross_entropy_fwd[(n_rows,)](logits, targets.contiguous(), loss, lse, num_classes, logits.stride(0),
+        _cross_entropy_fwd[(n_rows,)](logits, targets.contiguous(), loss, stats, num_classes, logits.stride(0),
                                       ignore_index, BLOCK_V=block_v, num_warps=num_warps)
-    return loss, lse
+    return loss, stats
 
 
 @_cross_entropy_fwd_op.register_fake
 def _(logits, targets, ignore_index, num_classes):
-    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
-    return loss, torch.empty_like(loss)
+    n_rows = logits.shape[0]
+    return logits.new_empty(n_rows, dtype=torch.float32), logits.new_empty(n_rows, 2, dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                          lse: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
+                          stats: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
     """Triton backward: the logits' gradient, in their dtype and shape (rows, n)."""
     n_rows, n_cols = logits.shape
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if dlogits.numel() > 0:
         block_v, num_warps = _block_config(n_cols)
-        _cross_entropy_bwd[(n_rows,)](dloss.float().contiguous(), logits, targets.contiguous(), lse, dlogits,
+        _cross_entropy_bwd[(n_rows,)](dloss.float().contiguous(), logits, targets.contiguous(), stats, dlogits,
                                       num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index,
                                       BLOCK_V=block_v, num_warps=num_warps)
     return dlogits
 
 
 @_cross_entropy_bwd_op.register_fake
-def _(dloss, logits, targets, lse, ignore_index, num_classes):
+def _(dloss, logits, targets, stats, ignore_index, num_classes):
     return logits.new_empty(logits.shape)
 
 
@@ -172,9 +182,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.ignore_index, ctx.num_classes = ignore_index, num_classes
 
 
-def _backward(ctx, dloss, _dlse):
-    logits, targets, lse = ctx.saved_tensors
-    return _cross_entropy_bwd_op(dloss, logits, targets, lse, ctx.ignore_index, ctx.num_classes), None, None, None
+def _backward(ctx, dloss, _dstats):
+    logits, targets, stats = ctx.saved_tensors
+    return _cross_entropy_bwd_op(dloss, logits, targets, stats, ctx.ignore_index, ctx.num_classes), None, None, None
 
 
 _cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -4,7 +4,9 @@ TRITON_INTERPRET must be set before triton is imported, so it is set here, befor
 imports ``kernels``. On a CUDA machine the real kernels run, on the GPU (``on_kernel_device``).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # A fresh torch.compile cache per test session: a cache left by an older checkout can hold code
 # compiled against an older signature of our custom operators.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="gptfast-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptfast-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 # The GPT-2 BPE ranks for offline machines (CI keeps them in ../shared/data next to the repository).
 _LOCAL_RANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2.tiktoken"

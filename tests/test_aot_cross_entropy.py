@@ -17,7 +17,7 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 
 ARCHS = (80, 90)
 KERNELS = ("_cross_entropy_fwd", "_cross_entropy_bwd")
-POINTER_TYPES = {"targets_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "dloss_ptr": "*fp32"}
+POINTER_TYPES = {"targets_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "dloss_ptr": "*fp32"}
 
 
 def build(kernel: str, config: tuple[int, int], dtype: str, arch: int, aligned: bool) -> aot.Build:
