@@ -331,46 +331,33 @@ def _plot(log_path: Path, png_path: Path) -> Path | None:
 
 
 @torch.no_grad()
-def split_loss(model: GPT, tokens: np.ndarray, context_length: int, batch_size: int = 16,
-               max_windows: int | None = None, amp_dtype: torch.dtype | None = None) -> tuple[float, int]:
+def split_loss(model: torch.nn.Module, tokens: np.ndarray, context_length: int, batch_size: int = 16,
+               max_windows: int | None = None, amp_dtype: torch.dtype | None = None,
+               ctx: _Dist | None = None) -> tuple[float, int]:
     """Mean next-token loss of ``model`` over ``tokens`` cut into consecutive windows of
     ``context_length`` (every whole window, or the first ``max_windows``), and how many tokens that is.
+    Under several processes (``ctx``) the batches are dealt out by rank and the sums combined.
     """
     if batch_size < 1 or (max_windows is not None and max_windows < 1):
         raise ValueError(f"batch_size ({batch_size}) and max_windows ({max_windows}) must be positive")
     stream = BatchStream(tokens, context_length, order="sequential", split="evaluated")
     windows = (len(tokens) - 1) // context_length
     windows = windows if max_windows is None else min(windows, max_windows)
+    ctx = ctx or _Dist()
+    starts = stream.next_starts(windows).split(batch_size)
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
-        for first in range(0, windows, batch_size):
-            x, y = stream.batch(stream.next_starts(min(batch_size, windows - first)), device)
+        for batch_starts in starts[ctx.rank::ctx.world_size]:
+            x, y = stream.batch(batch_starts, device)
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
                 _, loss = model(x, y)
             total += loss.double() * y.numel()
     finally:
         model.train(was_training)
-    return (total / (windows * context_length)).item(), windows * context_length
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, cfg: TrainConfig, context_length: int, device: torch.device,
-             amp_dtype: torch.dtype | None, ctx: _Dist) -> float:
-    """Mean loss over the first ``eval_batches`` validation batches, dealt out by rank."""
-    stream = BatchStream(tokens, context_length, order="sequential", split="validation")
-    starts = stream.next_starts(cfg.eval_batches * cfg.batch_size).view(cfg.eval_batches, cfg.batch_size)
-    model.eval()
-    total = torch.zeros((), device=device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for batch_starts in starts[ctx.rank::ctx.world_size]:
-        x, y = stream.batch(batch_starts, device)
-        with autocast:
-            total += model(x, y)[1].float()
-    model.train()
-    return (ctx.mean(total) * ctx.world_size / cfg.eval_batches).item()
+    return (ctx.mean(total) * ctx.world_size / (windows * context_length)).item(), windows * context_length
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -491,8 +478,8 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
                 bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {speed}")
                 t0, steps_since_log = time.perf_counter(), 0
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss = evaluate(runner, data.val, cfg, context_length=T, device=device,
-                                    amp_dtype=amp_dtype, ctx=ctx)
+                val_loss, _ = split_loss(runner, data.val, T, cfg.batch_size, cfg.eval_batches * cfg.batch_size,
+                                         amp_dtype, ctx)
                 record({"step": step, "val_loss": round(val_loss, 6)})
                 if ctx.main:
                     bar.write(f"step {step}: train loss {loss if loss is not None else float('nan'):.4f}, "
