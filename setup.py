@@ -1,7 +1,9 @@
-from setuptools import find_packages, setup
+from setuptools import setup
 
 setup(
-    # "gptfast" on PyPI is an unrelated project; the import packages are still gptfast and kernels.
+    # "gptfast" on PyPI is an unrelated project. Everything installs under the one import package
+    # gptfast: the repository's kernels/ and bench/ folders become gptfast.kernels and gptfast.bench,
+    # so no top-level module collides with another distribution's (PyPI has "kernels" and "bench").
     name="gptfast-triton",
     version="0.1.0",
     description="GPT-2 training and sampling made fast with hand-written Triton kernels",
@@ -9,7 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["gptfast", "gptfast.*", "kernels", "kernels.*", "bench", "bench.*"]),
+    packages=["gptfast", "gptfast.kernels", "gptfast.bench"],
+    package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
     install_requires=[
         "torch>=2.4",
         "numpy",

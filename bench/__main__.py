@@ -1,4 +1,4 @@
-"""``python -m bench``: measure, then write results.json, results.md and plots (``--help``)."""
+"""``python -m gptfast.bench``: measure, then write results.json, results.md and plots (``--help``)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
-from kernels.backend import TRITON_INTERPRET
+from gptfast.kernels.backend import TRITON_INTERPRET
 
 from . import report
 from .kernel_bench import SIZE_MODES
 from .timing import REP_MS, WARMUP_MS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path("README.md")  # the checkout's, run from the repository root
 
 
-def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m gptfast.bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Benchmark the kernels, training and "
                                      "generation against their baselines and write a report.")
     parser.add_argument("--group", action="append", choices=report.GROUPS,
@@ -46,7 +46,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m gptfast.bench") -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(prog).parse_args(argv)
     if args.readme_from is not None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-import kernels
+from gptfast import kernels
 from gptfast.generation import generate
 from gptfast.model import GPT, GPTConfig
 from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
+from gptfast import kernels
 
 from .kernel_bench import KernelBench, Sweep, eager, triton_backend
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU machine's commands: the test suite's log and the full benchmark report, each within 10
-# minutes on an H100. Run from anywhere; it works from the repository root with PYTHONPATH=. and no
-# install. Writes into $OUT (default out/gpu):
+# minutes on an H100. Run from anywhere: it installs the checkout in place first (offline, no
+# dependencies: the GPU image has them), so that gptfast.kernels and gptfast.bench import. Writes into
+# $OUT (default out/gpu):
 #   tests.log, tests.xml      `pytest tests` on the GPU (log, JUnit XML), kernel and model tests first
-#   report.log                nvidia-smi, then `python -m bench` (progress, tables)
+#   report.log                nvidia-smi, then `python -m gptfast.bench` (progress, tables)
 #   <date>-<device>/          results.json, results.md and one PNG per kernel
 # On a fresh GPU machine Triton compiles every kernel specialisation the tests meet (seconds each),
 # so run the two halves as two commands, each with the whole limit:
 #   bash bench/gpu.sh tests       then       bash bench/gpu.sh report
 # (`bash bench/gpu.sh` runs both in one limit, the tests cut at 150 s.) Then copy <date>-<device>/
-# into bench/results/ and run `python -m bench --readme-from` to update the README's table.
+# into bench/results/ and run `python -m gptfast.bench --readme-from` to update the README's table.
 # Liger-Kernel is not in the GPU image: `pip download liger-kernel --no-deps -d bench/wheels` here,
 # carry bench/wheels along (it is gitignored), and this script installs it.
 set -uo pipefail
@@ -17,14 +18,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 what=${1:-all}
 limit_s=${BENCH_LIMIT_S:-570}  # the whole script's wall-clock budget
 start=$SECONDS
 
 if compgen -G "bench/wheels/liger_kernel-*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench-site bench/wheels/liger_kernel-*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/bench-site"
+        && export PYTHONPATH="/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 if [[ $what == all || $what == tests ]]; then

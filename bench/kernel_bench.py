@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-import kernels
+from gptfast import kernels
 
 from .records import Record, failure_status
 from .timing import (REP_MS, WARMUP_MS, Unavailable, input_sets, peak_memory_mb, reset_peak_memory, synchronize,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
+from gptfast import kernels
 
 from .kernel_bench import KernelBench, Sweep, compiled, eager, liger, triton_backend
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-import kernels
+from gptfast import kernels
 
 from .timing import Unavailable
 

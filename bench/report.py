@@ -33,7 +33,8 @@ KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_ge
 GROUPS = ("train", "generate", *KERNELS)
 PROVIDERS = tuple(dict.fromkeys([*end_to_end.TRAIN_PROVIDERS, *end_to_end.GENERATE_PROVIDERS,
                                  *(p for bench in KERNELS.values() for p in bench.providers)]))
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+# Relative to the working directory (the repository root in a checkout), never inside an installed package.
+RESULTS_ROOT = Path("bench") / "results"
 README_START, README_END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 SCHEMA = 1
 
@@ -71,7 +72,7 @@ def versions() -> dict:
 
 def _git_commit() -> str | None:
     """The repository's commit, with "+dirty" for uncommitted changes; None outside a git checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path.cwd()
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()

@@ -3,7 +3,7 @@
 The backend switch lives in ``kernels.backend`` and is re-exported here.
 """
 
-from kernels.backend import BACKENDS, BackendError, explain, get_backend, set_backend, use_backend
+from .kernels.backend import BACKENDS, BackendError, explain, get_backend, set_backend, use_backend
 
 from .generation import generate, stream
 from .model import GPT, PRESETS, GPTConfig, KVCache

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import sys
 import time
 
 import torch
 
-import kernels
-from kernels.backend import HAS_TRITON, TRITON_INTERPRET
+from . import kernels
+from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
 
 from .data import BatchStream, TokenData, prepare
 from .model import GPT, PRESETS, GPTConfig
@@ -273,9 +274,8 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from bench.__main__ import main as bench_main  # the benchmark package is needed by this command only
-
-    code = bench_main(args.bench_args, prog="gptfast bench")
+    # The benchmarks import the package, never the reverse: they run as their own module.
+    code = subprocess.call([sys.executable, "-m", "gptfast.bench", *args.bench_args])
     if code:
         raise SystemExit(code)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from . import kernels
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from . import kernels
 
 ATTENTION_NAME = "gptfast"
 # transformers' activation classes that compute GELU, and which form (kernels.bias_gelu's names).

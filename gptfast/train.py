@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import kernels
+from . import kernels
 
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import BatchStream, TokenData, is_prepared, prepare

@@ -28,7 +28,7 @@ if _LOCAL_RANKS.exists():
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-import kernels  # noqa: E402
+from gptfast import kernels  # noqa: E402
 
 # Hypothesis draws the same examples on every run (seeded by each test's name), so a CI run cannot
 # fail on an example the previous run never met; new examples come from editing the strategies.

@@ -12,7 +12,7 @@ import importlib
 import aot
 import pytest
 
-cross_entropy = importlib.import_module("kernels.cross_entropy")
+cross_entropy = importlib.import_module("gptfast.kernels.cross_entropy")
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 ARCHS = (80, 90)

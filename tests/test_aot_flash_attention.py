@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aot
 import pytest
 
-fa = importlib.import_module("kernels.flash_attention")  # the module, not the public function
+fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module, not the public function
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 KERNELS = {  # configuration field: kernel

@@ -14,8 +14,8 @@ import aot
 import pytest
 
 # The modules (the package's attributes of these names are the public functions).
-layer_norm = importlib.import_module("kernels.layer_norm")
-bias_gelu = importlib.import_module("kernels.bias_gelu")
+layer_norm = importlib.import_module("gptfast.kernels.layer_norm")
+bias_gelu = importlib.import_module("gptfast.kernels.bias_gelu")
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 ARCHS = (80, 90)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import gptfast
-import kernels
-from kernels import backend
+from gptfast import kernels
+from gptfast.kernels import backend
 
 
 def test_set_get_and_context_manager():
@@ -31,14 +31,14 @@ def test_context_manager_restores_after_error():
 
 @pytest.mark.parametrize("value, expected", [("torch", "torch"), ("TRITON", "triton"), ("", "auto")])
 def test_environment_variable(value, expected):
-    code = "import kernels; print(kernels.get_backend())"
+    code = "from gptfast import kernels; print(kernels.get_backend())"
     out = subprocess.run([sys.executable, "-c", code], env={"GPTFAST_BACKEND": value, "PATH": ""},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected
 
 
 def test_bad_environment_variable():
-    result = subprocess.run([sys.executable, "-c", "import kernels"], env={"GPTFAST_BACKEND": "fast"},
+    result = subprocess.run([sys.executable, "-c", "import gptfast.kernels"], env={"GPTFAST_BACKEND": "fast"},
                             capture_output=True, text=True)
     assert result.returncode != 0 and "unknown backend 'fast'" in result.stderr
 

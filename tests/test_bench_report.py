@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from bench import __main__ as bench_cli
-from bench import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm, report
-from bench.kernel_bench import KernelBench, Sweep, eager, run_case
-from bench.records import FAILED, OK, UNAVAILABLE, Record, failure_status
-from bench.timing import Unavailable, input_sets, time_calls
+from gptfast import kernels
+from gptfast.bench import __main__ as bench_cli
+from gptfast.bench import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm, report
+from gptfast.bench.kernel_bench import KernelBench, Sweep, eager, run_case
+from gptfast.bench.records import FAILED, OK, UNAVAILABLE, Record, failure_status
+from gptfast.bench.timing import Unavailable, input_sets, time_calls
 
 CPU = torch.device("cpu")
 FAST = dict(warmup_ms=1.0, rep_ms=5.0)
@@ -104,7 +104,7 @@ def test_run_case_records_what_cannot_run(monkeypatch):
 @pytest.fixture(scope="module")
 def results():
     settings = report.Settings(groups=("layer_norm",), sizes="small", providers=("torch", "liger"), **FAST)
-    return report.run(settings, CPU, command="python -m bench --test", progress=False)
+    return report.run(settings, CPU, command="python -m gptfast.bench --test", progress=False)
 
 
 def test_run_results(results):
@@ -166,7 +166,7 @@ def test_update_readme_between_markers(results, tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{report.README_END}\noutro\n")
     assert "old table" not in text and "`bench/results/run/results.md`" in text
-    assert "Command: `python -m bench --test`" in text
+    assert "Command: `python -m gptfast.bench --test`" in text
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="lacks the markers"):
         report.update_readme(readme, out / "results.json")
@@ -179,7 +179,7 @@ def test_cli(tmp_path, capsys):
             "--warmup-ms", "1", "--rep-ms", "5", "--out", str(tmp_path / "run")]
     assert bench_cli.main(argv) == 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["command"].startswith("python -m bench --group bias_gelu")
+    assert saved["command"].startswith("python -m gptfast.bench --group bias_gelu")
     assert "## bias_gelu (GB/s, % of ceiling)" in capsys.readouterr().out
     (tmp_path / "run" / "results.md").unlink()
     assert bench_cli.main(["--render", str(tmp_path / "run" / "results.json")]) == 0

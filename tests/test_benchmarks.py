@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
-from bench import end_to_end
-from bench.ceilings import measure_ceilings
-from bench.kernel_bench import PASSES, bench_dtype, prepare_case
-from bench.records import FAILED, failure_status
-from bench.report import KERNELS, unique_sizes
-from bench.timing import synchronize
+from gptfast.bench import end_to_end
+from gptfast.bench.ceilings import measure_ceilings
+from gptfast.bench.kernel_bench import PASSES, bench_dtype, prepare_case
+from gptfast.bench.records import FAILED, failure_status
+from gptfast.bench.report import KERNELS, unique_sizes
+from gptfast.bench.timing import synchronize
 from gptfast.train import model_flops_per_token
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.bias_gelu import bias_gelu_reference
+from gptfast import kernels
+from gptfast.kernels.bias_gelu import bias_gelu_reference
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),

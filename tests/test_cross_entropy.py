@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.cross_entropy import cross_entropy_reference
+from gptfast import kernels
+from gptfast.kernels.cross_entropy import cross_entropy_reference
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import gptfast
-import kernels
+from gptfast import kernels
 
-fa = importlib.import_module("kernels.flash_attention")  # the module; kernels.flash_attention is the function
+fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module; kernels.flash_attention is the function
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import kernels
+from gptfast import kernels
 from gptfast import GPT, GPTConfig
 from gptfast.checkpoint import load_for_inference, save_checkpoint
 from gptfast.cli import _print_as_it_arrives, main

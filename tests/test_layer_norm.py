@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.layer_norm import MAX_ROW_LENGTH, layer_norm_reference
+from gptfast import kernels
+from gptfast.kernels.layer_norm import MAX_ROW_LENGTH, layer_norm_reference
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one
 

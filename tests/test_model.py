@@ -51,7 +51,7 @@ def test_logits_shape_gpt2_vocabulary():
 def test_padded_vocabulary_keeps_true_size(backend):
     """The padding rows of the vocabulary are never predicted: the loss is that of the true logits and
     the padding embeddings get no gradient, on both backends."""
-    import kernels
+    from gptfast import kernels
 
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, context_length=16, vocab_multiple=64)
@@ -192,7 +192,7 @@ def test_autocast_layer_norms_write_the_autocast_dtype():
 def test_autocast_training_step_triton_matches_torch():
     """float16 autocast (bf16 dot products are wrong under the Triton interpreter): the same loss and
     gradients on both backends, within float16 rounding."""
-    import kernels
+    from gptfast import kernels
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=96, n_layer=2, n_head=2, n_embd=64, context_length=24)).to(DEVICE)
@@ -215,8 +215,8 @@ def test_bfloat16_autocast_training_step_on_triton(interpreter_bf16_dot, monkeyp
     LayerNorm outputs, bias + GELU, flash attention, the loss on padded bf16 logits) stays as close
     to the float32 step as bf16 allows: within 4% of each gradient's largest entry (eager bf16 is
     within 1%; flash attention rounds its probabilities to bf16 before the products)."""
-    import kernels
-    from kernels import backend
+    from gptfast import kernels
+    from gptfast.kernels import backend
 
     if DEVICE.type == "cpu":  # the fixture mends the interpreter's bf16 dot: lift the refusal of bf16 on CPU
         check = backend._CHECKS["flash_attention"]

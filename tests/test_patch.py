@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import kernels
+from gptfast import kernels
 from gptfast import GPT, GPTConfig, patch
 from gptfast.patch import FusedLayerNorm, LinearBiasGELU
 

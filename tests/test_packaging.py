@@ -1,0 +1,38 @@
+"""The wheel installs one import package, gptfast: no top-level module that another distribution
+ships (PyPI has ``kernels``, Hugging Face's hub kernels, and ``bench``)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    pytest.importorskip("setuptools")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    (found,) = out.glob("gptfast_triton-*.whl")
+    return found
+
+
+def test_the_wheel_installs_gptfast_only(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top_level == {"gptfast"}
+    assert "gptfast/kernels/flash_attention.py" in names and "gptfast/bench/report.py" in names
+    assert not any(name.startswith(("gptfast/bench/results", "gptfast/bench/gpu.sh")) for name in names)
+
+
+def test_one_import_name_per_module():
+    """The kernels import under gptfast.kernels only, so their custom ops register once."""
+    code = ("import sys, gptfast, gptfast.bench.report; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kernels', 'bench')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=ROOT.parent)
+    assert result.stdout.strip() == "[]"
