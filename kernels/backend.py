@@ -10,7 +10,7 @@ Three backends:
 
 Set it with :func:`set_backend`, the context manager :func:`use_backend`, or the environment
 variable ``GPTFAST_BACKEND``. :func:`explain` tells which path an operation takes for given inputs
-and why. Each operation registers a check that names what its kernel cannot take (:func:`register`).
+and why. Each operation registers a check that names what its kernel cannot take (:func:`routed`).
 """
 
 from __future__ import annotations
@@ -79,12 +79,27 @@ class Route:
         return f"{self.op}: {path} ({self.reason})"
 
 
-_CHECKS: dict[str, Callable[..., str | None]] = {}
+_CHECKS: dict[Callable, Callable[..., str | None]] = {}
 
 
-def register(op: str, check: Callable[..., str | None]) -> None:
-    """Register ``check(*args, **kwargs)``: None when op's kernel takes the inputs, else the reason."""
-    _CHECKS[op] = check
+def routed(check: Callable[..., str | None]) -> Callable[[Callable], Callable]:
+    """Decorator of a public operation: ``check(*args, **kwargs)``, called with the operation's
+    arguments, returns None when the Triton kernel takes them, else the reason it cannot.
+    :func:`route` and :func:`explain` consult it, keyed by the operation itself."""
+    def register(op: Callable) -> Callable:
+        _CHECKS[op] = check
+        return op
+    return register
+
+
+def _operation(op: Callable | str) -> Callable:
+    """The registered operation ``op``, given as itself or by its name."""
+    by_name = {registered.__name__: registered for registered in _CHECKS}
+    found = by_name.get(op) if isinstance(op, str) else op
+    if found not in _CHECKS:
+        name = op if isinstance(op, str) else getattr(op, "__name__", repr(op))
+        raise ValueError(f"unknown operation {name!r}: known are {', '.join(sorted(by_name))}")
+    return found
 
 
 def _device_problem(tensors: list[torch.Tensor]) -> str | None:
@@ -104,32 +119,33 @@ def _device_problem(tensors: list[torch.Tensor]) -> str | None:
     return f"tensors on {device.type} (Triton kernels need CUDA, or TRITON_INTERPRET=1 for CPU tensors)"
 
 
-def explain(op: str, *args, **kwargs) -> Route:
+def explain(op: Callable | str, *args, **kwargs) -> Route:
     """Which path ``op`` takes for these arguments under the current backend, and why.
 
-    The arguments are those of the public operation, e.g. ``explain("layer_norm", x, weight, bias)``.
+    ``op`` is a public operation or its name, the arguments are its own, e.g.
+    ``explain(kernels.layer_norm, x, weight, bias)`` or ``explain("layer_norm", x, weight, bias)``.
     """
-    if op not in _CHECKS:
-        raise ValueError(f"unknown operation {op!r}: known are {', '.join(sorted(_CHECKS))}")
+    op = _operation(op)
+    name = op.__name__
     backend = get_backend()
     if backend == "torch":
-        return Route(op, backend, False, 'backend is "torch"')
+        return Route(name, backend, False, 'backend is "torch"')
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     off_cuda = sorted({t.device.type for t in tensors if t.device.type != "cuda"})
     if backend == "auto" and off_cuda:
-        return Route(op, backend, False, f"tensors on {', '.join(off_cuda)}: auto runs kernels on CUDA only")
+        return Route(name, backend, False, f"tensors on {', '.join(off_cuda)}: auto runs kernels on CUDA only")
     problem = _device_problem(tensors) or _CHECKS[op](*args, **kwargs)
     if problem is None:
-        return Route(op, backend, True, "the Triton kernel supports these inputs")
-    return Route(op, backend, False, problem)
+        return Route(name, backend, True, "the Triton kernel supports these inputs")
+    return Route(name, backend, False, problem)
 
 
-def route(op: str, *args, **kwargs) -> bool:
+def route(op: Callable, *args, **kwargs) -> bool:
     """True when ``op`` should run its Triton kernel; raises BackendError on "triton" if it cannot."""
     decision = explain(op, *args, **kwargs)
     if decision.backend == "triton" and not decision.use_triton:
         raise BackendError(
-            f"{op}: the 'triton' backend cannot run this input: {decision.reason}. "
+            f"{decision.op}: the 'triton' backend cannot run this input: {decision.reason}. "
             "Use backend 'auto' to fall back to eager PyTorch for such inputs."
         )
     return decision.use_triton

@@ -1,7 +1,7 @@
 """Fused bias add and GELU: ``y = GELU(x + bias)``, GPT-2's tanh form by default.
 
-Triton kernels (forward and backward), registered as the PyTorch custom operators
-``gptfast::bias_gelu_fwd`` / ``gptfast::bias_gelu_bwd`` with autograd and fake implementations.
+Triton kernels (forward and backward), launched by the PyTorch custom operators
+``gptfast::bias_gelu_fwd`` / ``gptfast::bias_gelu_bwd`` (``common.kernel_op``) with autograd.
 
 * Forward: one read of x, one write of y; the bias row is reused by every row of a tile.
 * Backward: recomputes ``x + bias`` from x (nothing else is saved), reads dy and writes dx once.
@@ -21,13 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
-from .layer_norm import KERNEL_DTYPES, as_rows, sm_count
-
-if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
-    import triton
-    import triton.language as tl
-
-_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
+from .common import as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count, tl
 
 APPROXIMATIONS = ("tanh", "none")
 _TILE_ELEMENTS = 2048  # elements per tile: 8 per thread with 8 warps, one 128-bit load of fp16
@@ -43,7 +37,7 @@ def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor | None,
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-@_jit
+@jit
 def _gelu_and_slope(h, TANH: tl.constexpr):
     """GELU(h) and its derivative, in float32."""
     if TANH:
@@ -57,7 +51,7 @@ def _gelu_and_slope(h, TANH: tl.constexpr):
         return h * cdf, cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
 
 
-@_jit
+@jit
 def _bias_gelu_fwd(x_ptr, bias_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
                    HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -74,7 +68,7 @@ def _bias_gelu_fwd(x_ptr, bias_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _bias_gelu_bwd(dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_partial_ptr,
                    n_rows, n_cols, stride_dy, stride_x, stride_dx,
                    HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
@@ -107,7 +101,7 @@ def _block_config(n_cols: int) -> tuple[int, int, int]:
 
     256-column blocks divide GPT-2's hidden sizes (3072, 4096, 5120, 6400) without masked waste.
     """
-    block_n = min(256, triton.next_power_of_2(n_cols))
+    block_n = min(256, next_power_of_2(n_cols))
     return _TILE_ELEMENTS // block_n, block_n, 8
 
 
@@ -116,8 +110,8 @@ def _kernel_configs() -> list[tuple[int, int, int]]:
     return sorted({_block_config(2**k) for k in range(9)})
 
 
-@torch.library.custom_op("gptfast::bias_gelu_fwd", mutates_args=())
-def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+@kernel_op("bias_gelu_fwd")
+def _forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     """Triton GELU(x + bias), in x's dtype (the bias is added in float32)."""
     x2 = as_rows(x)
     bias = bias.contiguous() if bias is not None else None
@@ -125,47 +119,35 @@ def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: s
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if y.numel() > 0:
         block_m, block_n, num_warps = _block_config(n_cols)
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-        _bias_gelu_fwd[grid](x2, bias, y, n_rows, n_cols, x2.stride(0), y.stride(0),
-                             HAS_BIAS=bias is not None, TANH=approximate == "tanh",
-                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        launch(_bias_gelu_fwd, (cdiv(n_rows, block_m), cdiv(n_cols, block_n)),
+               x2, bias, y, n_rows, n_cols, x2.stride(0), y.stride(0),
+               HAS_BIAS=bias is not None, TANH=approximate == "tanh",
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y.view(x.shape)
 
 
-@_bias_gelu_fwd_op.register_fake
-def _(x, bias, approximate):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("gptfast::bias_gelu_bwd", mutates_args=())
-def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
-                      approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+@kernel_op("bias_gelu_bwd")
+def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+              approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: dx in x's dtype, and dbias in bias's dtype (empty without a bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
     bias = bias.contiguous() if bias is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = _block_config(max(n_cols, 1))
-    col_blocks = triton.cdiv(n_cols, block_n)
+    col_blocks = cdiv(n_cols, block_n)
     # About four programs per SM in all, each owning a band of row tiles of one column block.
-    row_programs = max(1, min(triton.cdiv(n_rows, block_m), 4 * sm_count(x.device) // max(col_blocks, 1)))
+    row_programs = max(1, min(cdiv(n_rows, block_m), 4 * sm_count(x.device) // max(col_blocks, 1)))
     dbias_partial = torch.zeros(row_programs if bias is not None else 0, n_cols,
                                 dtype=torch.float32, device=x.device)
     if dx.numel() > 0:
-        _bias_gelu_bwd[(row_programs, col_blocks)](
-            dy2, x2, bias, dx, dbias_partial, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
-            HAS_BIAS=bias is not None, TANH=approximate == "tanh",
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        launch(_bias_gelu_bwd, (row_programs, col_blocks),
+               dy2, x2, bias, dx, dbias_partial, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+               HAS_BIAS=bias is not None, TANH=approximate == "tanh",
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     dbias_dtype = bias.dtype if bias is not None else x.dtype
     # The partial sums are added in a fixed order: a deterministic bias gradient.
     return dx.view(x.shape), dbias_partial.sum(0).to(dbias_dtype)
-
-
-@_bias_gelu_bwd_op.register_fake
-def _(dy, x, bias, approximate):
-    dbias_dtype = bias.dtype if bias is not None else x.dtype
-    dbias = x.new_empty((x.shape[-1] if bias is not None else 0,), dtype=dbias_dtype)
-    return x.new_empty(x.shape), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -174,13 +156,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.approximate = approximate
 
 
-def _backward(ctx, dy):
+def _gradients(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, dbias = _bias_gelu_bwd_op(dy, x, bias, ctx.approximate)
+    dx, dbias = _backward(dy, x, bias, ctx.approximate)
     return dx, (dbias if bias is not None else None), None
 
 
-_bias_gelu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def _check_inputs(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
@@ -194,15 +176,10 @@ def _check_inputs(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) 
 
 
 def _kernel_problem(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "tanh") -> str | None:
-    for name, t in (("x", x), ("bias", bias)):
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            return f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
-    return None
+    return dtype_problem({"x": x, "bias": bias})
 
 
-backend.register("bias_gelu", _kernel_problem)
-
-
+@backend.routed(_kernel_problem)
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "tanh") -> torch.Tensor:
     """GELU(x + bias) over the last dimension of ``x``, through the backend switch.
 
@@ -211,8 +188,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "ta
     stay bf16 (the bias gradient keeps the bias's dtype).
     """
     _check_inputs(x, bias, approximate)
-    if backend.route("bias_gelu", x, bias, approximate):
-        return _bias_gelu_fwd_op(x, bias, approximate)
+    if backend.route(bias_gelu, x, bias, approximate):
+        return _forward(x, bias, approximate)
     if bias is not None:
         x = x + bias.to(x.dtype)
     return F.gelu(x, approximate=approximate)

@@ -1,7 +1,7 @@
 """Cross-entropy over the last dimension of logits, for the LM head: ``lse(x) - x[target]`` per row.
 
-Triton kernels (forward and backward), registered as the PyTorch custom operators
-``gptfast::cross_entropy_fwd`` / ``gptfast::cross_entropy_bwd`` with autograd and fake implementations.
+Triton kernels (forward and backward), launched by the PyTorch custom operators
+``gptfast::cross_entropy_fwd`` / ``gptfast::cross_entropy_bwd`` (``common.kernel_op``) with autograd.
 
 The logits are the largest activation of a GPT step (16 x 1024 rows of 50,304 bf16 values: 1.6 GB),
 and eager PyTorch under autocast first copies them to float32, then writes float32 log-probabilities,
@@ -25,15 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
-from .layer_norm import KERNEL_DTYPES, as_rows
-
-if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
-    import triton
-    import triton.language as tl
-
-    LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-
-_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
+from .common import LOG2E, as_rows, dtype_problem, jit, kernel_op, launch, next_power_of_2, tl
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -48,13 +40,13 @@ def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_
     return torch.where(keep, torch.logsumexp(logits, dim=1) - picked, 0.0)
 
 
-@_jit
+@jit
 def _finite_or_zero(m):
     """m, or 0 where m is -inf: a lane that has seen only -inf subtracts 0, so exp gives 0, not NaN."""
     return tl.where(m == float("-inf"), 0.0, m)
 
 
-@_jit
+@jit
 def _logsumexp_step(m, s, x):
     """Fold a chunk x into each lane's running max m and sum s of exp(x - m)."""
     m_new = tl.maximum(m, x)
@@ -64,7 +56,7 @@ def _logsumexp_step(m, s, x):
     return m_new, s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
 
 
-@_jit
+@jit
 def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, stride_row, ignore_index,
                        BLOCK_V: tl.constexpr):
     # One row per program, read once: each lane keeps a running max and sum of exponentials over the
@@ -93,14 +85,14 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, 
     tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, (m_row - picked) + log_sum))
 
 
-@_jit
+@jit
 def _grad_chunk(x, col, target, m_row, log_sum, scale):
     """(softmax(x) - onehot(target)) * scale for one chunk of columns col."""
     p = tl.exp2(((x - m_row) - log_sum) * LOG2E)
     return (p - tl.where(col == target, 1.0, 0.0)) * scale
 
 
-@_jit
+@jit
 def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_ptr, n_classes, n_cols,
                        stride_row, stride_drow, ignore_index, BLOCK_V: tl.constexpr):
     # One row per program: reads the row once and writes its gradient once,
@@ -127,7 +119,7 @@ def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_pt
 
 def _block_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): chunks of up to _MAX_BLOCK_V columns, 16 values per thread."""
-    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(max(n_cols, 16)))
+    block_v = min(_MAX_BLOCK_V, next_power_of_2(max(n_cols, 16)))
     return block_v, max(1, min(8, block_v // 512))
 
 
@@ -136,9 +128,9 @@ def _kernel_configs() -> list[tuple[int, int]]:
     return sorted({_block_config(2**k) for k in range(4, _MAX_BLOCK_V.bit_length())})
 
 
-@torch.library.custom_op("gptfast::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                          num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+@kernel_op("cross_entropy_fwd")
+def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+             num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward on (rows, n) logits: float32 per-row losses (0 where ignored), and per row the
     float32 pair (max, log-sum) the backward recomputes the softmax from."""
     n_rows = logits.shape[0]
@@ -146,34 +138,23 @@ def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
     if n_rows > 0:
         block_v, num_warps = _block_config(num_classes)
-        _cross_entropy_fwd[(n_rows,)](logits, targets.contiguous(), loss, stats, num_classes, logits.stride(0),
-                                      ignore_index, BLOCK_V=block_v, num_warps=num_warps)
+        launch(_cross_entropy_fwd, (n_rows,), logits, targets.contiguous(), loss, stats, num_classes,
+               logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=num_warps)
     return loss, stats
 
 
-@_cross_entropy_fwd_op.register_fake
-def _(logits, targets, ignore_index, num_classes):
-    n_rows = logits.shape[0]
-    return logits.new_empty(n_rows, dtype=torch.float32), logits.new_empty(n_rows, 2, dtype=torch.float32)
-
-
-@torch.library.custom_op("gptfast::cross_entropy_bwd", mutates_args=())
-def _cross_entropy_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                          stats: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
+@kernel_op("cross_entropy_bwd")
+def _backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+              stats: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
     """Triton backward: the logits' gradient, in their dtype and shape (rows, n)."""
     n_rows, n_cols = logits.shape
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if dlogits.numel() > 0:
         block_v, num_warps = _block_config(n_cols)
-        _cross_entropy_bwd[(n_rows,)](dloss.float().contiguous(), logits, targets.contiguous(), stats, dlogits,
-                                      num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index,
-                                      BLOCK_V=block_v, num_warps=num_warps)
+        launch(_cross_entropy_bwd, (n_rows,), dloss.float().contiguous(), logits, targets.contiguous(), stats,
+               dlogits, num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index,
+               BLOCK_V=block_v, num_warps=num_warps)
     return dlogits
-
-
-@_cross_entropy_bwd_op.register_fake
-def _(dloss, logits, targets, stats, ignore_index, num_classes):
-    return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -182,12 +163,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.ignore_index, ctx.num_classes = ignore_index, num_classes
 
 
-def _backward(ctx, dloss, _dstats):
+def _gradients(ctx, dloss, _dstats):
     logits, targets, stats = ctx.saved_tensors
-    return _cross_entropy_bwd_op(dloss, logits, targets, stats, ctx.ignore_index, ctx.num_classes), None, None, None
+    return _backward(dloss, logits, targets, stats, ctx.ignore_index, ctx.num_classes), None, None, None
 
 
-_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str, num_classes: int | None) -> None:
@@ -216,18 +197,13 @@ def _check_target_values(targets: torch.Tensor, ignore_index: int, num_classes: 
 
 
 def _kernel_problem(logits: torch.Tensor, targets: torch.Tensor, *args, **kwargs) -> str | None:
-    if logits.dtype not in KERNEL_DTYPES:
-        return f"logits have dtype {logits.dtype}; the kernel takes float32, float16 and bfloat16"
-    if targets.dtype not in TARGET_DTYPES:
-        return f"targets have dtype {targets.dtype}; the kernel takes int64 and int32"
-    if logits.shape[-1] == 0:
-        return "logits have no classes"
-    return None
+    problem = dtype_problem({"logits": logits}) or dtype_problem({"targets": targets}, TARGET_DTYPES)
+    if problem is None and logits.shape[-1] == 0:
+        problem = "logits have no classes"
+    return problem
 
 
-backend.register("cross_entropy", _kernel_problem)
-
-
+@backend.routed(_kernel_problem)
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
                   reduction: str = "mean", num_classes: int | None = None,
                   check_targets: bool = True) -> torch.Tensor:
@@ -246,8 +222,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if check_targets and not torch.compiler.is_compiling():
         _check_target_values(targets, ignore_index, num_classes)
     logits2, targets1 = as_rows(logits), targets.reshape(-1)
-    if backend.route("cross_entropy", logits2, targets1):
-        losses = _cross_entropy_fwd_op(logits2, targets1, ignore_index, num_classes)[0]
+    if backend.route(cross_entropy, logits2, targets1):
+        losses = _forward(logits2, targets1, ignore_index, num_classes)[0]
     else:
         losses = F.cross_entropy(logits2[:, :num_classes].float(), targets1.long(), ignore_index=ignore_index,
                                  reduction="none")

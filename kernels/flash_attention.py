@@ -34,16 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
-from .layer_norm import KERNEL_DTYPES
-
-if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
-    import triton
-    import triton.language as tl
-
-    LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
-    LN2 = tl.constexpr(0.6931471805599453)
-
-_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
+from .common import KERNEL_DTYPES, LN2, LOG2E, cdiv, jit, kernel_op, launch, next_power_of_2, tl, tracing
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -88,7 +79,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 # ---------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """Load a (rows, HEAD_DIM_PAD) tile; zeros past ``n_rows`` (if CHECK_ROWS) and past HEAD_DIM.
@@ -107,7 +98,7 @@ def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: t
     return tile
 
 
-@_jit
+@jit
 def _store_tile(ptrs, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """Store the valid rows and head dims of a (rows, HEAD_DIM_PAD) tile."""
     mask = rows[:, None] < n_rows
@@ -116,7 +107,7 @@ def _store_tile(ptrs, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM
     tl.store(ptrs, tile, mask=mask)
 
 
-@_jit
+@jit
 def _visible(q_idx, k_idx, q_len, k_len, key_start, CAUSAL: tl.constexpr):
     """Which keys exist, are not padding and may be attended by the queries; the causal diagonal
     is bottom-right.
@@ -130,7 +121,7 @@ def _visible(q_idx, k_idx, q_len, k_len, key_start, CAUSAL: tl.constexpr):
     return ok
 
 
-@_jit
+@jit
 def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     """Philox keep-mask of the probabilities at (q_idx, k_idx) of (batch x head) ``bh``.
 
@@ -144,7 +135,7 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
-@_jit
+@jit
 def _key_range(start_m, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Keys that queries [start_m, start_m + BLOCK_M) attend to, as (lo, mid, full_end, end):
@@ -163,7 +154,7 @@ def _key_range(start_m, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M: 
     return lo, mid, tl.maximum(mid, full_end), end
 
 
-@_jit
+@jit
 def _load_key_start(KEY_START, batch):
     """Keys of this batch row hidden as padding (0 without KEY_START; negative counts as 0)."""
     key_start = 0
@@ -172,7 +163,7 @@ def _load_key_start(KEY_START, batch):
     return key_start
 
 
-@_jit
+@jit
 def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """q k^T * qk_scale (log2 units, float32); with MASKED, keys a query cannot see (causal,
     padding, past k_len) score -inf."""
@@ -182,7 +173,7 @@ def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.cons
     return s
 
 
-@_jit
+@jit
 def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
                     lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -209,7 +200,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, str
     return acc, l_i, m_i
 
 
-@_jit
+@jit
 def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
@@ -266,7 +257,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
     tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=rows < q_len)
 
 
-@_jit
+@jit
 def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, stride_dod,
                                 n_heads, q_len, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
@@ -284,7 +275,7 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot
     tl.store(DELTA + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
 
 
-@_jit
+@jit
 def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
                          cols, dims, lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -322,7 +313,7 @@ def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, 
     return dk, dv
 
 
-@_jit
+@jit
 def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
@@ -391,7 +382,7 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
     _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, dims, HEAD_DIM, HEAD_DIM_PAD)
 
 
-@_jit
+@jit
 def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
                       lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -415,7 +406,7 @@ def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_
     return dq
 
 
-@_jit
+@jit
 def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
@@ -462,7 +453,7 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
                 dq.to(DQ.dtype.element_ty), rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD)
 
 
-@_jit
+@jit
 def _dropout_keep_kernel(KEEP, q_len, k_len, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Write the keep-mask the attention kernels draw, as int8 (batch x heads, q_len, k_len)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -559,7 +550,7 @@ def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionC
 
 
 def _head_dim_pad(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 @functools.cache
@@ -581,13 +572,18 @@ def _configs_for(q: torch.Tensor) -> AttentionConfigs:
 # ---------------------------------------------------------------------------------------------
 
 
+def _seed_value(seed: torch.Tensor | None) -> int:
+    """The Philox seed the kernels take (0 without dropout, and while tracing: no value then)."""
+    return 0 if seed is None or tracing() else int(seed)
+
+
 def _dropout_seed() -> torch.Tensor:
     """A Philox seed from torch's default CPU generator (so torch.manual_seed fixes dropout)."""
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
-@torch.library.custom_op("gptfast::flash_attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
+@kernel_op("flash_attention_forward")
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
                 scale: float, seed: torch.Tensor | None, key_start: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp
@@ -597,24 +593,17 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     config = _configs_for(q).forward
-    grid = (triton.cdiv(q_len, config.block_m), batch * heads)
-    _attention_fwd_kernel[grid](
+    launch(
+        _attention_fwd_kernel, (cdiv(q_len, config.block_m), batch * heads),
         q, k, v, out, lse, key_start, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale,
-        dropout_p, 0 if seed is None else int(seed), HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        dropout_p, _seed_value(seed), HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse
 
 
-@_forward_op.register_fake
-def _forward_fake(q, k, v, causal, dropout_p, scale, seed, key_start):
-    batch, heads, q_len, head_dim = q.shape
-    return (q.new_empty((batch, heads, q_len, head_dim)),
-            q.new_empty((batch, heads, q_len), dtype=torch.float32))
-
-
-@torch.library.custom_op("gptfast::flash_attention_backward", mutates_args=())
-def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+@kernel_op("flash_attention_backward")
+def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float, scale: float,
                  seed: torch.Tensor | None, key_start: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -622,12 +611,12 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     head_dim_pad = _head_dim_pad(head_dim)
-    seed_value = 0 if seed is None else int(seed)
+    seed_value = _seed_value(seed)
     configs = _configs_for(q)
     delta = torch.empty_like(lse)
     delta_rows = 64  # query rows per program of the small dot(dO, O) pass
-    _attention_bwd_delta_kernel[(triton.cdiv(q_len, delta_rows), batch * heads)](
-        out, grad_out, delta, *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+    launch(
+        _attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta, *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_M=delta_rows)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -635,21 +624,16 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
     config = configs.backward_kv
-    _attention_bwd_kv_kernel[(triton.cdiv(k_len, config.block_n), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
+    launch(
+        _attention_bwd_kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta, dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
         seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
         num_stages=config.num_stages, **shared)
     config = configs.backward_q
-    _attention_bwd_q_kernel[(triton.cdiv(q_len, config.block_m), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
+    launch(
+        _attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta, dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
         seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
         num_stages=config.num_stages, **shared)
     return dq, dk, dv
-
-
-@_backward_op.register_fake
-def _backward_fake(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed, key_start):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -660,14 +644,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+def _gradients(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     q, k, v, out, lse, key_start = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
+    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
                               key_start)
     return dq, dk, dv, None, None, None, None, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def dropout_keep_mask(seed: int | torch.Tensor, batch: int, heads: int, q_len: int, k_len: int,
@@ -678,7 +662,7 @@ def dropout_keep_mask(seed: int | torch.Tensor, batch: int, heads: int, q_len: i
     """
     keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
     block = 32
-    grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)
+    grid = (cdiv(q_len, block), cdiv(k_len, block), batch * heads)
     _dropout_keep_kernel[grid](keep, q_len, k_len, dropout_p, int(seed), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
 
@@ -744,9 +728,7 @@ def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return None
 
 
-backend.register("flash_attention", _kernel_problem)
-
-
+@backend.routed(_kernel_problem)
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     dropout_p: float = 0.0, scale: float | None = None,
                     key_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -758,11 +740,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     padding; negative counts as 0). Queries that see no key output zeros.
     """
     _check_inputs(q, k, v, causal, dropout_p, key_start)
-    if backend.route("flash_attention", q, k, v, causal, dropout_p, scale, key_start):
+    if backend.route(flash_attention, q, k, v, causal, dropout_p, scale, key_start):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         seed = _dropout_seed() if dropout_p > 0 else None
         key_start = None if key_start is None else key_start.contiguous()
-        return _forward_op(q, k, v, causal, float(dropout_p), scale, seed, key_start)[0]
+        return _forward(q, k, v, causal, float(dropout_p), scale, seed, key_start)[0]
     q_len, k_len = q.shape[-2], k.shape[-2]
     if key_start is not None:
         # Rows that see no key attend to every key instead (no NaN, forward or backward), then give 0.

@@ -1,7 +1,7 @@
 """LayerNorm over the last dimension: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
 
-Triton kernels (forward and backward), registered as the PyTorch custom operators
-``gptfast::layer_norm_fwd`` / ``gptfast::layer_norm_bwd`` with autograd and fake implementations, so
+Triton kernels (forward and backward), launched by the PyTorch custom operators
+``gptfast::layer_norm_fwd`` / ``gptfast::layer_norm_bwd`` (``common.kernel_op``) with autograd, so
 models using them compile with ``torch.compile(fullgraph=True)``.
 
 * Forward: each program holds ``BLOCK_M`` whole rows in registers, so x is read once and y written
@@ -16,20 +16,13 @@ models using them compile with ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from . import backend
+from .common import (KERNEL_DTYPES, as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count,
+                     tl)
 
-if backend.HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
-    import triton
-    import triton.language as tl
-
-_jit = triton.jit if backend.HAS_TRITON else (lambda fn: fn)
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Whole rows live in registers: 8192 float32 values per row tile keep every thread under its
 # register budget without spills (checked ahead of time for sm_80 and sm_90 in tests).
 MAX_ROW_LENGTH = 8192
@@ -49,7 +42,7 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     return y
 
 
-@_jit
+@jit
 def _centered(x, cols, mask, inv_n):
     """x minus its row means, computed from x - x[:, 0]: rows with a large common offset (1e4 +- 1)
     lose no precision, unlike E[x^2] - E[x]^2, sum(x), or a row mean rounded to float32 and
@@ -59,7 +52,7 @@ def _centered(x, cols, mask, inv_n):
     return tl.where(mask, shifted - (tl.sum(shifted, axis=1) * inv_n)[:, None], 0.0)
 
 
-@_jit
+@jit
 def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
                     n_rows, n_cols, stride_x, stride_y, eps,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -84,7 +77,7 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
                     n_rows, n_cols, stride_dy, stride_x, stride_dx,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -132,7 +125,7 @@ def _block_config(n_cols: int, backward: bool) -> tuple[int, int, int]:
     tiles half as large: the backward keeps more tensors live (x, dy, the centred rows, two running
     sums), and this keeps it within its register budget without spills.
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_power_of_2(n_cols)
     block_m = max(1, (_TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS) // block_n)
     values_per_thread = 8 if backward else 16
     num_warps = min(32, max(4, block_m * block_n // (values_per_thread * 32)))
@@ -150,24 +143,9 @@ def _kernel_configs(backward: bool) -> list[tuple[int, int, int]]:
     return sorted({_block_config(2**k, backward) for k in range(MAX_ROW_LENGTH.bit_length())})
 
 
-@functools.lru_cache(maxsize=None)
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 4 under the interpreter, so that grids sized by it
-    still have several programs to combine."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a (rows, n) matrix with unit column stride, a view whenever the strides allow."""
-    t = t.reshape(t.shape[:-1].numel(), t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-@torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+@kernel_op("layer_norm_fwd")
+def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton LayerNorm forward: (y shaped like x in out_dtype, float32 1/std per row)."""
     x2 = as_rows(x)
     weight, bias = (p.contiguous() if p is not None else None for p in (weight, bias))
@@ -176,21 +154,16 @@ def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
         block_m, block_n, num_warps = _block_config(n_cols, backward=False)
-        _layer_norm_fwd[(triton.cdiv(n_rows, block_m),)](
-            x2, weight, bias, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
+        launch(_layer_norm_fwd, (cdiv(n_rows, block_m),),
+               x2, weight, bias, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
-@_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                       has_bias: bool, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@kernel_op("layer_norm_bwd")
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+              has_bias: bool, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LayerNorm backward: dx, and dweight / dbias (empty when there is no weight / bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
     weight = weight.contiguous() if weight is not None else None
@@ -198,27 +171,18 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     has_weight = weight is not None
     param_dtype = weight.dtype if has_weight else x.dtype
-    programs = max(1, min(2 * sm_count(x.device), triton.cdiv(n_rows, _block_config(n_cols, backward=True)[0])))
+    block_m, block_n, num_warps = _block_config(n_cols, backward=True)
+    programs = max(1, min(2 * sm_count(x.device), cdiv(n_rows, block_m)))
     dw_partial = torch.zeros(programs if has_weight else 0, n_cols, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs if has_bias else 0, n_cols, dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        block_m, block_n, num_warps = _block_config(n_cols, backward=True)
-        _layer_norm_bwd[(programs,)](
-            dy2, x2, weight, rstd, dx, dw_partial, db_partial,
-            n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
-            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps, maxnreg=_register_budget(num_warps))
+        launch(_layer_norm_bwd, (programs,),
+               dy2, x2, weight, rstd, dx, dw_partial, db_partial,
+               n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+               HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
+               num_warps=num_warps, maxnreg=_register_budget(num_warps))
     # The partial sums are added in a fixed order: deterministic dweight and dbias.
     return dx.view(x.shape), dw_partial.sum(0).to(param_dtype), db_partial.sum(0).to(param_dtype)
-
-
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, has_bias, rstd):
-    n_cols = x.shape[-1]
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dw = x.new_empty((n_cols if weight is not None else 0,), dtype=param_dtype)
-    db = x.new_empty((n_cols if has_bias else 0,), dtype=param_dtype)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -227,13 +191,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _drstd):
+def _gradients(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.has_bias, rstd)
+    dx, dw, db = _backward(dy, x, weight, ctx.has_bias, rstd)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None
 
 
-_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -251,20 +215,15 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
 
 def _kernel_problem(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> str | None:
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            return f"{name} has dtype {t.dtype}; the kernel takes float32, float16 and bfloat16"
-    if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
-        return f"out_dtype {out_dtype}; the kernel writes float32, float16 and bfloat16"
-    n = x.shape[-1]
-    if not 1 <= n <= MAX_ROW_LENGTH:
-        return f"row length {n} is outside the kernel's range 1..{MAX_ROW_LENGTH}"
-    return None
+    problem = dtype_problem({"x": x, "weight": weight, "bias": bias})
+    if problem is None and out_dtype is not None and out_dtype not in KERNEL_DTYPES:
+        problem = f"out_dtype {out_dtype}; the kernel writes float32, float16 and bfloat16"
+    if problem is None and not 1 <= x.shape[-1] <= MAX_ROW_LENGTH:
+        problem = f"row length {x.shape[-1]} is outside the kernel's range 1..{MAX_ROW_LENGTH}"
+    return problem
 
 
-backend.register("layer_norm", _kernel_problem)
-
-
+@backend.routed(_kernel_problem)
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm of ``x`` over its last dimension, through the backend switch.
@@ -275,6 +234,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """
     _check_inputs(x, weight, bias, out_dtype)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if backend.route("layer_norm", x, weight, bias, eps, out_dtype):
-        return _layer_norm_fwd_op(x, weight, bias, eps, out_dtype)[0]
+    if backend.route(layer_norm, x, weight, bias, eps, out_dtype):
+        return _forward(x, weight, bias, eps, out_dtype)[0]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)

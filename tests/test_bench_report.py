@@ -73,9 +73,14 @@ def _broken(*args):
     raise ZeroDivisionError("a bug")
 
 
+def _bench_test_op(x):
+    """An operation whose kernel takes nothing (the test registers its check)."""
+    return x
+
+
 def _refused_by_the_switch(x):
     with kernels.use_backend("triton"):
-        kernels.backend.route("bench_test_op", x)
+        kernels.backend.route(_bench_test_op, x)
     return x
 
 
@@ -90,7 +95,7 @@ def test_run_case_measures_every_pass(pass_):
 
 
 def test_run_case_records_what_cannot_run(monkeypatch):
-    monkeypatch.setitem(kernels.backend._CHECKS, "bench_test_op", lambda x: "no kernel takes this")
+    monkeypatch.setitem(kernels.backend._CHECKS, _bench_test_op, lambda x: "no kernel takes this")
     bench = _bench({"missing": _refuse("no such library"), "buggy": eager(_broken),
                     "refused": eager(_refused_by_the_switch)})
     missing = run_case(bench, "missing", "forward", dict(n=1000), CPU, torch.float32, None, **FAST)

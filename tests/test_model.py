@@ -219,8 +219,8 @@ def test_bfloat16_autocast_training_step_on_triton(interpreter_bf16_dot, monkeyp
     from gptfast.kernels import backend
 
     if DEVICE.type == "cpu":  # the fixture mends the interpreter's bf16 dot: lift the refusal of bf16 on CPU
-        check = backend._CHECKS["flash_attention"]
-        monkeypatch.setitem(backend._CHECKS, "flash_attention", lambda *args, **kwargs: (
+        check = backend._CHECKS[kernels.flash_attention]
+        monkeypatch.setitem(backend._CHECKS, kernels.flash_attention, lambda *args, **kwargs: (
             None if (reason := check(*args, **kwargs)) and reason.startswith("bfloat16 on CPU") else reason))
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=96, n_layer=2, n_head=2, n_embd=64, context_length=24, vocab_multiple=64)
