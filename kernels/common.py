@@ -25,6 +25,7 @@ if HAS_TRITON:  # without Triton the kernels are defined but never launched (bac
     LN2 = tl.constexpr(0.6931471805599453)
 else:
     triton = tl = None
+    LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 
 jit = triton.jit if HAS_TRITON else (lambda fn: fn)
 

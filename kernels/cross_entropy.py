@@ -7,9 +7,10 @@ The logits are the largest activation of a GPT step (16 x 1024 rows of 50,304 bf
 and eager PyTorch under autocast first copies them to float32, then writes float32 log-probabilities,
 a one-hot gradient and the float32 gradient before casting it back: about 30 GB of traffic. Here:
 
-* Forward: one program per row streams the row once in ``BLOCK_V`` chunks, keeping a running max and
-  sum of exponentials per lane (an online softmax, in base 2); it writes only the row's loss, max m
-  and log-sum log(sum(exp(x - m))) (12 bytes). One read of the logits in their own dtype.
+* Forward: one program per row streams the row once in ``BLOCK_V`` chunks, keeping the row's running
+  max and per-lane sums of exponentials (an online softmax, in base 2, one exponential per logit);
+  it writes only the row's loss, max m and log-sum log(sum(exp(x - m))) (12 bytes). One read of the
+  logits in their own dtype.
 * Backward: recomputes ``softmax = exp((x - m) - log-sum)`` from the logits and the saved pair and
   writes ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
   The pair, not their float32 sum: m + log-sum would round away the log-sum of rows near 1e4.
@@ -32,12 +33,15 @@ TARGET_DTYPES = (torch.int64, torch.int32)
 _MAX_BLOCK_V = 4096  # chunk of a row per loop step: 16 values per thread with 8 warps
 
 
-def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
-    """Plain-math per-row losses ``logsumexp(x) - x[target]`` (0 where ignored), for tests (call it on
-    float64 logits of shape (rows, classes))."""
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                            label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """Plain-math per-row losses ``(1 - e) * (lse - x[target]) + e * (lse - mean(x)) + z * lse**2``
+    (0 where ignored), for tests (call it on float64 logits of shape (rows, classes))."""
     keep = targets != ignore_index
     picked = logits.gather(1, torch.where(keep, targets, 0).long()[:, None])[:, 0]
-    return torch.where(keep, torch.logsumexp(logits, dim=1) - picked, 0.0)
+    lse = torch.logsumexp(logits, dim=1)
+    loss = (1 - label_smoothing) * (lse - picked) + label_smoothing * (lse - logits.mean(dim=1)) + z_loss * lse**2
+    return torch.where(keep, loss, 0.0)
 
 
 @jit
@@ -48,55 +52,74 @@ def _finite_or_zero(m):
 
 @jit
 def _logsumexp_step(m, s, x):
-    """Fold a chunk x into each lane's running max m and sum s of exp(x - m)."""
-    m_new = tl.maximum(m, x)
+    """Fold a chunk x into the row's running max m (a scalar) and each lane's sum s of exp(x - m).
+
+    One block-wide max per chunk, one exponential per logit, and one per thread to rescale s when
+    the max grows: a per-lane max would cost two exponentials per logit, and the exponential unit,
+    not memory, would set the speed. Differences first, then the scale to base 2: x - m is exact for
+    nearby values, so rows with a large common offset lose nothing.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=0))
     m_ref = _finite_or_zero(m_new)
-    # Differences first, then the scale to base 2: x - m is exact for nearby values, so rows with a
-    # large common offset lose nothing.
     return m_new, s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
 
 
 @jit
 def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, stride_row, ignore_index,
-                       BLOCK_V: tl.constexpr):
-    # One row per program, read once: each lane keeps a running max and sum of exponentials over the
-    # chunks it sees, and the lanes are combined at the end. Whole chunks load unmasked, so 16-bit
-    # rows are read with 128-bit loads even though 50,257 classes are not a multiple of 8.
+                       smoothing, z_weight, BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    # One row per program, read once. Whole chunks load unmasked, so 16-bit rows are read with 128-bit
+    # loads even though 50,257 classes are not a multiple of 8.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    m = -float("inf")
     s = tl.zeros((BLOCK_V,), tl.float32)
+    # Label smoothing needs the row's mean logit: summed as differences from the first logit, so rows
+    # with a large common offset keep their precision.
+    pivot = _finite_or_zero(tl.load(row_ptr).to(tl.float32)) if SMOOTHING else 0.0
+    x_sum = tl.zeros((BLOCK_V,), tl.float32)
     n_whole = n_classes // BLOCK_V * BLOCK_V
     for start in range(0, n_whole, BLOCK_V):
-        m, s = _logsumexp_step(m, s, tl.load(row_ptr + start + cols).to(tl.float32))
+        x = tl.load(row_ptr + start + cols).to(tl.float32)
+        m, s = _logsumexp_step(m, s, x)
+        if SMOOTHING:
+            x_sum += x - pivot
     if n_whole < n_classes:
         tail = n_whole + cols
         x = tl.load(row_ptr + tail, mask=tail < n_classes, other=float("-inf")).to(tl.float32)
         m, s = _logsumexp_step(m, s, x)
-    m_row = tl.max(m, axis=0)
-    log_sum = tl.log(tl.sum(s * tl.exp2((m - _finite_or_zero(m_row)) * LOG2E), axis=0))
-    tl.store(stats_ptr + 2 * row, m_row)
+        if SMOOTHING:
+            x_sum += tl.where(tail < n_classes, x - pivot, 0.0)
+    log_sum = tl.log(tl.sum(s, axis=0))
+    tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_sum)
     # The target's logit is one scalar load; a target outside [0, n_classes) gives NaN, not a wild read.
     target = tl.load(targets_ptr + row).to(tl.int64)
     in_range = (target >= 0) & (target < n_classes)
     picked = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, (m_row - picked) + log_sum))
+    loss = (m - picked) + log_sum  # lse - x[target], with the log-sum added last
+    if SMOOTHING:  # (1 - e) * nll + e * (lse - mean(x)), as F.cross_entropy's label_smoothing
+        mean = pivot + tl.sum(x_sum, axis=0) / n_classes
+        loss = (1.0 - smoothing) * loss + smoothing * ((m - mean) + log_sum)
+    if Z_LOSS:  # PaLM's auxiliary loss: z * lse^2
+        loss += z_weight * (m + log_sum) * (m + log_sum)
+    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
 
 
 @jit
-def _grad_chunk(x, col, target, m_row, log_sum, scale):
-    """(softmax(x) - onehot(target)) * scale for one chunk of columns col."""
+def _grad_chunk(x, col, target, m_row, log_sum, scale, p_weight, on_target, uniform):
+    """d loss / d x for one chunk of columns col: (softmax(x) * p_weight - onehot(target) * on_target
+    - uniform) * scale; without smoothing and z-loss p_weight = on_target = 1 and uniform = 0."""
     p = tl.exp2(((x - m_row) - log_sum) * LOG2E)
-    return (p - tl.where(col == target, 1.0, 0.0)) * scale
+    return (p * p_weight - tl.where(col == target, on_target, 0.0) - uniform) * scale
 
 
 @jit
 def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_ptr, n_classes, n_cols,
-                       stride_row, stride_drow, ignore_index, BLOCK_V: tl.constexpr):
-    # One row per program: reads the row once and writes its gradient once,
-    # d loss / d x = (softmax(x) - onehot(target)) * dloss, zero on ignored rows and padding columns.
+                       stride_row, stride_drow, ignore_index, smoothing, z_weight,
+                       BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    # One row per program: reads the row once and writes its gradient once, zero on ignored rows and
+    # padding columns.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     drow_ptr = dlogits_ptr + row * stride_drow
@@ -105,15 +128,23 @@ def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_pt
     # An ignored row's gradient is (softmax - onehot) * 0: exactly zero, as softmax <= 1.
     scale = tl.where(target == ignore_index, 0.0, tl.load(dloss_ptr + row))
     m_row, log_sum = tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1)
+    p_weight, on_target, uniform = 1.0, 1.0, 0.0  # constants the compiler folds away
+    if SMOOTHING:
+        on_target = 1.0 - smoothing
+        uniform = smoothing / n_classes
+    if Z_LOSS:
+        p_weight = 1.0 + 2.0 * z_weight * (m_row + log_sum)
     n_whole = n_classes // BLOCK_V * BLOCK_V
     for start in range(0, n_whole, BLOCK_V):  # whole chunks: unmasked, vectorised loads and stores
         x = tl.load(row_ptr + start + cols).to(tl.float32)
-        grad = _grad_chunk(x, start + cols, target, m_row, log_sum, scale)
+        grad = _grad_chunk(x, start + cols, target, m_row, log_sum, scale, p_weight, on_target, uniform)
         tl.store(drow_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty))
     for start in range(n_whole, n_cols, BLOCK_V):  # the last classes, then the padding columns
         col = start + cols
         x = tl.load(row_ptr + col, mask=col < n_classes, other=float("-inf")).to(tl.float32)
-        grad = _grad_chunk(x, col, target, m_row, log_sum, scale)
+        grad = _grad_chunk(x, col, target, m_row, log_sum, scale, p_weight, on_target, uniform)
+        if SMOOTHING:  # the uniform part stays off the padding columns
+            grad = tl.where(col < n_classes, grad, 0.0)
         tl.store(drow_ptr + col, grad.to(dlogits_ptr.dtype.element_ty), mask=col < n_cols)
 
 
@@ -129,8 +160,8 @@ def _kernel_configs() -> list[tuple[int, int]]:
 
 
 @kernel_op("cross_entropy_fwd")
-def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-             num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
+             label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward on (rows, n) logits: float32 per-row losses (0 where ignored), and per row the
     float32 pair (max, log-sum) the backward recomputes the softmax from."""
     n_rows = logits.shape[0]
@@ -139,39 +170,45 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
     if n_rows > 0:
         block_v, num_warps = _block_config(num_classes)
         launch(_cross_entropy_fwd, (n_rows,), logits, targets.contiguous(), loss, stats, num_classes,
-               logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=num_warps)
+               logits.stride(0), ignore_index, label_smoothing, z_loss, BLOCK_V=block_v,
+               SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=num_warps)
     return loss, stats
 
 
 @kernel_op("cross_entropy_bwd")
-def _backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-              stats: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
+def _backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+              ignore_index: int, num_classes: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
     """Triton backward: the logits' gradient, in their dtype and shape (rows, n)."""
     n_rows, n_cols = logits.shape
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if dlogits.numel() > 0:
         block_v, num_warps = _block_config(n_cols)
         launch(_cross_entropy_bwd, (n_rows,), dloss.float().contiguous(), logits, targets.contiguous(), stats,
-               dlogits, num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index,
-               BLOCK_V=block_v, num_warps=num_warps)
+               dlogits, num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing,
+               z_loss, BLOCK_V=block_v, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=num_warps)
     return dlogits
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, targets, ignore_index, num_classes = inputs
+    logits, targets, *options = inputs
     ctx.save_for_backward(logits, targets, output[1])
-    ctx.ignore_index, ctx.num_classes = ignore_index, num_classes
+    ctx.options = options  # ignore_index, num_classes, label_smoothing, z_loss
 
 
 def _gradients(ctx, dloss, _dstats):
     logits, targets, stats = ctx.saved_tensors
-    return _backward(dloss, logits, targets, stats, ctx.ignore_index, ctx.num_classes), None, None, None
+    return _backward(dloss, logits, targets, stats, *ctx.options), None, None, None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
-def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str, num_classes: int | None) -> None:
+def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str, num_classes: int | None,
+                  label_smoothing: float, z_loss: float) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or not logits.dtype.is_floating_point:
@@ -205,8 +242,8 @@ def _kernel_problem(logits: torch.Tensor, targets: torch.Tensor, *args, **kwargs
 
 @backend.routed(_kernel_problem)
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-                  reduction: str = "mean", num_classes: int | None = None,
-                  check_targets: bool = True) -> torch.Tensor:
+                  reduction: str = "mean", num_classes: int | None = None, check_targets: bool = True,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``logits`` (..., classes) against integer ``targets`` (...), through the backend
     switch. The loss is float32 whatever the logits' dtype; the logits' gradient keeps their dtype.
 
@@ -216,17 +253,24 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     are classes, the rest (vocabulary padding) take no part and get a zero gradient.
     ``check_targets`` raises ValueError for a target that is neither a class nor ``ignore_index``;
     it costs one host sync and is skipped under ``torch.compile``, where such a target gives NaN.
+    ``label_smoothing`` mixes the target with the uniform distribution over the classes, as
+    ``F.cross_entropy`` defines it; ``z_loss`` adds ``z_loss * logsumexp(row)**2`` to each counted
+    row's loss (PaLM's auxiliary loss, which keeps the log-normaliser near 0).
     """
-    _check_inputs(logits, targets, reduction, num_classes)
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    _check_inputs(logits, targets, reduction, num_classes, label_smoothing, z_loss)
     num_classes = logits.shape[-1] if num_classes is None else num_classes
     if check_targets and not torch.compiler.is_compiling():
         _check_target_values(targets, ignore_index, num_classes)
     logits2, targets1 = as_rows(logits), targets.reshape(-1)
     if backend.route(cross_entropy, logits2, targets1):
-        losses = _forward(logits2, targets1, ignore_index, num_classes)[0]
+        losses = _forward(logits2, targets1, ignore_index, num_classes, label_smoothing, z_loss)[0]
     else:
-        losses = F.cross_entropy(logits2[:, :num_classes].float(), targets1.long(), ignore_index=ignore_index,
-                                 reduction="none")
+        classes = logits2[:, :num_classes].float()
+        losses = F.cross_entropy(classes, targets1.long(), ignore_index=ignore_index, reduction="none",
+                                 label_smoothing=label_smoothing)
+        if z_loss > 0:
+            losses = losses + torch.where(targets1 != ignore_index, z_loss * classes.logsumexp(-1) ** 2, 0.0)
     if reduction == "none":
         return losses.view(targets.shape)
     if reduction == "sum":

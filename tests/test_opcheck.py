@@ -35,9 +35,10 @@ def _bias_gelu_cases():
 
 def _cross_entropy_cases():
     logits, targets = torch.randn(6, 70), torch.tensor([0, 5, -1, 68, 3, 1])
-    loss, stats = cross_entropy._forward(logits, targets, -1, 69)
-    return [(cross_entropy._forward, (logits.requires_grad_(), targets, -1, 69)),
-            (cross_entropy._backward, (torch.rand_like(loss), logits.detach(), targets, stats, -1, 69))]
+    loss, stats = cross_entropy._forward(logits, targets, -1, 69, 0.0, 0.0)
+    return [(cross_entropy._forward, (logits.requires_grad_(), targets, -1, 69, 0.0, 0.0)),
+            (cross_entropy._forward, (logits.detach(), targets, -1, 69, 0.1, 1e-4)),
+            (cross_entropy._backward, (torch.rand_like(loss), logits.detach(), targets, stats, -1, 69, 0.1, 1e-4))]
 
 
 def _flash_attention_cases():
