@@ -1,15 +1,15 @@
 """Triton kernels for GPT training, each with an eager PyTorch path behind one backend switch.
 
-Public operations: :func:`layer_norm`, :func:`bias_gelu`, :func:`flash_attention`, :func:`cross_entropy`.
+Public operations: :func:`layer_norm`, :func:`add_layer_norm`, :func:`bias_gelu`, :func:`flash_attention`, :func:`cross_entropy`.
 """
 
 from .backend import BACKENDS, BackendError, Route, explain, get_backend, set_backend, use_backend
 from .bias_gelu import bias_gelu
 from .cross_entropy import cross_entropy
 from .flash_attention import flash_attention
-from .layer_norm import layer_norm
+from .layer_norm import add_layer_norm, layer_norm
 
 __all__ = [
     "BACKENDS", "BackendError", "Route", "explain", "get_backend", "set_backend", "use_backend",
-    "bias_gelu", "cross_entropy", "flash_attention", "layer_norm",
+    "add_layer_norm", "bias_gelu", "cross_entropy", "flash_attention", "layer_norm",
 ]

@@ -1,4 +1,5 @@
-"""LayerNorm over the last dimension: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+"""LayerNorm over the last dimension: ``y = (x - mean) / sqrt(var + eps) * weight + bias``, alone
+(:func:`layer_norm`) or fused with the residual add before it (:func:`add_layer_norm`).
 
 Triton kernels (forward and backward), launched by the PyTorch custom operators
 ``gptfast::layer_norm_fwd`` / ``gptfast::layer_norm_bwd`` (``common.kernel_op``) with autograd, so
@@ -10,8 +11,12 @@ models using them compile with ``torch.compile(fullgraph=True)``.
   (one read of x and dy, one write of dx per row) and keeps float32 running sums of dy * xhat and dy
   in registers. The centred rows are recomputed from x in registers (as the forward computes them),
   not from a saved mean: a float32 mean of 1e4 + m is off by up to 2**-11, far more than x - mean
-  can afford when the row's spread is small. The per-program partial sums (a (programs, n) array, small next to x) are then added
-  up in a fixed order: gradients are bit-identical run after run, with no atomics or locks.
+  can afford when the row's spread is small. The per-program partial sums (a (programs, n) array,
+  small next to x) are then added up in a fixed order: gradients are bit-identical run after run,
+  with no atomics or locks.
+* Residual add (``HAS_RESIDUAL``): the forward reads x and the branch once and writes their sum
+  once beside y; the backward reads the sum as its x and adds the sum's own gradient to dx, so the
+  add costs no pass of its own in either direction.
 """
 
 from __future__ import annotations
@@ -43,21 +48,26 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
 
 
 @jit
-def _centered(x, cols, mask, inv_n):
-    """x minus its row means, computed from x - x[:, 0]: rows with a large common offset (1e4 +- 1)
-    lose no precision, unlike E[x^2] - E[x]^2, sum(x), or a row mean rounded to float32 and
-    subtracted later. The first column is taken from registers."""
-    pivot = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
+def _centered(x, pivot, mask, inv_n):
+    """x minus its row means, computed from x - pivot, where pivot is any value near the row's (its
+    first column): rows with a large common offset (1e4 +- 1) lose no precision, unlike
+    E[x^2] - E[x]^2, sum(x), or a row mean rounded to float32 and subtracted later."""
     shifted = tl.where(mask, x - pivot[:, None], 0.0)
     return tl.where(mask, shifted - (tl.sum(shifted, axis=1) * inv_n)[:, None], 0.0)
 
 
 @jit
-def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
-                    n_rows, n_cols, stride_x, stride_y, eps,
-                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _add_pairs(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@jit
+def _layer_norm_fwd(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
+                    n_rows, n_cols, stride_x, stride_r, stride_s, stride_y, eps,
+                    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program normalises BLOCK_M rows of BLOCK_N >= n_cols columns: one read of x, one write of y.
+    # With HAS_RESIDUAL the rows are x + r, read once each and written once to s (the residual stream).
     inv_n = 1.0 / n_cols
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -66,7 +76,15 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
     mask = row_ok[:, None] & col_ok[None, :]
     rows = rows.to(tl.int64)  # row offsets can pass 2**31 elements
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    centered = _centered(x, cols, mask, inv_n)
+    # The first column again, as the pivot of _centered: an L1 hit, cheaper than a reduction.
+    pivot = tl.load(x_ptr + rows * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        pivot += tl.load(r_ptr + rows * stride_r, mask=row_ok, other=0.0).to(tl.float32)
+        x = x.to(s_ptr.dtype.element_ty)  # normalise the sum as it is stored
+        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
+        x = x.to(tl.float32)
+    centered = _centered(x, pivot, mask, inv_n)
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) * inv_n + eps)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     y = centered * rstd[:, None]
@@ -78,12 +96,13 @@ def _layer_norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
 
 
 @jit
-def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
-                    n_rows, n_cols, stride_dy, stride_x, stride_dx,
-                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, ds_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
+                    n_rows, n_cols, stride_dy, stride_x, stride_ds, stride_dx,
+                    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Each program takes every num_programs-th tile of BLOCK_M rows: it reads x and dy once, writes dx
-    # once, and accumulates dweight / dbias partial sums in registers, written once at the end.
+    # once, and accumulates dweight / dbias partial sums in registers, written once at the end. With
+    # HAS_RESIDUAL, x is the residual sum and the gradient ds reaching it directly is added to dx.
     inv_n = 1.0 / n_cols
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -97,14 +116,17 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_p
         rows = rows.to(tl.int64)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        xhat = _centered(x, cols, mask, inv_n) * rstd[:, None]  # recomputed: exact where a saved mean is not
+        pivot = tl.load(x_ptr + rows * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+        xhat = _centered(x, pivot, mask, inv_n) * rstd[:, None]  # recomputed: exact where a saved mean is not
         wdy = dy
         if HAS_WEIGHT:  # the weight row is re-read (an L1 hit) per tile, not held: registers are scarce
             wdy = dy * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat)), the means taken over each row.
-        c1 = tl.sum(wdy * xhat, axis=1) * inv_n
-        c2 = tl.sum(wdy, axis=1) * inv_n
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat)), the means taken over each row: both
+        # sums in one reduction (one trip through shared memory, not two).
+        c1, c2 = tl.reduce((wdy * xhat, wdy), axis=1, combine_fn=_add_pairs)
+        dx = (wdy - (xhat * (c1 * inv_n)[:, None] + (c2 * inv_n)[:, None])) * rstd[:, None]
+        if HAS_RESIDUAL:
+            dx += tl.load(ds_ptr + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             dw_sum += dy * xhat
@@ -144,28 +166,35 @@ def _kernel_configs(backward: bool) -> list[tuple[int, int, int]]:
 
 
 @kernel_op("layer_norm_fwd")
-def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton LayerNorm forward: (y shaped like x in out_dtype, float32 1/std per row)."""
+def _forward(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm forward of x, or of x + branch: (y shaped like x in out_dtype, float32 1/std
+    per row, the sum x + branch in their promoted dtype; empty without a branch)."""
     x2 = as_rows(x)
+    r2 = as_rows(branch) if branch is not None else None
     weight, bias = (p.contiguous() if p is not None else None for p in (weight, bias))
     n_rows, n_cols = x2.shape
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    total = (torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
+             if branch is not None else x.new_empty(0))
     if n_rows > 0:
         block_m, block_n, num_warps = _block_config(n_cols, backward=False)
         launch(_layer_norm_fwd, (cdiv(n_rows, block_m),),
-               x2, weight, bias, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+               x2, r2, total, weight, bias, y, rstd, n_rows, n_cols, x2.stride(0),
+               r2.stride(0) if r2 is not None else 0, total.stride(0) if r2 is not None else 0, y.stride(0), eps,
+               HAS_RESIDUAL=r2 is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
-    return y.view(x.shape), rstd.view(x.shape[:-1])
+    return y.view(x.shape), rstd.view(x.shape[:-1]), (total.view(x.shape) if branch is not None else total)
 
 
 @kernel_op("layer_norm_bwd")
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-              has_bias: bool, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton LayerNorm backward: dx, and dweight / dbias (empty when there is no weight / bias)."""
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, has_bias: bool, rstd: torch.Tensor,
+              dtotal: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm backward: dx (plus ``dtotal``, the gradient that reaches the normalised rows
+    directly when they are a residual sum), and dweight / dbias (empty without a weight / bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
+    ds2 = as_rows(dtotal) if dtotal is not None else None
     weight = weight.contiguous() if weight is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
@@ -177,39 +206,45 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     db_partial = torch.zeros(programs if has_bias else 0, n_cols, dtype=torch.float32, device=x.device)
     if n_rows > 0:
         launch(_layer_norm_bwd, (programs,),
-               dy2, x2, weight, rstd, dx, dw_partial, db_partial,
-               n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
-               HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
-               num_warps=num_warps, maxnreg=_register_budget(num_warps))
+               dy2, x2, weight, rstd, ds2, dx, dw_partial, db_partial,
+               n_rows, n_cols, dy2.stride(0), x2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx.stride(0),
+               HAS_RESIDUAL=ds2 is not None, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m,
+               BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
     # The partial sums are added in a fixed order: deterministic dweight and dbias.
     return dx.view(x.shape), dw_partial.sum(0).to(param_dtype), db_partial.sum(0).to(param_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    x, branch, weight, bias, _, _ = inputs
+    _, rstd, total = output
+    ctx.save_for_backward(x if branch is None else total, weight, rstd)
     ctx.has_bias = bias is not None
+    ctx.dtypes = None if branch is None else (x.dtype, branch.dtype)
 
 
-def _gradients(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw, db = _backward(dy, x, weight, ctx.has_bias, rstd)
-    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None
+def _gradients(ctx, dy, _drstd, dtotal):
+    rows, weight, rstd = ctx.saved_tensors
+    dx, dw, db = _backward(dy, rows, weight, ctx.has_bias, rstd, None if ctx.dtypes is None else dtotal)
+    dw, db = (dw if weight is not None else None), (db if ctx.has_bias else None)
+    if ctx.dtypes is None:
+        return dx, None, dw, db, None, None
+    # d(x + branch) reaches x and branch alike, each in its own dtype.
+    return dx.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), dw, db, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype | None) -> None:
+                  out_dtype: torch.dtype | None, op: str = "layer_norm") -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError("layer_norm: x must be a tensor with at least one dimension")
+        raise ValueError(f"{op}: x must be a tensor with at least one dimension")
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise ValueError(f"layer_norm: out_dtype must be a floating-point torch.dtype, got {out_dtype!r}")
+        raise ValueError(f"{op}: out_dtype must be a floating-point torch.dtype, got {out_dtype!r}")
     n = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (n,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(p.shape)}, expected ({n},) "
+            raise ValueError(f"{op}: {name} has shape {tuple(p.shape)}, expected ({n},) "
                              f"to match the last dimension of x {tuple(x.shape)}")
 
 
@@ -235,5 +270,32 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _check_inputs(x, weight, bias, out_dtype)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if backend.route(layer_norm, x, weight, bias, eps, out_dtype):
-        return _forward(x, weight, bias, eps, out_dtype)[0]
+        return _forward(x, None, weight, bias, eps, out_dtype)[0]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)
+
+
+def _add_kernel_problem(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> str | None:
+    return dtype_problem({"branch": branch}) or _kernel_problem(x, weight, bias, eps, out_dtype)
+
+
+@backend.routed(_add_kernel_problem)
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + branch, layer_norm(x + branch))`` in one pass, through the backend switch: a residual
+    block's add and the next LayerNorm. The kernel reads x and branch once and writes the sum and the
+    normalised rows once; the backward writes one gradient for both inputs.
+
+    The sum has the promoted dtype of x and branch (a float32 residual stream stays float32 when a
+    bf16 branch is added under autocast); the normalised rows are ``out_dtype`` (default: the sum's).
+    """
+    _check_inputs(x, weight, bias, out_dtype, op="add_layer_norm")
+    if not isinstance(branch, torch.Tensor) or branch.shape != x.shape:
+        shape = tuple(branch.shape) if isinstance(branch, torch.Tensor) else type(branch).__name__
+        raise ValueError(f"add_layer_norm: branch has shape {shape}, expected x's shape {tuple(x.shape)}")
+    out_dtype = torch.promote_types(x.dtype, branch.dtype) if out_dtype is None else out_dtype
+    if backend.route(add_layer_norm, x, branch, weight, bias, eps, out_dtype):
+        y, _, total = _forward(x, branch, weight, bias, eps, out_dtype)
+        return total, y
+    total = x + branch
+    return total, F.layer_norm(total, (x.shape[-1],), weight, bias, eps).to(out_dtype)

@@ -16,13 +16,18 @@ flash_attention = importlib.import_module("gptfast.kernels.flash_attention")
 
 
 def _layer_norm_cases():
-    x, w, b = torch.randn(5, 37), torch.randn(37), torch.randn(37)
-    y, rstd = layer_norm._forward(x, w, b, 1e-5, torch.float32)
+    x, r, w, b = torch.randn(5, 37), torch.randn(5, 37, dtype=torch.bfloat16), torch.randn(37), torch.randn(37)
+    y, rstd, _ = layer_norm._forward(x, None, w, b, 1e-5, torch.float32)
+    _, rstd_sum, total = layer_norm._forward(x, r, w, b, 1e-5, torch.bfloat16)
     dy = torch.randn_like(y)
-    return [(layer_norm._forward, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, torch.float32)),
-            (layer_norm._forward, (x.detach(), None, None, 1e-5, torch.float16)),
-            (layer_norm._backward, (dy, x.detach(), w.detach(), True, rstd)),
-            (layer_norm._backward, (dy, x.detach(), None, False, rstd))]
+    return [(layer_norm._forward, (x.requires_grad_(), None, w.requires_grad_(), b.requires_grad_(), 1e-5,
+                                   torch.float32)),
+            (layer_norm._forward, (x.detach(), None, None, None, 1e-5, torch.float16)),
+            (layer_norm._forward, (x.detach().requires_grad_(), r.requires_grad_(), w.detach(), None, 1e-5,
+                                   torch.bfloat16)),
+            (layer_norm._backward, (dy, x.detach(), w.detach(), True, rstd, None)),
+            (layer_norm._backward, (dy, x.detach(), None, False, rstd, None)),
+            (layer_norm._backward, (dy, total, w.detach(), False, rstd_sum, torch.randn_like(total)))]
 
 
 def _bias_gelu_cases():
