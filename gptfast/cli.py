@@ -1,4 +1,4 @@
-"""The ``gptfast`` command line: ``gptfast prepare | train | generate | info | bench`` (all of them: ``gptfast --help``)."""
+"""The ``gptfast`` command line: ``gptfast prepare | train | generate | eval | info | bench`` (``--help``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from . import kernels
 from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
 
 from .data import BatchStream, TokenData, prepare
+from .evaluate import split_loss
 from .model import GPT, PRESETS, GPTConfig
+from .precision import AMP_DTYPES, amp_dtype_for
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
-from .train import AMP_DTYPES, TrainConfig, amp_dtype_for, split_loss, train
+from .train import TrainConfig, train
 
 
 def _preset_table() -> str:
@@ -76,7 +78,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
-    fields.update(data=args.data or None, backend=kernels.get_backend())  # main() applied --backend
+    # --backend, after `train` or before it; else $GPTFAST_BACKEND (or auto), as for every command.
+    fields.update(data=args.data or None, backend=args.backend or kernels.get_backend())
     train(TrainConfig(**fields))
 
 

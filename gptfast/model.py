@@ -3,7 +3,9 @@
 Hot operations (LayerNorm, the MLP's bias + GELU, attention, the loss) go through the public ops of
 ``kernels``, which run Triton kernels or eager PyTorch as the backend switch decides. Module names
 follow GPT-2's (``transformer.wte``, ``h.{i}.attn.c_attn``, ``mlp.c_fc``, ``lm_head``...), so state
-dicts map onto Hugging Face's GPT-2 with only its Conv1D transposes.
+dicts map onto Hugging Face's GPT-2 with only its Conv1D transposes. That conversion, and
+``GPT.from_pretrained`` / ``model.save_pretrained`` with it, is :mod:`gptfast.pretrained`'s: it
+imports this module and adds the two methods to :class:`GPT`; this module knows nothing of it.
 
 For generation, ``forward`` takes a :class:`KVCache`: each call appends its tokens' keys and values
 to the cache and attends over everything cached, so a new token costs one position of compute.
@@ -251,20 +253,6 @@ class GPT(nn.Module):
         (default: the context length), on the model's device and in its dtype."""
         weight = self.transformer.wte.weight
         return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, device: torch.device | str | None = None) -> "GPT":
-        """GPT-2 weights from a Hugging Face checkpoint directory, or gpt2, gpt2-medium, gpt2-large,
-        gpt2-xl downloaded through huggingface_hub (see :mod:`gptfast.pretrained`)."""
-        from .pretrained import from_pretrained
-
-        return from_pretrained(name_or_path, device=device)
-
-    def save_pretrained(self, path: str) -> None:
-        """Save as a Hugging Face GPT-2 checkpoint directory that transformers loads."""
-        from .pretrained import save_pretrained
-
-        save_pretrained(self, path)
 
     def _check_input(self, idx: torch.Tensor, targets: torch.Tensor | None,
                      cache: KVCache | None = None, left_pad: torch.Tensor | None = None) -> None:

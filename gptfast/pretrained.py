@@ -5,6 +5,10 @@ A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (or a
 GPT-2's; the one conversion is the layout of GPT-2's ``Conv1D`` layers, which store their weight as
 (in_features, out_features), the transpose of ``nn.Linear``. Tensors are read with safetensors or
 ``torch.load(weights_only=True)``, so no pickled code runs.
+
+This module owns the conversion; the model does not import it. It gives :class:`~gptfast.model.GPT`
+its Hugging Face methods, ``GPT.from_pretrained(name_or_path)`` and ``model.save_pretrained(path)``
+(the functions below), when it is imported, which ``import gptfast`` does.
 """
 
 from __future__ import annotations
@@ -161,3 +165,8 @@ def save_pretrained(model: GPT, path: str | Path) -> None:
     if config.vocab_size == 50257:  # GPT-2's own vocabulary: <|endoftext|> begins and ends texts
         hf_config.update(bos_token_id=50256, eos_token_id=50256)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+# Attached here rather than written in model.py, so that the dependency runs one way: pretrained -> model.
+GPT.from_pretrained = staticmethod(from_pretrained)
+GPT.save_pretrained = save_pretrained

@@ -10,40 +10,41 @@ checkpoint and returns; a second one interrupts at once. ``resume=True`` continu
 checkpoint exactly: the data stream's position and generator are saved, and dropout's random
 numbers are re-seeded at every step from (seed, step, rank), so no other RNG state is needed.
 
-:func:`make_optimizer`, :func:`train_step` and :func:`model_flops_per_token` are the pieces the
-benchmarks reuse, so they measure the code that trains.
+This module holds the configuration, the optimizer and its step, and the loop. The rest lives where
+``eval``, ``generate`` and the benchmarks import it without importing training: the validation loss
+in :mod:`gptfast.evaluate`, autocast and loss scaling in :mod:`gptfast.precision`, the processes in
+:mod:`gptfast.distributed`, log.jsonl, progress and the loss plot in :mod:`gptfast.runlog`, Ctrl-C in
+:mod:`gptfast.interrupt`, the checkpoint file in :mod:`gptfast.checkpoint`. :func:`make_optimizer`,
+:func:`train_step` and :func:`model_flops_per_token` are the pieces the benchmarks reuse, so they
+measure the code that trains.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import signal
-import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import kernels
 
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import BatchStream, TokenData, is_prepared, prepare
+from .distributed import World, distributed
+from .evaluate import split_loss
+from .generation import generate
+from .interrupt import StopRequest
 from .model import GPT, PRESETS, GPTConfig
-
-LOG_FILE = "log.jsonl"
-PLOT_FILE = "loss.png"
+from .precision import AMP_DTYPES, amp_dtype_for, autocast, grad_scaler
+from .runlog import LOG_FILE, PLOT_FILE, RunLog, Throughput, plot_losses
+from .tokenizer import Tokenizer
 
 # Dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation; the first name found in the
 # device name wins, so the more specific names come first.
-# --dtype: the autocast dtype of each choice ("auto" picks one for the device, see amp_dtype_for).
-AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
                    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
 
@@ -76,7 +77,7 @@ class TrainConfig:
     log_interval: int = 10
     order: str = "random"  # batch order: "random" or "sequential"
     seed: int = 1337
-    backend: str = "auto"
+    backend: str = "auto"  # kernel backend while train() runs: "auto", "triton" or "torch"
     device: str = "auto"  # "auto": the process's GPU under torchrun, else cuda if present, else cpu
     dtype: str = "auto"  # autocast; "auto": bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs
     compile: bool = False
@@ -124,19 +125,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def amp_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a ``--dtype`` choice on ``device`` (None: float32, no autocast).
-
-    "auto" is bfloat16 on GPUs with bf16 arithmetic (compute capability 8.0 and up), float16 on
-    older ones (the trainer then scales the loss), and float32 on CPUs.
-    """
-    if dtype != "auto":
-        return AMP_DTYPES[dtype]
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW decaying the matrices (linear weights, embeddings) only, fused on CUDA."""
@@ -175,9 +163,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         last = i == len(batches) - 1
         no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last \
             else contextlib.nullcontext()
-        autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with no_sync:
-            with autocast:
+            with autocast(device_type, amp_dtype):
                 _, loss = model(x, y)
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -194,85 +181,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return total / len(batches), norm
 
 
-@dataclass
-class _Dist:
-    """This process's place among the training processes, and the collectives the loop needs."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world_size
-        return value
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        if self.world_size == 1:
-            return flag
-        t = torch.tensor(float(flag), device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = _Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if device.index is None:  # plain "cuda": the current GPU, named by index for set_device and DDP
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return ctx, device
-
-
-class _StopRequest:
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _resolve_data(cfg: TrainConfig, ctx: _Dist) -> TokenData:
+def _open_data(cfg: TrainConfig, world: World) -> TokenData:
     """The prepared data: ``cfg.data`` itself, or text prepared into ``out_dir/data`` (once per run)."""
     if cfg.data and len(cfg.data) == 1 and is_prepared(cfg.data[0]):
         return TokenData(cfg.data[0])
     data_dir = Path(cfg.out_dir) / "data"
-    if ctx.main and not (cfg.resume and is_prepared(data_dir)):
+    if world.main and not (cfg.resume and is_prepared(data_dir)):
         meta = prepare(cfg.data, data_dir, tokenizer=cfg.tokenizer, tiktoken_file=cfg.tiktoken_file)
         print(f"prepared {meta['num_tokens']:,} tokens from {', '.join(meta['sources'])} into {data_dir}")
-    ctx.barrier()
+    world.barrier()
     return TokenData(data_dir)
 
 
@@ -286,78 +203,89 @@ def _model_config(cfg: TrainConfig, vocab_size: int, state: dict | None) -> GPTC
     return GPTConfig.from_preset(cfg.preset, **overrides)
 
 
-def _grad_accum(cfg: TrainConfig, context_length: int, world_size: int) -> int:
+def _grad_accum(cfg: TrainConfig, context_length: int, processes: int) -> int:
     if cfg.tokens_per_step is None:
         return cfg.grad_accum
-    per_micro = cfg.batch_size * context_length * world_size
+    per_micro = cfg.batch_size * context_length * processes
     if cfg.tokens_per_step % per_micro:
         raise ValueError(f"tokens_per_step {cfg.tokens_per_step} is not a multiple of batch_size x "
                          f"context_length x processes = {per_micro}")
     return cfg.tokens_per_step // per_micro
 
 
-def _open_log(path: Path, resume_step: int | None):
-    """log.jsonl for appending: emptied for a new run; on resume, cut back to the checkpoint's step."""
-    if resume_step is not None and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a")
-    return open(path, "w")
+@dataclass
+class _Run:
+    """A run in progress: what it trains and with what, and the step it is at.
 
-
-def _plot(log_path: Path, png_path: Path) -> Path | None:
-    """A loss-curve PNG from the JSON-lines log (None when matplotlib is missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
-
-
-@torch.no_grad()
-def split_loss(model: torch.nn.Module, tokens: np.ndarray, context_length: int, batch_size: int = 16,
-               max_windows: int | None = None, amp_dtype: torch.dtype | None = None,
-               ctx: _Dist | None = None) -> tuple[float, int]:
-    """Mean next-token loss of ``model`` over ``tokens`` cut into consecutive windows of
-    ``context_length`` (every whole window, or the first ``max_windows``), and how many tokens that is.
-    Under several processes (``ctx``) the batches are dealt out by rank and the sums combined.
+    The checkpoint is :meth:`state_dict`; ``runner`` is the model as trained (compiled, wrapped in DDP).
     """
-    if batch_size < 1 or (max_windows is not None and max_windows < 1):
-        raise ValueError(f"batch_size ({batch_size}) and max_windows ({max_windows}) must be positive")
-    stream = BatchStream(tokens, context_length, order="sequential", split="evaluated")
-    windows = (len(tokens) - 1) // context_length
-    windows = windows if max_windows is None else min(windows, max_windows)
-    ctx = ctx or _Dist()
-    starts = stream.next_starts(windows).split(batch_size)
-    device = next(model.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch_starts in starts[ctx.rank::ctx.world_size]:
-            x, y = stream.batch(batch_starts, device)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                _, loss = model(x, y)
-            total += loss.double() * y.numel()
-    finally:
-        model.train(was_training)
-    return (ctx.mean(total) * ctx.world_size / (windows * context_length)).item(), windows * context_length
+
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    data: TokenData
+    tokenizer: Tokenizer
+    prompt: list[int]  # of the final sample, encoded before training so that a bad one fails early
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    stream: BatchStream
+    grad_accum: int
+    amp_dtype: torch.dtype | None
+    runner: torch.nn.Module | None = None
+    step: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.out_dir) / CHECKPOINT_FILE
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.grad_accum * self.world.size * self.cfg.batch_size * self.model.config.context_length
+
+    def train_one_step(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """One optimizer step: (mean loss, gradient norm) on the device, and the learning rate.
+
+        The step's micro-batches are drawn together and dealt out by rank; dropout is re-seeded from
+        (seed, step, rank), so a resumed run draws what an uninterrupted one would.
+        """
+        cfg, world = self.cfg, self.world
+        torch.manual_seed(cfg.seed + 1_000_003 * self.step + world.rank)  # dropout's random numbers
+        starts = self.stream.next_starts(world.size * self.grad_accum * cfg.batch_size)
+        mine = starts.view(world.size, self.grad_accum, cfg.batch_size)[world.rank]
+        batches = [self.stream.batch(s, self.device) for s in mine]
+        lr = lr_at(self.step, cfg)
+        loss, norm = train_step(self.runner, self.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
+                                amp_dtype=self.amp_dtype, scaler=self.scaler)
+        self.step += 1
+        return loss, norm, lr
+
+    def validation_loss(self) -> float:
+        """The loss over the validation split's first ``eval_batches`` batches, dealt out by rank."""
+        cfg = self.cfg
+        loss, _ = split_loss(self.runner, self.data.val, self.model.config.context_length, cfg.batch_size,
+                             cfg.eval_batches * cfg.batch_size, self.amp_dtype, self.world)
+        return loss
+
+    def state_dict(self) -> dict:
+        """The checkpoint: everything a resumed run needs, tensors and plain values only."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "model_config": self.model.config.to_dict(), "train_config": asdict(self.cfg),
+                "tokenizer": self.tokenizer.to_dict(), "data": self.stream.state_dict(),
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state_dict(state["data"])
+        self.step = state["step"]
+
+    def save(self) -> None:
+        """Write the checkpoint, from the main process (every process holds the same state)."""
+        if self.world.main:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -368,152 +296,106 @@ def train(cfg: TrainConfig) -> dict:
     the run early) and ``sample`` (generated text, or None). It seeds torch's global generator and
     selects ``cfg.backend`` while it runs.
     """
-    with kernels.use_backend(cfg.backend):
-        ctx, device = _init_distributed(cfg)
-        try:
-            return _train(cfg, ctx, device)
-        finally:
-            if ctx.world_size > 1 and dist.is_initialized():
-                dist.destroy_process_group()
+    with kernels.use_backend(cfg.backend), distributed(cfg.device) as (world, device):
+        run = _start_run(cfg, world, device)
+        summary = _train(run)
+        return _finish(run, summary) if world.main else summary
 
 
-def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device) -> dict:
-    out = Path(cfg.out_dir)
-    ckpt_path = out / CHECKPOINT_FILE
-    if cfg.resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"cannot resume: no checkpoint at {str(ckpt_path)!r}")
-    if not cfg.resume and not cfg.overwrite and ckpt_path.is_file():
-        raise FileExistsError(f"{str(ckpt_path)!r} exists: pass --resume to continue that run or "
+def _start_run(cfg: TrainConfig, world: World, device: torch.device) -> _Run:
+    """The run, checked before its first step: the data and tokenizer, the model (from the checkpoint
+    when resuming), its optimizer, loss scaler and batch stream."""
+    checkpoint_path = Path(cfg.out_dir) / CHECKPOINT_FILE
+    if cfg.resume and not checkpoint_path.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {str(checkpoint_path)!r}")
+    if not cfg.resume and not cfg.overwrite and checkpoint_path.is_file():
+        raise FileExistsError(f"{str(checkpoint_path)!r} exists: pass --resume to continue that run or "
                               "--overwrite to start afresh (or choose another --out-dir)")
-    data = _resolve_data(cfg, ctx)
+    data = _open_data(cfg, world)
     tokenizer = data.tokenizer(cfg.tiktoken_file)
-    prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_tokens else []  # a bad prompt fails now
-    state = load_checkpoint(ckpt_path) if cfg.resume else None
+    prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_tokens else []
+    state = load_checkpoint(checkpoint_path) if cfg.resume else None
     if state is not None and state["tokenizer"] != tokenizer.to_dict():
         raise ValueError(f"the checkpoint was trained with another tokenizer than {data.dir}'s: "
                          "resume with the data it was trained on")
     config = _model_config(cfg, tokenizer.vocab_size, state)
     T = config.context_length
-    grad_accum = _grad_accum(cfg, T, ctx.world_size)
+    grad_accum = _grad_accum(cfg, T, world.size)
     amp_dtype = amp_dtype_for(cfg.dtype, device)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     stream = BatchStream(data.train, T, order=cfg.order, seed=cfg.seed)
     BatchStream(data.val, T, split="validation")  # fail now, not at the first validation
-    step = 0
+    run = _Run(cfg, world, device, data, tokenizer, prompt, model, optimizer, grad_scaler(amp_dtype, device),
+               stream, grad_accum, amp_dtype)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        stream.load_state_dict(state["data"])
-        step = state["step"]
-        if step >= cfg.max_steps:
-            raise ValueError(f"the checkpoint is at step {step}, already at max_steps {cfg.max_steps}: "
+        run.load_state_dict(state)
+        if run.step >= cfg.max_steps:
+            raise ValueError(f"the checkpoint is at step {run.step}, already at max_steps {cfg.max_steps}: "
                              "raise --max-steps to train further")
-    runner: torch.nn.Module = torch.compile(model) if cfg.compile else model
-    if ctx.world_size > 1:
-        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-
-    out.mkdir(parents=True, exist_ok=True)
-    log = _open_log(out / LOG_FILE, resume_step=step if cfg.resume else None) if ctx.main else None
-    tokens_per_step = grad_accum * ctx.world_size * cfg.batch_size * T
-    flops_per_step = model_flops_per_token(config, T) * tokens_per_step
-    peak = peak_flops(device) if amp_dtype == torch.bfloat16 else None
-    if ctx.main:
+    run.runner = torch.compile(model) if cfg.compile else model
+    if world.size > 1:
+        run.runner = DistributedDataParallel(run.runner, device_ids=[device.index] if device.type == "cuda" else None)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    if world.main:
         print(f"model: {cfg.preset} ({model.num_parameters():,} parameters, vocabulary {config.vocab_size}, "
-              f"context {T}); {tokens_per_step:,} tokens per step = {ctx.world_size} process(es) x "
+              f"context {T}); {run.tokens_per_step:,} tokens per step = {world.size} process(es) x "
               f"{grad_accum} micro-batch(es) x {cfg.batch_size} x {T}; device {device}, "
-              f"backend {kernels.get_backend()}" + (f"; resuming at step {step}" if step else ""))
+              f"backend {kernels.get_backend()}" + (f"; resuming at step {run.step}" if run.step else ""))
+    return run
 
-    def record(entry: dict) -> None:  # to log.jsonl
-        if log is not None:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
 
-    def checkpoint() -> None:
-        if ctx.main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "model_config": config.to_dict(), "train_config": asdict(cfg),
-                "tokenizer": tokenizer.to_dict(), "data": stream.state_dict(),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {})})
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", dynamic_ncols=True,
-               disable=not (ctx.main and cfg.progress))
-    start_step, loss, val_loss, saved_at, speed = step, None, None, None, "speed not measured yet"
-    stopped = False
-    t0, steps_since_log = time.perf_counter(), 0
-    with _StopRequest() as stop, bar, log if log is not None else contextlib.nullcontext():
-        while step < cfg.max_steps:
-            torch.manual_seed(cfg.seed + 1_000_003 * step + ctx.rank)  # dropout's random numbers
-            starts = stream.next_starts(ctx.world_size * grad_accum * cfg.batch_size)
-            mine = starts.view(ctx.world_size, grad_accum, cfg.batch_size)[ctx.rank]
-            batches = [stream.batch(s, device) for s in mine]
-            lr = lr_at(step, cfg)
-            loss_t, norm = train_step(runner, optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
-                                      amp_dtype=amp_dtype, scaler=scaler)
-            step += 1
-            steps_since_log += 1
-            bar.update(1)
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                loss = ctx.mean(loss_t).item()
+def _train(run: _Run) -> dict:
+    """The loop: step; log, validate and checkpoint when due; stop at max_steps, after run_steps, or when asked."""
+    cfg, world = run.cfg, run.world
+    start_step, loss, val_loss, saved_at, stopped = run.step, None, None, None, False
+    peak = peak_flops(run.device) if run.amp_dtype == torch.bfloat16 else None
+    flops_per_step = model_flops_per_token(run.model.config) * run.tokens_per_step
+    meter = Throughput(run.step, run.tokens_per_step, flops_per_step, None if peak is None else peak * world.size)
+    log = RunLog(Path(cfg.out_dir), main=world.main, resume_step=run.step if cfg.resume else None,
+                 step=run.step, max_steps=cfg.max_steps, progress=cfg.progress)
+    with StopRequest() as stop, log:
+        while run.step < cfg.max_steps:
+            loss_t, norm, lr = run.train_one_step()
+            log.advance()
+            if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
+                loss = world.mean(loss_t).item()
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"training loss is {loss} at step {step}: lower --lr")
-                elapsed = time.perf_counter() - t0
-                tok_s = steps_since_log * tokens_per_step / elapsed
-                grad_norm = None if norm is None else norm.item()  # inf on a step float16 overflow skipped
-                entry = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_sec": round(tok_s, 1),
-                         "grad_norm": round(grad_norm, 4) if grad_norm is not None and math.isfinite(grad_norm)
-                         else None}
-                if peak:
-                    entry["mfu"] = round(steps_since_log * flops_per_step / elapsed / (peak * ctx.world_size), 4)
-                record(entry)
-                speed = f"{tok_s:,.0f} tokens/s" + (f", MFU {entry['mfu']:.1%}" if "mfu" in entry else "")
-                bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {speed}")
-                t0, steps_since_log = time.perf_counter(), 0
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss, _ = split_loss(runner, data.val, T, cfg.batch_size, cfg.eval_batches * cfg.batch_size,
-                                         amp_dtype, ctx)
-                record({"step": step, "val_loss": round(val_loss, 6)})
-                if ctx.main:
-                    bar.write(f"step {step}: train loss {loss if loss is not None else float('nan'):.4f}, "
-                              f"val loss {val_loss:.4f} ({speed})")
-                checkpoint()
-                saved_at = step
-                if steps_since_log == 0:
-                    t0 = time.perf_counter()  # keep validation out of the next tokens-per-second figure
-            ran_out = cfg.run_steps is not None and step - start_step >= cfg.run_steps
-            if ctx.any(stop.requested, device) or (ran_out and step < cfg.max_steps):
+                    raise FloatingPointError(f"training loss is {loss} at step {run.step}: lower --lr")
+                log.train(run.step, loss, lr, None if norm is None else norm.item(), *meter.measure(run.step))
+            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps:
+                with meter.paused():  # keep validation and the checkpoint out of the tokens-per-second figure
+                    val_loss = run.validation_loss()
+                    log.validation(run.step, val_loss, loss)
+                    run.save()
+                saved_at = run.step
+            ran_out = cfg.run_steps is not None and run.step - start_step >= cfg.run_steps
+            if world.any(stop.requested, run.device) or (ran_out and run.step < cfg.max_steps):
                 stopped = True
                 break
-        if saved_at != step:
-            checkpoint()
-    loss = ctx.mean(loss_t).item() if step > start_step else loss
-    summary = {"step": step, "loss": loss, "val_loss": val_loss, "checkpoint": str(ckpt_path),
-               "stopped": stopped, "sample": None}
-    if ctx.main:
-        if stopped:
-            print(f"stopped at step {step}; checkpoint {ckpt_path} (continue with --resume)")
-        png = _plot(out / LOG_FILE, out / PLOT_FILE)
-        if png:
-            print(f"loss curve: {png}")
-        if not stopped and cfg.sample_tokens > 0:
-            summary["sample"] = _sample(model, tokenizer, prompt, cfg)
-            print(f"\nsample ({cfg.sample_tokens} tokens after {cfg.sample_prompt!r}):\n"
-                  f"{cfg.sample_prompt}{summary['sample']}")
+        if saved_at != run.step:
+            run.save()
+    loss = world.mean(loss_t).item() if run.step > start_step else loss
+    return {"step": run.step, "loss": loss, "val_loss": val_loss, "checkpoint": str(run.checkpoint_path),
+            "stopped": stopped, "sample": None}
+
+
+def _finish(run: _Run, summary: dict) -> dict:
+    """The main process's end of a run: how to continue a stopped one, the loss curve, the sample."""
+    cfg, out = run.cfg, Path(run.cfg.out_dir)
+    if summary["stopped"]:
+        print(f"stopped at step {summary['step']}; checkpoint {run.checkpoint_path} (continue with --resume)")
+    png = plot_losses(out / LOG_FILE, out / PLOT_FILE)
+    if png:
+        print(f"loss curve: {png}")
+    if not summary["stopped"] and cfg.sample_tokens > 0:
+        run.model.eval()
+        eot = run.tokenizer.eot_token_id
+        new = generate(run.model, [run.prompt or [eot or 0]], cfg.sample_tokens, temperature=0.8, top_k=50,
+                       seed=cfg.seed, eos_token_id=eot)[0]
+        summary["sample"] = run.tokenizer.decode(new)
+        print(f"\nsample ({cfg.sample_tokens} tokens after {cfg.sample_prompt!r}):\n"
+              f"{cfg.sample_prompt}{summary['sample']}")
     return summary
-
-
-def _sample(model: GPT, tokenizer, prompt: list[int], cfg: TrainConfig) -> str:
-    from .generation import generate
-
-    model.eval()
-    new = generate(model, [prompt or [tokenizer.eot_token_id or 0]], cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed,
-                   eos_token_id=tokenizer.eot_token_id)[0]
-    return tokenizer.decode(new)

@@ -23,8 +23,11 @@ from gptfast.checkpoint import FORMAT, load_checkpoint, load_for_inference, save
 from gptfast.cli import main
 from gptfast.data import TokenData, prepare
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV
-from gptfast.train import (LOG_FILE, TrainConfig, amp_dtype_for, lr_at, make_optimizer, model_flops_per_token,
-                           split_loss, train, train_step)
+from gptfast.distributed import init_distributed
+from gptfast.evaluate import split_loss
+from gptfast.precision import amp_dtype_for
+from gptfast.runlog import LOG_FILE
+from gptfast.train import TrainConfig, lr_at, make_optimizer, model_flops_per_token, train, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +85,8 @@ def test_resume_is_exact(data_dir, tmp_path, order, dropout):
     a, b = (load_checkpoint(tmp_path / d)["model"] for d in ("straight", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The split run's log holds every step once, as the straight run's does (step 15's line is gone).
-    assert [r["step"] for r in log_records(tmp_path / "split")] == [r["step"] for r in log_records(tmp_path / "straight")]
+    steps = {run: [r["step"] for r in log_records(tmp_path / run)] for run in ("split", "straight")}
+    assert steps["split"] == steps["straight"]
 
 
 def free_port() -> int:
@@ -147,12 +151,10 @@ def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
 
 def test_plain_cuda_device_gets_the_current_index(monkeypatch):
     """--device cuda means the current GPU: torch.cuda.set_device and DDP need its index."""
-    from gptfast.train import _init_distributed
-
     chosen = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
-    _, device = _init_distributed(TrainConfig(data=[], device="cuda"))
+    _, device = init_distributed("cuda")
     assert device == torch.device("cuda", 3) and chosen == [device]
 
 
@@ -368,6 +370,39 @@ def test_eval_refuses_data_of_another_tokenization(data_dir, tmp_path, capsys):
     assert "numbers its characters differently from the model's vocabulary" in capsys.readouterr().err
     assert main(argv + [str(data_dir), "--context-length", "33"]) == 2
     assert "--context-length 33 must be between 1 and the model's 32" in capsys.readouterr().err
+
+
+def test_cli_backend_reaches_the_train_config(monkeypatch):
+    """--backend, after `train` or before it, is the TrainConfig's own, not a global the trainer reads
+    back; without it, the run gets the backend in force ($GPTFAST_BACKEND, or auto)."""
+    from gptfast import cli, kernels
+
+    configs = []
+    monkeypatch.setattr(cli, "train", configs.append)
+    monkeypatch.setattr(kernels, "set_backend", lambda name: None)  # main() selects it for other commands
+    with kernels.use_backend("triton"):
+        for argv in (["train"], ["train", "--backend", "torch"], ["--backend", "torch", "train"]):
+            assert main(argv) == 0
+    assert [cfg.backend for cfg in configs] == ["triton", "torch", "torch"]
+
+
+def test_throughput_leaves_paused_time_out(monkeypatch):
+    """Tokens per second and MFU over the steps since the last measurement, validation time excluded."""
+    from gptfast import runlog
+
+    now = [0.0]
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: now[0])
+    meter = runlog.Throughput(step=10, tokens_per_step=100, flops_per_step=1e3, peak_flops=1e4)
+    now[0] = 2.0
+    with meter.paused():
+        now[0] = 7.0  # five seconds of validation and checkpointing
+    now[0] = 8.0
+    assert meter.measure(14) == pytest.approx((4 * 100 / 3.0, 4 * 1e3 / 3.0 / 1e4))
+    now[0] = 10.0
+    assert meter.measure(15) == pytest.approx((50.0, 0.05))
+    no_peak = runlog.Throughput(0, 100, 1e3, None)
+    now[0] = 11.0
+    assert no_peak.measure(1) == (100.0, None)
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):

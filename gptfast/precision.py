@@ -1,0 +1,39 @@
+"""Mixed precision: the one policy that training, evaluation and generation share.
+
+``--dtype`` names an autocast dtype (:data:`AMP_DTYPES`); "auto" picks one for the device
+(:func:`amp_dtype_for`). Training autocasts its forward passes to it and, for float16, scales the
+loss (:func:`grad_scaler`) so that small gradients survive; ``eval`` and ``generate`` cast the
+weights to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# --dtype: the autocast dtype of each choice (None: float32, no autocast; "auto": see amp_dtype_for).
+AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+def amp_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a ``--dtype`` choice on ``device`` (None: float32, no autocast).
+
+    "auto" is bfloat16 on GPUs with bf16 arithmetic (compute capability 8.0 and up), float16 on
+    older ones (the trainer then scales the loss), and float32 on CPUs.
+    """
+    if dtype != "auto":
+        return AMP_DTYPES[dtype]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def autocast(device_type: str, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``amp_dtype``, or no autocast at all when it is None."""
+    return torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
+def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler float16 autocast needs (its small gradients would underflow); None otherwise."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
