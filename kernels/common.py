@@ -53,11 +53,11 @@ def kernel_op(name: str) -> Callable[[Callable], torch.library.CustomOpDef]:
 
         @functools.wraps(launcher)
         def fake(*args, **kwargs):
-            _fake.active = True
+            previous, _fake.active = tracing(), True  # restored after: fakes nest (an op calling ops)
             try:
                 return launcher(*args, **kwargs)
             finally:
-                _fake.active = False
+                _fake.active = previous
 
         op.register_fake(fake)
         return op

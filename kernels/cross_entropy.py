@@ -175,17 +175,25 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num
     return loss, stats
 
 
-@kernel_op("cross_entropy_bwd")
-def _backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
-              ignore_index: int, num_classes: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
-    """Triton backward: the logits' gradient, in their dtype and shape (rows, n)."""
+def write_gradient(dlogits: torch.Tensor, dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                   stats: torch.Tensor, ignore_index: int, num_classes: int, label_smoothing: float,
+                   z_loss: float) -> None:
+    """Launch the backward kernel into ``dlogits``, which may be ``logits`` itself: each program reads a
+    chunk of its row before it overwrites that chunk (the fused LM head writes in place)."""
     n_rows, n_cols = logits.shape
-    dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if dlogits.numel() > 0:
         block_v, num_warps = _block_config(n_cols)
         launch(_cross_entropy_bwd, (n_rows,), dloss.float().contiguous(), logits, targets.contiguous(), stats,
                dlogits, num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing,
                z_loss, BLOCK_V=block_v, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=num_warps)
+
+
+@kernel_op("cross_entropy_bwd")
+def _backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+              ignore_index: int, num_classes: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """Triton backward: the logits' gradient, in their dtype and shape (rows, n)."""
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    write_gradient(dlogits, dloss, logits, targets, stats, ignore_index, num_classes, label_smoothing, z_loss)
     return dlogits
 
 
@@ -205,26 +213,32 @@ _forward.register_autograd(_gradients, setup_context=_setup_context)
 
 def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str, num_classes: int | None,
                   label_smoothing: float, z_loss: float) -> None:
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not 0.0 <= z_loss < float("inf"):
-        raise ValueError(f"cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or not logits.dtype.is_floating_point:
         raise ValueError("cross_entropy: logits must be a floating-point tensor of shape (..., classes)")
-    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(logits.shape[:-1]):
+    check_options(logits.shape, targets, reduction, num_classes, label_smoothing, z_loss)
+
+
+def check_options(logits_shape: torch.Size, targets: torch.Tensor, reduction: str, num_classes: int | None,
+                  label_smoothing: float, z_loss: float, op: str = "cross_entropy") -> None:
+    """The checks of everything but the logits' own type, for logits of shape ``logits_shape``."""
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"{op}: z_loss must be a finite number >= 0, got {z_loss}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(logits_shape[:-1]):
         shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise ValueError(f"cross_entropy: targets have shape {shape}, expected {tuple(logits.shape[:-1])} "
-                         f"(the logits' shape {tuple(logits.shape)} without the class dimension)")
+        raise ValueError(f"{op}: targets have shape {shape}, expected {tuple(logits_shape[:-1])} "
+                         f"(the logits' shape {tuple(logits_shape)} without the class dimension)")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"cross_entropy: targets must hold integer class ids, got dtype {targets.dtype}")
-    if num_classes is not None and not 1 <= num_classes <= logits.shape[-1]:
-        raise ValueError(f"cross_entropy: num_classes {num_classes} must be between 1 and the logits' "
-                         f"last dimension {logits.shape[-1]}")
+        raise TypeError(f"{op}: targets must hold integer class ids, got dtype {targets.dtype}")
+    if num_classes is not None and not 1 <= num_classes <= logits_shape[-1]:
+        raise ValueError(f"{op}: num_classes {num_classes} must be between 1 and the logits' "
+                         f"last dimension {logits_shape[-1]}")
 
 
-def _check_target_values(targets: torch.Tensor, ignore_index: int, num_classes: int) -> None:
+def check_target_values(targets: torch.Tensor, ignore_index: int, num_classes: int) -> None:
     """One host sync: every target is a class id or ignore_index."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
     if targets.numel() and bool(bad.any()):
@@ -261,7 +275,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     _check_inputs(logits, targets, reduction, num_classes, label_smoothing, z_loss)
     num_classes = logits.shape[-1] if num_classes is None else num_classes
     if check_targets and not torch.compiler.is_compiling():
-        _check_target_values(targets, ignore_index, num_classes)
+        check_target_values(targets, ignore_index, num_classes)
     logits2, targets1 = as_rows(logits), targets.reshape(-1)
     if backend.route(cross_entropy, logits2, targets1):
         losses = _forward(logits2, targets1, ignore_index, num_classes, label_smoothing, z_loss)[0]

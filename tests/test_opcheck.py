@@ -13,6 +13,7 @@ layer_norm = importlib.import_module("gptfast.kernels.layer_norm")
 bias_gelu = importlib.import_module("gptfast.kernels.bias_gelu")
 cross_entropy = importlib.import_module("gptfast.kernels.cross_entropy")
 flash_attention = importlib.import_module("gptfast.kernels.flash_attention")
+linear_cross_entropy = importlib.import_module("gptfast.kernels.linear_cross_entropy")
 
 
 def _layer_norm_cases():
@@ -46,6 +47,15 @@ def _cross_entropy_cases():
             (cross_entropy._backward, (torch.rand_like(loss), logits.detach(), targets, stats, -1, 69, 0.1, 1e-4))]
 
 
+def _linear_cross_entropy_cases():
+    hidden, weight, targets = torch.randn(100, 8), torch.randn(40, 8), torch.randint(-1, 33, (100,))
+    return [(linear_cross_entropy._fused, (hidden.requires_grad_(), weight.requires_grad_(), targets, -1, 33,
+                                           0.0, 0.0, True, 64, torch.float32, use_triton))
+            for use_triton in (True, False)] + [
+            (linear_cross_entropy._fused, (hidden.detach(), weight.detach(), targets, -1, 40, 0.1, 1e-3, False,
+                                           64, torch.float32, True))]
+
+
 def _flash_attention_cases():
     q, k, v = (torch.randn(2, 3, 20, 16) for _ in range(3))
     key_start = torch.tensor([0, 5])
@@ -59,7 +69,7 @@ def _flash_attention_cases():
 
 
 CASES = {"layer_norm": _layer_norm_cases, "bias_gelu": _bias_gelu_cases, "cross_entropy": _cross_entropy_cases,
-         "flash_attention": _flash_attention_cases}
+         "linear_cross_entropy": _linear_cross_entropy_cases, "flash_attention": _flash_attention_cases}
 
 
 @pytest.mark.parametrize("op", CASES)

@@ -1,0 +1,131 @@
+"""The LM head and its loss without the logits: ``cross_entropy(hidden @ weight.T, targets)`` in chunks.
+
+For GPT-2 124M at batch 16 x 1024 the logits are 16,384 x 50,304 values (1.65 GB in bf16) and their
+gradient as much again: the largest tensors of a training step. Here the rows go through in chunks;
+for each chunk:
+
+1. the chunk's logits are one matmul (cuBLAS, in the autocast dtype);
+2. the cross-entropy kernels write its per-row losses, then overwrite the logits, in place, with
+   their gradient (softmax - onehot, scaled as the reduction asks);
+3. two matmuls give the chunk's rows of d hidden and its share of d weight (added up in float32).
+
+So the gradients are computed in the forward pass, with no (rows, vocabulary) tensor beyond one
+chunk, and the backward pass only scales them by the loss's gradient. That needs a scalar loss:
+``reduction`` is "mean" or "sum" (for per-row losses use :func:`cross_entropy` on explicit logits).
+The three matmuls are those of the unfused head (forward, d hidden, d weight), so no work is added.
+Without Triton, or on the "torch" backend, the chunks use eager PyTorch: the memory saving holds on
+any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .common import kernel_op
+from .cross_entropy import _forward as _loss_rows
+from .cross_entropy import check_options, check_target_values, cross_entropy, write_gradient
+
+CHUNK_BYTES = 256 * 2**20  # default memory budget for one chunk of logits
+
+
+def chunk_rows(n_cols: int, element_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: as many as ``chunk_bytes`` of logits hold, a multiple of 64 (at least 64)."""
+    return max(64, chunk_bytes // max(1, n_cols * element_size) // 64 * 64)
+
+
+def _eager_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, dloss: torch.Tensor, ignore_index: int,
+                         num_classes: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """Per-row losses of one chunk, its logits overwritten with their gradient: eager PyTorch (the
+    kernels' formula, float32; the operator runs below autograd, so the gradient is written out)."""
+    classes = logits[:, :num_classes].float()
+    keep = targets != ignore_index
+    losses = F.cross_entropy(classes, targets.long(), ignore_index=ignore_index, reduction="none",
+                             label_smoothing=label_smoothing)
+    lse = classes.logsumexp(-1, keepdim=True)
+    if z_loss > 0:
+        losses = losses + torch.where(keep, z_loss * lse[:, 0] ** 2, 0.0)
+    onehot = F.one_hot(torch.where(keep, targets, 0).long(), num_classes)
+    grad = (classes - lse).exp() * (1 + 2 * z_loss * lse) - (1 - label_smoothing) * onehot - label_smoothing / num_classes
+    logits[:, :num_classes] = grad * torch.where(keep, dloss, 0.0)[:, None]
+    logits[:, num_classes:] = 0
+    return losses
+
+
+@kernel_op("linear_cross_entropy")
+def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
+           label_smoothing: float, z_loss: float, mean: bool, rows_per_chunk: int, dtype: torch.dtype,
+           use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d hidden, d loss / d weight) of the summed or mean ``cross_entropy(hidden @
+    weight.T)``, the matmuls in ``dtype``; hidden (rows, d), weight (vocabulary, d)."""
+    n_rows = hidden.shape[0]
+    counted = (targets != ignore_index).sum()
+    # d loss / d row loss: 1 for the sum, 1 / counted for the mean (a tensor: no host sync).
+    dloss = (1.0 / counted if mean else torch.ones((), device=hidden.device)).float().expand(n_rows)
+    h, w = hidden.to(dtype), weight.to(dtype)  # as autocast would cast them for nn.Linear
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dhidden = torch.empty_like(hidden)
+    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    options = (ignore_index, num_classes, label_smoothing, z_loss)
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n_rows))
+        logits = h[rows] @ w.T
+        if use_triton:
+            losses, stats = _loss_rows(logits, targets[rows], *options)
+            write_gradient(logits, dloss[rows], logits, targets[rows], stats, *options)  # in place
+        else:
+            losses = _eager_loss_and_grad(logits, targets[rows], dloss[rows], *options)
+        total += losses.sum()
+        dhidden[rows] = logits @ w
+        dweight += logits.T @ h[rows]
+    return (total / counted if mean else total), dhidden, dweight.to(weight.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output[1:])
+
+
+def _gradients(ctx, dloss, _dhidden, _dweight):
+    dhidden, dweight = ctx.saved_tensors
+    return dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype), *([None] * 9)
+
+
+_fused.register_autograd(_gradients, setup_context=_setup_context)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -1, reduction: str = "mean", num_classes: int | None = None,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_bytes: int = CHUNK_BYTES,
+                         check_targets: bool = True) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, targets, ...)`` without materialising the logits.
+
+    hidden (..., d), weight (vocabulary, d): an LM head's ``nn.Linear`` weight, tied or not; targets
+    (...). The options are :func:`cross_entropy`'s; ``reduction`` is "mean" or "sum". Each chunk of
+    rows holds at most ``chunk_bytes`` of logits. The matmuls run in autocast's dtype where autocast
+    is on, as ``nn.Linear`` would; gradients reach hidden and weight in their own dtypes.
+    """
+    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and hidden.dim() >= 1 and hidden.shape[-1] == weight.shape[1]):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (hidden, weight)]
+        raise ValueError(f"linear_cross_entropy: hidden {shapes[0]} and weight {shapes[1]} do not match: "
+                         "need hidden (..., d) and weight (vocabulary, d)")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum' (per-row losses need "
+                         f"cross_entropy on explicit logits), got {reduction!r}")
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    logits_shape = torch.Size((*hidden.shape[:-1], weight.shape[0]))
+    check_options(logits_shape, targets, reduction, num_classes, label_smoothing, z_loss, "linear_cross_entropy")
+    num_classes = weight.shape[0] if num_classes is None else num_classes
+    if check_targets and not torch.compiler.is_compiling():
+        check_target_values(targets, ignore_index, num_classes)
+    device = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(hidden.dtype, weight.dtype))
+    hidden2, targets1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    # The chunks' losses run on cross_entropy's kernels: its route decides.
+    use_triton = backend.route(cross_entropy, torch.empty(0, weight.shape[0], dtype=dtype, device=hidden.device),
+                               targets1)
+    rows = chunk_rows(weight.shape[0], dtype.itemsize, chunk_bytes)
+    return _fused(hidden2, weight, targets1, ignore_index, num_classes, label_smoothing, z_loss,
+                  reduction == "mean", rows, dtype, use_triton)[0]
