@@ -40,6 +40,7 @@ class GPTConfig:
     tie_weights: bool = True  # the LM head shares the token-embedding matrix
     layer_norm_eps: float = 1e-5
     vocab_multiple: int = 1  # pad the embedding/head rows to a multiple of this (64 is fast on GPUs)
+    fused_lm_head: bool = True  # given targets, the LM head and loss run in chunks, with no logits
 
     def __post_init__(self) -> None:
         if self.drop_rate is not None:
@@ -104,7 +105,8 @@ PRESETS: dict[str, dict] = {
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias, computed by ``kernels.layer_norm``."""
+    """LayerNorm with an optional bias, computed by ``kernels.layer_norm``; given a residual branch,
+    by ``kernels.add_layer_norm``, which fuses the residual add before the norm into it."""
 
     def __init__(self, n: int, bias: bool = True, eps: float = 1e-5):
         super().__init__()
@@ -112,11 +114,15 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """LayerNorm(x); with ``branch``, (x + branch, LayerNorm(x + branch))."""
         # Under autocast the next matmul casts y to the autocast dtype: write it in that dtype.
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
+        if branch is None:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
+        return kernels.add_layer_norm(x, branch, self.weight, self.bias, self.eps, out_dtype)
 
 
 class KVCache:
@@ -206,10 +212,19 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0,
-                left_pad: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv, start, left_pad)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None, kv: torch.Tensor | None = None,
+                start: int = 0, left_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream; ``pending``: the previous block's MLP output, not yet added to it.
+
+        Returns (the stream, this block's MLP output): each residual add is left to the LayerNorm
+        that reads its result next (ln_1, ln_2, then the next block's ln_1 or ln_f), which fuses it.
+        """
+        if pending is None:
+            h = self.ln_1(x)
+        else:
+            x, h = self.ln_1(x, pending)
+        x, h = self.ln_2(x, self.attn(h, kv, start, left_pad))
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -291,10 +306,13 @@ class GPT(nn.Module):
                                  f"[0, {self.config.vocab_size}) (-1 marks positions to ignore)")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, left_pad: torch.Tensor | None = None, last_only: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (batch, seq, vocab_size) and, given targets, the mean cross-entropy (-1 ignored).
+                cache: KVCache | None = None, left_pad: torch.Tensor | None = None, last_only: bool = False,
+                return_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (batch, seq, vocab_size), and given targets the mean cross-entropy, -1 ignored).
 
+        Given targets, with ``config.fused_lm_head`` (the default), the LM head and the loss run
+        together in chunks of rows (``kernels.linear_cross_entropy``): no logits tensor exists and
+        None is returned in its place, unless ``return_logits`` asks for them (then unfused).
         ``cache``: idx holds only the new tokens; their keys and values are appended to the cache
         and attention covers every cached position. ``left_pad``: (batch,) number of padding
         tokens at the start of each row of the whole sequence (cached part included); padding is
@@ -311,18 +329,24 @@ class GPT(nn.Module):
         if left_pad is not None:
             pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        branch = None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache.kv[i] if cache is not None else None, start, left_pad)
+            x, branch = block(x, branch, cache.kv[i] if cache is not None else None, start, left_pad)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
+        if last_only:
+            x, branch = x[:, -1:], branch[:, -1:]
+        _, x = self.transformer.ln_f(x, branch)
+        vocab = self.config.vocab_size
+        # The loss takes the padded head whole: the padding columns are left out of the softmax and
+        # get a zero gradient, with no copy for a slice. Targets were checked above.
+        if targets is not None and self.config.fused_lm_head and not return_logits:
+            return None, kernels.linear_cross_entropy(x, self.lm_head.weight, targets, num_classes=vocab,
+                                                      check_targets=False)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            # The loss takes the padded logits whole: the padding columns are left out of the softmax
-            # and get a zero gradient, with no copy for the slice below. Targets were checked above.
-            loss = kernels.cross_entropy(logits, targets, ignore_index=-1, num_classes=self.config.vocab_size,
-                                         check_targets=False)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]
+            loss = kernels.cross_entropy(logits, targets, ignore_index=-1, num_classes=vocab, check_targets=False)
+        if self.config.padded_vocab_size != vocab:
+            logits = logits[..., :vocab]
         return logits, loss

@@ -10,7 +10,8 @@ for each chunk:
 3. two matmuls give the chunk's rows of d hidden and its share of d weight (added up in float32).
 
 So the gradients are computed in the forward pass, with no (rows, vocabulary) tensor beyond one
-chunk, and the backward pass only scales them by the loss's gradient. That needs a scalar loss:
+chunk, and the backward pass only scales them by the loss's gradient (without gradients to compute,
+as in evaluation, the chunks stop after their losses). That needs a scalar loss:
 ``reduction`` is "mean" or "sum" (for per-row losses use :func:`cross_entropy` on explicit logits).
 The three matmuls are those of the unfused head (forward, d hidden, d weight), so no work is added.
 Without Triton, or on the "torch" backend, the chunks use eager PyTorch: the memory saving holds on
@@ -35,20 +36,27 @@ def chunk_rows(n_cols: int, element_size: int, chunk_bytes: int = CHUNK_BYTES) -
     return max(64, chunk_bytes // max(1, n_cols * element_size) // 64 * 64)
 
 
-def _eager_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, dloss: torch.Tensor, ignore_index: int,
-                         num_classes: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
-    """Per-row losses of one chunk, its logits overwritten with their gradient: eager PyTorch (the
-    kernels' formula, float32; the operator runs below autograd, so the gradient is written out)."""
-    classes = logits[:, :num_classes].float()
+def _eager_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, dloss: torch.Tensor | None,
+                         ignore_index: int, num_classes: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """Per-row losses of one chunk and, given ``dloss``, its logits overwritten with their gradient:
+    eager PyTorch, the kernels' formulas in float32, in place where it can (one float32 copy of the
+    chunk at most), as the operator runs below autograd."""
+    x = logits[:, :num_classes].float()
     keep = targets != ignore_index
-    losses = F.cross_entropy(classes, targets.long(), ignore_index=ignore_index, reduction="none",
-                             label_smoothing=label_smoothing)
-    lse = classes.logsumexp(-1, keepdim=True)
+    safe_targets = torch.where(keep, targets, 0).long()[:, None]
+    lse = x.logsumexp(-1, keepdim=True)
+    losses = (lse - x.gather(1, safe_targets))[:, 0]
+    if label_smoothing > 0:
+        losses = (1 - label_smoothing) * losses + label_smoothing * (lse[:, 0] - x.mean(-1))
     if z_loss > 0:
-        losses = losses + torch.where(keep, z_loss * lse[:, 0] ** 2, 0.0)
-    onehot = F.one_hot(torch.where(keep, targets, 0).long(), num_classes)
-    grad = (classes - lse).exp() * (1 + 2 * z_loss * lse) - (1 - label_smoothing) * onehot - label_smoothing / num_classes
-    logits[:, :num_classes] = grad * torch.where(keep, dloss, 0.0)[:, None]
+        losses = losses + z_loss * lse[:, 0] ** 2
+    losses = torch.where(keep, losses, 0.0)
+    if dloss is None:
+        return losses
+    grad = x.sub_(lse).exp_().mul_(1 + 2 * z_loss * lse)  # x: a view of float32 logits, else a copy
+    grad.scatter_add_(1, safe_targets, torch.full_like(lse, label_smoothing - 1)).sub_(label_smoothing / num_classes)
+    grad.mul_(torch.where(keep, dloss, 0.0)[:, None])
+    logits[:, :num_classes] = grad
     logits[:, num_classes:] = 0
     return losses
 
@@ -56,21 +64,27 @@ def _eager_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, dloss: tor
 @kernel_op("linear_cross_entropy")
 def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
            label_smoothing: float, z_loss: float, mean: bool, rows_per_chunk: int, dtype: torch.dtype,
-           use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           use_triton: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d loss / d hidden, d loss / d weight) of the summed or mean ``cross_entropy(hidden @
-    weight.T)``, the matmuls in ``dtype``; hidden (rows, d), weight (vocabulary, d)."""
+    weight.T)``, the matmuls in ``dtype``; hidden (rows, d), weight (vocabulary, d). Without
+    ``need_grad`` (evaluation) the gradients are not computed and come back empty."""
     n_rows = hidden.shape[0]
     counted = (targets != ignore_index).sum()
     # d loss / d row loss: 1 for the sum, 1 / counted for the mean (a tensor: no host sync).
     dloss = (1.0 / counted if mean else torch.ones((), device=hidden.device)).float().expand(n_rows)
     h, w = hidden.to(dtype), weight.to(dtype)  # as autocast would cast them for nn.Linear
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    dhidden = torch.empty_like(hidden)
-    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    dhidden = torch.empty_like(hidden) if need_grad else hidden.new_empty(0)
+    dweight = torch.zeros(weight.shape if need_grad else 0, dtype=torch.float32, device=weight.device)
     options = (ignore_index, num_classes, label_smoothing, z_loss)
     for start in range(0, n_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, n_rows))
         logits = h[rows] @ w.T
+        if not need_grad:
+            losses = (_loss_rows(logits, targets[rows], *options)[0] if use_triton
+                      else _eager_loss_and_grad(logits, targets[rows], None, *options))
+            total += losses.sum()
+            continue
         if use_triton:
             losses, stats = _loss_rows(logits, targets[rows], *options)
             write_gradient(logits, dloss[rows], logits, targets[rows], stats, *options)  # in place
@@ -88,7 +102,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _gradients(ctx, dloss, _dhidden, _dweight):
     dhidden, dweight = ctx.saved_tensors
-    return dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype), *([None] * 9)
+    return dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype), *([None] * 10)
 
 
 _fused.register_autograd(_gradients, setup_context=_setup_context)
@@ -127,5 +141,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     use_triton = backend.route(cross_entropy, torch.empty(0, weight.shape[0], dtype=dtype, device=hidden.device),
                                targets1)
     rows = chunk_rows(weight.shape[0], dtype.itemsize, chunk_bytes)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _fused(hidden2, weight, targets1, ignore_index, num_classes, label_smoothing, z_loss,
-                  reduction == "mean", rows, dtype, use_triton)[0]
+                  reduction == "mean", rows, dtype, use_triton, need_grad)[0]

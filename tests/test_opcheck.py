@@ -50,10 +50,11 @@ def _cross_entropy_cases():
 def _linear_cross_entropy_cases():
     hidden, weight, targets = torch.randn(100, 8), torch.randn(40, 8), torch.randint(-1, 33, (100,))
     return [(linear_cross_entropy._fused, (hidden.requires_grad_(), weight.requires_grad_(), targets, -1, 33,
-                                           0.0, 0.0, True, 64, torch.float32, use_triton))
+                                           0.0, 0.0, True, 64, torch.float32, use_triton, True))
             for use_triton in (True, False)] + [
             (linear_cross_entropy._fused, (hidden.detach(), weight.detach(), targets, -1, 40, 0.1, 1e-3, False,
-                                           64, torch.float32, True))]
+                                           64, torch.float32, use_triton, need_grad))
+            for use_triton in (True, False) for need_grad in (True, False)]
 
 
 def _flash_attention_cases():

@@ -1,0 +1,144 @@
+"""linear_cross_entropy: the LM head and its loss in chunks, against float64, and in the model."""
+
+import importlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gptfast import kernels
+from gptfast.model import GPT, GPTConfig
+
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
+cross_entropy = importlib.import_module("gptfast.kernels.cross_entropy")
+fused = importlib.import_module("gptfast.kernels.linear_cross_entropy")
+
+
+def _reference(hidden, weight, targets, reduction, num_classes, label_smoothing, z_loss):
+    logits = hidden @ weight.T
+    losses = cross_entropy.cross_entropy_reference(logits[:, :num_classes], targets, -1, label_smoothing, z_loss)
+    return losses.sum() / (targets != -1).sum() if reduction == "mean" else losses.sum()
+
+
+CASES = [  # rows, d, vocabulary, classes, label smoothing, z-loss, reduction, chunk bytes (rows per chunk)
+    (300, 24, 131, 120, 0.0, 0.0, "mean", 64 * 131 * 4),  # 5 chunks, the last partial; vocabulary padding
+    (77, 16, 70, 70, 0.1, 1e-3, "sum", 1),  # the smallest chunk: 64 rows
+    (50, 8, 40, 33, 0.2, 0.0, "mean", 2**30),  # one chunk
+    (65, 12, 200, 199, 0.0, 1e-2, "sum", 64 * 200 * 4),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("rows, d, vocab, classes, smoothing, z, reduction, chunk", CASES)
+def test_matches_float64(backend, rows, d, vocab, classes, smoothing, z, reduction, chunk):
+    torch.manual_seed(rows + vocab)
+    hidden, weight = torch.randn(rows, d), torch.randn(vocab, d) * 0.3
+    targets = torch.randint(0, classes, (rows,))
+    targets[::7] = -1
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with kernels.use_backend(backend):
+        loss = kernels.linear_cross_entropy(h, w, targets, reduction=reduction, num_classes=classes,
+                                            label_smoothing=smoothing, z_loss=z, chunk_bytes=chunk)
+    (3 * loss).backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = _reference(h64, w64, targets, reduction, classes, smoothing, z)
+    (3 * want).backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    assert not w.grad[classes:].any()  # padding rows of the head get no gradient
+
+
+def test_every_target_ignored_and_no_gradient_needed():
+    hidden, weight = torch.randn(70, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets = torch.full((70,), -1)
+    with kernels.use_backend("triton"):
+        loss = kernels.linear_cross_entropy(hidden, weight, targets)
+        summed = kernels.linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    assert torch.isnan(loss) and summed == 0  # as F.cross_entropy: the mean over no positions
+    summed.backward()
+    assert not hidden.grad.any() and not weight.grad.any()
+    with torch.no_grad(), kernels.use_backend("triton"):
+        evaluated = kernels.linear_cross_entropy(hidden, weight, torch.randint(0, 30, (70,)))
+    assert evaluated.grad_fn is None and torch.isfinite(evaluated)
+
+
+def test_bad_inputs_name_the_problem():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"hidden \(4, 7\) and weight \(10, 8\) do not match"):
+        kernels.linear_cross_entropy(torch.randn(4, 7), w, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        kernels.linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), reduction="none")
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: targets have shape \(3,\), expected \(4,\)"):
+        kernels.linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="target 10 is outside the classes"):
+        kernels.linear_cross_entropy(h, w, torch.full((4,), 10))
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_model_fused_head_equals_the_unfused_head(tie_weights):
+    """Loss and every gradient, tied embedding included, with and without the fused head."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=90, n_layer=2, n_head=2, n_embd=32, context_length=16, vocab_multiple=64,
+                       tie_weights=tie_weights)
+    model = GPT(config)
+    idx, targets = torch.randint(0, 90, (2, 3, 16))
+    targets[0, :5] = -1
+    results = []
+    for fused_head in (True, False):
+        model.config.fused_lm_head = fused_head
+        model.zero_grad()
+        with kernels.use_backend("triton"):
+            logits, loss = model(idx, targets)
+        assert (logits is None) == fused_head
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_model_under_bf16_autocast_and_compile():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=90, n_layer=1, n_head=2, n_embd=32, context_length=16, vocab_multiple=64))
+    idx, targets = torch.randint(0, 90, (2, 2, 16))
+    with torch.autocast(idx.device.type, torch.bfloat16):
+        _, fused_loss = model(idx, targets)
+        unfused_logits, unfused_loss = model(idx, targets, return_logits=True)
+    assert unfused_logits is not None
+    torch.testing.assert_close(fused_loss, unfused_loss, rtol=1e-2, atol=1e-2)
+
+    compiled = torch.compile(lambda idx, targets: model(idx, targets)[1], fullgraph=True)(idx, targets)
+    compiled.backward()
+    compiled_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    eager = model(idx, targets)[1]
+    eager.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, model.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+_PEAK = textwrap.dedent("""
+    import resource, sys, torch
+    from gptfast.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32768, n_layer=1, n_head=2, n_embd=64, context_length=256,
+                          fused_lm_head=sys.argv[1] == "fused"))
+    idx, targets = torch.randint(0, 32768, (2, 16, 256))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, loss = model(idx, targets)
+    loss.backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+""")
+
+
+def test_fused_head_saves_at_least_the_logits_and_their_gradient():
+    """Peak resident memory of one training step in a fresh process (eager path, CPU): the fused head
+    saves at least the float32 logits and their gradient (2 x 4096 x 32768 x 4 bytes = 1 GiB)."""
+    env = {"GPTFAST_BACKEND": "torch", "PATH": ""}
+    growth = {kind: int(subprocess.run([sys.executable, "-c", _PEAK, kind], capture_output=True, text=True,
+                                       check=True, env=env).stdout) for kind in ("fused", "unfused")}
+    logits_and_gradient = 2 * 16 * 256 * 32768 * 4
+    assert growth["unfused"] - growth["fused"] >= logits_and_gradient, growth
