@@ -14,7 +14,7 @@ from gptfast.kernels.backend import TRITON_INTERPRET
 
 from . import report
 from .kernel_bench import SIZE_MODES
-from .timing import REP_MS, WARMUP_MS
+from .harness import REP_MS, WARMUP_MS
 
 README = Path("README.md")  # the checkout's, run from the repository root
 
@@ -32,8 +32,10 @@ def build_parser(prog: str = "python -m gptfast.bench") -> argparse.ArgumentPars
                         help="where result folders <date>-<device> go and are looked up (default: bench/results)")
     parser.add_argument("--out", type=Path, help="output folder (default: <results-root>/<date>-<device>)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--warmup-ms", type=float, default=WARMUP_MS, help="warm-up per kernel case (ms)")
-    parser.add_argument("--rep-ms", type=float, default=REP_MS, help="timed repeats per kernel case (ms)")
+    parser.add_argument("--warmup-ms", type=float, default=WARMUP_MS,
+                        help="do_bench's warm-up per kernel case (ms); a training step's is 20 times as long")
+    parser.add_argument("--rep-ms", type=float, default=REP_MS, help="do_bench's timed repeats per kernel case "
+                        "(ms); a training step's are 20 times, a generation's 10 times as long")
     parser.add_argument("--budget-s", type=float, help="skip the cases left after this many seconds")
     parser.add_argument("--update-readme", action="store_true",
                         help="after the run, regenerate the README's results table from it")
@@ -77,8 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m gptfast.bench") -
                             "the Triton rows are unavailable (TRITON_INTERPRET=1 runs them under the "
                             "interpreter)") + "; CPU numbers only show that the code works")
     out_dir = args.out or report.results_dir(device, args.results_root)
-    results = report.run(settings, device, command=" ".join([prog, *map(shlex.quote, argv)]),
-                         checkpoint=out_dir / "results.json")
+    results = report.run(settings, device, command=" ".join([prog, *map(shlex.quote, argv)]), out_dir=out_dir)
     for path in report.write(results, out_dir, plots=not args.no_plots):
         print(f"wrote {path}")
     if args.update_readme:

@@ -5,13 +5,13 @@ under bf16 autocast on a GPU (float32 on the CPU), with the backend "triton" or 
 under ``torch.compile``, through ``gptfast.train``'s own optimizer and step (gradient clipping
 included). The first step (which compiles) is timed apart from the steady ones. MFU is
 ``gptfast.train.model_flops_per_token`` times tokens/s over the measured matmul ceiling (and over
-the datasheet peak, in the record's extra figures, where the GPU is known).
+the datasheet peak, in the record's extra figures, where the GPU is known). Whole steps and
+generations are timed as the kernels are (``harness.measure``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,9 +22,8 @@ from gptfast.generation import generate
 from gptfast.model import GPT, GPTConfig
 from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
 
+from .harness import OK, REP_MS, WARMUP_MS, Record, measure_record
 from .kernel_bench import bench_dtype
-from .records import Record, failure_status
-from .timing import peak_memory_mb, reset_peak_memory, synchronize, time_calls
 
 TRAIN_PROVIDERS = ("triton", "torch", "triton+compile", "torch+compile")
 GENERATE_PROVIDERS = ("triton", "torch")
@@ -62,6 +61,8 @@ class GenerateSize:
 
 
 LR = 6e-4  # any rate: the benchmark times steps, it does not train
+# Whole training steps and generations are timed this many times as long as a kernel case.
+TRAIN_TIMING, GENERATE_TIMING = 20, 10
 # CPU sizes: one layer and a small vocabulary, since the CPU runs the kernels in the interpreter.
 _CPU_MODEL = TrainSize("tiny", batch=2, context=32, n_layer=1, vocab_size=512)
 _GPT2 = TrainSize("gpt2", batch=16, context=1024, vocab_multiple=64)
@@ -75,7 +76,7 @@ SPEEDUP_TARGETS = (("triton", "torch", 1.5), ("triton", "torch+compile", 1.1))
 TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
 
 
-def make_train_step(provider: str, size: TrainSize, device: torch.device) -> tuple[Callable[[], None], GPTConfig]:
+def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Callable[[], None]:
     """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile"."""
     backend, _, compile_flag = provider.partition("+")
     torch.manual_seed(0)
@@ -93,33 +94,21 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> tup
         with kernels.use_backend(backend):
             train_step(forward, optimizer, batch, lr=LR, amp_dtype=amp_dtype)
 
-    return step, config
+    return step
 
 
-def run_train(provider: str, size: TrainSize, device: torch.device, matmul_tflops: float | None,
-              *, rep_ms: float = 2000.0) -> Record:
-    """Tokens per second (and MFU, peak memory, first-step seconds) of one training configuration."""
-    record = Record("train", provider, "step", size.as_dict(), unit="tokens/s")
-    try:
-        step, config = make_train_step(provider, size, device)
-        reset_peak_memory(device)
-        start = time.perf_counter()
-        step()  # the first step: compilation, autotuning, allocator warm-up
-        synchronize(device)
-        first_step_s = time.perf_counter() - start
-        timing = time_calls([step], device, warmup_ms=rep_ms / 4, rep_ms=rep_ms, min_repeats=5)
-    except Exception as error:  # recorded, never raised
-        record.status, record.note = failure_status(error)
-        return record
-    tokens_per_s = size.batch * size.context / (timing.median_ms * 1e-3)
-    record.ms, record.value, record.peak_mb = timing.median_ms, tokens_per_s, peak_memory_mb(device)
-    record.extra = {"first_step_s": first_step_s, "repeats": timing.repeats}
-    model_flops = tokens_per_s * model_flops_per_token(config)
-    record.extra["model_tflops"] = model_flops / 1e12
-    if matmul_tflops:
-        record.pct_of_ceiling = 100.0 * model_flops / 1e12 / matmul_tflops  # MFU of the measured ceiling
-    if peak_flops(device):
-        record.extra["mfu_of_datasheet_pct"] = 100.0 * model_flops / peak_flops(device)
+def run_train(provider: str, size: TrainSize, device: torch.device, *, warmup_ms: float = WARMUP_MS,
+              rep_ms: float = REP_MS) -> Record:
+    """Tokens per second (and model TFLOP/s, the datasheet MFU, peak memory, the first step's seconds:
+    compilation) of one training configuration."""
+    record = measure_record(Record("train", provider, "step", size.as_dict(), unit="tokens/s"),
+                            lambda: (make_train_step(provider, size, device), ()), size.batch * size.context,
+                            device, warmup_ms=TRAIN_TIMING * warmup_ms, rep_ms=TRAIN_TIMING * rep_ms)
+    if record.status == OK:
+        model_flops = record.value * model_flops_per_token(size.config())
+        record.extra["model_tflops"] = model_flops / 1e12
+        if peak_flops(device):
+            record.extra["mfu_of_datasheet_pct"] = 100.0 * model_flops / peak_flops(device)
     return record
 
 
@@ -138,19 +127,9 @@ def generate_call(provider: str, use_cache: bool, size: GenerateSize, device: to
     return run
 
 
-def run_generate(provider: str, use_cache: bool, size: GenerateSize, device: torch.device) -> Record:
+def run_generate(provider: str, use_cache: bool, size: GenerateSize, device: torch.device, *,
+                 rep_ms: float = REP_MS) -> Record:
     """Generated tokens per second of ``gptfast.generate`` with or without the key/value cache."""
-    record = Record("generate", provider, "cache" if use_cache else "no cache", size.as_dict(),
-                    unit="tokens/s")
-    try:
-        run = generate_call(provider, use_cache, size, device)
-        reset_peak_memory(device)
-        timing = time_calls([run], device, warmup_ms=0.0, rep_ms=1000.0, min_repeats=3)
-    except Exception as error:  # recorded, never raised
-        record.status, record.note = failure_status(error)
-        return record
-    record.ms = timing.median_ms
-    record.value = size.prompts * size.new_tokens / (timing.median_ms * 1e-3)
-    record.peak_mb = peak_memory_mb(device)
-    record.extra = {"repeats": timing.repeats}
-    return record
+    record = Record("generate", provider, "cache" if use_cache else "no cache", size.as_dict(), unit="tokens/s")
+    return measure_record(record, lambda: (generate_call(provider, use_cache, size, device), ()),
+                          size.prompts * size.new_tokens, device, warmup_ms=0.0, rep_ms=GENERATE_TIMING * rep_ms)

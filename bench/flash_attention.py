@@ -32,9 +32,9 @@ def _inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch
     return tuple(torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
 
 
-def _flops(size: dict, pass_: str, elem: int) -> float:
+def _flops(size: dict, elem: int) -> tuple[float, float]:
     forward = 4 * size["batch"] * size["heads"] * size["seq"] ** 2 * size["head_dim"] / 2
-    return forward * {"forward": 1, "backward": BACKWARD_WORK, "forward+backward": 1 + BACKWARD_WORK}[pass_]
+    return forward, BACKWARD_WORK * forward
 
 
 def _size(seq: int, head_dim: int, tokens: int = TOKENS, width: int = WIDTH) -> dict:

@@ -47,7 +47,7 @@ if [[ $what == all || $what == report ]]; then
     {
         nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit --format=csv
         # Cases still queued after the budget are recorded as skipped; 60 s are kept for writing.
-        timeout "$left" $PY -m bench --results-root "$OUT" --warmup-ms 10 --rep-ms 50 --budget-s $((left - 60))
+        timeout "$left" $PY -m gptfast.bench --results-root "$OUT" --warmup-ms 10 --rep-ms 50 --budget-s $((left - 60))
         echo "report: exit $? after $((SECONDS - start)) s"
     } 2>&1 | tee "$OUT/report.log"
 fi

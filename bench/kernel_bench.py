@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,9 +17,7 @@ import torch
 
 from gptfast import kernels
 
-from .records import Record, failure_status
-from .timing import (REP_MS, WARMUP_MS, Unavailable, input_sets, peak_memory_mb, reset_peak_memory, synchronize,
-                     time_calls)
+from .harness import REP_MS, WARMUP_MS, Record, Unavailable, measure_record
 
 PASSES = ("forward", "backward", "forward+backward")
 SIZE_MODES = ("small", "full", "headline")
@@ -53,7 +50,7 @@ class KernelBench:
     headline: dict  # the full size quoted in the README
     providers: dict[str, ProviderFactory]
     make_inputs: Callable[[dict, torch.device, torch.dtype], tuple[torch.Tensor, ...]]
-    work: Callable[[dict, str, int], float]  # (size, pass, element bytes) -> bytes or FLOPs
+    work: Callable[[dict, int], tuple[float, float]]  # (size, element bytes) -> forward's, backward's bytes or FLOPs
     baseline: str = "torch"  # the provider the others are compared with
 
     def sweeps(self, mode: str) -> list[Sweep]:
@@ -63,39 +60,28 @@ class KernelBench:
             return [Sweep("headline", next(iter(self.headline)), [self.headline])]
         return self.full if mode == "full" else self.small
 
+    def sizes(self, mode: str) -> list[dict]:
+        """The sizes of all sweeps, each once (sweeps may share a point)."""
+        sizes: list[dict] = []
+        for sweep in self.sweeps(mode):
+            sizes += [s for s in sweep.sizes if s not in sizes]
+        return sizes
 
-def _pass_calls(forward: Callable[..., torch.Tensor], input_sets_: list[tuple[torch.Tensor, ...]],
-                pass_: str) -> list[Callable[[], object]]:
-    """One callable per input set doing ``pass_``; gradients are cleared so none accumulate."""
+    def pass_work(self, size: dict, pass_: str, element_bytes: int) -> float:
+        forward, backward = self.work(size, element_bytes)
+        return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_]
+
+
+def pass_call(forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], pass_: str
+              ) -> Callable[[], object]:
+    """A call doing ``pass_`` on ``inputs`` (the timing clears their gradients between calls)."""
     if pass_ == "forward":
-        return [lambda a=a: forward(*a) for a in input_sets_]
-    calls = []
-    for args in input_sets_:
-        out = forward(*args)
-        grad_out = torch.randn_like(out)
-
-        def clear(args=args):
-            for t in args:
-                t.grad = None
-
-        if pass_ == "backward":
-            calls.append(lambda out=out, g=grad_out, clear=clear: (clear(), out.backward(g, retain_graph=True)))
-        else:
-            calls.append(lambda args=args, g=grad_out, clear=clear: (clear(), forward(*args).backward(g)))
-    return calls
-
-
-@dataclass
-class PreparedCase:
-    """A case ready to time: one callable per input set, each already run once, and its work."""
-
-    calls: list[Callable[[], object]]
-    work: float  # bytes or FLOPs of one call
-    scale: float  # work per second over this is ``unit``
-    first_calls_s: float  # the first run of every call: compilation and autotuning show here
-
-    def figure(self, seconds: float) -> float:
-        return self.work / seconds / self.scale
+        return lambda: forward(*inputs)
+    out = forward(*inputs)
+    grad_out = torch.randn_like(out)
+    if pass_ == "backward":
+        return lambda: out.backward(grad_out, retain_graph=True)
+    return lambda: forward(*inputs).backward(grad_out)
 
 
 _built: dict[tuple, Callable[..., torch.Tensor]] = {}  # the last provider built, shared by its passes
@@ -110,43 +96,18 @@ def _provider(bench: KernelBench, provider: str, size: dict, device: torch.devic
     return _built[key]
 
 
-def prepare_case(bench: KernelBench, provider: str, pass_: str, size: dict, device: torch.device,
-                 dtype: torch.dtype) -> PreparedCase:
-    """Build inputs and the provider's calls, and run each once (compiling, or raising if it cannot run)."""
-    forward = _provider(bench, provider, size, device)
-    one_set = bench.make_inputs(size, device, dtype)
-    n_sets = input_sets(sum(t.numel() * t.element_size() for t in one_set), device)
-    sets = [one_set] + [bench.make_inputs(size, device, dtype) for _ in range(n_sets - 1)]
-    calls = _pass_calls(forward, sets, pass_)
-    start = time.perf_counter()
-    for call in calls:
-        call()
-    synchronize(device)
-    return PreparedCase(calls, bench.work(size, pass_, one_set[0].element_size()),
-                        1e9 if bench.unit == "GB/s" else 1e12, first_calls_s=time.perf_counter() - start)
-
-
 def run_case(bench: KernelBench, provider: str, pass_: str, size: dict, device: torch.device,
-             dtype: torch.dtype, ceiling: float | None, *, warmup_ms: float = WARMUP_MS,
-             rep_ms: float = REP_MS) -> Record:
+             dtype: torch.dtype, *, warmup_ms: float = WARMUP_MS, rep_ms: float = REP_MS) -> Record:
     """Time one (provider, pass, size); a provider that cannot run gives a record saying why."""
-    record = Record(bench.name, provider, pass_, dict(size), unit=bench.unit)
-    try:
-        reset_peak_memory(device)
-        case = prepare_case(bench, provider, pass_, size, device, dtype)
-        timing = time_calls(case.calls, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    except Exception as error:  # recorded, never raised: one broken provider must not stop a report
-        record.status, record.note = failure_status(error)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return record
-    record.ms = timing.median_ms
-    record.value = case.figure(timing.median_ms * 1e-3)
-    record.pct_of_ceiling = 100.0 * record.value / ceiling if ceiling else None
-    record.peak_mb = peak_memory_mb(device)
-    record.extra = {"min_ms": timing.min_ms, "max_ms": timing.max_ms, "repeats": timing.repeats,
-                    "input_sets": len(case.calls), "first_calls_s": case.first_calls_s}
-    return record
+    def build() -> tuple[Callable[[], object], list[torch.Tensor]]:
+        forward = _provider(bench, provider, size, device)
+        inputs = bench.make_inputs(size, device, dtype)
+        return pass_call(forward, inputs, pass_), [t for t in inputs if t.requires_grad]
+
+    scale = 1e9 if bench.unit == "GB/s" else 1e12
+    work = bench.pass_work(size, pass_, dtype.itemsize) / scale
+    return measure_record(Record(bench.name, provider, pass_, dict(size), unit=bench.unit), build, work, device,
+                          warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 def compiled(eager: Callable[..., torch.Tensor]) -> ProviderFactory:

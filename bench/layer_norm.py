@@ -28,11 +28,9 @@ def _inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch
     return x, weight, bias
 
 
-def _bytes(size: dict, pass_: str, elem: int) -> float:
+def _bytes(size: dict, elem: int) -> tuple[float, float]:
     rows, hidden = size["rows"], size["hidden"]
-    forward = (2 * rows * hidden + 2 * hidden) * elem
-    backward = (3 * rows * hidden + 3 * hidden) * elem
-    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_]
+    return (2 * rows * hidden + 2 * hidden) * elem, (3 * rows * hidden + 3 * hidden) * elem
 
 
 BENCH = KernelBench(

@@ -1,8 +1,9 @@
 """The benchmark report: run the chosen groups, then write JSON, markdown and plots.
 
 A run measures the device's ceilings first, then every (provider, pass, size) of the chosen groups,
-each into a :class:`~bench.records.Record`. ``results.json`` keeps the raw numbers with the device,
-the versions and the command; ``results.md`` the tables; ``<kernel>.png`` speed against size.
+each into a :class:`~gptfast.bench.harness.Record`. ``results.json`` keeps the raw numbers with the
+device, the versions and the command; ``results.md`` the tables; ``<kernel>.png`` speed against size.
+The pytest suite (``pytest --benchmark``) runs the same :func:`tasks`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import platform
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,9 +25,8 @@ from tqdm import tqdm
 
 from . import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm
 from .ceilings import Ceilings, measure_ceilings
+from .harness import OK, REP_MS, UNAVAILABLE, WARMUP_MS, Record
 from .kernel_bench import PASSES, KernelBench, bench_dtype, run_case
-from .records import OK, UNAVAILABLE, Record
-from .timing import REP_MS, WARMUP_MS
 
 KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH,
                                                       cross_entropy.BENCH)}
@@ -36,7 +37,8 @@ PROVIDERS = tuple(dict.fromkeys([*end_to_end.TRAIN_PROVIDERS, *end_to_end.GENERA
 # Relative to the working directory (the repository root in a checkout), never inside an installed package.
 RESULTS_ROOT = Path("bench") / "results"
 README_START, README_END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
-SCHEMA = 1
+SCHEMA = 2  # 2: do_bench timing, each record's p20_ms, p80_ms and first_call_s
+NO_MATPLOTLIB = "no plots: the PNGs need matplotlib, in the bench extra (pip install 'gptfast-triton[bench]')"
 
 
 @dataclasses.dataclass
@@ -46,7 +48,7 @@ class Settings:
     providers: tuple[str, ...] = ()  # empty: every provider
     warmup_ms: float = WARMUP_MS
     rep_ms: float = REP_MS
-    budget_s: float | None = None  # later tasks are skipped once this many seconds have passed
+    budget_s: float | None = None  # the cases left once this many seconds of measuring have passed are skipped
 
 
 def device_info(device: torch.device) -> dict:
@@ -97,56 +99,39 @@ class Task:
         return " ".join(filter(None, (self.group, self.provider, self.pass_, _size_label(self.size))))
 
 
-def _tasks(settings: Settings, device: torch.device, ceilings: Ceilings) -> list[Task]:
-    """Every measurement the settings ask for, in order."""
-    dtype = bench_dtype(device)
-    wanted = lambda provider: not settings.providers or provider in settings.providers  # noqa: E731
-    e2e_mode = "small" if settings.sizes == "small" else "full"
-    tasks: list[Task] = []
-    for group in settings.groups:
-        if group == "train":
-            size = end_to_end.TRAIN_SIZES[e2e_mode]
-            tasks += [Task(group, p, "step", size.as_dict(), lambda p=p, z=size: end_to_end.run_train(
-                p, z, device, ceilings.matmul_tflops)) for p in end_to_end.TRAIN_PROVIDERS if wanted(p)]
-        elif group == "generate":
-            tasks += [Task(group, p, mode, size.as_dict(), lambda p=p, c=(mode == "cache"), z=size:
-                           end_to_end.run_generate(p, c, z, device))
-                      for size in end_to_end.GENERATE_SIZES[e2e_mode]
-                      for p in end_to_end.GENERATE_PROVIDERS if wanted(p) for mode in ("cache", "no cache")]
-        else:
-            bench = KERNELS[group]
-            ceiling = ceilings.copy_gbps if bench.unit == "GB/s" else ceilings.matmul_tflops
-            tasks += [Task(group, p, pass_, size, lambda b=bench, p=p, s=pass_, z=size, c=ceiling: run_case(
-                          b, p, s, z, device, dtype, c, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms))
-                      for size in unique_sizes(bench, settings.sizes)
-                      for p in filter(wanted, bench.providers) for pass_ in PASSES]
-    return tasks
-
-
-def unique_sizes(bench: KernelBench, mode: str) -> list[dict]:
-    """The sizes of all sweeps, each once (sweeps may share a point)."""
-    sizes: list[dict] = []
-    for sweep in bench.sweeps(mode):
-        sizes += [s for s in sweep.sizes if s not in sizes]
-    return sizes
-
-
-def run(settings: Settings, device: torch.device, command: str, progress: bool = True,
-        checkpoint: Path | None = None) -> dict:
-    """Measure everything ``settings`` asks for; the results as a JSON-ready dictionary.
-
-    With ``checkpoint``, the results so far are written there as JSON after every case, so a run
-    stopped from outside (a time limit) still leaves its numbers behind.
-    """
+def tasks(settings: Settings, device: torch.device) -> list[Task]:
+    """Every measurement the settings ask for, in order (unknown groups or providers refused)."""
     for kind, chosen, known in (("groups", settings.groups, GROUPS), ("providers", settings.providers, PROVIDERS)):
         if set(chosen) - set(known):
             raise ValueError(f"unknown {kind} {sorted(set(chosen) - set(known))}: choose from {', '.join(known)}")
-    start = time.perf_counter()
+    dtype, timing = bench_dtype(device), dict(warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
+    wanted = lambda provider: not settings.providers or provider in settings.providers  # noqa: E731
+    e2e_mode = "small" if settings.sizes == "small" else "full"
+    found: list[Task] = []
+    for group in settings.groups:
+        if group == "train":
+            size = end_to_end.TRAIN_SIZES[e2e_mode]
+            found += [Task(group, p, "step", size.as_dict(), lambda p=p, z=size: end_to_end.run_train(
+                           p, z, device, **timing)) for p in filter(wanted, end_to_end.TRAIN_PROVIDERS)]
+        elif group == "generate":
+            found += [Task(group, p, mode, size.as_dict(), lambda p=p, c=(mode == "cache"), z=size:
+                           end_to_end.run_generate(p, c, z, device, rep_ms=settings.rep_ms))
+                      for size in end_to_end.GENERATE_SIZES[e2e_mode]
+                      for p in filter(wanted, end_to_end.GENERATE_PROVIDERS) for mode in ("cache", "no cache")]
+        else:
+            bench = KERNELS[group]
+            found += [Task(group, p, pass_, size, lambda b=bench, p=p, s=pass_, z=size: run_case(
+                          b, p, s, z, device, dtype, **timing))
+                      for size in bench.sizes(settings.sizes) for p in filter(wanted, bench.providers)
+                      for pass_ in PASSES]
+    return found
+
+
+def begin(settings: Settings, device: torch.device, command: str) -> dict:
+    """The results of a run about to start, as a JSON-ready dictionary: the device, the versions, the
+    settings and the ceilings (measured now); no records yet."""
     ceilings = measure_ceilings(device, small=settings.sizes == "small")
-    say = tqdm.write if progress else (lambda *a, **k: None)
-    say(f"ceilings on {device_info(device)['name']}: copy {ceilings.copy_gbps:,.0f} GB/s, "
-        f"{ceilings.matmul_dtype} matmul {_fmt(ceilings.matmul_tflops)} TFLOP/s")
-    results = {
+    return {
         "schema": SCHEMA,
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "finished": False,
@@ -159,23 +144,42 @@ def run(settings: Settings, device: torch.device, command: str, progress: bool =
         "ceilings": dataclasses.asdict(ceilings),
         "records": [],
     }
-    reasons_said: set[str] = set()
-    tasks = _tasks(settings, device, ceilings)
-    for task in (bar := tqdm(tasks, desc="bench", unit="case", mininterval=2.0, disable=not progress)):
+
+
+def measure_tasks(results: dict, todo: list[Task], budget_s: float | None = None, out_dir: Path | None = None,
+                  progress: bool = True) -> None:
+    """Measure ``todo`` into ``results["records"]``; once ``budget_s`` seconds have passed, the cases
+    left are recorded as skipped. With ``out_dir``, results.json and results.md are rewritten after
+    every case, so a run stopped from outside keeps what it measured."""
+    ceilings, start, said = Ceilings(**results["ceilings"]), time.perf_counter(), set()
+    for task in (bar := tqdm(todo, desc="bench", unit="case", mininterval=2.0, disable=not progress)):
         bar.set_postfix_str(str(task)[:60])
-        if settings.budget_s is not None and time.perf_counter() - start > settings.budget_s:
+        if budget_s is not None and time.perf_counter() - start > budget_s:
             record = Record(task.group, task.provider, task.pass_, dict(task.size), status=UNAVAILABLE,
-                            note=f"skipped: the time budget of {settings.budget_s:.0f} s was spent")
+                            note=f"skipped: out of time (a budget of {budget_s:.0f} s)")
         else:
             record = task.measure()
+            record.pct_of_ceiling = ceilings.percent(record)
         results["records"].append(record.to_dict())
-        results["duration_s"] = time.perf_counter() - start
-        if checkpoint is not None:
-            _write_json(results, checkpoint)
-        key = f"{record.group} {record.provider}: {record.note}"
-        if record.status != OK and key not in reasons_said:
-            reasons_said.add(key)
-            say(f"{record.status}: {key}")
+        results["duration_s"] = time.time() - dt.datetime.fromisoformat(results["started"]).timestamp()
+        if out_dir is not None:
+            write(results, out_dir, plots=False)
+        reason = f"{record.group} {record.provider}: {record.note}"
+        if progress and record.status != OK and reason not in said:
+            said.add(reason)
+            tqdm.write(f"{record.status}: {reason}")
+
+
+def run(settings: Settings, device: torch.device, command: str, progress: bool = True,
+        out_dir: Path | None = None) -> dict:
+    """Measure everything ``settings`` asks for (see :func:`measure_tasks`); the results."""
+    todo = tasks(settings, device)
+    results = begin(settings, device, command)
+    if progress:
+        ceilings = results["ceilings"]
+        tqdm.write(f"ceilings on {results['device']['name']}: copy {ceilings['copy_gbps']:,.0f} GB/s, "
+                   f"{ceilings['matmul_dtype']} matmul {_fmt(ceilings['matmul_tflops'])} TFLOP/s")
+    measure_tasks(results, todo, settings.budget_s, out_dir, progress)
     results["finished"] = True
     return results
 
@@ -206,9 +210,7 @@ def write(results: dict, out_dir: Path, plots: bool = True) -> list[Path]:
     written = [out_dir / "results.json", out_dir / "results.md"]
     _write_json(results, written[0])
     written[1].write_text(markdown(results))
-    if plots:
-        written += plot(results, out_dir)
-    return written
+    return written + (plot(results, out_dir) if plots else [])
 
 
 def _records(results: dict) -> list[Record]:
@@ -250,51 +252,50 @@ def _header(results: dict) -> list[str]:
     ]
 
 
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table."""
+    return [f"| {' | '.join(cells)} |" for cells in (columns, ["---"] * len(columns), *rows)]
+
+
+def _key(provider: str, pass_: str, size: dict) -> tuple[str, str, str]:
+    return provider, pass_, json.dumps(size, sort_keys=True)
+
+
 def _kernel_table(bench: KernelBench, records: list[Record], sizes: list[dict]) -> list[str]:
     """Figures per size and pass, a column per provider, and ours over the baseline."""
     providers = [p for p in bench.providers if any(r.provider == p for r in records)]
-    index = {(r.provider, r.pass_, json.dumps(r.size, sort_keys=True)): r for r in records}
-    lines = [f"| size | pass | {' | '.join(providers)} | triton / {bench.baseline} |",
-             "|---" * (len(providers) + 3) + "|"]
+    index = {_key(r.provider, r.pass_, r.size): r for r in records}
+    rows = []
     for size in sizes:
         for pass_ in PASSES:
-            row = {p: index.get((p, pass_, json.dumps(size, sort_keys=True))) for p in providers}
-            if not any(row.values()):
-                continue
-            ours, base = row.get("triton"), row.get(bench.baseline)
-            ratio = (f"{ours.value / base.value:.2f}x" if ours and base and ours.status == OK
-                     and base.status == OK else "")
-            lines.append(f"| {_size_label(size)} | {pass_} | "
-                         f"{' | '.join(_cell(row[p]) for p in providers)} | {ratio} |")
-    return lines
+            row = {p: index.get(_key(p, pass_, size)) for p in providers}
+            if any(row.values()):
+                ours, base = row.get("triton"), row.get(bench.baseline)
+                both = ours and base and ours.status == OK and base.status == OK
+                rows.append([_size_label(size), pass_, *map(_cell, row.values()),
+                             f"{ours.value / base.value:.2f}x" if both else ""])
+    return _table(["size", "pass", *providers, f"triton / {bench.baseline}"], rows)
 
 
 def _memory_table(bench: KernelBench, records: list[Record], sizes: list[dict]) -> list[str]:
     """Peak device memory of forward+backward per size, a column per provider (GPU runs only)."""
-    rows = [r for r in records if r.pass_ == "forward+backward" and r.peak_mb is not None]
+    index = {_key(r.provider, r.pass_, r.size): r for r in records if r.peak_mb is not None}
+    providers = [p for p in bench.providers if any(k[:2] == (p, "forward+backward") for k in index)]
+    cells = [[index.get(_key(p, "forward+backward", size)) for p in providers] for size in sizes]
+    rows = [[_size_label(size), *(_fmt(c.peak_mb) if c else "n/a" for c in row)]
+            for size, row in zip(sizes, cells) if any(row)]
     if not rows:
         return []
-    providers = [p for p in bench.providers if any(r.provider == p for r in rows)]
-    index = {(r.provider, json.dumps(r.size, sort_keys=True)): r for r in rows}
-    lines = ["Peak memory, forward+backward (MiB, inputs included):", "",
-             f"| size | {' | '.join(providers)} |", "|---" * (len(providers) + 1) + "|"]
-    for size in sizes:
-        cells = [index.get((p, json.dumps(size, sort_keys=True))) for p in providers]
-        if any(cells):
-            lines.append(f"| {_size_label(size)} | " + " | ".join(_fmt(c.peak_mb) if c else "n/a" for c in cells) + " |")
-    return lines + [""]
+    return ["Peak memory, forward+backward (MiB, inputs included):", "", *_table(["size", *providers], rows), ""]
 
 
 def _e2e_table(records: list[Record], group: str) -> list[str]:
     """Training (with MFU and the first step's seconds) or generation rows, each against torch eager."""
     rows = [r for r in records if r.group == group]
-    if not rows:
-        return []
     train = group == "train"
-    columns = ["provider", "mode", *(() if train else ("batch",)), "tokens/s", "vs torch", *(("MFU: measured / datasheet peak",) if train else ()),
-               "peak memory",
-               *(("first step",) if train else ())]
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    columns = (["provider", "mode", "tokens/s", "vs torch", "MFU: measured / datasheet peak", "peak memory",
+                "first step"] if train else ["provider", "mode", "batch", "tokens/s", "vs torch", "peak memory"])
+    table = []
     for r in rows:
         cells = [r.provider, r.pass_, *(() if train else (str(r.size["batch"]),))]
         if r.status != OK:
@@ -308,24 +309,23 @@ def _e2e_table(records: list[Record], group: str) -> list[str]:
                 cells.append(f"{_fmt(r.pct_of_ceiling)}%" + (f" / {datasheet:.0f}%" if datasheet else ""))
             cells.append(f"{r.peak_mb / 1024:.1f} GiB" if r.peak_mb is not None else "")
             if train:
-                cells.append(f"{r.extra['first_step_s']:.1f} s")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+                cells.append(f"{r.first_call_s:.1f} s" if r.first_call_s is not None else "")  # schema 1: none
+        table.append(cells)
+    return _table(columns, table) if rows else []
 
 
 def _targets(records: list[Record]) -> list[str]:
     """The issue's training targets, met or missed, when GPT-2 124M was measured at full size."""
-    train = {r.provider: r for r in records if r.group == "train" and r.status == OK
+    train = {r.provider: r.value for r in records if r.group == "train" and r.status == OK
              and r.size == end_to_end.TRAIN_SIZES["full"].as_dict()}
-    lines = []
-    for ours, base, target in end_to_end.SPEEDUP_TARGETS:
-        if ours in train and base in train:
-            ratio = train[ours].value / train[base].value
-            lines.append(f"- {ours} / {base}: {ratio:.2f}x (target {target}x: {'met' if ratio >= target else 'missed'})")
+    verdict = lambda value, target: "met" if value >= target else "missed"  # noqa: E731
+    lines = [f"- {ours} / {base}: {train[ours] / train[base]:.2f}x (target {target}x: "
+             f"{verdict(train[ours] / train[base], target)})"
+             for ours, base, target in end_to_end.SPEEDUP_TARGETS if ours in train and base in train]
     provider, target = end_to_end.TOKENS_PER_S_TARGET
     if provider in train:
-        value = train[provider].value
-        lines.append(f"- {provider}: {_fmt(value)} tokens/s (target {target:,}: {'met' if value >= target else 'missed'})")
+        lines.append(f"- {provider}: {_fmt(train[provider])} tokens/s (target {target:,}: "
+                     f"{verdict(train[provider], target)})")
     return ["Targets:", "", *lines, ""] if lines else []
 
 
@@ -358,7 +358,7 @@ def markdown(results: dict) -> str:
     for name, bench in KERNELS.items():
         rows = [r for r in records if r.group == name]
         if rows:
-            sizes = unique_sizes(bench, results["settings"]["sizes"])
+            sizes = bench.sizes(results["settings"]["sizes"])
             lines += [f"## {name} ({bench.unit}, % of ceiling)", "", *_kernel_table(bench, rows, sizes), ""]
             lines += _memory_table(bench, rows, sizes)
     lines += _end_to_end(records, "##")
@@ -367,9 +367,13 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, out_dir: Path) -> list[Path]:
-    """One PNG per kernel: a row per sweep, a column per pass, a line per provider."""
-    import matplotlib
-
+    """One PNG per kernel: a row per sweep, a column per pass, a line per provider (none, said in one
+    line, without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(NO_MATPLOTLIB, file=sys.stderr)
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -396,8 +400,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                 ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
                 ax.minorticks_off()
                 ax.set_title(f"{name} {pass_} ({sweep.name})", fontsize=10)
-                ax.set_xlabel(sweep.x)
-                ax.set_ylabel(bench.unit)
+                ax.set(xlabel=sweep.x, ylabel=bench.unit)
                 ax.grid(True, alpha=0.3)
                 if ax.lines:
                     ax.legend(fontsize=8)
@@ -429,11 +432,10 @@ def readme_table(results: dict, source: str) -> str:
         if rows:
             ours = next((r for r in rows if r.provider == "triton"), None)
             others = ", ".join(f"{r.provider} {_cell(r)}" for r in rows if r.provider != "triton")
-            kernel_rows.append(f"| {name} ({bench.unit}) | {_size_label(bench.headline)} | {_cell(ours)} | {others} |")
+            kernel_rows.append([f"{name} ({bench.unit})", _size_label(bench.headline), _cell(ours), others])
     lines = [*_header(results), "", f"Full report: `{source}`.", ""]
     if kernel_rows:
-        lines += ["| kernel (forward+backward) | size | ours (triton) | baselines |", "|---|---|---|---|",
-                  *kernel_rows, ""]
+        lines += [*_table(["kernel (forward+backward)", "size", "ours (triton)", "baselines"], kernel_rows), ""]
     lines += _end_to_end(records, "####")
     return "\n".join(lines).rstrip()
 

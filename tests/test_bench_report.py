@@ -1,5 +1,6 @@
 """The benchmark code itself: timing, work counts, unavailable providers, and the report's files."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -12,46 +13,72 @@ import torch
 from gptfast import kernels
 from gptfast.bench import __main__ as bench_cli
 from gptfast.bench import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm, report
+from gptfast.bench.ceilings import Ceilings
+from gptfast.bench.harness import FAILED, OK, UNAVAILABLE, Record, Unavailable, failure_status, measure
 from gptfast.bench.kernel_bench import KernelBench, Sweep, eager, run_case
-from gptfast.bench.records import FAILED, OK, UNAVAILABLE, Record, failure_status
-from gptfast.bench.timing import Unavailable, input_sets, time_calls
 
 CPU = torch.device("cpu")
 FAST = dict(warmup_ms=1.0, rep_ms=5.0)
 
 
-def test_time_calls_rotates_inputs_and_takes_the_median():
-    counts = [0, 0, 0]
+def test_wall_clock_quantiles_and_gradients_cleared():
+    x = torch.ones(3, requires_grad=True)
+    grads_seen = []
 
-    def make(i):
-        def call():
-            counts[i] += 1
-        return call
+    def call():
+        grads_seen.append(x.grad is None)
+        (2 * x).sum().backward()
 
-    timing = time_calls([make(i) for i in range(3)], CPU, warmup_ms=0.0, rep_ms=1.0, min_repeats=7)
-    assert all(c >= 2 for c in counts)  # each input set warmed up once, then timed in rotation
-    assert timing.repeats >= 7 and 0 < timing.min_ms <= timing.median_ms <= timing.max_ms
-    with pytest.raises(ValueError, match="at least one"):
-        time_calls([], CPU)
+    median, p20, p80 = measure(call, CPU, warmup_ms=0.0, rep_ms=0.0)
+    assert 0 < p20 <= median <= p80
+    assert grads_seen == [True, False, False]  # no warm-up asked, three timed calls that accumulate
+
+    grads_seen.clear()
+    measure(call, CPU, warmup_ms=0.0, rep_ms=0.0, grad_to_none=[x])
+    assert grads_seen == [True] * 3  # each timed call starts from no gradient
+    assert torch.equal(x.grad, torch.full((3,), 2.0))  # the last call's alone
+    measure(call, CPU, warmup_ms=30.0, rep_ms=20.0)
+    assert len(grads_seen) > 3 + 3  # warm-up calls, then timed ones
 
 
-def test_one_input_set_on_the_cpu():
-    assert input_sets(10, CPU) == 1
+def test_cuda_goes_through_do_bench(monkeypatch):
+    import triton.testing
+
+    seen = {}
+
+    def do_bench(fn, warmup, rep, grad_to_none, quantiles):
+        seen.update(warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=quantiles)
+        return [2.0, 1.0, 3.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    x = torch.ones(1, requires_grad=True)
+    assert measure(lambda: None, torch.device("cuda"), warmup_ms=5.0, rep_ms=7.0, grad_to_none=[x]) == [2.0, 1.0, 3.0]
+    assert seen == dict(warmup=5.0, rep=7.0, grad_to_none=[x], quantiles=[0.5, 0.2, 0.8])
 
 
 def test_work_counts():
     size = dict(rows=10, hidden=7)
-    assert layer_norm.BENCH.work(size, "forward", 2) == (2 * 70 + 14) * 2
-    assert layer_norm.BENCH.work(size, "forward+backward", 2) == (2 * 70 + 14 + 3 * 70 + 21) * 2
-    assert bias_gelu.BENCH.work(size, "backward", 4) == (3 * 70 + 14) * 4
+    assert layer_norm.BENCH.pass_work(size, "forward", 2) == (2 * 70 + 14) * 2
+    assert layer_norm.BENCH.pass_work(size, "forward+backward", 2) == (2 * 70 + 14 + 3 * 70 + 21) * 2
+    assert bias_gelu.BENCH.pass_work(size, "backward", 4) == (3 * 70 + 14) * 4
     logits = dict(rows=10, vocab=7)
-    assert cross_entropy.BENCH.work(logits, "forward+backward", 2) == 3 * 70 * 2 + 2 * 10 * 8
+    assert cross_entropy.BENCH.pass_work(logits, "forward+backward", 2) == 3 * 70 * 2 + 2 * 10 * 8
     attention = dict(batch=2, heads=3, seq=5, head_dim=8)
     forward = 4 * 2 * 3 * 25 * 8 / 2
-    assert flash_attention.BENCH.work(attention, "forward", 2) == forward
-    assert flash_attention.BENCH.work(attention, "forward+backward", 2) == 3.5 * forward
+    assert flash_attention.BENCH.pass_work(attention, "forward", 2) == forward
+    assert flash_attention.BENCH.pass_work(attention, "forward+backward", 2) == 3.5 * forward
     for bench in report.KERNELS.values():  # the headline size is one of the full sweep's sizes
-        assert bench.headline in report.unique_sizes(bench, "full")
+        assert bench.headline in bench.sizes("full")
+
+
+def test_percent_of_ceiling():
+    ceilings = Ceilings(copy_gbps=200.0, matmul_tflops=50.0, copy_bytes=1, matmul_size=1, matmul_dtype="float32")
+    assert ceilings.percent(Record("layer_norm", "triton", "forward", {}, value=50.0, unit="GB/s")) == 25.0
+    assert ceilings.percent(Record("flash_attention", "triton", "forward", {}, value=10.0, unit="TFLOP/s")) == 20.0
+    train = Record("train", "triton", "step", {}, value=1e5, unit="tokens/s", extra={"model_tflops": 5.0})
+    assert ceilings.percent(train) == 10.0  # the MFU
+    assert ceilings.percent(Record("generate", "triton", "cache", {}, value=1e3, unit="tokens/s")) is None
+    assert ceilings.percent(Record("layer_norm", "liger", "forward", {}, status=UNAVAILABLE, unit="GB/s")) is None
 
 
 def _bench(providers: dict) -> KernelBench:
@@ -60,7 +87,7 @@ def _bench(providers: dict) -> KernelBench:
         providers=providers,
         make_inputs=lambda size, device, dtype: (torch.randn(size["n"], device=device, dtype=dtype,
                                                              requires_grad=True),),
-        work=lambda size, pass_, elem: 2.0 * size["n"] * elem)
+        work=lambda size, elem: (2.0 * size["n"] * elem, 3.0 * size["n"] * elem))
 
 
 def _refuse(message):
@@ -87,22 +114,23 @@ def _refused_by_the_switch(x):
 @pytest.mark.parametrize("pass_", ["forward", "backward", "forward+backward"])
 def test_run_case_measures_every_pass(pass_):
     record = run_case(_bench({"torch": eager(lambda x: 2 * x)}), "torch", pass_, dict(n=1000), CPU,
-                      torch.float32, ceiling=10.0, **FAST)
+                      torch.float32, **FAST)
     assert record.status == OK, record.note
-    assert record.value > 0 and math.isclose(record.value, 2 * 1000 * 4 / (record.ms * 1e-3) / 1e9)
-    assert math.isclose(record.pct_of_ceiling, 10 * record.value)
-    assert record.extra["repeats"] >= 3
+    work = {"forward": 2, "backward": 3, "forward+backward": 5}[pass_] * 1000 * 4
+    assert record.value > 0 and math.isclose(record.value, work / (record.ms * 1e-3) / 1e9)
+    assert 0 < record.p20_ms <= record.ms <= record.p80_ms and record.first_call_s > 0
+    assert record.peak_mb is None  # peak memory is a CUDA figure
 
 
 def test_run_case_records_what_cannot_run(monkeypatch):
     monkeypatch.setitem(kernels.backend._CHECKS, _bench_test_op, lambda x: "no kernel takes this")
     bench = _bench({"missing": _refuse("no such library"), "buggy": eager(_broken),
                     "refused": eager(_refused_by_the_switch)})
-    missing = run_case(bench, "missing", "forward", dict(n=1000), CPU, torch.float32, None, **FAST)
+    missing = run_case(bench, "missing", "forward", dict(n=1000), CPU, torch.float32, **FAST)
     assert (missing.status, missing.note, missing.value) == (UNAVAILABLE, "no such library", None)
-    buggy = run_case(bench, "buggy", "backward", dict(n=1000), CPU, torch.float32, None, **FAST)
+    buggy = run_case(bench, "buggy", "backward", dict(n=1000), CPU, torch.float32, **FAST)
     assert buggy.status == FAILED and buggy.note == "ZeroDivisionError: a bug"
-    refused = run_case(bench, "refused", "forward+backward", dict(n=1000), CPU, torch.float32, None, **FAST)
+    refused = run_case(bench, "refused", "forward+backward", dict(n=1000), CPU, torch.float32, **FAST)
     assert refused.status == UNAVAILABLE and "bench_test_op: the 'triton' backend cannot run" in refused.note
 
 
@@ -117,6 +145,8 @@ def test_run_results(results):
     assert results["ceilings"]["copy_gbps"] > 0 and results["ceilings"]["matmul_tflops"] > 0
     records = results["records"]
     assert {(r["provider"], r["status"]) for r in records} == {("torch", OK), ("liger", UNAVAILABLE)}
+    measured = [r for r in records if r["status"] == OK]
+    assert all(0 < r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["pct_of_ceiling"] > 0 for r in measured)
     assert len(records) == 2 * 2 * 3  # providers x small sizes x passes
     json.dumps(results)  # JSON-ready as it is
 
@@ -132,10 +162,20 @@ def test_write_report_files(results, tmp_path):
     assert (tmp_path / "layer_norm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_without_matplotlib_the_tables_are_still_written(results, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now fails, as when it is missing
+    paths = report.write(results, tmp_path)
+    assert sorted(p.name for p in paths) == ["results.json", "results.md"]
+    assert (tmp_path / "results.md").read_text().startswith("# Benchmark results")
+    assert not list(tmp_path.glob("*.png"))
+    said = capsys.readouterr().err.splitlines()
+    assert said == [report.NO_MATPLOTLIB] and "pip install 'gptfast-triton[bench]'" in said[0]
+
+
 def test_budget_skips_the_rest():
     settings = report.Settings(groups=("bias_gelu",), sizes="small", providers=("torch",), budget_s=0.0, **FAST)
     results = report.run(settings, CPU, command="", progress=False)
-    assert results["records"] and all(r["status"] == UNAVAILABLE and "time budget" in r["note"]
+    assert results["records"] and all(r["status"] == UNAVAILABLE and "skipped: out of time" in r["note"]
                                       for r in results["records"])
 
 
@@ -152,14 +192,21 @@ def test_results_dir_and_latest(results, tmp_path):
     assert report.latest_results(tmp_path) == tmp_path / "gpu-late" / "results.json"
 
 
-def test_checkpoint_after_every_case(tmp_path):
-    checkpoint = tmp_path / "run" / "results.json"
+def test_results_written_after_every_case(tmp_path):
+    """A run stopped from outside (here at its third case) leaves readable results.json and results.md."""
     settings = report.Settings(groups=("bias_gelu",), sizes="small", providers=("torch",), **FAST)
-    results = report.run(settings, CPU, command="", progress=False, checkpoint=checkpoint)
-    saved = json.loads(checkpoint.read_text())
-    assert results["finished"] and not saved["finished"]  # written before the run was done
-    assert saved["records"] == results["records"]
-    assert "partial results" in report.markdown(saved)
+    todo = report.tasks(settings, CPU)
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    todo[2] = dataclasses.replace(todo[2], measure=stopped)
+    results = report.begin(settings, CPU, command="")
+    with pytest.raises(KeyboardInterrupt):
+        report.measure_tasks(results, todo, out_dir=tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert not saved["finished"] and len(saved["records"]) == 2 and saved["records"] == results["records"]
+    assert "partial results" in (tmp_path / "run" / "results.md").read_text()
 
 
 def test_update_readme_between_markers(results, tmp_path):
@@ -210,8 +257,8 @@ def test_readme_summary_and_targets(results):
     """Synthetic full-size records: the headline kernel row, the training table and the targets."""
     full = end_to_end.TRAIN_SIZES["full"].as_dict()
     tokens = {"triton": 300_000, "torch": 180_000, "triton+compile": 480_000, "torch+compile": 290_000}
-    records = [Record("train", p, "step", full, value=v, unit="tokens/s", pct_of_ceiling=40.0,
-                      extra={"first_step_s": 2.0}) for p, v in tokens.items()]
+    records = [Record("train", p, "step", full, value=v, unit="tokens/s", pct_of_ceiling=40.0, first_call_s=2.0)
+               for p, v in tokens.items()]
     headline = layer_norm.BENCH.headline
     records += [Record("layer_norm", "triton", "forward+backward", headline, value=2400.0, pct_of_ceiling=80.0),
                 Record("layer_norm", "torch", "forward+backward", headline, value=1200.0, pct_of_ceiling=40.0),
@@ -228,7 +275,7 @@ def test_readme_summary_and_targets(results):
 def test_plain_pytest_skips_the_benchmark_suite():
     suite = Path(__file__).with_name("test_benchmarks.py")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(suite),
-                          "-k", "train_step"], capture_output=True, text=True, cwd=suite.parents[1])
+                          "-k", "train"], capture_output=True, text=True, cwd=suite.parents[1])
     assert run.returncode == 0, run.stdout + run.stderr
     assert "4 skipped" in run.stdout and "run it with pytest --benchmark" in run.stdout
 
