@@ -5,13 +5,20 @@ A launcher allocates its outputs, launches its kernels through :func:`launch` an
 outputs. :func:`kernel_op` registers it as ``gptfast::<name>`` and derives the fake implementation
 (the output shapes and dtypes ``torch.compile`` traces with) by running the same launcher on fake
 tensors with the launches skipped: the allocation is written once, in the launcher.
+
+Two hooks serve the kernel lab (``gptfast.lab``), which the kernels know nothing of:
+:func:`capture_launches` records launches instead of running them, and :func:`targeting` makes the
+launchers size grids (:func:`sm_count`) and pick configurations (:func:`target_gpu`) for a GPU that
+need not be there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,6 +39,7 @@ jit = triton.jit if HAS_TRITON else (lambda fn: fn)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _fake = threading.local()  # .active: the launcher is running as a fake implementation
+_lab = threading.local()  # .launches: the list capture_launches records into; .gpu: the targeted GPU
 
 
 def tracing() -> bool:
@@ -39,10 +47,62 @@ def tracing() -> bool:
     return getattr(_fake, "active", False)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher asked for it: ``kernel[grid](*args, **meta)``."""
+
+    kernel: Callable
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU to choose launch configurations for without having one (the kernel lab's ``--arch``):
+    compute capability ``arch`` (90 for 9.0), streaming multiprocessors, and the shared memory one
+    block may use (the opt-in maximum, bytes)."""
+
+    arch: int
+    sm_count: int
+    shared_memory: int
+
+
 def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)``, skipped while the launcher runs as a fake implementation."""
-    if not tracing():
+    """``kernel[grid](*args, **meta)``; recorded instead inside :func:`capture_launches`, skipped
+    while the launcher runs as a fake implementation."""
+    captured = getattr(_lab, "launches", None)
+    if captured is not None:
+        captured.append(Launch(kernel, tuple(grid), args, meta))
+    elif not tracing():
         kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[Launch]]:
+    """Within the block launches are not run but recorded, in order, in the list it yields. Run a
+    launcher on tensors of device "meta" inside it to see exactly what it would launch."""
+    previous, _lab.launches = getattr(_lab, "launches", None), []
+    try:
+        yield _lab.launches
+    finally:
+        _lab.launches = previous
+
+
+@contextlib.contextmanager
+def targeting(gpu: GPU) -> Iterator[GPU]:
+    """Within the block launchers choose grids and configurations for ``gpu``, whatever the tensors'
+    device (:func:`target_gpu`, :func:`sm_count`)."""
+    previous, _lab.gpu = getattr(_lab, "gpu", None), gpu
+    try:
+        yield gpu
+    finally:
+        _lab.gpu = previous
+
+
+def target_gpu() -> GPU | None:
+    """The GPU set by :func:`targeting`, or None: then launchers configure for the tensors' device."""
+    return getattr(_lab, "gpu", None)
 
 
 def kernel_op(name: str) -> Callable[[Callable], torch.library.CustomOpDef]:
@@ -73,10 +133,15 @@ def dtype_problem(tensors: dict[str, torch.Tensor | None], dtypes: tuple = KERNE
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 4 under the interpreter, so that grids sized by it
-    still have several programs to combine."""
+    """Streaming multiprocessors of a CUDA device, or of the :func:`targeting` GPU; 4 under the
+    interpreter, so that grids sized by it still have several programs to combine."""
+    gpu = target_gpu()
+    return gpu.sm_count if gpu is not None else _device_sm_count(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4

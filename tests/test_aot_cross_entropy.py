@@ -3,74 +3,71 @@
 Every chunk size the launchers may pick must compile without register spills and within the
 target's shared memory. GPT-2's 16-bit logits (rows of 50,304 padded columns holding 50,257
 classes) must be read with 128-bit loads and their gradient written with 128-bit stores: whole
-chunks are accessed unmasked for that, since the class count is odd. Compilation runs in one
-subprocess without ``TRITON_INTERPRET`` (see ``aot.py``).
+chunks are accessed unmasked for that, since the class count is odd. The launches are the
+launchers' own, captured and compiled by the kernel lab (``gptfast.lab``).
 """
 
 import importlib
 
-import aot
 import pytest
+
+from gptfast import lab
+from gptfast.lab import sass
 
 cross_entropy = importlib.import_module("gptfast.kernels.cross_entropy")
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 ARCHS = (80, 90)
-KERNELS = ("_cross_entropy_fwd", "_cross_entropy_bwd")
-POINTER_TYPES = {"targets_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "dloss_ptr": "*fp32"}
+KERNELS = ("cross_entropy_fwd", "cross_entropy_bwd")
+GPT2 = (16384, 50304, 50257)  # rows, padded columns, classes
 
 
-def build(kernel: str, config: tuple[int, int], dtype: str, arch: int, aligned: bool) -> aot.Build:
-    """The aot.Build of ``kernel`` at (BLOCK_V, num_warps) for logits of ``dtype``. ``aligned``: the
-    pointers and row strides are multiples of 16, as for GPT-2's padded vocabulary; the class count
-    never is (50,257)."""
-    block_v, num_warps = config
-    signature = {}
-    for arg in getattr(cross_entropy, kernel).arg_names:
-        if arg.endswith("_ptr"):
-            signature[arg] = POINTER_TYPES.get(arg, f"*{dtype}")
-        else:
-            signature[arg] = "constexpr" if arg.isupper() else "i32"
-    hinted = tuple(a for a in signature if a.endswith("_ptr") or a.startswith("stride"))
-    return aot.Build(cross_entropy.__name__, kernel, signature, constexprs={"BLOCK_V": block_v},
-                     aligned=hinted if aligned else (), num_warps=num_warps, arch=arch)
+def request(shape: tuple, dtype: str, arch: int, aligned: bool) -> lab.Request:
+    """The op at ``shape``; not ``aligned``: an odd row stride, so Triton cannot assume aligned rows
+    (the class count never is: 50,257)."""
+    options = {} if aligned else {"row_stride": shape[1] + 1}
+    return lab.Request(lab.get_op("cross_entropy"), shape, dtype,
+                       lab.ARCHITECTURES[arch], {}, options)
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[str, list[aot.KernelStats]]:
-    """All builds of this file, compiled in one subprocess, by group."""
-    gpt2 = cross_entropy._block_config(50257)
+def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
+    """All launches of this file, compiled in one batch, by group: (inspect's kernel report, compiled)."""
+    chunk_sizes = range(4, cross_entropy._MAX_BLOCK_V.bit_length())  # rows of 2**k give every config
     groups = {
-        "every": [build(k, c, "bf16", arch, False) for k in KERNELS
-                  for c in cross_entropy._kernel_configs() for arch in ARCHS],
-        "gpt2": [build(k, gpt2, dtype, arch, True) for k in KERNELS for dtype in ("bf16", "fp16") for arch in ARCHS],
-        "unhinted": [build("_cross_entropy_fwd", gpt2, "bf16", 90, False)],
+        "every": [request((8, 2**k), "bf16", arch, False) for k in chunk_sizes for arch in ARCHS],
+        "gpt2": [request(GPT2, dtype, arch, True) for dtype in ("bf16", "fp16") for arch in ARCHS],
+        "unhinted": [request(GPT2, "bf16", 90, False)],
     }
-    stats = iter(aot.compile_kernels([b for builds in groups.values() for b in builds]))
-    return {name: [next(stats) for _ in builds] for name, builds in groups.items()}
+    results = iter(lab.inspect_many([r for requests in groups.values() for r in requests]))
+    out = {}
+    for name, requests in groups.items():
+        out[name] = [pair for _ in requests for report, done in [next(results)] for pair in zip(report["kernels"], done)]
+    return out
 
 
 def test_every_config_compiles_without_spills_within_shared_memory(compiled):
     every = compiled["every"]
     assert len(every) == len(KERNELS) * len(cross_entropy._kernel_configs()) * len(ARCHS)
-    spilling = [str(s) for s in every if s.spill_bytes > 0]
+    assert {(k["config"]["BLOCK_V"], k["config"]["num_warps"]) for k, _ in every} == set(cross_entropy._kernel_configs())
+    spilling = [str(c) for _, c in every if c.spill_bytes > 0]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
-    over = [str(s) for s in every if s.shared > s.shared_limit]
+    over = [str(c) for _, c in every if c.shared > lab.ARCHITECTURES[c.build.arch].shared_per_block]
     assert not over, "shared memory over the limit:\n" + "\n".join(over)
 
 
 def test_16_bit_logits_use_128_bit_loads_and_stores(compiled):
-    for stats in compiled["gpt2"]:
-        block_v, num_warps = stats.build.constexprs["BLOCK_V"], stats.build.num_warps
+    for kernel, c in compiled["gpt2"]:
+        block_v, num_warps = kernel["config"]["BLOCK_V"], kernel["config"]["num_warps"]
         per_chunk = block_v // (32 * num_warps) // 8  # 128-bit accesses per thread for one whole chunk
-        loads = aot.global_load_bits(stats.ptx)
-        assert loads[128] >= per_chunk > 0, f"{stats}: global loads by width {dict(loads)}"
-        if stats.build.kernel == "_cross_entropy_bwd":  # the gradient is written as wide as it is read
-            stores = aot.global_store_bits(stats.ptx)
-            assert stores[128] >= per_chunk, f"{stats}: global stores by width {dict(stores)}"
+        loads = sass.global_load_bits(c.asm["ptx"])
+        assert loads[128] >= per_chunk > 0, f"{c}: global loads by width {dict(loads)}"
+        if kernel["name"] == "cross_entropy_bwd":  # the gradient is written as wide as it is read
+            stores = sass.global_store_bits(c.asm["ptx"])
+            assert stores[128] >= per_chunk, f"{c}: global stores by width {dict(stores)}"
 
 
 def test_load_width_check_can_fail(compiled):
-    """Without the stride hints Triton must assume odd row starts: no 128-bit loads."""
-    (stats,) = compiled["unhinted"]
-    assert aot.global_load_bits(stats.ptx)[128] == 0
+    """With an odd row stride Triton must assume odd row starts: no 128-bit loads."""
+    ((_, c),) = [pair for pair in compiled["unhinted"] if pair[0]["name"] == "cross_entropy_fwd"]
+    assert sass.global_load_bits(c.asm["ptx"])[128] == 0

@@ -1,0 +1,240 @@
+"""``lab inspect`` and ``lab dump``: every kernel an op launches, compiled for a GPU it need not have.
+
+The numbers per kernel: what the compiler reports (registers, spills, shared memory, ptxas's notes),
+what the SASS shows (matrix instructions, access widths, the main loop: see ``sass``), occupancy
+(``targets.occupancy``), and four static floors at the shape, each an estimate, never a measurement:
+
+* memory: every tensor argument read or written once, at the bandwidth (``--bandwidth``);
+* issue: warp-instructions (main loop x its iterations, the rest of the program once per program)
+  over the SMs the grid can occupy, 4 schedulers each issuing one per clock at the boost clock;
+* mufu: the special-function unit's operations (ex2, rcp, rsqrt...) counted the same way, at 16 per
+  clock per SM;
+* tensor_core: the matrix products' FLOPs (attention: per score tile, ``ops.KernelModel.matmuls``
+  products with the head dim) at the dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptfast.kernels import common
+
+from . import sass
+from .compiler import Build, Compiled, LabError, compile_builds
+from .ops import Op, configured, get_op, kernel_name
+from .targets import Architecture
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One op at one shape, dtype, architecture and configuration."""
+
+    op: Op
+    shape: tuple[int, ...]
+    dtype: str
+    arch: Architecture
+    overrides: dict  # --config: {kernel: {field: value}}
+    options: dict  # variants: weight/bias present, dropout_p, causal, row_stride...
+    bandwidth: float | None = None  # bytes/s; None: the architecture's default
+
+
+def parse_dtype(text: str) -> str:
+    if text not in DTYPES:
+        raise LabError(f"unknown dtype {text!r}: choose one of {', '.join(DTYPES)}")
+    return text
+
+
+def capture(request: Request) -> list[tuple[str, common.Launch]]:
+    """(phase, launch) for every launch of the op's forward then backward launcher, as they would
+    run on ``request.arch``."""
+    import contextlib
+
+    records: list[tuple[str, common.Launch]] = []
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        with configured(request.op, request.overrides, name), common.capture_launches() as launches:
+            yield
+        records.extend((name, launch) for launch in launches)
+
+    with common.targeting(request.arch.gpu()):
+        try:
+            request.op.run(request.shape, DTYPES[request.dtype], request.options, phase)
+        except (ValueError, RuntimeError, TypeError) as error:
+            raise LabError(f"{request.op.name} {','.join(map(str, request.shape))} {request.dtype}: "
+                           f"{str(error).splitlines()[0]}") from error
+    ignored = [launch for _, launch in records if _looks_untargeted(request.op, launch)]
+    if ignored:
+        raise LabError(f"{request.op.name}'s launcher ignores common.target_gpu(): it configured "
+                       f"{kernel_name(ignored[0].kernel)} for the interpreter, not for sm_{request.arch.arch}")
+    return records
+
+
+def _looks_untargeted(op: Op, launch: common.Launch) -> bool:
+    """flash_attention's configurations come from a table per GPU; a launcher that ignores the target
+    gives a "meta" tensor the interpreter's small tiles (INTERPRETER_CONFIGS)."""
+    interpreter = getattr(op.module, "INTERPRETER_CONFIGS", None)
+    if interpreter is None or kernel_name(launch.kernel) != "attention_fwd":
+        return False
+    f = interpreter.forward
+    return tuple(launch.meta.get(k) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")) == (
+        f.block_m, f.block_n, f.num_warps, f.num_stages)
+
+
+def _named_args(launch: common.Launch) -> dict:
+    names = list(getattr(launch.kernel, "arg_names", []))
+    return {**dict(zip(names, launch.args)), **launch.meta}
+
+
+def _bytes(launch: common.Launch) -> int:
+    return sum(a.numel() * a.element_size() for a in launch.args if isinstance(a, torch.Tensor))
+
+
+def _config(launch: common.Launch, compiled: Compiled) -> dict:
+    blocks = {k: v for k, v in launch.meta.items() if k.startswith("BLOCK")}
+    return {**blocks, **{k: compiled.options.get(k) for k in ("num_warps", "num_stages", "maxnreg")}}
+
+
+def _widths(counter: Counter) -> dict[str, int]:
+    return {str(bits): n for bits, n in sorted(counter.items())}
+
+
+def kernel_report(request: Request, phase: str, launch: common.Launch, compiled: Compiled) -> dict:
+    """The inspect fields of one kernel (see the module docstring for the estimates)."""
+    arch, name = request.arch, kernel_name(launch.kernel)
+    model = request.op.models.get(name)
+    args = _named_args(launch)
+    warps = compiled.options["num_warps"]
+    programs = math.prod(launch.grid)
+    code = sass.instructions(compiled.asm["sass"])
+    whole = sass.count(code)
+    loop, loops = sass.main_loop(code)
+    body = sass.count(code[loop.start:loop.end + 1]) if loop else whole
+    if model and model.iterations and loop:
+        iterations = model.iterations(args, launch.grid)
+    else:  # no loop: the main loop is the whole program
+        iterations, body = programs, whole
+    elements = (model.elements(args) if model and model.elements
+                else math.prod(v for k, v in launch.meta.items() if k.startswith("BLOCK")))
+    rest_instructions = whole.instructions - body.instructions if body is not whole else 0
+    rest_mufu = whole.mufu - body.mufu if body is not whole else 0
+    occupancy = _occupancy(arch, warps, compiled)
+    sms = min(arch.sm_count, programs)
+    warp_instructions = (iterations * body.instructions + programs * rest_instructions) * warps
+    mufu_ops = (iterations * body.mufu + programs * rest_mufu) * warps * 32
+    flops = 2 * (model.matmuls if model else 0) * elements * args.get("HEAD_DIM_PAD", 0) * iterations
+    bandwidth = request.bandwidth or arch.bandwidth
+    estimate = {"memory": _bytes(launch) / bandwidth * 1e6,
+                "issue": warp_instructions / (sms * arch.schedulers * arch.clock_hz) * 1e6,
+                "mufu": mufu_ops / (sms * arch.mufu_per_clock * arch.clock_hz) * 1e6,
+                "tensor_core": flops / (arch.bf16_dense_flops * sms / arch.sm_count) * 1e6}
+    notes = sass.serialized_mma(compiled.ptxas_log)
+    return {
+        "name": name, "phase": phase, "config": _config(launch, compiled),
+        "registers": compiled.registers, "spill_bytes": compiled.spill_bytes, "shared_memory": compiled.shared,
+        "ctas_per_sm": occupancy.ctas_per_sm, "warps_per_sm": occupancy.warps_per_sm,
+        "occupancy_limit": occupancy.limit, "programs": programs, "grid": list(launch.grid),
+        "sm_count": arch.sm_count, "waves": programs / max(1, occupancy.ctas_per_sm * arch.sm_count),
+        "hgmma": whole.hgmma, "hmma": whole.hmma, "serialized_mma": bool(notes), "serialized_notes": notes,
+        "load_bits": _widths(body.load_bits), "store_bits": _widths(body.store_bits),
+        "tma": whole.tma_loads > 0 or "cp.async.bulk.tensor" in compiled.asm["ptx"],
+        "cp_async": whole.async_copies > 0,
+        "main_loop": loop is not None and body is not whole,
+        "main_loop_instructions": body.instructions * warps,
+        "loop_instructions_per_warp": [sass.count(code[lp.start:lp.end + 1]).instructions for lp in loops],
+        "warpgroup_waits": body.warpgroup_waits,
+        "elements_per_iteration": elements, "iterations": iterations,
+        "mufu_per_element": body.mufu * warps * 32 / elements,
+        "bytes": _bytes(launch), "flops": flops,
+        "signature": compiled.signature, "hinted": compiled.hinted,
+        "estimate_us": estimate, "bound": max(estimate, key=estimate.get),
+    }
+
+
+def _occupancy(arch: Architecture, warps: int, compiled: Compiled):
+    from .targets import occupancy
+
+    return occupancy(arch, warps, compiled.registers, compiled.shared)
+
+
+def inspect_many(requests: list[Request], workers: int | None = None) -> list[tuple[dict, list[Compiled]]]:
+    """:func:`inspect` of several requests, compiled together (one Triton start per worker)."""
+    captured = [capture(r) for r in requests]
+    builds = [Build.of(launch, r.arch.arch) for r, records in zip(requests, captured) for _, launch in records]
+    compiled = iter(compile_builds(builds, workers))
+    results = []
+    for request, records in zip(requests, captured):
+        done = [next(compiled) for _ in records]
+        kernels = [kernel_report(request, phase, launch, c) for (phase, launch), c in zip(records, done)]
+        results.append(({"op": request.op.name, "arch": f"sm_{request.arch.arch}", "dtype": request.dtype,
+                         "shape": list(request.shape), "triton_version": triton_version(),
+                         "bandwidth": request.bandwidth or request.arch.bandwidth, "kernels": kernels}, done))
+    return results
+
+
+def inspect(request: Request) -> dict:
+    """The ``lab inspect --json`` document of one request."""
+    return inspect_many([request])[0][0]
+
+
+def dump(request: Request, out: Path) -> list[Path]:
+    """Write each kernel's TTIR, TTGIR, PTX, SASS and ptxas log under ``out``; the files written."""
+    report, compiled = inspect_many([request])[0]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kernel, c in zip(report["kernels"], compiled):
+        stem = f"{kernel['phase']}.{kernel['name']}"
+        for ext, text in (*c.asm.items(), ("ptxas.log", c.ptxas_log)):
+            path = out / f"{stem}.{ext}"
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def triton_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("triton")
+
+
+def format_report(report: dict) -> str:
+    """The human-readable table of one inspect report."""
+    head = (f"{report['op']} {report['dtype']} shape {','.join(map(str, report['shape']))} on {report['arch']} "
+            f"({report['kernels'][0]['sm_count'] if report['kernels'] else '?'} SMs), Triton {report['triton_version']}")
+    columns = ("kernel", "config", "regs", "spill", "smem", "CTA/SM", "warp/SM", "limit", "programs", "mma",
+               "serial", "loads", "stores", "tma", "loop", "elem/it", "mufu/el")
+    rows = [columns]
+    for k in report["kernels"]:
+        config = " ".join(f"{key.removeprefix('BLOCK_')}={v}" if key.startswith("BLOCK") else f"{key[4:] or key}={v}"
+                          for key, v in k["config"].items() if v is not None)
+        mma = f"HGMMA {k['hgmma']}" if k["hgmma"] else (f"HMMA {k['hmma']}" if k["hmma"] else "-")
+        rows.append((k["name"], config, k["registers"], k["spill_bytes"], k["shared_memory"], k["ctas_per_sm"],
+                     k["warps_per_sm"], k["occupancy_limit"], k["programs"], mma, "YES" if k["serialized_mma"] else "no",
+                     _bits(k["load_bits"]), _bits(k["store_bits"]),
+                     "TMA" if k["tma"] else ("cp.async" if k["cp_async"] else "-"),
+                     k["main_loop_instructions"], k["elements_per_iteration"], f"{k['mufu_per_element']:.2f}"))
+    lines = [head, *_table(rows), "",
+             f"Static estimates (not measurements), microseconds, at {report['bandwidth'] / 1e12:.2f} TB/s:"]
+    rows = [("kernel", "memory", "issue", "mufu", "tensor core", "bound by")]
+    for k in report["kernels"]:
+        e = k["estimate_us"]
+        rows.append((k["name"], *(f"{e[key]:.1f}" for key in ("memory", "issue", "mufu", "tensor_core")), k["bound"]))
+    lines += _table(rows)
+    lines.append("loop: SASS instructions of the main loop per iteration x warps; elem/it: elements per iteration")
+    return "\n".join(lines)
+
+
+def _bits(widths: dict) -> str:
+    return "+".join(f"{n}x{bits}" for bits, n in widths.items()) or "-"
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -1,0 +1,60 @@
+"""The committed baseline of main-loop lengths (``tests/lab_baseline.json``), per Triton version.
+
+Each entry is ``main_loop_instructions`` of one kernel at one configuration: every op at its GPT-2
+shape in bf16, on sm_80 and sm_90. A change that makes any of them more than 3% longer, or adds a
+kernel or configuration the baseline lacks, fails ``tests/test_lab.py`` until the baseline is
+regenerated (``python -m gptfast.lab baseline --write``) and the growth is reviewed with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .analysis import Request, inspect_many, triton_version
+from .compiler import REPO_ROOT
+from .ops import OPS
+from .targets import ARCHITECTURES
+
+BASELINE_FILE = REPO_ROOT / "tests" / "lab_baseline.json"
+BASELINE_ARCHS = (80, 90)
+TOLERANCE = 0.03
+
+
+def baseline_requests() -> list[Request]:
+    return [Request(op, op.default_shape, "bf16", ARCHITECTURES[arch], {}, {})
+            for op in OPS.values() for arch in BASELINE_ARCHS]
+
+
+def entry_key(report: dict, kernel: dict) -> str:
+    config = ",".join(f"{k}={v}" for k, v in kernel["config"].items() if v is not None)
+    return f"{report['op']} {report['arch']} {kernel['name']} {config}"
+
+
+def current(reports: list[dict] | None = None) -> dict[str, int]:
+    """{entry: main_loop_instructions} of the baseline's requests, compiled now."""
+    reports = reports if reports is not None else [r for r, _ in inspect_many(baseline_requests())]
+    return {entry_key(r, k): k["main_loop_instructions"] for r in reports for k in r["kernels"]}
+
+
+def load(path: Path = BASELINE_FILE) -> dict[str, dict[str, int]]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def regressions(now: dict[str, int], recorded: dict[str, int], tolerance: float = TOLERANCE) -> list[str]:
+    """Entries more than ``tolerance`` longer than recorded, or not recorded at all."""
+    problems = []
+    for key, n in sorted(now.items()):
+        if key not in recorded:
+            problems.append(f"{key}: {n} instructions, not in the baseline")
+        elif n > recorded[key] * (1 + tolerance):
+            problems.append(f"{key}: {n} instructions, {n / recorded[key] - 1:+.1%} over the baseline's {recorded[key]}")
+    return problems
+
+
+def write(path: Path = BASELINE_FILE) -> dict[str, int]:
+    """Record the current lengths for this Triton version (other versions' entries are kept)."""
+    everything = load(path)
+    everything[triton_version()] = current()
+    path.write_text(json.dumps(everything, indent=1, sort_keys=True) + "\n")
+    return everything[triton_version()]

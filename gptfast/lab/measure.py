@@ -1,0 +1,82 @@
+"""``lab bench`` and ``lab tune``: measurements, on a GPU only (the CLI refuses without one).
+
+bench: the op's benchmark (``gptfast.bench``'s KernelBench: our kernel, eager, torch.compile, SDPA and
+Liger where installed) at one size, forward, backward and both, timed by ``triton.testing.do_bench``
+through the bench harness, each with its percentage of the measured copy or matmul ceiling.
+tune: the candidate configurations (``--config``, each one candidate) that ``inspect`` finds
+spill-free and unserialised on this GPU, each timed forward + backward with our kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import analysis
+from .ops import Op, configured, parse_config
+from .targets import ARCHITECTURES, Architecture
+
+BENCH_SIZES = {  # shape -> the benchmark's size keys
+    "layer_norm": lambda s: dict(rows=s[0], hidden=s[1]),
+    "bias_gelu": lambda s: dict(rows=s[0], hidden=s[1]),
+    "cross_entropy": lambda s: dict(rows=s[0], vocab=s[1]),
+    "flash_attention": lambda s: dict(batch=s[0], heads=s[1], seq=s[2], head_dim=s[3]),
+}
+
+
+def _benchmark(op: Op):
+    return importlib.import_module(f"gptfast.bench.{op.name}").BENCH
+
+
+def local_architecture() -> Architecture:
+    major, minor = torch.cuda.get_device_capability()
+    arch = ARCHITECTURES.get(10 * major + minor, ARCHITECTURES[90 if major >= 9 else 80])
+    props = torch.cuda.get_device_properties(0)
+    return Architecture(**{**arch.__dict__, "sm_count": props.multi_processor_count})
+
+
+def bench(op: Op, shape_text: str | None, dtype: str) -> str:
+    from gptfast.bench.ceilings import measure_ceilings
+    from gptfast.bench.kernel_bench import PASSES, run_case
+
+    device = torch.device("cuda")
+    ceilings = measure_ceilings(device)
+    benchmark, size = _benchmark(op), BENCH_SIZES[op.name](op.parse_shape(shape_text))
+    lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()} (measured, do_bench median; copy "
+             f"{ceilings.copy_gbps:.0f} GB/s, matmul {ceilings.matmul_tflops:.0f} TFLOP/s)"]
+    for provider in benchmark.providers:
+        for pass_ in PASSES:
+            r = run_case(benchmark, provider, pass_, size, device, analysis.DTYPES[dtype])
+            pct = ceilings.percent(r)
+            figure = (f"{r.ms * 1e3:9.1f} us  {r.value:8.1f} {r.unit}" + (f"  {pct:5.1f}% of ceiling" if pct else "")
+                      if r.status == "ok" else f"{r.status}: {r.note}")
+            lines.append(f"{provider:<14} {pass_:<17} {figure}")
+    return "\n".join(lines)
+
+
+def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | None) -> str:
+    from gptfast.bench.harness import measure
+    from gptfast.bench.kernel_bench import pass_call, triton_backend
+
+    if not candidates:
+        raise ValueError("lab tune: give the candidate configurations with --config (one per candidate)")
+    arch, shape = local_architecture(), op.parse_shape(shape_text)
+    requests = [analysis.Request(op, shape, dtype, arch, parse_config([c]), {}) for c in candidates]
+    device = torch.device("cuda")
+    benchmark, size = _benchmark(op), BENCH_SIZES[op.name](shape)
+    lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()}: forward + backward, measured"]
+    for candidate, (report, _) in zip(candidates, analysis.inspect_many(requests)):
+        bad = [k["name"] for k in report["kernels"] if k["spill_bytes"] or k["serialized_mma"]]
+        if bad:
+            lines.append(f"{candidate:<50} skipped: spills or serialised wgmma in {', '.join(bad)}")
+            continue
+        overrides = parse_config([candidate])
+        with configured(op, overrides, "forward"), configured(op, overrides, "backward"):
+            forward = triton_backend(lambda *a: benchmark.providers["triton"](device)(*a))(device)
+            inputs = benchmark.make_inputs(size, device, analysis.DTYPES[dtype])
+            ms = measure(pass_call(forward, inputs, "forward+backward"), device,
+                         grad_to_none=[t for t in inputs if t.requires_grad])[0]
+        lines.append(f"{candidate:<50} {ms * 1e3:9.1f} us")
+    lines.append("(no configuration table file is written: the lead wires tune's output into kernels/configs/)")
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""The kernel lab (gptfast.lab): inspect's JSON for every op on sm_80 and sm_90, its SASS and
+occupancy arithmetic, --config, dump, check under the interpreter, the main-loop baseline, and
+bench / tune refusing without a GPU.
+
+Compilation runs in subprocesses without TRITON_INTERPRET (gptfast.lab.compiler); the reports of
+every op at its GPT-2 shape are compiled once for the module.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptfast import lab
+from gptfast.kernels import common
+from gptfast.lab import analysis, baseline, check, ops, sass, targets
+
+pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
+
+KERNEL_FIELDS = {"name", "config", "registers", "spill_bytes", "shared_memory", "ctas_per_sm", "warps_per_sm",
+                 "occupancy_limit", "programs", "sm_count", "serialized_mma", "load_bits", "store_bits", "tma",
+                 "main_loop_instructions", "elements_per_iteration", "mufu_per_element", "estimate_us"}
+ROW_OPS = ("layer_norm", "bias_gelu", "cross_entropy")
+TRITON = tuple(int(part) for part in analysis.triton_version().split(".")[:2])
+# Triton 3.6's interpreter cannot take loop bounds computed from program ids (setup.py's test extra).
+runs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and TRITON < (3, 7),
+                                  reason="this Triton's interpreter cannot run the kernels")
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[tuple[str, int], dict]:
+    """inspect of every op at its GPT-2 shape in bf16 for sm_80 and sm_90: {(op, arch): report}."""
+    requests = baseline.baseline_requests()
+    return {(r.op.name, r.arch.arch): report for r, (report, _) in zip(requests, lab.inspect_many(requests))}
+
+
+def test_inspect_json_schema(reports):
+    assert {op for op, _ in reports} == set(lab.OPS)
+    for (op, arch), report in reports.items():
+        json.dumps(report)  # one JSON document
+        assert report["op"] == op and report["arch"] == f"sm_{arch}" and report["dtype"] == "bf16"
+        assert report["shape"] == list(lab.OPS[op].default_shape) and report["triton_version"]
+        assert len(report["kernels"]) >= 2  # forward and backward
+        for k in report["kernels"]:
+            assert KERNEL_FIELDS <= set(k), KERNEL_FIELDS - set(k)
+            assert set(k["estimate_us"]) >= {"memory", "issue", "mufu", "tensor_core"}
+
+
+def test_inspect_sanity_at_the_launchers_configs(reports):
+    for (op, arch), report in reports.items():
+        for k in report["kernels"]:
+            where = f"{op} sm_{arch} {k['name']} {k['config']}"
+            assert k["registers"] > 0 and k["spill_bytes"] == 0, where
+            assert 1 <= k["ctas_per_sm"] and k["warps_per_sm"] == k["ctas_per_sm"] * k["config"]["num_warps"], where
+            assert k["sm_count"] == lab.ARCHITECTURES[arch].sm_count and k["programs"] > 0, where
+            assert k["main_loop_instructions"] > 0 and k["elements_per_iteration"] > 0, where
+            assert k["estimate_us"]["memory"] > 0 and k["estimate_us"]["issue"] > 0, where
+
+
+def test_gpt2_16_bit_rows_use_128_bit_loads(reports):
+    for (op, arch), report in reports.items():
+        if op in ROW_OPS:
+            for k in report["kernels"]:
+                assert k["load_bits"].get("128", 0) >= 1, f"{op} sm_{arch} {k['name']}: loads {k['load_bits']}"
+
+
+def test_attention_uses_tensor_cores(reports):
+    for arch, instruction in ((90, "hgmma"), (80, "hmma")):
+        matmul_kernels = [k for k in reports["flash_attention", arch]["kernels"] if k["name"] != "attention_bwd_delta"]
+        assert len(matmul_kernels) == 3
+        assert all(k[instruction] > 0 for k in matmul_kernels), [(k["name"], k[instruction]) for k in matmul_kernels]
+        assert all(k["estimate_us"]["tensor_core"] > 0 for k in matmul_kernels)
+
+
+def test_memory_floor_counts_each_tensor_once(reports):
+    (forward,) = [k for k in reports["cross_entropy", 90]["kernels"] if k["name"] == "cross_entropy_fwd"]
+    rows, cols, _ = lab.OPS["cross_entropy"].default_shape
+    logits, targets_, loss, stats = rows * cols * 2, rows * 8, rows * 4, rows * 8
+    assert forward["bytes"] == logits + targets_ + loss + stats
+    assert forward["estimate_us"]["memory"] == pytest.approx(forward["bytes"] / 4.3e12 * 1e6)
+
+
+def test_occupancy_arithmetic():
+    h100 = lab.ARCHITECTURES[90]
+    assert targets.occupancy(h100, 8, 255, 0) == targets.Occupancy(1, 8, "registers")  # 8 warps x 8K registers
+    assert targets.occupancy(h100, 4, 32, 0) == targets.Occupancy(16, 64, "warps")
+    assert targets.occupancy(h100, 1, 16, 0).limit == "blocks"
+    assert targets.occupancy(h100, 4, 32, 100 * 1024) == targets.Occupancy(2, 8, "shared_memory")
+    # 168 registers: 5376 per warp, 3 warps per 16K sub-partition, 12 warps per SM.
+    assert targets.occupancy(h100, 4, 168, 0) == targets.Occupancy(3, 12, "registers")
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   NOP ;
+""" + "".join(f"        /*{0x20 + 16 * i:04x}*/                   FADD R{i}, R{i}, R2 ;\n" for i in range(20)) + """
+        /*0160*/                   MUFU.EX2 R3, R4 ;
+        /*0170*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0180*/               @P0 BRA 0x20 ;
+        /*0190*/                   SYNCS.PHASECHK.TRANS64 P0, [UR4], R0 ;
+        /*01a0*/              @!P0 BRA 0x190 ;
+        /*01b0*/                   STG.E.U16 desc[UR4][R2.64], R5 ;
+        /*01c0*/                   EXIT ;
+        /*01d0*/                   BRA 0x1d0;
+"""
+
+
+def test_sass_main_loop_by_backward_branch():
+    code = sass.instructions(SASS)
+    loop, loops = sass.main_loop(code)
+    assert loops == [loop]  # the two-instruction wait and the trap after EXIT are not loops
+    body = sass.count(code[loop.start:loop.end + 1])
+    assert (body.instructions, body.mufu, dict(body.load_bits)) == (23, 1, {128: 1})
+    assert dict(sass.count(code).store_bits) == {16: 1}
+    assert sass.serialized_mma("ptxas info : (C7515) Potential Performance Loss: wgmma.mma_async serialized")
+
+
+def test_capture_records_launches_for_the_target():
+    x = torch.empty(1000, 768, device="meta", dtype=torch.bfloat16)
+    gpu = common.GPU(arch=90, sm_count=132, shared_memory=227 * 1024)
+    with common.capture_launches() as launches, common.targeting(gpu):
+        assert common.sm_count(x.device) == 132 and common.target_gpu() == gpu
+        y, rstd, _ = ops.layer_norm._forward(x, None, None, None, 1e-5, torch.bfloat16)
+        ops.layer_norm._backward(torch.empty_like(y), x, None, False, rstd, None)
+    assert common.target_gpu() is None and common.sm_count(x.device) == 4
+    assert [ops.kernel_name(launch.kernel) for launch in launches] == ["layer_norm_fwd", "layer_norm_bwd"]
+    assert launches[1].grid == (min(2 * 132, 1000 // launches[1].meta["BLOCK_M"]),)
+
+
+def test_config_overrides_reach_the_launch():
+    op = lab.get_op("layer_norm")
+    request = lab.Request(lab.get_op("layer_norm"), (64, 768), "bf16", lab.ARCHITECTURES[90],
+                          ops.parse_config(["layer_norm_bwd:BLOCK_M=1,num_warps=4"]), {})
+    (_, forward), (_, backward) = analysis.capture(request)
+    assert (backward.meta["BLOCK_M"], backward.meta["num_warps"]) == (1, 4)
+    assert forward.meta["BLOCK_M"] == ops.layer_norm._block_config(768, backward=False)[0]
+    with pytest.raises(lab.LabError, match="no configurable kernel"):
+        analysis.capture(lab.Request(op, op.default_shape, "bf16", lab.ARCHITECTURES[90],
+                                     ops.parse_config(["nope:BLOCK_M=1"]), {}))
+    with pytest.raises(lab.LabError, match="KERNEL:FIELD=VALUE"):
+        ops.parse_config(["layer_norm_fwd:BLOCK_M"])
+    with pytest.raises(lab.LabError, match="rows,columns"):
+        lab.get_op("layer_norm").parse_shape("16,a")
+
+
+def test_dump_writes_every_stage(tmp_path):
+    request = lab.Request(lab.get_op("bias_gelu"), (64, 300), "fp16", lab.ARCHITECTURES[80], {}, {})
+    written = lab.dump(request, tmp_path)
+    names = {p.name for p in written}
+    for kernel in ("forward.bias_gelu_fwd", "backward.bias_gelu_bwd"):
+        assert {f"{kernel}.{ext}" for ext in ("ttir", "ttgir", "ptx", "sass")} <= names
+    assert all(p.stat().st_size > 0 for p in written)
+    assert "STG" in (tmp_path / "forward.bias_gelu_fwd.sass").read_text()
+
+
+@runs_kernels
+@pytest.mark.parametrize("op, dtype", [("layer_norm", torch.float32), ("bias_gelu", torch.float16),
+                                       ("cross_entropy", torch.float32), ("flash_attention", torch.float16)])
+def test_check_passes_at_small_shapes(op, dtype):
+    comparisons, deterministic = check.check(op, check.SMALL_SHAPES[op], dtype,
+                                             torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    assert deterministic and comparisons[0].tensor == "output" and len(comparisons) >= 2
+    assert all(c.passed for c in comparisons), comparisons
+
+
+def test_check_can_fail():
+    bad = check.Comparison("output", error=3e-3, eager_error=1e-3, ratio=3.0)
+    assert not bad.passed
+
+
+def _lab(*argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "gptfast.lab", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="they measure on this GPU")
+def test_bench_and_tune_refuse_without_a_gpu():
+    for command in ("bench", "tune"):
+        result = _lab(command, "layer_norm")
+        assert result.returncode == 2 and "no GPU" in result.stderr.replace("there is none", "no GPU")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_inspect_json():
+    result = _lab("inspect", "bias_gelu", "--shape", "256,3072", "--arch", "sm_80", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [k["name"] for k in report["kernels"]] == ["bias_gelu_fwd", "bias_gelu_bwd"]
+    result = _lab("inspect", "layer_norm", "--shape", "12")
+    assert result.returncode == 2 and "rows,columns" in result.stderr
+
+
+@runs_kernels
+def test_cli_check():
+    result = _lab("check", "bias_gelu", "--shape", "24,100")
+    assert result.returncode == 0 and "rerun bit-identical: yes" in result.stdout, result.stdout + result.stderr
+
+
+def test_main_loops_within_the_baseline(reports):
+    recorded = baseline.load().get(analysis.triton_version())
+    if recorded is None:
+        pytest.skip(f"tests/lab_baseline.json has no entries for Triton {analysis.triton_version()}")
+    now = baseline.current(list(reports.values()))
+    assert baseline.regressions(now, recorded) == [], "run `python -m gptfast.lab baseline --write` and review"
+
+
+def test_baseline_regression_can_fail():
+    assert baseline.regressions({"k": 104}, {"k": 100}) and not baseline.regressions({"k": 103}, {"k": 100})
+    assert baseline.regressions({"new": 1}, {})
