@@ -2,15 +2,23 @@
 
 A checkpoint is a dictionary of tensors and plain Python values (no classes): the model and
 optimizer state dicts, the step, the model and training configurations, the tokenizer, the data
-stream's position and RNG state. ``torch.save`` writes it to a temporary file that is then renamed
-over the old one, so an interrupted write never leaves a broken checkpoint; ``torch.load`` reads it
-with ``weights_only=True``, which refuses anything but tensors and primitive containers.
+stream's position and RNG state. ``torch.save`` writes it to a temporary file, which is flushed to
+the disk and then renamed over the old one (the folder flushed too), so an interrupted write, a full
+disk or a power loss leaves the old checkpoint or the new one, never a broken one. ``torch.load``
+reads it with ``weights_only=True``, which refuses anything but tensors and primitive containers;
+every field is checked, so a damaged or foreign file is one clear error naming the file and field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
+import re
+import shutil
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -19,6 +27,11 @@ from .tokenizer import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_FILE = "ckpt.pt"
 FORMAT = "gptfast-checkpoint-1"
+# The fields a checkpoint may hold and their types; inference needs the first three, resuming all but the scaler.
+FIELD_TYPES = {"model": dict, "model_config": dict, "tokenizer": dict, "step": int, "optimizer": dict,
+               "train_config": dict, "data": dict, "scaler": dict, "processes": int}
+INFERENCE_FIELDS = ("model", "model_config", "tokenizer")
+TRAINING_FIELDS = INFERENCE_FIELDS + ("step", "optimizer", "train_config", "data")
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -27,35 +40,182 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return path / CHECKPOINT_FILE if path.is_dir() else path
 
 
+def _nbytes(value) -> int:
+    """The bytes of the tensors in a nested structure of dicts, lists and tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to the disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _no_space(path: Path, needed: int) -> OSError:
+    error = OSError(f"no space left writing {path} (needs {needed / 2**20:,.0f} MB, "
+                    f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MB free); the previous file is kept")
+    error.errno = errno.ENOSPC
+    return error
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write ``state`` to ``path`` (a file, or a folder to hold ``ckpt.pt``) atomically."""
+    """Write ``state`` to ``path`` (a file, or a folder to hold ``ckpt.pt``) atomically and durably.
+
+    A failed write (a full disk, Ctrl-C) removes its partial temporary file and keeps the old checkpoint.
+    """
     path = checkpoint_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed = _nbytes(state) + (1 << 20)  # the tensors, and room for the zip directory and plain values
+    if shutil.disk_usage(path.parent).free < needed:
+        raise _no_space(path, needed)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or (
+            isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(path.parent).free < needed)
+        if full:
+            raise _no_space(path, needed) from None
+        if isinstance(error, RuntimeError):  # torch's writer reports failed writes as RuntimeError
+            raise OSError(f"could not write {path}: {error}; the previous file is kept") from error
+        raise
+    _fsync_folder(path.parent)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain values only)."""
+def torch_load(path: Path, map_location: str | torch.device = "cpu", what: str = "gptfast checkpoint"):
+    """``torch.load(weights_only=True)``, its failures one line naming ``path`` (not torch's advice to
+    load with weights_only=False, which would run whatever code the file holds)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{str(path)!r} is empty, not a {what}")
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise ValueError(f"{str(path)!r} is not a {what}: it is not a file torch.save writes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if "weights_only" in str(error) or type(error).__name__ == "UnpicklingError":
+            name = found.group(1) if found else None
+            raise ValueError(f"{str(path)!r} is not a {what}: it holds pickled Python objects"
+                             f"{f' ({name})' if name else ''}, not only tensors and plain values; refused "
+                             "(loading them could run code)") from None
+        raise ValueError(f"{str(path)!r} is damaged (truncated or corrupt), not a readable {what}: "
+                         f"{str(error).splitlines()[0][:200]}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    require: Sequence[str] = ()) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain values only).
+
+    Every field present must have its type (:data:`FIELD_TYPES`) and the fields in ``require`` must
+    be there; otherwise the error names the file and the field.
+    """
     path = checkpoint_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{str(path)!r} is not a readable gptfast checkpoint: {error}") from error
+    state = torch_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a gptfast checkpoint (expected format {FORMAT!r})")
+    for field in require:
+        if field not in state:
+            raise ValueError(f"{str(path)!r} is damaged: it has no {field!r} field")
+    for field, kind in FIELD_TYPES.items():
+        value = state.get(field)
+        if field in state and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise ValueError(f"{str(path)!r} is damaged: field {field!r} is {type(value).__name__}, "
+                             f"expected {kind.__name__}")
+    if "step" in state and state["step"] < 0:
+        raise ValueError(f"{str(path)!r} is damaged: field 'step' is {state['step']}, expected >= 0")
+    for name, tensor in state.get("model", {}).items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{str(path)!r} is damaged: field 'model' tensor {name!r} is {kind}, "
+                             "not a floating-point tensor")
     return state
+
+
+def _field_kind(field: dataclasses.Field) -> tuple[type, ...]:
+    """The Python types a GPTConfig field accepts, from its default (None: optional float)."""
+    default = field.default
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    return (int, float) if isinstance(default, float) else (int, float, type(None))
+
+
+def check_fits_in_memory(config: GPTConfig, source: str) -> None:
+    """Refuse, before allocating, a model whose float32 weights exceed this machine's memory."""
+    with torch.device("meta"):
+        n = GPT(config).num_parameters()
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit known
+        return
+    if n * 4 > memory:
+        raise ValueError(f"{source}: a model of vocab_size {config.vocab_size}, n_embd {config.n_embd}, "
+                         f"{config.n_layer} layers has {n:,} parameters, {n * 4 / 2**30:,.1f} GB in float32, "
+                         f"more than this machine's {memory / 2**30:,.1f} GB of memory")
+
+
+def model_config_from(d: object, source: str) -> GPTConfig:
+    """A :class:`GPTConfig` from a saved dictionary, each bad field one error naming ``source``."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: the model configuration is a {type(d).__name__}, expected a dictionary")
+    kinds = {f.name: _field_kind(f) for f in dataclasses.fields(GPTConfig)}
+    for name, value in d.items():
+        if name in kinds and (not isinstance(value, kinds[name]) or (bool not in kinds[name]
+                                                                     and isinstance(value, bool))):
+            raise ValueError(f"{source}: field {name!r} is {value!r}, expected "
+                             f"{' or '.join(k.__name__ for k in kinds[name] if k is not type(None))}")
+    try:
+        config = GPTConfig.from_dict(d)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{source}: {error}") from None
+    check_fits_in_memory(config, source)
+    return config
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                        tiktoken_file: str | os.PathLike | None = None) -> tuple[GPT, Tokenizer]:
     """The trained model (in eval mode, on ``device``) and its tokenizer from a training checkpoint."""
-    state = load_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    path = checkpoint_path(path)
+    state = load_checkpoint(path, require=INFERENCE_FIELDS)
+    model = build_model(state, path)
     tokenizer = tokenizer_from_dict(state["tokenizer"], tiktoken_file=tiktoken_file)
     return model.to(device).eval(), tokenizer
+
+
+def build_model(state: dict, path: Path) -> GPT:
+    """The GPT of a loaded checkpoint, its weights in place; mismatches name the file and the tensors."""
+    model = GPT(model_config_from(state["model_config"], f"{path}: field 'model_config'"))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        details = " ".join(str(error).split())
+        raise ValueError(f"{str(path)!r} is damaged: field 'model' does not fit its model_config: "
+                         f"{details[:300]}") from None
+    return model

@@ -6,23 +6,27 @@
   validation split being the last ``val_fraction`` of the ids;
 * ``meta.json``: the dtype, the split and the tokenizer (a character vocabulary is saved here).
 
-Files are read and encoded in blocks that end at a line break, so a corpus larger than memory works;
-GPT-2 BPE separates files with ``<|endoftext|>``. :class:`TokenData` maps the ids back without
+Files are read and encoded in blocks that end at a line break (or a space, on a long line), so a
+corpus larger than memory works; GPT-2 BPE separates files with ``<|endoftext|>``. Files found in
+folders that are not UTF-8 text are skipped with a warning. ``meta.json`` is written last, so a
+folder without it is an interrupted preparation, which loading refuses. :class:`TokenData` maps the ids back without
 loading them, and :class:`BatchStream` cuts them into (input, target shifted by one) batches.
 """
 
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict
+from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, vocab_size_of
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation topics, shipped with every Python
 TOKENS_FILE = "tokens.bin"
@@ -38,44 +42,92 @@ def default_corpus() -> str:
     return "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
 
 
-def text_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files named by ``sources``, each folder expanded to its non-hidden files, recursively."""
+class NotText(ValueError):
+    """A file that is not UTF-8 text (undecodable bytes, or NUL bytes: a binary file)."""
+
+
+def _matches(relative: Path, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(relative.as_posix(), g) or fnmatch.fnmatch(relative.name, g) for g in globs)
+
+
+def _is_data_output(folder: Path) -> bool:
+    """A folder ``prepare`` wrote (or began to write): its tokens.bin is never read as text."""
+    return (folder / TOKENS_FILE).exists() or (folder / (TOKENS_FILE + ".tmp")).exists()
+
+
+def text_files(sources: Sequence[str | os.PathLike], *, include: Sequence[str] = (), exclude: Sequence[str] = (),
+               skip: Sequence[str | os.PathLike] = ()) -> list[tuple[Path, bool]]:
+    """The files named by ``sources`` as (path, named): each folder expanded to its files, recursively,
+    leaving out hidden files, prepared data folders, the folders in ``skip`` (where the output goes), and
+    files whose name or relative path matches no ``include`` glob (when given) or an ``exclude`` glob.
+    ``named`` is True for a file named itself rather than found in a folder."""
     if not sources:
         raise ValueError("no input: name at least one text file or folder")
-    files: list[Path] = []
+    skipped = [Path(s).expanduser().resolve() for s in skip]
+    files: list[tuple[Path, bool]] = []
     for source in sources:
         path = Path(source).expanduser()
         if path.is_file():
-            files.append(path)
+            if path.name == TOKENS_FILE:
+                raise ValueError(f"{str(path)!r} holds token ids written by `gptfast prepare`, not text")
+            files.append((path, True))
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if (path / TOKENS_FILE).exists():
+                state = "is a prepared data folder" if is_prepared(path) else \
+                    f"holds {TOKENS_FILE} but no {META_FILE} (an interrupted `gptfast prepare`?)"
+                raise ValueError(f"folder {str(path)!r} {state}, not text: prepare it again from the text")
+            found = []
+            for root, folders, names in os.walk(path):
+                root = Path(root)
+                folders[:] = [d for d in folders if not d.startswith(".") and not _is_data_output(root / d)
+                              and (root / d).resolve() not in skipped]
+                for name in names:
+                    relative = (root / name).relative_to(path)
+                    if not name.startswith(".") and (not include or _matches(relative, include)) \
+                            and not _matches(relative, exclude) and (root / name).is_file():
+                        found.append((root / name, False))
+            found.sort()
             if not found:
-                raise ValueError(f"folder {str(path)!r} holds no files")
+                chosen = " matching the include/exclude globs" if include or exclude else ""
+                raise ValueError(f"folder {str(path)!r} holds no files{chosen}")
             files.extend(found)
         else:
             raise FileNotFoundError(f"no such file or folder: {str(path)!r}")
     return files
 
 
+def _whitespace_cut(text: str) -> int:
+    """Where to end a block of text without a line break: before its last space or tab (GPT-2's BPE
+    starts a word with its space, so the tokens are those of the whole text), else at its end."""
+    cut = max(text.rfind(" "), text.rfind("\t"))
+    return cut if cut > 0 else len(text)
+
+
 def _read_blocks(path: Path) -> Iterator[str]:
-    """The UTF-8 text of ``path`` in blocks that end at a line break (the last block may not)."""
+    """The UTF-8 text of ``path`` in blocks of about BLOCK_BYTES that end at a line break where there
+    is one (else at a space), so memory stays bounded; bytes that are not text raise :class:`NotText`
+    giving their exact byte offset."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, carry = 0, ""
     with open(path, "rb") as f:
         while True:
             raw = f.read(BLOCK_BYTES)
+            start = offset - len(decoder.getstate()[0])  # the file offset of the bytes the decoder holds
             try:
-                text = carry + decoder.decode(raw, final=not raw)
+                text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as error:
-                raise ValueError(f"{str(path)!r} is not UTF-8 text: undecodable bytes near byte offset "
-                                 f"{offset + max(error.start, 0)} ({error.reason})") from None
+                raise NotText(f"{str(path)!r} is not UTF-8 text: undecodable bytes at byte offset "
+                              f"{start + max(error.start, 0)} ({error.reason})") from None
+            if "\0" in text:
+                at = start + len(text[: text.index("\0")].encode("utf-8"))
+                raise NotText(f"{str(path)!r} is not text: a NUL byte at byte offset {at} (a binary file?)")
             offset += len(raw)
+            text = carry + text
             if not raw:
                 if text:
                     yield text
                 return
-            cut = text.rfind("\n") + 1
+            cut = text.rfind("\n") + 1 or (_whitespace_cut(text) if len(text) >= BLOCK_BYTES else 0)
             if cut:
                 yield text[:cut]
             carry = text[cut:]
@@ -88,72 +140,127 @@ def _progress(total_bytes: int, desc: str):
                 disable=total_bytes < PROGRESS_MIN_BYTES)
 
 
-def _documents(sources: Sequence[str | os.PathLike] | None) -> tuple[list[str], list[Path] | None]:
-    if sources is None:
-        return [f"<embedded corpus: {DEFAULT_CORPUS}>"], None
-    files = text_files(sources)
-    return [str(p) for p in files], files
-
-
-def _iter_blocks(files: list[Path] | None, desc: str) -> Iterator[tuple[int, str]]:
-    """(document index, text block) over all documents, with a progress bar on large inputs."""
+def _documents(files: list[tuple[Path, bool]] | None, desc: str, skipped: list[Path]
+               ) -> Iterator[tuple[Path | None, bool, Iterator[str]]]:
+    """(path, named, its text blocks) for each document not in ``skipped``, with a progress bar on large inputs."""
     if files is None:
-        yield 0, default_corpus()
+        yield None, True, iter([default_corpus()])
         return
-    with _progress(sum(p.stat().st_size for p in files), desc) as bar:
-        for i, path in enumerate(files):
-            for block in _read_blocks(path):
-                yield i, block
-                bar.update(len(block.encode("utf-8")))
+    with _progress(sum(p.stat().st_size for p, _ in files), desc) as bar:
+        for path, named in files:
+            if path not in skipped:
+                yield path, named, _counted(_read_blocks(path), bar)
+
+
+def _skip(error: NotText, path: Path, named: bool, skipped: list[Path]) -> None:
+    """A file found in a folder that is not text is left out with one warning line; a named one stops."""
+    if named:
+        raise error
+    from tqdm import tqdm
+
+    skipped.append(path)
+    tqdm.write(f"warning: skipping {error}", file=sys.stderr)
+
+
+def _counted(blocks: Iterator[str], bar) -> Iterator[str]:
+    for block in blocks:
+        yield block
+        bar.update(len(block.encode("utf-8")))
 
 
 def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathLike, *,
-            tokenizer: str = "char", val_fraction: float = 0.1,
-            tiktoken_file: str | os.PathLike | None = None) -> dict:
+            tokenizer: str = "char", val_fraction: float = 0.1, tiktoken_file: str | os.PathLike | None = None,
+            include: Sequence[str] = (), exclude: Sequence[str] = (),
+            skip: Sequence[str | os.PathLike] = ()) -> dict:
     """Tokenize text files or folders (None: the embedded corpus) into ``out_dir``; returns the metadata.
 
-    ``tokenizer`` is "char" (a vocabulary built from this text) or "gpt2" (BPE).
+    ``tokenizer`` is "char" (a vocabulary built from this text) or "gpt2" (BPE). Files found in
+    folders can be chosen with ``include`` / ``exclude`` globs (on the name or the path below the
+    folder); those that are not UTF-8 text are skipped with a warning. ``out_dir`` and ``skip`` are
+    never read. The folder is valid only once ``meta.json`` is written, last; an interrupted prepare
+    leaves the previous data in place, or a folder that loading refuses.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    names, files = _documents(sources)
+    out = Path(out_dir)
+    files = None if sources is None else text_files(sources, include=include, exclude=exclude, skip=[out, *skip])
+    names = [f"<embedded corpus: {DEFAULT_CORPUS}>"] if files is None else [str(p) for p, _ in files]
+    skipped: list[Path] = []
     if tokenizer == "char":  # a first pass collects the alphabet
         chars: set[str] = set()
-        for _, block in _iter_blocks(files, "reading"):
-            chars.update(block)
-        if not chars:
-            raise ValueError(f"no text to train on: {', '.join(names)} is empty")
+        for path, named, blocks in _documents(files, "reading", skipped):
+            found: set[str] = set()
+            try:
+                for block in blocks:
+                    found.update(block)
+            except NotText as error:
+                _skip(error, path, named, skipped)
+            else:
+                chars |= found
+        _check_some_text(chars, names, skipped)
         tok: Tokenizer = CharTokenizer(chars)
     else:
         tok = load_tokenizer(tokenizer, tiktoken_file=tiktoken_file)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (TOKENS_FILE + ".tmp")
-    num_tokens, last_doc = 0, 0
-    with open(tmp, "wb") as f:
-        for doc, block in _iter_blocks(files, "tokenizing"):
-            ids = tok.encode(block)
-            if doc != last_doc and num_tokens and tok.eot_token_id is not None:
-                ids.insert(0, tok.eot_token_id)  # separate documents
-            last_doc = doc
-            np.asarray(ids, dtype=dtype).tofile(f)
-            num_tokens += len(ids)
-    if num_tokens == 0:
-        tmp.unlink()
-        raise ValueError(f"no text to train on: {', '.join(names)} is empty")
-    os.replace(tmp, out / TOKENS_FILE)
+    try:
+        with open(tmp, "wb") as f:
+            num_tokens = _write_tokens(f, files, tok, dtype, skipped)
+            f.flush()
+            os.fsync(f.fileno())
+        _check_some_text(num_tokens, names, skipped)
+        (out / META_FILE).unlink(missing_ok=True)  # the folder is not prepared until the new meta.json is in
+        os.replace(tmp, out / TOKENS_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not UTF-8 text", file=sys.stderr)
     num_val = max(1, round(num_tokens * val_fraction))
-    meta = {"format": 1, "tokenizer": tok.to_dict(), "dtype": np.dtype(dtype).name,
-            "num_tokens": num_tokens, "num_val_tokens": num_val, "sources": names}
+    meta = {"format": 1, "tokenizer": tok.to_dict(), "dtype": np.dtype(dtype).name, "num_tokens": num_tokens,
+            "num_val_tokens": num_val, "sources": [n for n in names if Path(n) not in skipped]}
     _write_json_atomic(out / META_FILE, meta)
     return meta
 
 
+def _write_tokens(f, files: list[tuple[Path, bool]] | None, tok: Tokenizer, dtype: type,
+                  skipped: list[Path]) -> int:
+    """Encode every document into ``f``; a document found not to be text is cut back out. Returns the count."""
+    num_tokens, kept = 0, 0
+    for path, named, blocks in _documents(files, "tokenizing", skipped):
+        position, before = f.tell(), num_tokens
+        try:
+            for j, block in enumerate(blocks):
+                ids = tok.encode(block)
+                if j == 0 and kept and tok.eot_token_id is not None:
+                    ids.insert(0, tok.eot_token_id)  # separate documents
+                np.asarray(ids, dtype=dtype).tofile(f)
+                num_tokens += len(ids)
+        except NotText as error:  # found only now (GPT-2 BPE reads each file once): cut it back out
+            f.seek(position)
+            f.truncate()
+            num_tokens = before
+            _skip(error, path, named, skipped)
+        kept += num_tokens > before
+    return num_tokens
+
+
+def _check_some_text(found, names: list[str], skipped: list[Path]) -> None:
+    if found:
+        return
+    if skipped and len(skipped) == len(names):
+        raise ValueError(f"no text to train on: none of the {len(names)} file(s) is UTF-8 text")
+    raise ValueError(f"no text to train on: {', '.join(names)} is empty")
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -161,21 +268,74 @@ def is_prepared(path: str | os.PathLike) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
+def read_meta(data_dir: Path) -> dict:
+    """A prepared folder's meta.json, every field checked: a bad one is an error naming the file and field."""
+    path = data_dir / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                         "prepare the data again") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; prepare the data again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: holds a {type(meta).__name__}, expected a JSON object; prepare the data again")
+    for field, kind in (("dtype", str), ("num_tokens", int), ("num_val_tokens", int), ("tokenizer", dict)):
+        if field not in meta:
+            raise ValueError(f"{path}: no {field!r} field; prepare the data again")
+        if not isinstance(meta[field], kind) or isinstance(meta[field], bool):
+            raise ValueError(f"{path}: field {field!r} is {meta[field]!r}, expected a {kind.__name__}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise ValueError(f"{path}: field 'dtype' is {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    if not 0 < meta["num_val_tokens"] < meta["num_tokens"]:
+        raise ValueError(f"{path}: field 'num_val_tokens' is {meta['num_val_tokens']}, expected between 1 and "
+                         f"num_tokens - 1 = {meta['num_tokens'] - 1}")
+    vocab_size_of(meta["tokenizer"], f"{path}: field 'tokenizer'")
+    return meta
+
+
 class TokenData:
-    """A prepared data folder, memory-mapped: ``train`` and ``val`` are views on ``tokens.bin``."""
+    """A prepared data folder, memory-mapped: ``train`` and ``val`` are views on ``tokens.bin``.
+
+    Opening it checks meta.json, the size of tokens.bin and that every id is inside the vocabulary.
+    """
 
     def __init__(self, data_dir: str | os.PathLike):
         self.dir = Path(data_dir)
         if not is_prepared(self.dir):
+            if (self.dir / TOKENS_FILE).exists():
+                raise ValueError(f"{str(self.dir)!r} holds {TOKENS_FILE} but no {META_FILE}: an interrupted "
+                                 "`gptfast prepare`? prepare the data again")
             raise FileNotFoundError(f"{str(self.dir)!r} is not a prepared data folder (no {META_FILE}); "
                                     "create one with `gptfast prepare`")
-        self.meta = json.loads((self.dir / META_FILE).read_text(encoding="utf-8"))
-        tokens = np.memmap(self.dir / TOKENS_FILE, dtype=self.meta["dtype"], mode="r")
+        self.meta = read_meta(self.dir)
+        path, dtype = self.dir / TOKENS_FILE, np.dtype(self.meta["dtype"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file, though {META_FILE} is there; prepare the data again")
+        size = path.stat().st_size
+        if size % dtype.itemsize or size == 0:
+            raise ValueError(f"{path}: {size} bytes, not a whole number of {dtype.name} tokens "
+                             f"({dtype.itemsize} bytes each): the file is cut short; prepare the data again")
+        tokens = np.memmap(path, dtype=dtype, mode="r")
         if len(tokens) != self.meta["num_tokens"]:
-            raise ValueError(f"{self.dir / TOKENS_FILE} holds {len(tokens)} tokens but {META_FILE} says "
+            raise ValueError(f"{path} holds {len(tokens)} tokens but {META_FILE} says "
                              f"{self.meta['num_tokens']}: prepare the data again")
         split = len(tokens) - self.meta["num_val_tokens"]
+        self._check_ids(tokens, split)
         self.train, self.val = tokens[:split], tokens[split:]
+
+    def _check_ids(self, tokens: np.ndarray, split: int) -> None:
+        """Every id inside the vocabulary: a max over the memory map, one chunk at a time."""
+        vocab = vocab_size_of(self.meta["tokenizer"])
+        chunk = 1 << 24
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start: start + chunk]
+            if part.max() >= vocab:
+                bad = start + int(np.argmax(part >= vocab))
+                where = f"train split, offset {bad}" if bad < split else f"validation split, offset {bad - split}"
+                raise ValueError(f"{self.dir / TOKENS_FILE}: token id {tokens[bad]} at offset {bad} ({where}) is "
+                                 f"outside the vocabulary of {vocab} ({self.meta['tokenizer']['kind']} tokenizer "
+                                 f"in {META_FILE}); prepare the data again")
 
     def tokenizer(self, tiktoken_file: str | os.PathLike | None = None) -> Tokenizer:
         return tokenizer_from_dict(self.meta["tokenizer"], tiktoken_file=tiktoken_file)

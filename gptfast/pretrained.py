@@ -14,10 +14,12 @@ its Hugging Face methods, ``GPT.from_pretrained(name_or_path)`` and ``model.save
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+from .checkpoint import check_fits_in_memory, torch_load
 from .model import GPT, GPTConfig
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -27,6 +29,8 @@ CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weig
 # Buffers that old GPT-2 checkpoints store (the causal mask), not parameters: skipped on load.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast")
+LOCAL_FOLDER_HINT = (" instead of the name (a folder with config.json and model.safetensors, as "
+                     "save_pretrained writes, transformers' or gptfast's)")
 
 
 def _resolve(name_or_path: str | Path) -> Path:
@@ -41,23 +45,49 @@ def _resolve(name_or_path: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise RuntimeError(f"downloading {name!r} needs huggingface_hub (pip install huggingface_hub); "
-                           "or pass a local checkpoint directory") from None
+        raise ImportError(f"downloading {name!r} needs huggingface_hub (pip install huggingface_hub); "
+                          f"or pass a local checkpoint directory{LOCAL_FOLDER_HINT}") from None
     try:
         return Path(snapshot_download(f"{HUB_OWNER}/{name}", allow_patterns=["config.json", "model.safetensors"]))
     except Exception as error:  # offline machines raise connection or cache-miss errors
-        raise RuntimeError(f"could not download {name!r} from the Hugging Face hub ({type(error).__name__}: "
-                           f"{error}); without a network, pass a local checkpoint directory") from error
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise ConnectionError(f"could not download {name!r} from the Hugging Face hub (no network? "
+                              f"{type(error).__name__}: {first}); offline, pass a local checkpoint "
+                              f"directory{LOCAL_FOLDER_HINT}") from None
 
 
-def _config_from_hf(hf: dict) -> GPTConfig:
-    """Our configuration for a GPT-2 config.json; features our model lacks are an error."""
+def _config_field(hf: dict, name: str, kinds: tuple[type, ...], source: Path, default=None):
+    """``hf[name]`` (or ``default`` when it is not required and absent), of one of ``kinds``."""
+    if name not in hf:
+        if default is None:
+            raise ValueError(f"{source}: no {name!r} field")
+        return default
+    value = hf[name]
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        raise ValueError(f"{source}: field {name!r} is {value!r}, expected "
+                         f"{' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def _config_from_hf(hf: object, source: Path) -> GPTConfig:
+    """Our configuration for a GPT-2 config.json (``source``); a bad field, or a feature our model
+    lacks, is an error naming the file."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: holds {type(hf).__name__}, expected a JSON object")
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"config.json describes a {hf['model_type']!r} model, not GPT-2")
+        raise ValueError(f"{source}: describes a {hf['model_type']!r} model, not GPT-2")
+    sizes = {name: _config_field(hf, name, (int,), source) for name in
+             ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")}
+    rates = {ours: _config_field(hf, theirs, (int, float), source, 0.0) for ours, theirs in
+             (("embd_dropout", "embd_pdrop"), ("attn_dropout", "attn_pdrop"), ("resid_dropout", "resid_pdrop"))}
+    eps = _config_field(hf, "layer_norm_epsilon", (int, float), source, 1e-5)
+    if not eps > 0:
+        raise ValueError(f"{source}: field 'layer_norm_epsilon' is {eps}, expected a positive number")
+    tie = _config_field(hf, "tie_word_embeddings", (bool,), source, True)
     unsupported = []
     if hf.get("activation_function", "gelu_new") not in GELU_TANH:
         unsupported.append(f"activation_function={hf['activation_function']!r} (GPT-2's tanh GELU only)")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+    if hf.get("n_inner") not in (None, 4 * sizes["n_embd"]):
         unsupported.append(f"n_inner={hf['n_inner']} (the MLP is 4 * n_embd wide)")
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
         unsupported.append("attention scaling other than 1/sqrt(head_dim)")
@@ -65,20 +95,59 @@ def _config_from_hf(hf: dict) -> GPTConfig:
         unsupported.append("cross-attention")
     if unsupported:
         raise ValueError(f"this GPT-2 checkpoint uses features gptfast's GPT lacks: {'; '.join(unsupported)}")
-    return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], n_embd=hf["n_embd"],
-                     n_head=hf["n_head"], n_layer=hf["n_layer"],
-                     layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                     tie_weights=hf.get("tie_word_embeddings", True), embd_dropout=hf.get("embd_pdrop", 0.0),
-                     attn_dropout=hf.get("attn_pdrop", 0.0), resid_dropout=hf.get("resid_pdrop", 0.0))
+    try:
+        config = GPTConfig(vocab_size=sizes["vocab_size"], context_length=sizes["n_positions"],
+                           n_embd=sizes["n_embd"], n_head=sizes["n_head"], n_layer=sizes["n_layer"],
+                           layer_norm_eps=float(eps), tie_weights=tie, **{k: float(v) for k, v in rates.items()})
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    check_fits_in_memory(config, str(source))
+    return config
 
 
 def _safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise RuntimeError("reading and writing model.safetensors needs safetensors "
-                           "(pip install safetensors, or gptfast-triton[pretrained])") from None
+        raise ImportError("reading and writing model.safetensors needs safetensors "
+                          "(pip install safetensors, or gptfast-triton[pretrained])") from None
     return safetensors.torch
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
+def _shard_files(directory: Path, index: Path) -> list[Path]:
+    """The files a sharded checkpoint's index names, each inside ``directory`` (an index that points
+    elsewhere, ``../x`` or ``/etc/passwd``, is refused)."""
+    content = _json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: no 'weight_map' object of tensor names to file names")
+    root, files = directory.resolve(), []
+    for name in sorted(set(weight_map.values())):
+        file = (directory / name).resolve()
+        if Path(name).is_absolute() or root not in file.parents:
+            raise ValueError(f"{index}: weight_map names {name!r}, outside the checkpoint folder: refused")
+        if not file.is_file():
+            raise FileNotFoundError(f"{index}: weight_map names {name!r}, which does not exist")
+        files.append(file)
+    return files
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    st = _safetensors()
+    try:
+        return st.load_file(str(file))
+    except Exception as error:  # SafetensorError, and OSError for unreadable files
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{file}: not a readable safetensors file ({first})") from None
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -86,13 +155,28 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     single, index, pickled = (directory / "model.safetensors", directory / "model.safetensors.index.json",
                               directory / "pytorch_model.bin")
     if single.exists() or index.exists():
-        files = [single] if single.exists() else sorted(
-            {directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-        return {k: v for f in files for k, v in _safetensors().load_file(str(f)).items()}
+        files = [single] if single.exists() else _shard_files(directory, index)
+        return {k: v for f in files for k, v in _load_safetensors(f).items()}
     if pickled.exists():
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        tensors = torch_load(pickled, what="PyTorch state dict")
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError(f"{pickled}: not a state dict of tensor names to tensors")
+        return tensors
     raise FileNotFoundError(f"{directory} holds no model.safetensors, model.safetensors.index.json "
                             "or pytorch_model.bin")
+
+
+def _one_float_dtype(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    """The weights in one floating dtype: integer ones are refused, a mix is converted to float32 (said once)."""
+    bad = next((k for k, v in tensors.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise ValueError(f"{directory}: tensor {bad!r} is {tensors[bad].dtype}, not floating point: not GPT-2 weights")
+    dtypes = {v.dtype for v in tensors.values()}
+    if len(dtypes) <= 1:
+        return tensors
+    print(f"note: {directory} mixes {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} "
+          "tensors: converted to float32", file=sys.stderr)
+    return {k: v.float() for k, v in tensors.items()}
 
 
 def from_pretrained(name_or_path: str | Path, device: torch.device | str | None = None) -> GPT:
@@ -105,9 +189,9 @@ def from_pretrained(name_or_path: str | Path, device: torch.device | str | None 
     config_file = directory / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{directory} has no config.json")
-    config = _config_from_hf(json.loads(config_file.read_text()))
+    config = _config_from_hf(_json(config_file), config_file)
     tensors = {}
-    for name, tensor in _read_tensors(directory).items():
+    for name, tensor in _one_float_dtype(_read_tensors(directory), directory).items():
         # GPT2Model checkpoints (the original gpt2 upload) name the body without "transformer.".
         name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
         if not name.endswith(IGNORED_SUFFIXES):

@@ -1,9 +1,13 @@
-"""What a training run reports: ``log.jsonl``, the progress bar, the console, and ``loss.png``.
+"""What a training run reports: ``log.jsonl``, the console, TensorBoard, and ``loss.png``.
 
 ``log.jsonl`` holds one JSON object per line: ``{"step", "loss", "lr", "tokens_per_sec",
 "grad_norm"[, "mfu"]}`` every ``log_interval`` steps and ``{"step", "val_loss"}`` at each
-validation. A resumed run first cuts it back to the checkpoint's step, so every step appears once.
-Only the main process writes and prints.
+validation; a value that is not finite is written as null, so every line is valid JSON. A resumed
+run first cuts it back to the checkpoint's step, so every step appears once; the cut copy replaces
+the file by a rename, so a run killed meanwhile leaves the old log or the new one. A last line cut
+short (a run killed mid-write) is dropped with a warning. The console shows a progress bar on a
+terminal, else (and with ``progress=False``) one line every ``log_interval`` steps. Only the main
+process writes and prints.
 """
 
 from __future__ import annotations
@@ -11,21 +15,83 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, TextIO
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl. A last line that is not a whole record (a write cut short) is
+    dropped with a warning; a bad line elsewhere is an error naming the file and the line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer step")
+        except ValueError as error:
+            if i == last:
+                print(f"warning: {path}, line {i + 1}: dropped, not a whole record (a write cut short?)",
+                      file=sys.stderr)
+                continue
+            reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+            raise ValueError(f"{path}, line {i + 1}: not a log record ({reason}); "
+                             "delete the line or the file") from None
+        records.append(record)
+    return records
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` through a flushed temporary file and a rename: old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def open_log(path: Path, resume_step: int | None) -> TextIO:
     """log.jsonl for appending: emptied for a new run; on resume, cut back to the checkpoint's step."""
     if resume_step is not None and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a")
-    return open(path, "w")
+        kept = [r for r in read_log(path) if r["step"] <= resume_step]
+        write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        return open(path, "a", encoding="utf-8")
+    return open(path, "w", encoding="utf-8")
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def require_tensorboard():
+    """TensorBoard's SummaryWriter, or an error saying which package it needs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("TensorBoard logging (tensorboard=True, --tensorboard) needs the tensorboard "
+                          "package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def _tensorboard_writer(out_dir: Path, resume_step: int | None):
+    # purge_step drops what an earlier run logged past the checkpoint it is resumed from.
+    return require_tensorboard()(str(out_dir / TENSORBOARD_DIR),
+                                 purge_step=None if resume_step is None else resume_step + 1)
 
 
 class Throughput:
@@ -53,16 +119,20 @@ class Throughput:
 
 
 class RunLog:
-    """log.jsonl, the progress bar and the validation lines of one run; closes them on leaving ``with``."""
+    """log.jsonl, the console (a progress bar, or a line per log), TensorBoard when asked, and the
+    validation lines of one run; closes them on leaving ``with``."""
 
     def __init__(self, out_dir: Path, *, main: bool, resume_step: int | None, step: int, max_steps: int,
-                 progress: bool):
+                 progress: bool, tensorboard: bool = False):
         from tqdm import tqdm
 
-        self._main = main
+        self._main, self._max_steps = main, max_steps
+        self._tensorboard = _tensorboard_writer(out_dir, resume_step) if main and tensorboard else None
         self._file = open_log(out_dir / LOG_FILE, resume_step) if main else None
+        # A bar redraws itself with carriage returns: only on a terminal, never into a log file.
+        self._lines = main and not (progress and sys.stderr.isatty())
         self._bar = tqdm(total=max_steps, initial=step, desc="training", dynamic_ncols=True,
-                         disable=not (main and progress))
+                         disable=not main or self._lines)
         self._speed = "speed not measured yet"
 
     def __enter__(self) -> "RunLog":
@@ -72,6 +142,8 @@ class RunLog:
         self._bar.close()
         if self._file is not None:
             self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def advance(self) -> None:
         """One more step done (the progress bar)."""
@@ -86,19 +158,28 @@ class RunLog:
             entry["mfu"] = round(mfu, 4)
         self._record(entry)
         self._speed = f"{tokens_per_sec:,.0f} tokens/s" + (f", MFU {entry['mfu']:.1%}" if "mfu" in entry else "")
-        self._bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {self._speed}")
+        report = f"loss {loss:.4f}, lr {lr:.2e}, {self._speed}"
+        if self._lines:
+            print(f"step {step}/{self._max_steps}: {report}", flush=True)
+        else:
+            self._bar.set_postfix_str(report)
 
     def validation(self, step: int, val_loss: float, train_loss: float | None) -> None:
         """A validation line, and its report on the console."""
         self._record({"step": step, "val_loss": round(val_loss, 6)})
         if self._main:
-            train_text = f"{train_loss if train_loss is not None else float('nan'):.4f}"
-            self._bar.write(f"step {step}: train loss {train_text}, val loss {val_loss:.4f} ({self._speed})")
+            train_text = f"train loss {train_loss:.4f}, " if train_loss is not None else ""
+            self._bar.write(f"step {step}: {train_text}val loss {val_loss:.4f} ({self._speed})")
 
     def _record(self, entry: dict) -> None:
+        entry = {key: _finite_or_none(value) for key, value in entry.items()}
         if self._file is not None:
-            self._file.write(json.dumps(entry) + "\n")
+            self._file.write(json.dumps(entry, allow_nan=False) + "\n")
             self._file.flush()
+        if self._tensorboard is not None:
+            for key, value in entry.items():
+                if key != "step" and value is not None:
+                    self._tensorboard.add_scalar(key, value, entry["step"])
 
 
 def plot_losses(log_path: Path, png_path: Path) -> Path | None:
@@ -109,9 +190,9 @@ def plot_losses(log_path: Path, png_path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    records = read_log(log_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     for points, label in ((train, "train"), (val, "validation")):
         if points:

@@ -56,11 +56,11 @@ class GPT2Tokenizer:
             try:
                 self._encoding = tiktoken.get_encoding("gpt2")
             except Exception as error:  # tiktoken raises requests/urllib/OS errors when offline
-                raise RuntimeError(
-                    "could not load GPT-2's BPE ranks: tiktoken failed to download them "
-                    f"({type(error).__name__}: {error}). Without a network, set the environment "
-                    f"variable {TIKTOKEN_FILE_ENV} or pass tiktoken_file (--tiktoken-file) to point "
-                    "at a local gpt2.tiktoken ranks file.") from error
+                first_line = str(error).splitlines()[0][:160] if str(error) else ""
+                raise ConnectionError(
+                    "could not load GPT-2's BPE ranks: tiktoken could not download them (no network? "
+                    f"{type(error).__name__}: {first_line}); offline, set {TIKTOKEN_FILE_ENV} or pass "
+                    "tiktoken_file= (--tiktoken-file) to a local gpt2.tiktoken ranks file") from None
         self.vocab_size = self._encoding.n_vocab
         self.eot_token_id = self._encoding.eot_token
 
@@ -122,11 +122,24 @@ def load_tokenizer(name: str, *, text: str | None = None,
     raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
 
 
-def tokenizer_from_dict(d: dict, *, tiktoken_file: str | os.PathLike | None = None) -> Tokenizer:
-    """Restore a tokenizer saved with ``to_dict()`` (in ``meta.json`` or a checkpoint)."""
-    kind = d.get("kind")
+def vocab_size_of(d: dict, source: str = "the saved tokenizer") -> int:
+    """The vocabulary size of a tokenizer saved with ``to_dict()``, without loading it (no ranks file
+    needed); a malformed dictionary is an error naming ``source``."""
+    kind = d.get("kind") if isinstance(d, dict) else None
     if kind == "gpt2":
-        return GPT2Tokenizer(tiktoken_file)
+        return GPT2_VOCAB_SIZE
     if kind == "char":
-        return CharTokenizer(d["chars"])
-    raise ValueError(f"unknown saved tokenizer kind {kind!r}: expected one of {', '.join(TOKENIZERS)}")
+        chars = d.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise ValueError(f"{source}: a char tokenizer needs 'chars', a non-empty string, got {chars!r}")
+        return len(chars)
+    raise ValueError(f"{source}: unknown tokenizer kind {kind!r}: expected one of {', '.join(TOKENIZERS)}")
+
+
+def tokenizer_from_dict(d: dict, *, tiktoken_file: str | os.PathLike | None = None,
+                        source: str = "the saved tokenizer") -> Tokenizer:
+    """Restore a tokenizer saved with ``to_dict()`` (in ``meta.json`` or a checkpoint)."""
+    vocab_size_of(d, source)  # checks the dictionary
+    if d["kind"] == "gpt2":
+        return GPT2Tokenizer(tiktoken_file)
+    return CharTokenizer(d["chars"])

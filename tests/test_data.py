@@ -100,6 +100,49 @@ def test_no_sources(tmp_path):
         prepare([], tmp_path / "out")
 
 
+def test_files_in_folders_that_are_not_text_are_skipped(corpus, tmp_path, capsys):
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (corpus / "sub" / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (corpus / "zeros.bin").write_bytes(b"\x00" * 64)  # valid UTF-8, but binary
+    for tokenizer in ("char", "gpt2") if os.environ.get(TIKTOKEN_FILE_ENV) else ("char",):
+        meta = prepare([corpus], tmp_path / tokenizer, tokenizer=tokenizer)
+        err = capsys.readouterr().err
+        assert err.count("warning: skipping") == 3 and "skipped 3 file(s) that are not UTF-8 text" in err
+        assert "image.png' is not UTF-8 text: undecodable bytes at byte offset 0" in err
+        assert "zeros.bin' is not text: a NUL byte at byte offset 0" in err
+        assert meta["sources"] == [str(corpus / "a.txt"), str(corpus / "sub" / "b.txt")]
+        d, ids = read_back(tmp_path / tokenizer)
+        sep = "<|endoftext|>" if tokenizer == "gpt2" else ""
+        assert d.tokenizer().decode(ids.tolist()) == TEXT_A + sep + TEXT_B
+
+
+def test_nothing_textual_is_an_error(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.dat").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "bin" / "b.dat").write_bytes(b"\x00\x01")
+    with pytest.raises(ValueError, match="none of the 2 file.s. is UTF-8 text"):
+        prepare([tmp_path / "bin"], tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_include_and_exclude_choose_files(corpus, tmp_path):
+    (corpus / "notes.md").write_text("markdown\n")
+    meta = prepare([corpus], tmp_path / "a", include=["*.txt"])
+    assert meta["sources"] == [str(corpus / "a.txt"), str(corpus / "sub" / "b.txt")]
+    meta = prepare([corpus], tmp_path / "b", exclude=["sub/*", "*.md"])
+    assert meta["sources"] == [str(corpus / "a.txt")]
+    with pytest.raises(ValueError, match="holds no files matching the include/exclude globs"):
+        prepare([corpus], tmp_path / "c", include=["*.rst"])
+
+
+def test_cli_prepare_include_exclude(corpus, tmp_path, capsys):
+    from gptfast.cli import main
+
+    (corpus / "notes.md").write_text("markdown\n")
+    assert main(["prepare", str(corpus), "--out", str(tmp_path / "d"), "--include", "*.md"]) == 0
+    assert TokenData(tmp_path / "d").meta["sources"] == [str(corpus / "notes.md")]
+
+
 def test_undecodable_bytes(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("good line\n".encode() + "caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt.*not UTF-8.*byte offset 13"):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import sys
 
 import pytest
@@ -126,9 +125,10 @@ def test_no_pickled_code_runs(tmp_path):
     hf_checkpoint(tmp_path, 1, 1, 8, 20, 8, True)
     (tmp_path / "model.safetensors").unlink()
     torch.save({"transformer.wte.weight": _Exploit()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"pytorch_model.bin' is not a PyTorch state dict: it holds pickled Python "
+                                         r"objects \(setattr\).*refused") as error:
         from_pretrained(tmp_path)
-    assert not _Exploit.ran
+    assert not _Exploit.ran and "weights_only" not in str(error.value)
 
 
 def edit_checkpoint(directory, edit) -> None:
@@ -170,7 +170,7 @@ def test_unsupported_config_and_missing_files(tmp_path):
 
 def test_hub_names_fail_clearly_offline(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(RuntimeError, match="needs huggingface_hub"):
+    with pytest.raises(ImportError, match="needs huggingface_hub.*local checkpoint directory"):
         from_pretrained("gpt2-medium")
 
 
@@ -183,7 +183,7 @@ def test_hub_download_errors_are_explained(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(hub, "snapshot_download", offline)
-    with pytest.raises(RuntimeError, match="could not download 'gpt2'.*local checkpoint directory"):
+    with pytest.raises(ConnectionError, match="could not download 'gpt2'.*no network.*local checkpoint directory"):
         from_pretrained("gpt2")
     assert requested == ["openai-community/gpt2"]
 
@@ -204,3 +204,134 @@ def test_eval_of_a_pretrained_checkpoint_matches_transformers(tmp_path, capsys):
         logits = theirs(val[:-1].view(3, 16)).logits
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), val[1:].reshape(-1))
     assert f"48 tokens in windows of 16: loss {want.item():.4f}" in capsys.readouterr().out
+
+
+def test_the_cli_says_offline_and_how_to_pass_a_local_folder(tmp_path, monkeypatch, capsys):
+    from gptfast.cli import main
+    from gptfast.data import prepare
+
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kw: (_ for _ in ()).throw(OSError("offline")))
+    (tmp_path / "t.txt").write_text("abc\n" * 50)
+    prepare([tmp_path / "t.txt"], tmp_path / "d")
+    assert main(["eval", str(tmp_path / "d"), "--pretrained", "gpt2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gptfast eval: error: could not download 'gpt2'" in err
+    assert "no network" in err and "pass a local checkpoint directory instead of the name" in err
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # a folder, but no safetensors package
+    hf_checkpoint(tmp_path / "hf", 1, 1, 8, 20, 8, True)
+    assert main(["eval", str(tmp_path / "d"), "--pretrained", str(tmp_path / "hf"), "--device", "cpu"]) == 2
+    assert "needs safetensors (pip install safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.pop("n_embd"), "config.json: no 'n_embd' field"),
+    (lambda c: c.pop("vocab_size"), "config.json: no 'vocab_size' field"),
+    (lambda c: c.update(attn_pdrop="0.1"), "config.json: field 'attn_pdrop' is '0.1', expected int or float"),
+    (lambda c: c.update(layer_norm_epsilon=-1e-5), "field 'layer_norm_epsilon' is -1e-05, expected a positive"),
+    (lambda c: c.update(vocab_size=10**11), "more than this machine's"),
+    (lambda c: [1, 2], "config.json: holds list, expected a JSON object"),
+])
+def test_a_bad_config_json_names_the_file_and_field(tmp_path, edit, words):
+    hf_checkpoint(tmp_path, 1, 1, 8, 20, 8, True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edited = edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(edited if isinstance(edited, list) else config))
+    with pytest.raises(ValueError, match=words):
+        from_pretrained(tmp_path)
+
+
+def test_damaged_safetensors_and_shard_indexes_that_leave_the_folder(tmp_path):
+    hf_checkpoint(tmp_path, 1, 1, 8, 20, 8, True)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    for target in ("../x.safetensors", "/etc/passwd"):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": target}}))
+        with pytest.raises(ValueError, match=f"weight_map names '{target}', outside the checkpoint folder: refused"):
+            from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not valid JSON \(line 1"):
+        from_pretrained(tmp_path)
+
+
+def test_integer_tensors_are_refused_and_mixed_dtypes_converted(tmp_path, capsys):
+    hf = hf_checkpoint(tmp_path, 2, 2, 16, 30, 12, True)
+    name = "transformer.h.0.ln_1.weight"
+    edit_checkpoint(tmp_path, lambda t: t.update({name: t[name].half()}))
+    ours = from_pretrained(tmp_path)
+    assert "mixes float16, float32 tensors: converted to float32" in capsys.readouterr().err
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    idx = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        relative_close(ours(idx)[0], hf(idx).logits, rtol=1e-2)
+    edit_checkpoint(tmp_path, lambda t: t.update({"transformer.wpe.weight": t["transformer.wpe.weight"].long()}))
+    with pytest.raises(ValueError, match="tensor 'transformer.wpe.weight' is torch.int64, not floating point"):
+        from_pretrained(tmp_path)
+
+
+# --- fine-tuning: gptfast train --init-from -------------------------------------------------------------
+
+needs_ranks = pytest.mark.skipif(not os.environ.get("GPTFAST_TIKTOKEN_FILE"), reason="no local GPT-2 ranks file")
+
+
+def finetune(data, out, **overrides):
+    from gptfast.train import TrainConfig
+
+    base = dict(data=[str(data)], out_dir=str(out), batch_size=2, max_steps=2, warmup_steps=1, eval_interval=2,
+                eval_batches=1, log_interval=1, sample_tokens=0, progress=False, backend="torch", device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def gpt2_text(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finetune")
+    (folder / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    return folder
+
+
+@needs_ranks
+def test_init_from_a_hugging_face_folder_fine_tunes_and_resumes(gpt2_text, tmp_path):
+    from gptfast.checkpoint import load_checkpoint
+    from gptfast.train import train
+
+    hf = hf_checkpoint(tmp_path / "hf", 1, 2, 16, 50257, 32, True)
+    # lr 0: the first step leaves the weights as they came (the text is prepared with GPT-2 BPE unasked).
+    summary = train(finetune(gpt2_text / "text.txt", tmp_path / "out", init_from=str(tmp_path / "hf"), lr=0.0,
+                             min_lr=0.0, max_steps=1, eval_interval=1, context_length=16))
+    state = load_checkpoint(tmp_path / "out")
+    assert state["tokenizer"] == {"kind": "gpt2"} and state["model_config"]["context_length"] == 16
+    theirs = hf.state_dict()
+    assert torch.equal(state["model"]["transformer.wte.weight"], theirs["transformer.wte.weight"])
+    assert torch.equal(state["model"]["transformer.wpe.weight"], theirs["transformer.wpe.weight"][:16])
+    assert torch.equal(state["model"]["transformer.h.0.mlp.c_fc.weight"], theirs["transformer.h.0.mlp.c_fc.weight"].t())
+    val = torch.from_numpy(__import__("gptfast.data", fromlist=["TokenData"]).TokenData(
+        tmp_path / "out" / "data").val[:17].astype("int64"))
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(hf(val[None, :16]).logits[0], val[1:])
+    assert summary["val_loss"] == pytest.approx(want.item(), rel=1e-2)  # over 2 windows, here 1 of them
+    resumed = train(finetune(gpt2_text / "text.txt", tmp_path / "out", resume=True, max_steps=3, lr=1e-3))
+    assert resumed["step"] == 3
+
+
+@needs_ranks
+def test_init_from_needs_gpt2_tokens_and_a_gptfast_checkpoint_works(gpt2_text, tmp_path, capsys):
+    from gptfast.cli import main
+    from gptfast.train import train
+
+    hf_checkpoint(tmp_path / "hf", 1, 2, 16, 50257, 32, True)
+    capsys.readouterr()
+    argv = ["train", str(gpt2_text / "text.txt"), "--init-from", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "o"),
+            "--batch-size", "2", "--max-steps", "1", "--sample-tokens", "0", "--no-progress", "--device", "cpu"]
+    assert main(argv + ["--tokenizer", "char"]) == 2
+    err = capsys.readouterr().err
+    assert "is GPT-2, which reads GPT-2 BPE tokens, but the data is tokenized char" in err
+    assert "--tokenizer gpt2" in err and err.count("\n") == 1
+    assert main(argv + ["--preset", "mini"]) == 2
+    assert "--preset mini and --init-from" in capsys.readouterr().err
+    first = train(finetune(gpt2_text / "text.txt", tmp_path / "a", init_from=str(tmp_path / "hf"), context_length=16))
+    again = train(finetune(gpt2_text / "text.txt", tmp_path / "b", init_from=str(tmp_path / "a"), lr=0.0, min_lr=0.0,
+                           max_steps=1, eval_interval=1))
+    assert again["step"] == 1 and again["val_loss"] < 12  # from the fine-tuned weights, not random ones
+    assert first["val_loss"] == pytest.approx(again["val_loss"], abs=0.5)

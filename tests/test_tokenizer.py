@@ -59,8 +59,22 @@ def test_gpt2_offline_error_names_the_setting(monkeypatch):
 
     monkeypatch.delenv(TIKTOKEN_FILE_ENV, raising=False)
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match=f"{TIKTOKEN_FILE_ENV}.*tiktoken_file"):
+    with pytest.raises(ConnectionError, match=f"no network.*{TIKTOKEN_FILE_ENV}.*tiktoken_file"):
         GPT2Tokenizer()
+
+
+def test_cli_prepare_gpt2_offline_is_one_line(monkeypatch, tmp_path, capsys):
+    import tiktoken
+
+    from gptfast.cli import main
+
+    monkeypatch.delenv(TIKTOKEN_FILE_ENV, raising=False)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("unreachable")))
+    (tmp_path / "a.txt").write_text("hello\n")
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--tokenizer", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptfast prepare: error: could not load GPT-2's BPE ranks") and err.count("\n") == 1
+    assert "--tiktoken-file" in err
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS[1:])
@@ -94,5 +108,7 @@ def test_bad_names():
         load_tokenizer("char")
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         load_tokenizer("bpe")
-    with pytest.raises(ValueError, match="unknown saved tokenizer kind"):
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'word'"):
         tokenizer_from_dict({"kind": "word"})
+    with pytest.raises(ValueError, match="meta.json: a char tokenizer needs 'chars'"):
+        tokenizer_from_dict({"kind": "char"}, source="meta.json")

@@ -119,6 +119,53 @@ def test_ddp_two_processes_equal_one_with_double_accumulation(data_dir, tmp_path
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def child_with_rank(parent: int, rank: int) -> int:
+    """The pid of the process torchrun (``parent``) started as ``rank``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent \
+                    and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no rank {rank} under pid {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_stopped_ddp_peer_ends_the_run_after_the_timeout(data_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "gptfast", "train",
+               str(data_dir), "--out-dir", str(out), "--context-length", "32", "--batch-size", "4", "--max-steps",
+               "100000", "--log-interval", "1", "--sample-tokens", "0", "--no-progress", "--backend", "torch",
+               "--device", "cpu", "--ddp-timeout", "4"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = None
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / LOG_FILE).is_file() and (out / LOG_FILE).read_text().count("\n") >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.2)
+        stopped = child_with_rank(process.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)  # a peer that no longer answers
+        started = time.monotonic()
+        rank0 = child_with_rank(process.pid, 0)
+        while Path(f"/proc/{rank0}").exists() and time.monotonic() - started < 60:
+            if (Path(f"/proc/{rank0}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z":
+                break
+            time.sleep(0.2)
+        waited = time.monotonic() - started
+        os.kill(stopped, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert waited < 30, stderr[-3000:]  # the 4 s timeout, not torch's 30 minutes
+    assert "gptfast train: error: rank 0: lost contact with the other training processes" in stderr, stderr[-3000:]
+    assert "within the 4 s collective timeout" in stderr
+
+
 def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -137,8 +184,9 @@ def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 130, stderr[-3000:]  # stopped by SIGINT, after saving: 128 + 2
     assert "continue with --resume" in stdout
+    assert "Ctrl-C: stopping after this step (Ctrl-C again to abort)" in stderr and "Traceback" not in stderr
     state = load_checkpoint(out)
     assert state["step"] >= 3 and state["train_config"]["max_steps"] == 100000
     model, tokenizer = load_for_inference(out)
@@ -152,6 +200,8 @@ def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
 def test_plain_cuda_device_gets_the_current_index(monkeypatch):
     """--device cuda means the current GPU: torch.cuda.set_device and DDP need its index."""
     chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
     _, device = init_distributed("cuda")
@@ -178,10 +228,10 @@ def test_refuses_to_overwrite_or_resume_nothing(data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(tiny(data_dir, tmp_path, resume=True))
     train(tiny(data_dir, tmp_path, max_steps=2))
-    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
-        train(tiny(data_dir, tmp_path, max_steps=2))
+    with pytest.raises(FileExistsError, match="pass resume=True .* or overwrite=True .* another out_dir"):
+        train(tiny(data_dir, tmp_path, max_steps=2))  # a Python caller is told Python's names
     assert train(tiny(data_dir, tmp_path, max_steps=2, overwrite=True))["step"] == 2
-    with pytest.raises(ValueError, match="already at max_steps 2: raise --max-steps"):
+    with pytest.raises(ValueError, match="already at max_steps 2: raise max_steps"):
         train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
 
 
@@ -321,8 +371,9 @@ class Payload:
 
 def test_checkpoint_refuses_pickled_code(tmp_path):
     torch.save({"format": FORMAT, "payload": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="not a readable gptfast checkpoint"):
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \(test_train.Payload\).*refused") as error:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(error.value)  # torch's advice to load it anyway is wrong here
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a gptfast checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
@@ -378,7 +429,7 @@ def test_cli_backend_reaches_the_train_config(monkeypatch):
     from gptfast import cli, kernels
 
     configs = []
-    monkeypatch.setattr(cli, "train", configs.append)
+    monkeypatch.setattr(cli, "train", lambda cfg: configs.append(cfg) or {"signal": None})
     monkeypatch.setattr(kernels, "set_backend", lambda name: None)  # main() selects it for other commands
     with kernels.use_backend("triton"):
         for argv in (["train"], ["train", "--backend", "torch"], ["--backend", "torch", "train"]):
@@ -416,3 +467,51 @@ def test_cli_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: gptfast " + command in capsys.readouterr().out
+
+
+def test_console_lines_without_a_progress_bar(data_dir, tmp_path, capsys):
+    """--no-progress (and no terminal) prints a line every log_interval steps and no carriage returns;
+    before the first measured loss, the validation line gives the validation loss alone."""
+    train(tiny(data_dir, tmp_path / "a", max_steps=4, log_interval=2, eval_interval=1))
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines() if "/4:" in line] == ["step 2/4", "step 4/4"]
+    assert "step 1: val loss" in out and "nan" not in out
+    train(tiny(data_dir, tmp_path / "b", max_steps=2, progress=True))  # progress asked, but not a terminal
+    out, err = capsys.readouterr()
+    assert "step 2/2: loss" in out and "\r" not in out + err
+
+
+def test_without_matplotlib_training_says_once_how_to_get_the_plot(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    train(tiny(data_dir, tmp_path, max_steps=1))
+    out = capsys.readouterr().out
+    assert out.count("no loss plot: matplotlib is not installed (pip install matplotlib)") == 1
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_tensorboard_gets_the_scalars_of_the_log(data_dir, tmp_path, monkeypatch, capsys):
+    import types
+
+    events = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir, purge_step=None):
+            events.append(("open", log_dir, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            events.append((tag, value, step))
+
+        def close(self):
+            events.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    train(tiny(data_dir, tmp_path, max_steps=3, eval_interval=3, tensorboard=True))
+    assert events[0] == ("open", str(tmp_path / "tensorboard"), None) and events[-1] == ("close",)
+    logged = [(k, v, r["step"]) for r in log_records(tmp_path) for k, v in r.items() if k != "step" and v is not None]
+    assert events[1:-1] == logged and {"loss", "lr", "tokens_per_sec", "val_loss"} <= {e[0] for e in logged}
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    argv = ["train", str(data_dir), "--out-dir", str(tmp_path / "b"), "--tensorboard", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "gptfast train: error: TensorBoard logging (tensorboard=True, --tensorboard) needs the tensorboard "\
+        "package: pip install tensorboard\n"
