@@ -307,7 +307,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, left_pad: torch.Tensor | None = None, last_only: bool = False,
-                return_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                return_logits: bool = False, label_smoothing: float = 0.0, z_loss: float = 0.0
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (batch, seq, vocab_size), and given targets the mean cross-entropy, -1 ignored).
 
         Given targets, with ``config.fused_lm_head`` (the default), the LM head and the loss run
@@ -319,6 +320,7 @@ class GPT(nn.Module):
         masked out of attention and each row's positions count from its first real token.
         ``last_only``: logits (batch, 1, vocab_size) of the last position only, as generation needs:
         the LM head, the widest matmul of a small model, then runs on one position, not all.
+        ``label_smoothing`` and ``z_loss``: the loss's options (``kernels.cross_entropy``'s).
         """
         if last_only and targets is not None:
             raise ValueError("last_only gives the last position's logits only: it cannot compute a loss")
@@ -340,13 +342,13 @@ class GPT(nn.Module):
         vocab = self.config.vocab_size
         # The loss takes the padded head whole: the padding columns are left out of the softmax and
         # get a zero gradient, with no copy for a slice. Targets were checked above.
+        options = dict(num_classes=vocab, check_targets=False, label_smoothing=label_smoothing, z_loss=z_loss)
         if targets is not None and self.config.fused_lm_head and not return_logits:
-            return None, kernels.linear_cross_entropy(x, self.lm_head.weight, targets, num_classes=vocab,
-                                                      check_targets=False)
+            return None, kernels.linear_cross_entropy(x, self.lm_head.weight, targets, **options)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = kernels.cross_entropy(logits, targets, ignore_index=-1, num_classes=vocab, check_targets=False)
+            loss = kernels.cross_entropy(logits, targets, ignore_index=-1, **options)
         if self.config.padded_vocab_size != vocab:
             logits = logits[..., :vocab]
         return logits, loss

@@ -90,6 +90,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0  # of the loss, as F.cross_entropy defines it
+    z_loss: float = 0.0  # weight of PaLM's auxiliary loss, z_loss * logsumexp(logits)**2 per position
     eval_interval: int = 100  # validate and checkpoint every this many steps (and at the end)
     eval_batches: int = 10
     log_interval: int = 10
@@ -127,6 +129,10 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {', '.join(AMP_DTYPES)}, got {self.dtype!r}")
         if self.backend not in kernels.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(kernels.BACKENDS)}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        if not 0.0 <= self.z_loss < math.inf:
+            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
         if self.ddp_timeout <= 0:
             raise ValueError(f"ddp_timeout must be positive, got {self.ddp_timeout}")
 
@@ -139,7 +145,7 @@ FIXED_ON_RESUME = ("data", "tokenizer", "include", "exclude", "init_from", "pres
                    "batch_size", "grad_accum", "order", "seed")
 # Options a resumed run may change; a change is applied and printed.
 CHANGEABLE_ON_RESUME = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
-                        "eval_interval", "eval_batches", "log_interval", "dtype")
+                        "label_smoothing", "z_loss", "eval_interval", "eval_batches", "log_interval", "dtype")
 
 _CLI_OPTIONS = contextvars.ContextVar("gptfast_cli_options", default=False)
 
@@ -203,8 +209,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                batches: list[tuple[torch.Tensor, torch.Tensor]], *, lr: float, grad_clip: float = 1.0,
-               amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+               amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+               label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over micro-batches ``[(x, y), ...]``; returns (mean loss, gradient norm).
 
     The loss and norm stay on the device (no host sync). Under DDP, gradients are averaged
@@ -222,7 +228,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             else contextlib.nullcontext()
         with no_sync:
             with autocast(device_type, amp_dtype):
-                _, loss = model(x, y)
+                _, loss = model(x, y, label_smoothing=label_smoothing, z_loss=z_loss)
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
@@ -409,7 +415,8 @@ class _Run:
         batches = [self.stream.batch(s, self.device) for s in mine]
         lr = lr_at(self.step, cfg)
         loss, norm = train_step(self.runner, self.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
-                                amp_dtype=self.amp_dtype, scaler=self.scaler)
+                                amp_dtype=self.amp_dtype, scaler=self.scaler, label_smoothing=cfg.label_smoothing,
+                                z_loss=cfg.z_loss)
         self.step += 1
         return loss, norm, lr
 

@@ -515,3 +515,36 @@ def test_tensorboard_gets_the_scalars_of_the_log(data_dir, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err == "gptfast train: error: TensorBoard logging (tensorboard=True, --tensorboard) needs the tensorboard "\
         "package: pip install tensorboard\n"
+
+
+@pytest.mark.parametrize("fused_lm_head", [True, False])
+def test_train_step_applies_label_smoothing_and_z_loss(fused_lm_head):
+    """The trainer's loss options reach the loss: train_step's loss is F.cross_entropy's with label
+    smoothing, plus z_loss * logsumexp**2, on the logits before the step."""
+    from gptfast.model import GPT
+    from gptfast.train import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=32, context_length=8,
+                          fused_lm_head=fused_lm_head))
+    x, y = torch.randint(0, 50, (2, 3, 8))
+    with torch.no_grad():
+        logits, _ = model(x, y, return_logits=True)
+        flat = logits.reshape(-1, 50)
+        want = (torch.nn.functional.cross_entropy(flat, y.reshape(-1), label_smoothing=0.2)
+                + 1e-2 * (flat.logsumexp(-1) ** 2).mean())
+    loss, _ = train_step(model, make_optimizer(model, 1e-3), [(x, y)], lr=1e-3, label_smoothing=0.2, z_loss=1e-2)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_options_are_checked_and_reach_the_config(monkeypatch):
+    from gptfast.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        TrainConfig(label_smoothing=1.5)
+    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0, got -1"):
+        TrainConfig(z_loss=-1)
+    seen = {}
+    monkeypatch.setattr("gptfast.cli.train", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    main(["train", "--label-smoothing", "0.1", "--z-loss", "0.001", "--max-steps", "1"])
+    assert (seen["cfg"].label_smoothing, seen["cfg"].z_loss) == (0.1, 0.001)
