@@ -70,6 +70,33 @@ def interpreter_bf16_dot(monkeypatch):
                         lambda self, a, b, *args: create_dot(self, widened(a), widened(b), *args))
 
 
+@pytest.fixture
+def interpreter_bf16_rounding(monkeypatch):
+    """Under the interpreter, a float32 -> bfloat16 conversion (``x.to(tl.bfloat16)``, a store to a
+    bf16 pointer) drops the low 16 bits (and mangles subnormals); a GPU rounds to nearest, ties to
+    even, as torch's ``.to(torch.bfloat16)`` does. This makes the interpreter round too, so that a bf16
+    kernel test measures the kernel's error and not the interpreter's. Nothing on a GPU."""
+    if not kernels.backend.TRITON_INTERPRET:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def rounded(values):
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)  # room to carry
+        top = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # a tie rounds to the even half
+        return np.where(np.isnan(values), np.uint16(0x7FC0), top)  # the carry would turn some NaNs into inf
+
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(rounded(src.data), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast)
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     """Each test starts on the "auto" backend and cannot leak a backend change into the next."""

@@ -2,7 +2,7 @@
 kernels together in a small module, eager and under ``torch.compile(fullgraph=True)``.
 
 Tolerances: as for LayerNorm, float32 arithmetic plus one rounding of each output to its dtype
-(relative 2**-24, 2**-11, 2**-8 for float32, float16, bfloat16), with an absolute floor near zero.
+(kernel_testing's default), bfloat16 rounded to nearest under the interpreter as on a GPU.
 """
 
 import pytest
@@ -14,38 +14,21 @@ from hypothesis import strategies as st
 
 from gptfast import kernels
 from gptfast.kernels.bias_gelu import bias_gelu_reference
+from kernel_testing import DTYPES, forward_backward, run_and_compare, tolerance
 
-TOLERANCES = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
-DTYPES = list(TOLERANCES)
 # Under the interpreter numpy warns where exp overflows to inf in GELU's tails; the results are right.
-pytestmark = [pytest.mark.usefixtures("on_kernel_device"),  # the GPU when there is one
+pytestmark = [pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding"),  # the GPU when there is one
               pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]
 
 
-def run_and_compare(x, bias, approximate="tanh"):
-    """Forward and backward on "triton" against the float64 reference, within the tolerance of the
-    output dtype, which is x's whatever the bias's dtype."""
-    out_dtype = x.dtype
-    x = x.detach().requires_grad_()
-    bias = bias.detach().requires_grad_() if bias is not None else None
-    with kernels.use_backend("triton"):
-        y = kernels.bias_gelu(x, bias, approximate)
-    assert y.dtype == out_dtype and y.shape == x.shape
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    xd = x.detach().double().requires_grad_()
-    bd = bias.detach().double().requires_grad_() if bias is not None else None
-    ref = bias_gelu_reference(xd, bd, approximate)
-    ref.backward(dy.double())
-    torch.testing.assert_close(y.double(), ref.detach(), **TOLERANCES[out_dtype])
-    torch.testing.assert_close(x.grad.double(), xd.grad, **TOLERANCES[x.dtype])
-    if bias is not None:
-        assert bias.grad.dtype == bias.dtype
-        torch.testing.assert_close(bias.grad.double(), bd.grad, **TOLERANCES[bias.dtype])
+def compare_bias_gelu(x, bias, approximate="tanh", against_eager=False):
+    """Forward and backward on "triton" against the float64 reference: y (x's dtype, whatever the
+    bias's) and each gradient within its dtype's tolerance, and (against_eager) of the eager error."""
+    def op(x, bias):
+        return kernels.bias_gelu(x, bias, approximate)
+
+    run_and_compare(op, lambda x, bias: bias_gelu_reference(x, bias, approximate), dict(x=x, bias=bias),
+                    eager=op if against_eager else None)
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
@@ -54,41 +37,35 @@ def run_and_compare(x, bias, approximate="tanh"):
 def test_matches_reference(n, dtype, approximate):
     torch.manual_seed(n)
     x = (3 * torch.randn(2, 3, n)).to(dtype)  # leading (batch, seq) dimensions; GELU's bend and tails
-    run_and_compare(x, torch.randn(n).to(dtype), approximate)
+    compare_bias_gelu(x, torch.randn(n).to(dtype), approximate, against_eager=True)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 37])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_row_counts_and_optional_bias(rows, has_bias):
     torch.manual_seed(rows)
-    run_and_compare(torch.randn(rows, 300), torch.randn(300) if has_bias else None)
+    compare_bias_gelu(torch.randn(rows, 300), torch.randn(300) if has_bias else None)
 
 
 def test_non_contiguous_inputs():
     torch.manual_seed(0)
     n = 96
     for x in (torch.randn(n, 40).t(), torch.randn(40, n + 32)[:, :n], torch.randn(5, 8, n).transpose(0, 1)):
-        run_and_compare(x, torch.randn(n))
-    run_and_compare(torch.randn(7, n), torch.randn(2 * n)[::2])  # a strided bias
+        compare_bias_gelu(x, torch.randn(n))
+    compare_bias_gelu(torch.randn(7, n), torch.randn(2 * n)[::2])  # a strided bias
 
 
 def test_half_input_with_float32_bias_promotes_like_eager():
     torch.manual_seed(0)
-    run_and_compare(torch.randn(9, 768).bfloat16(), torch.randn(768))
+    compare_bias_gelu(torch.randn(9, 768).bfloat16(), torch.randn(768))
 
 
 def test_bias_gradient_is_deterministic():
     torch.manual_seed(0)
-    x = torch.randn(200, 512, requires_grad=True)  # 13 row tiles for 8 row programs
-    b = torch.randn(512, requires_grad=True)
+    inputs = dict(x=torch.randn(200, 512), bias=torch.randn(512))  # 13 row tiles for 8 row programs
     dy = torch.randn(200, 512)
-    grads = []
-    with kernels.use_backend("triton"):
-        for _ in range(2):
-            x.grad = b.grad = None
-            kernels.bias_gelu(x, b).backward(dy)
-            grads.append((x.grad.clone(), b.grad.clone()))
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    first, again = (forward_backward(kernels.bias_gelu, inputs, dy)[1] for _ in range(2))
+    assert all(torch.equal(first[name], again[name]) for name in inputs)
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
@@ -104,8 +81,8 @@ def test_nan_and_inf_propagate(approximate):
     xe = finite.repeat(3, 1).requires_grad_()
     ye = F.gelu(xe, approximate=approximate)
     ye.backward(torch.ones_like(ye))
-    torch.testing.assert_close(y[:, :6], ye, equal_nan=True, **TOLERANCES[torch.float32])
-    torch.testing.assert_close(x.grad[:, :6], xe.grad, equal_nan=True, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(y[:, :6], ye, equal_nan=True, **tolerance(torch.float32))
+    torch.testing.assert_close(x.grad[:, :6], xe.grad, equal_nan=True, **tolerance(torch.float32))
     # GELU(+inf) = inf * Phi(inf) = inf; -inf * Phi(-inf) is -inf * 0: NaN, as is either gradient.
     assert (y[:, 6] == float("inf")).all() and y[:, 7].isnan().all() and x.grad[:, 6:].isnan().all()
 
@@ -128,7 +105,7 @@ def test_bad_arguments():
        approximate=st.sampled_from(["tanh", "none"]), has_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_random_shapes(rows, n, dtype, approximate, has_bias, seed):
     torch.manual_seed(seed)
-    run_and_compare(torch.randn(rows, n).to(dtype), torch.randn(n).to(dtype) if has_bias else None, approximate)
+    compare_bias_gelu(torch.randn(rows, n).to(dtype), torch.randn(n).to(dtype) if has_bias else None, approximate)
 
 
 class NormGelu(nn.Module):
@@ -190,4 +167,4 @@ def test_float32_bias_keeps_half_activations_half(backend):
     y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32
     ref = bias_gelu_reference(x.detach().double(), bias.detach().double())
-    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.bfloat16])
+    torch.testing.assert_close(y.double(), ref, **tolerance(torch.bfloat16))

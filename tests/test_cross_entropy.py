@@ -1,11 +1,10 @@
 """The Triton cross-entropy (under the interpreter on CPU) against a float64 reference and
 ``F.cross_entropy``, eager and under ``torch.compile(fullgraph=True)``.
 
-Tolerances: the loss is float32 arithmetic on the given logits, so it is compared with the float64
-reference on the same (rounded) logits at float32 precision whatever their dtype. The gradient is
-float32 arithmetic plus one rounding to the logits' dtype (relative 2**-24, 2**-11, 2**-8), with an
-absolute floor: softmax - 1 at a target whose probability is near 1 keeps only the absolute
-accuracy of the float32 softmax, about 1e-7 times dloss (as in eager PyTorch).
+Tolerances (kernel_testing's "cross_entropy" entries): the loss is float32 arithmetic on the given
+logits, so it is compared with the float64 reference on the same (rounded) logits at float32 precision
+whatever their dtype. The gradient is float32 arithmetic plus one rounding to the logits' dtype (to
+nearest for bfloat16, under the interpreter as on a GPU), with a lower absolute floor than the default.
 """
 
 import pytest
@@ -17,36 +16,28 @@ from hypothesis import strategies as st
 
 from gptfast import kernels
 from gptfast.kernels.cross_entropy import cross_entropy_reference
+from kernel_testing import DTYPES, run_and_compare
 
-pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one
-
-LOSS_TOLERANCE = dict(rtol=2e-6, atol=2e-6)
-GRAD_TOLERANCES = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=2e-3, atol=1e-6),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
-}
-DTYPES = list(GRAD_TOLERANCES)
+pytestmark = pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding")  # the GPU when there is one
 
 
-def run_and_compare(logits, targets, ignore_index=-1, num_classes=None):
+def compare_cross_entropy(logits, targets, ignore_index=-1, num_classes=None, against_eager=False):
     """Per-position losses and the gradient for random per-position weights on "triton", against the
-    float64 reference on the first num_classes columns (the rest must get an exactly zero gradient)."""
-    logits = logits.detach().requires_grad_()
-    with kernels.use_backend("triton"):
-        loss = kernels.cross_entropy(logits, targets, ignore_index, reduction="none", num_classes=num_classes)
-    assert loss.dtype == torch.float32 and loss.shape == targets.shape
-    dloss = torch.randn_like(loss)
-    loss.backward(dloss)
-    assert logits.grad.dtype == logits.dtype and logits.grad.shape == logits.shape
-    n = num_classes or logits.shape[-1]
-    rows = logits.detach().reshape(-1, logits.shape[-1])[:, :n].double().requires_grad_()
-    want = cross_entropy_reference(rows, targets.reshape(-1), ignore_index)
-    want.backward(dloss.reshape(-1).double())
-    torch.testing.assert_close(loss.reshape(-1).double(), want.detach(), **LOSS_TOLERANCE)
-    grad = logits.grad.reshape(-1, logits.shape[-1])
-    torch.testing.assert_close(grad[:, :n].double(), rows.grad, **GRAD_TOLERANCES[logits.dtype])
-    assert not grad[:, n:].any()
+    float64 reference on the first num_classes columns (the rest must get an exactly zero gradient),
+    and (against_eager) against the eager error."""
+    n, classes = num_classes or logits.shape[-1], logits.shape[-1]
+
+    def op(logits):
+        return kernels.cross_entropy(logits, targets, ignore_index, reduction="none", num_classes=num_classes)
+
+    def reference(logits):
+        rows = logits.reshape(-1, classes)[:, :n]
+        return cross_entropy_reference(rows, targets.reshape(-1), ignore_index).view(targets.shape)
+
+    _, grads = run_and_compare(op, reference, dict(logits=logits), out_dtype=torch.float32,
+                               output_tolerance="cross_entropy loss", gradient_tolerance="cross_entropy gradient",
+                               eager=op if against_eager else None)
+    assert not grads["logits"][..., n:].any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -56,25 +47,20 @@ def test_matches_reference(classes, dtype):
     logits = (4 * torch.randn(2, 3, classes)).to(dtype)  # (batch, seq, classes)
     targets = torch.randint(0, classes, (2, 3))
     targets[1, 0] = -1
-    run_and_compare(logits, targets)
+    compare_cross_entropy(logits, targets, against_eager=True)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_match_f_cross_entropy(reduction, backend):
     torch.manual_seed(1)
-    logits = torch.randn(11, 37, requires_grad=True)
+    logits = torch.randn(11, 37)
     targets = torch.randint(0, 37, (11,))
     targets[::4] = 3  # a custom ignore_index
-    with kernels.use_backend(backend):
-        loss = kernels.cross_entropy(logits, targets, ignore_index=3, reduction=reduction)
-    want_logits = logits.detach().double().requires_grad_()
-    want = F.cross_entropy(want_logits, targets, ignore_index=3, reduction=reduction)
-    torch.testing.assert_close(loss.double(), want.detach(), **LOSS_TOLERANCE)
-    dloss = torch.randn_like(loss)
-    loss.backward(dloss)
-    want.backward(dloss.double())
-    torch.testing.assert_close(logits.grad.double(), want_logits.grad, **GRAD_TOLERANCES[torch.float32])
+    run_and_compare(lambda logits: kernels.cross_entropy(logits, targets, ignore_index=3, reduction=reduction),
+                    lambda logits: F.cross_entropy(logits, targets, ignore_index=3, reduction=reduction),
+                    dict(logits=logits), backend=backend, output_tolerance="cross_entropy loss",
+                    gradient_tolerance="cross_entropy gradient")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -99,7 +85,7 @@ def test_padding_columns_take_no_part(dtype):
     logits = torch.randn(6, 1024)
     logits[:, 1000:] = 50.0
     targets = torch.randint(0, 1000, (6,))
-    run_and_compare(logits.to(dtype), targets, num_classes=1000)
+    compare_cross_entropy(logits.to(dtype), targets, num_classes=1000)
     with kernels.use_backend("torch"):
         eager = kernels.cross_entropy(logits, targets, num_classes=1000)
     torch.testing.assert_close(eager, F.cross_entropy(logits[:, :1000], targets))
@@ -108,15 +94,15 @@ def test_padding_columns_take_no_part(dtype):
 def test_non_contiguous_logits():
     torch.manual_seed(0)
     targets = torch.randint(0, 96, (40,))
-    run_and_compare(torch.randn(40, 128)[:, :96], targets)  # rows with a stride of 128 (no copy)
-    run_and_compare(torch.randn(96, 40).t(), targets)  # column-major: copied to rows
-    run_and_compare(torch.randn(8, 5, 96).transpose(0, 1), targets.view(5, 8))
+    compare_cross_entropy(torch.randn(40, 128)[:, :96], targets)  # rows with a stride of 128 (no copy)
+    compare_cross_entropy(torch.randn(96, 40).t(), targets)  # column-major: copied to rows
+    compare_cross_entropy(torch.randn(8, 5, 96).transpose(0, 1), targets.view(5, 8))
 
 
 def test_int32_targets_and_zero_rows():
     torch.manual_seed(0)
-    run_and_compare(torch.randn(9, 50), torch.randint(0, 50, (9,), dtype=torch.int32))
-    run_and_compare(torch.randn(0, 50), torch.zeros(0, dtype=torch.long))
+    compare_cross_entropy(torch.randn(9, 50), torch.randint(0, 50, (9,), dtype=torch.int32))
+    compare_cross_entropy(torch.randn(0, 50), torch.zeros(0, dtype=torch.long))
 
 
 def test_large_common_offset():
@@ -124,7 +110,7 @@ def test_large_common_offset():
     row max and log-sum apart (their float32 sum would round the log-sum to 2**-10), so loss and
     gradient keep float32 accuracy, as F.cross_entropy does."""
     torch.manual_seed(0)
-    run_and_compare(1e4 + torch.randn(8, 3000), torch.randint(0, 3000, (8,)))
+    compare_cross_entropy(1e4 + torch.randn(8, 3000), torch.randint(0, 3000, (8,)))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
@@ -193,7 +179,7 @@ def test_unsupported_dtype_is_refused_on_triton_and_eager_on_auto():
 def test_random_shapes(rows, classes, padding, dtype, seed):
     torch.manual_seed(seed)
     targets = torch.randint(-1, classes, (rows,))
-    run_and_compare((3 * torch.randn(rows, classes + padding)).to(dtype), targets, num_classes=classes)
+    compare_cross_entropy((3 * torch.randn(rows, classes + padding)).to(dtype), targets, num_classes=classes)
 
 
 class Head(nn.Module):

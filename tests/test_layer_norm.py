@@ -1,8 +1,8 @@
 """The Triton LayerNorm (under the interpreter on CPU) against a float64 reference.
 
-Tolerances: the reference runs in float64 on the very values the kernel reads, so the kernel's error
-is its float32 arithmetic plus one rounding of each output to its dtype: a relative error of about
-2**-24 (float32), 2**-11 (float16) or 2**-8 (bfloat16), with an absolute floor for values near zero.
+The reference runs in float64 on the very values the kernel reads, so the kernel's error is its float32
+arithmetic plus one rounding of each output to its dtype: kernel_testing's default tolerances. Under the
+interpreter, bfloat16 outputs are rounded to nearest as on a GPU (``interpreter_bf16_rounding``).
 """
 
 import pytest
@@ -13,34 +13,20 @@ from hypothesis import strategies as st
 
 from gptfast import kernels
 from gptfast.kernels.layer_norm import MAX_ROW_LENGTH, layer_norm_reference
+from kernel_testing import DTYPES, assert_close, forward_backward, run_and_compare, tolerance
 
-pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one
-
-TOLERANCES = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
-DTYPES = list(TOLERANCES)
+pytestmark = pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding")  # the GPU when there is one
 
 
-def run_and_compare(x, weight, bias, eps=1e-5, dtype=None):
-    """Forward and backward on "triton" against the float64 reference, within the dtype's tolerance."""
-    tol = TOLERANCES[dtype or x.dtype]
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-    with kernels.use_backend("triton"):
-        y = kernels.layer_norm(*leaves, eps)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-    ref = layer_norm_reference(*ref_leaves, eps)
-    ref.backward(dy.double())
-    torch.testing.assert_close(y.double(), ref.detach(), **tol)
-    for got, want in zip(leaves, ref_leaves):
-        if got is not None:
-            assert got.grad.dtype == got.dtype
-            torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+def compare_layer_norm(x, weight, bias, eps=1e-5, out_dtype=None, grad_output=None, against_eager=False):
+    """Forward and backward on "triton" against the float64 reference: y (x's dtype unless out_dtype)
+    and each gradient within its dtype's tolerance, and (against_eager) of the eager error. Returns y."""
+    def op(*leaves):
+        return kernels.layer_norm(*leaves, eps, out_dtype)
+
+    y, _ = run_and_compare(op, lambda *leaves: layer_norm_reference(*leaves, eps), dict(x=x, weight=weight, bias=bias),
+                           grad_output, out_dtype=out_dtype, eager=op if against_eager else None)
+    return y
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -48,7 +34,7 @@ def run_and_compare(x, weight, bias, eps=1e-5, dtype=None):
 def test_matches_reference(n, dtype):
     torch.manual_seed(n)
     x = torch.randn(2, 3, n).to(dtype)  # leading (batch, seq) dimensions
-    run_and_compare(x, torch.randn(n).to(dtype), torch.randn(n).to(dtype))
+    compare_layer_norm(x, torch.randn(n).to(dtype), torch.randn(n).to(dtype), against_eager=True)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 37])
@@ -56,8 +42,8 @@ def test_matches_reference(n, dtype):
 def test_row_counts_and_optional_parameters(rows, has_weight, has_bias):
     torch.manual_seed(rows)
     n = 200
-    run_and_compare(torch.randn(rows, n), torch.randn(n) if has_weight else None,
-                    torch.randn(n) if has_bias else None)
+    compare_layer_norm(torch.randn(rows, n), torch.randn(n) if has_weight else None,
+                       torch.randn(n) if has_bias else None)
 
 
 def test_non_contiguous_inputs():
@@ -67,26 +53,20 @@ def test_non_contiguous_inputs():
     padded_rows = torch.randn(40, n + 32)[:, :n]  # row stride > n: read in place
     batch_major = torch.randn(5, 8, n).transpose(0, 1)  # leading dimensions that do not flatten to a view
     for x in (transposed, padded_rows, batch_major):
-        run_and_compare(x, torch.randn(n), torch.randn(n))
-    run_and_compare(torch.randn(7, n), torch.randn(2 * n)[::2], torch.randn(n, 3)[:, 1])  # strided parameters
+        compare_layer_norm(x, torch.randn(n), torch.randn(n))
+    compare_layer_norm(torch.randn(7, n), torch.randn(2 * n)[::2], torch.randn(n, 3)[:, 1])  # strided parameters
 
 
 def test_gradient_with_stride_zero_rows():
     """``y.sum()`` sends back an expanded (stride 0) gradient; it must be read as such."""
-    x, w = torch.randn(6, 50, requires_grad=True), torch.randn(50, requires_grad=True)
-    with kernels.use_backend("triton"):
-        kernels.layer_norm(x, w, None).sum().backward()
-    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    layer_norm_reference(xd, wd, None).sum().backward()
-    torch.testing.assert_close(x.grad.double(), xd.grad, **TOLERANCES[torch.float32])
-    torch.testing.assert_close(w.grad.double(), wd.grad, **TOLERANCES[torch.float32])
+    compare_layer_norm(torch.randn(6, 50), torch.randn(50), None, grad_output=torch.ones(1, 1).expand(6, 50))
 
 
 def test_parameters_in_float32_with_half_input():
     """Mixed precision: bfloat16 activations, float32 parameters; y in bfloat16, grads in float32."""
     torch.manual_seed(0)
     x = torch.randn(9, 768).bfloat16()
-    run_and_compare(x, torch.randn(768), torch.randn(768), dtype=torch.bfloat16)
+    compare_layer_norm(x, torch.randn(768), torch.randn(768))
 
 
 def test_large_common_offset():
@@ -97,7 +77,7 @@ def test_large_common_offset():
     with kernels.use_backend("triton"):
         y = kernels.layer_norm(x, w, b)
     ref = layer_norm_reference(x.double(), w.double(), b.double())
-    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+    assert_close("y", y, ref)
     mean = x.mean(-1, keepdim=True)
     naive_var = (x * x).mean(-1, keepdim=True) - mean * mean
     naive = (x - mean) / torch.sqrt(naive_var + 1e-5) * w + b
@@ -132,17 +112,10 @@ def test_large_common_offset_backward():
 
 def test_backward_is_deterministic():
     torch.manual_seed(0)
-    x = torch.randn(100, 768, requires_grad=True)  # 25 row tiles: several per backward program
-    w = torch.randn(768, requires_grad=True)
-    b = torch.randn(768, requires_grad=True)
+    inputs = dict(x=torch.randn(100, 768), weight=torch.randn(768), bias=torch.randn(768))  # 25 row tiles
     dy = torch.randn(100, 768)
-    grads = []
-    with kernels.use_backend("triton"):
-        for _ in range(2):
-            x.grad = w.grad = b.grad = None
-            kernels.layer_norm(x, w, b).backward(dy)
-            grads.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    first, again = (forward_backward(kernels.layer_norm, inputs, dy)[1] for _ in range(2))
+    assert all(torch.equal(first[name], again[name]) for name in inputs)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, under the interpreter
@@ -154,7 +127,7 @@ def test_nan_and_inf_propagate_like_eager():
     w, b = torch.randn(64), torch.randn(64)
     with kernels.use_backend("triton"):
         y = kernels.layer_norm(x, w, b)
-    torch.testing.assert_close(y, F.layer_norm(x, (64,), w, b), equal_nan=True, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(y, F.layer_norm(x, (64,), w, b), equal_nan=True, **tolerance(torch.float32))
     assert torch.isfinite(y[3]).all() and y[:3].isnan().all()
 
 
@@ -184,8 +157,8 @@ def test_parameter_shape_mismatch():
        has_weight=st.booleans(), has_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_random_shapes(rows, n, dtype, has_weight, has_bias, seed):
     torch.manual_seed(seed)
-    run_and_compare(torch.randn(rows, n).to(dtype), torch.randn(n).to(dtype) if has_weight else None,
-                    torch.randn(n).to(dtype) if has_bias else None)
+    compare_layer_norm(torch.randn(rows, n).to(dtype), torch.randn(n).to(dtype) if has_weight else None,
+                       torch.randn(n).to(dtype) if has_bias else None)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
@@ -193,21 +166,9 @@ def test_out_dtype_writes_half_from_float32(out_dtype):
     """A float32 residual stream normalised straight into the autocast dtype: y is out_dtype and
     within its rounding of the float64 reference; dx stays float32, as exact as without out_dtype."""
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 768, requires_grad=True)
-    weight, bias = torch.randn(768, requires_grad=True), torch.randn(768, requires_grad=True)
-    with kernels.use_backend("triton"):
-        y = kernels.layer_norm(x, weight, bias, 1e-5, out_dtype)
-    assert y.dtype == out_dtype
-    dy = torch.randn(y.shape).to(out_dtype)
-    y.backward(dy)
-    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    ref = layer_norm_reference(*leaves64)
-    ref.backward(dy.double())
-    torch.testing.assert_close(y.double(), ref.detach(), **TOLERANCES[out_dtype])
-    assert x.grad.dtype == torch.float32
-    for got, want in zip((x.grad, weight.grad, bias.grad), (t.grad for t in leaves64)):
-        torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+    x, weight, bias = torch.randn(3, 7, 768), torch.randn(768), torch.randn(768)
+    y = compare_layer_norm(x, weight, bias, out_dtype=out_dtype)
     with kernels.use_backend("torch"):
         eager = kernels.layer_norm(x, weight, bias, 1e-5, out_dtype)
     assert eager.dtype == out_dtype
-    torch.testing.assert_close(y, eager, **TOLERANCES[out_dtype])
+    torch.testing.assert_close(y, eager, **tolerance(out_dtype))
