@@ -99,8 +99,9 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, 
     picked = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
     loss = (m - picked) + log_sum  # lse - x[target], with the log-sum added last
     if SMOOTHING:  # (1 - e) * nll + e * (lse - mean(x)), as F.cross_entropy's label_smoothing
-        mean = pivot + tl.sum(x_sum, axis=0) / n_classes
-        loss = (1.0 - smoothing) * loss + smoothing * ((m - mean) + log_sum)
+        # lse - mean(x) = ((m - pivot) - mean(x - pivot)) + log-sum: m - pivot is exact for nearby values.
+        lse_minus_mean = ((m - pivot) - tl.sum(x_sum, axis=0) / n_classes) + log_sum
+        loss = (1.0 - smoothing) * loss + smoothing * lse_minus_mean
     if Z_LOSS:  # PaLM's auxiliary loss: z * lse^2
         loss += z_weight * (m + log_sum) * (m + log_sum)
     tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))

@@ -16,23 +16,24 @@ from hypothesis import strategies as st
 
 from gptfast import kernels
 from gptfast.kernels.cross_entropy import cross_entropy_reference
-from kernel_testing import DTYPES, run_and_compare
+from kernel_testing import DTYPES, run_and_compare, tolerance
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding")  # the GPU when there is one
 
 
-def compare_cross_entropy(logits, targets, ignore_index=-1, num_classes=None, against_eager=False):
+def compare_cross_entropy(logits, targets, ignore_index=-1, num_classes=None, against_eager=False, **options):
     """Per-position losses and the gradient for random per-position weights on "triton", against the
     float64 reference on the first num_classes columns (the rest must get an exactly zero gradient),
-    and (against_eager) against the eager error."""
+    and (against_eager) against the eager error. ``options``: label_smoothing and z_loss."""
     n, classes = num_classes or logits.shape[-1], logits.shape[-1]
 
     def op(logits):
-        return kernels.cross_entropy(logits, targets, ignore_index, reduction="none", num_classes=num_classes)
+        return kernels.cross_entropy(logits, targets, ignore_index, reduction="none", num_classes=num_classes,
+                                     **options)
 
     def reference(logits):
         rows = logits.reshape(-1, classes)[:, :n]
-        return cross_entropy_reference(rows, targets.reshape(-1), ignore_index).view(targets.shape)
+        return cross_entropy_reference(rows, targets.reshape(-1), ignore_index, **options).view(targets.shape)
 
     _, grads = run_and_compare(op, reference, dict(logits=logits), out_dtype=torch.float32,
                                output_tolerance="cross_entropy loss", gradient_tolerance="cross_entropy gradient",
@@ -211,3 +212,45 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(head.proj.weight.grad, want_grad)
         head.proj.weight.grad = None
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes, padding", [(7, 0), (1000, 24), (4097, 63)])
+@pytest.mark.parametrize("label_smoothing, z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.3, 1e-2), (1.0, 0.0)])
+def test_label_smoothing_and_z_loss_match_reference(classes, padding, label_smoothing, z_loss, dtype):
+    """Both options against float64, padding columns included (their gradient stays exactly zero:
+    the uniform part of label smoothing covers the classes only)."""
+    torch.manual_seed(classes + padding)
+    logits = (3 * torch.randn(4, classes + padding)).to(dtype)
+    targets = torch.randint(0, classes, (4,))
+    targets[2] = -1
+    compare_cross_entropy(logits, targets, num_classes=classes, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_is_f_cross_entropys(reduction, backend):
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 5, 33), torch.randint(0, 33, (6, 5))
+    targets[0] = -1
+    with kernels.use_backend(backend):
+        got = kernels.cross_entropy(logits, targets, reduction=reduction, label_smoothing=0.25)
+    want = F.cross_entropy(logits.reshape(-1, 33), targets.reshape(-1), ignore_index=-1, label_smoothing=0.25,
+                           reduction=reduction)
+    torch.testing.assert_close(got, want.view(got.shape), **tolerance(torch.float32, "cross_entropy loss"))
+
+
+def test_options_keep_offset_rows_accurate():
+    """Rows of 1e4 + N(0, 1): label smoothing's mean logit is summed as differences from the first
+    logit, so the loss keeps float32 accuracy."""
+    torch.manual_seed(0)
+    compare_cross_entropy(1e4 + torch.randn(8, 3000), torch.randint(0, 3000, (8,)), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("options, message", [(dict(label_smoothing=-0.1), r"label_smoothing must be in \[0, 1\]"),
+                                              (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\]"),
+                                              (dict(z_loss=-1.0), "z_loss must be a finite number >= 0"),
+                                              (dict(z_loss=float("inf")), "z_loss must be a finite number >= 0")])
+def test_bad_options_name_the_problem(options, message):
+    with pytest.raises(ValueError, match=f"cross_entropy: {message}"):
+        kernels.cross_entropy(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), **options)
