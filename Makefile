@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 lies on local disk here; elsewhere pip downloads it.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test aot36 clean
+.PHONY: setup run test lint aot36 clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ run: setup
 # The tests, and the benchmark suite once at its small CPU sizes (--benchmark) so CI keeps it working.
 test: setup
 	$(PY) -m pytest -q tests --benchmark
+
+# The linter, with the settings in ruff.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The ahead-of-time tests (the kernel lab's inspect, spills, access widths, the main-loop baseline) again
 # with Triton 3.6, the GPU image's version: its sm_90 code is what a lent GPU runs. Its interpreter

@@ -1,31 +1,44 @@
-"""The ``gptfast`` command line: ``gptfast prepare | train | generate | eval | info | bench`` (``--help``)."""
+"""The ``gptfast`` command line: one subcommand per task (``gptfast --help`` lists them)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import subprocess
 import sys
 import time
 
 import torch
 
-from . import kernels
+from . import __version__, kernels
 from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
 
 from .data import BatchStream, TokenData, prepare
 from .evaluate import split_loss
+from .generation import DEFAULT_TEMPERATURE, collect, stream
 from .model import GPT, PRESETS, GPTConfig
 from .precision import AMP_DTYPES, amp_dtype_for
-from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
-from .train import TrainConfig, train
+from .tokenizer import GPT2_VOCAB_SIZE, TIKTOKEN_FILE_ENV, TOKENIZERS
+from .interrupt import exit_code
+from .lab import add_lab_parser
+from .train import DEFAULTS, TrainConfig, cli_options, train
+
+BACKEND_HELP = "kernel backend (default: $GPTFAST_BACKEND or auto)"
 
 
-def _preset_table() -> str:
-    rows = [f"{'preset':<12} {'layers':>6} {'heads':>5} {'n_embd':>6} {'context':>7} {'params':>15} "
+def _preset_table(vocab_size: int) -> str:
+    """Size and memory of every preset for a vocabulary of ``vocab_size`` tokens, named in the first line."""
+    if vocab_size == GPT2_VOCAB_SIZE:
+        vocabulary = (f"GPT-2's vocabulary of {vocab_size:,} tokens (char-level data has one token per distinct "
+                      "character, about 100 for the embedded corpus: gptfast info --vocab-size 100)")
+    else:
+        vocabulary = f"a vocabulary of {vocab_size:,} tokens"
+    rows = [f"parameters for {vocabulary}",
+            f"{'preset':<12} {'layers':>6} {'heads':>5} {'n_embd':>6} {'context':>7} {'params':>15} "
             f"{'fp32 weights':>12} {'train mem*':>10}"]
     for name in PRESETS:
-        config = GPTConfig.from_preset(name)
+        config = GPTConfig.from_preset(name, vocab_size=vocab_size)
         with torch.device("meta"):
             n = GPT(config).num_parameters()
         # Weights, gradients and AdamW's two moments in float32: 16 bytes per parameter.
@@ -58,20 +71,20 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"backend: {kernels.get_backend()}; paths for bf16 GPT-2-sized inputs on {device}:")
     print(_backend_report(device))
     print()
-    print(_preset_table())
+    print(_preset_table(args.vocab_size))
     if args.forward:
-        config = GPTConfig.from_preset(args.forward)
+        config = GPTConfig.from_preset(args.forward, vocab_size=args.vocab_size)
         model = GPT(config).to(device).eval()
         idx, targets = torch.randint(0, config.vocab_size, (2, 2, config.context_length), device=device)
         with torch.no_grad():
-            logits, loss = model(idx, targets)
+            logits, loss = model(idx, targets, return_logits=True)
         print(f"\nforward pass of {args.forward!r} on {device}: logits {tuple(logits.shape)}, "
               f"loss {loss.item():.3f} (untrained: ln(vocab) = {torch.log(torch.tensor(config.vocab_size)):.3f})")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                   tiktoken_file=args.tiktoken_file)
+                   tiktoken_file=args.tiktoken_file, include=args.include or (), exclude=args.exclude or ())
     print(f"{meta['num_tokens']:,} tokens ({meta['num_val_tokens']:,} for validation), {meta['dtype']}, "
           f"vocabulary {meta['tokenizer']['kind']} -> {args.out}")
 
@@ -80,7 +93,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     # --backend, after `train` or before it; else $GPTFAST_BACKEND (or auto), as for every command.
     fields.update(data=args.data or None, backend=args.backend or kernels.get_backend())
-    train(TrainConfig(**fields))
+    with cli_options():  # messages name --options, not TrainConfig fields
+        summary = train(TrainConfig(**fields))
+    if summary.get("signal"):  # stopped by SIGINT/SIGTERM, checkpoint saved: 130/143, as schedulers expect
+        raise SystemExit(exit_code(summary["signal"]))
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,20 +106,29 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                       help="a folder made by `gptfast prepare`, or text files/folders (prepared into "
                            "OUT_DIR/data first); none: the embedded corpus")
     data.add_argument("--tokenizer", choices=TOKENIZERS, default=d.tokenizer,
-                      help="tokenizer for text that needs preparing (default: %(default)s)")
+                      help=f"tokenizer for text that needs preparing (default: {DEFAULTS['tokenizer']}; gpt2 "
+                      "with a Hugging Face --init-from)")
+    _add_file_choice_arguments(data)
     data.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
                       f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
     data.add_argument("--order", choices=BatchStream.ORDERS, default=d.order,
-                      help="batch order (default: %(default)s)")
-    model = p.add_argument_group("model")
-    model.add_argument("--preset", choices=list(PRESETS), default=d.preset, help="model size (default: %(default)s)")
-    model.add_argument("--context-length", type=int, metavar="T", help="tokens per sequence (default: the preset's)")
-    model.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate (default: %(default)s)")
+                      help=f"batch order (default: {DEFAULTS['order']})")
+    model = p.add_argument_group("model", "On --resume, an option of this group, --order, --seed, --batch-size or "
+                                 "--grad-accum left out is the checkpoint's; one given must agree with it.")
+    model.add_argument("--preset", choices=list(PRESETS), default=d.preset,
+                       help=f"model size (default: {DEFAULTS['preset']})")
+    model.add_argument("--init-from", metavar="SOURCE", help="start from these weights and fine-tune: gpt2, "
+                       "gpt2-medium... (downloaded), a local Hugging Face GPT-2 folder, or a gptfast checkpoint "
+                       "(its ckpt.pt or out_dir); GPT-2 needs data tokenized with --tokenizer gpt2")
+    model.add_argument("--context-length", type=int, metavar="T", help="tokens per sequence (default: the preset's "
+                       "or --init-from's, which it may shorten)")
+    model.add_argument("--dropout", type=float, default=d.dropout,
+                       help=f"dropout rate (default: {DEFAULTS['dropout']})")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--batch-size", type=int, default=d.batch_size,
-                     help="sequences per micro-batch and process (default: %(default)s)")
+                     help=f"sequences per micro-batch and process (default: {DEFAULTS['batch_size']})")
     opt.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                     help="micro-batches per step and process (default: %(default)s)")
+                     help=f"micro-batches per step and process (default: {DEFAULTS['grad_accum']})")
     opt.add_argument("--tokens-per-step", type=int, metavar="N",
                      help="tokens per optimizer step over all processes; sets --grad-accum")
     opt.add_argument("--max-steps", type=int, default=d.max_steps,
@@ -120,7 +145,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2 (default: %(default)s)")
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip,
                      help="clip the gradient norm to this; 0: no clipping (default: %(default)s)")
-    opt.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    opt.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                     help="label smoothing of the loss, as torch's cross_entropy (default: %(default)s)")
+    opt.add_argument("--z-loss", type=float, default=d.z_loss,
+                     help="weight of the z-loss, z * logsumexp(logits)^2 per position (default: %(default)s)")
+    opt.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {DEFAULTS['seed']})")
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default=d.out_dir,
                      help="checkpoint, log.jsonl and loss.png go here (default: %(default)s)")
@@ -144,7 +173,21 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      "(default: a line break)")
     run.add_argument("--backend", choices=kernels.BACKENDS, default=argparse.SUPPRESS,
                      help="kernel backend, as `gptfast --backend` (default: $GPTFAST_BACKEND or auto)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar: a line every "
+                     "--log-interval steps instead (as without a terminal)")
+    run.add_argument("--tensorboard", action="store_true", help="also log the scalars of log.jsonl to "
+                     "OUT_DIR/tensorboard (needs the tensorboard package)")
+    run.add_argument("--ddp-timeout", type=float, default=d.ddp_timeout, metavar="SECONDS",
+                     help="under torchrun, how long a collective waits for a stopped or dead peer before the run "
+                     "ends with an error (default: %(default)s)")
+
+
+def _add_file_choice_arguments(p) -> None:
+    """--include / --exclude: which files of the input folders are read."""
+    p.add_argument("--include", action="append", metavar="GLOB", help="read only the files of input folders "
+                   "whose name or path below the folder matches GLOB (repeatable), e.g. '*.txt'")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out the files of input folders "
+                   "matching GLOB (repeatable)")
 
 
 def _load_model(args: argparse.Namespace, device: str):
@@ -183,20 +226,19 @@ def _print_as_it_arrives(tokenizer, eos: int | None):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import generate
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model(args, device)
     prompts = args.prompt or ["\n"]
     encoded = [tokenizer.encode(p) or [tokenizer.eot_token_id or 0] for p in prompts]
     eos = None if args.ignore_eos else tokenizer.eot_token_id
+    # stream() checks every argument at the call, so an error is printed before any text is.
+    steps = stream(model, encoded, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, eos_token_id=eos, use_cache=not args.no_cache)
     streaming = len(prompts) == 1
     if streaming:
         print(prompts[0], end="", flush=True)
     start = time.perf_counter()
-    outputs = generate(model, encoded, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, eos_token_id=eos, use_cache=not args.no_cache,
-                       on_step=_print_as_it_arrives(tokenizer, eos) if streaming else None)
+    outputs = collect(steps, len(encoded), _print_as_it_arrives(tokenizer, eos) if streaming else None)
     seconds = time.perf_counter() - start
     if streaming:
         print()
@@ -229,7 +271,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    "(one prompt streams its text as it arrives; default: a line break)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=100, help="tokens to generate per prompt "
                    "(default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0: greedy (default: "
+                   "%(default)s, as gptfast.generate)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much "
                    "probability only (nucleus sampling)")
@@ -284,9 +327,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptfast", description=__doc__)
-    parser.add_argument("--backend", choices=kernels.BACKENDS, help="kernel backend (default: "
-                        "$GPTFAST_BACKEND or auto)")
+    parser = argparse.ArgumentParser(prog="gptfast", description="GPT-2 training and sampling with hand-written "
+                                     "Triton kernels.", epilog='"gptfast COMMAND --help" describes a command.')
+    parser.add_argument("--version", action="version", version=f"gptfast {__version__} (distribution gptfast-triton)")
+    parser.add_argument("--backend", choices=kernels.BACKENDS, help=BACKEND_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize text files or folders into a data folder for training",
                           description="Tokenize text into OUT/tokens.bin (uint16 when the vocabulary fits) "
@@ -300,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of tokens held out for validation (default: %(default)s)")
     prep.add_argument("--tiktoken-file", metavar="PATH", help="local GPT-2 ranks file for offline use "
                       f"(default: ${TIKTOKEN_FILE_ENV}, else tiktoken downloads it)")
+    _add_file_choice_arguments(prep)
     prep.set_defaults(func=cmd_prepare)
     trn = sub.add_parser("train", help="train a GPT (also under torchrun for several GPUs)",
                          description="Train a GPT on prepared data or on text. Ctrl-C stops after the current\n"
@@ -326,7 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(ev)
     ev.set_defaults(func=cmd_eval)
     info = sub.add_parser("info", help="parameter counts and memory per preset, and which backend "
-                          "path each operation takes on this machine")
+                          "path each operation takes on this machine",
+                          description="The versions of torch and Triton, the device, which path (Triton kernel or "
+                          "eager PyTorch) each operation takes there for GPT-2-sized inputs, and each preset's "
+                          "parameter count and memory for a vocabulary size (GPT-2's unless --vocab-size).")
+    info.add_argument("--vocab-size", type=_positive_int, default=GPT2_VOCAB_SIZE, metavar="N",
+                      help="vocabulary size for the parameter counts (default: GPT-2's, %(default)s; char-level data "
+                      "has one token per distinct character)")
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),
                       help="also run one forward pass of this preset")
     info.set_defaults(func=cmd_info)
@@ -335,7 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "and generation against their baselines and write a report (gptfast bench --help)")
     bench.add_argument("bench_args", nargs="*")
     bench.set_defaults(func=cmd_bench)
+    add_lab_parser(sub)
+    _accept_backend_after_every_command(sub)
     return parser
+
+
+def _accept_backend_after_every_command(sub) -> None:
+    """--backend after the command as well as before it, for every command that reads options (not bench)."""
+    for command in sub.choices.values():
+        if "-" in command.prefix_chars and "--backend" not in command._option_string_actions:
+            command.add_argument("--backend", choices=kernels.BACKENDS, default=argparse.SUPPRESS, help=BACKEND_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,9 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         kernels.set_backend(args.backend)
     try:
         args.func(args)
-    except (ValueError, OSError, kernels.BackendError) as error:  # bad input: the message, no traceback
-        print(f"gptfast {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, FloatingPointError, kernels.BackendError) as error:
+        print(f"gptfast {args.command}: error: {error}", file=sys.stderr)  # expected: the message, no traceback
         return 2
+    except KeyboardInterrupt as error:  # a second Ctrl-C (or SIGTERM): the last checkpoint is kept
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"gptfast {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return exit_code(signum)
     return 0
 
 

@@ -6,6 +6,7 @@ follow GPT-2's (``transformer.wte``, ``h.{i}.attn.c_attn``, ``mlp.c_fc``, ``lm_h
 dicts map onto Hugging Face's GPT-2 with only its Conv1D transposes. That conversion, and
 ``GPT.from_pretrained`` / ``model.save_pretrained`` with it, is :mod:`gptfast.pretrained`'s: it
 imports this module and adds the two methods to :class:`GPT`; this module knows nothing of it.
+``GPT.generate`` (tensor in, prompt + new tokens out) is added the same way by :mod:`gptfast.generation`.
 
 For generation, ``forward`` takes a :class:`KVCache`: each call appends its tokens' keys and values
 to the cache and attends over everything cached, so a new token costs one position of compute.

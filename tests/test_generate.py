@@ -1,15 +1,18 @@
 """Generation: the key/value cache against full recomputation, batching, sampling, stopping, errors, CLI."""
 
+import inspect
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from gptfast import kernels
 from gptfast import GPT, GPTConfig
 from gptfast.checkpoint import load_for_inference, save_checkpoint
-from gptfast.cli import _print_as_it_arrives, main
-from gptfast.generation import filter_logits, generate, pick_tokens, stream
+from gptfast import generation
+from gptfast.cli import _print_as_it_arrives, build_parser, main
+from gptfast.generation import DEFAULT_TEMPERATURE, filter_logits, generate, pick_tokens, stream
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer
 
 VOCAB = 97
@@ -31,7 +34,7 @@ def simple_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
     """Re-run the model on the whole window each step, sliding as documented: when the sequence
     outgrows the context, drop the oldest quarter of the window."""
     context = model.config.context_length
-    keep = context - max(1, context // 4)
+    keep = max(1, context - max(1, context // 4))
     seq, start = list(prompt[-context:]), 0
     for _ in range(n):
         if len(seq) - start > context:
@@ -40,6 +43,18 @@ def simple_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
             logits, _ = model(torch.tensor([seq[start:]]))
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt[-context:]):]
+
+
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    """The seeds' loop, written out: crop to the context, run the model, append the argmax."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits, _ = model(idx_cond)
+        logits = logits[:, -1, :]
+        idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
 
 
 def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
@@ -268,7 +283,8 @@ def test_cli_generate_from_training_checkpoint(tmp_path, capsys):
           "--seed", "3", "--device", "cpu"])
     out = capsys.readouterr()
     model, tokenizer = load_for_inference(tmp_path)
-    new = generate(model, [tokenizer.encode("abc"), tokenizer.encode("h")], 5, temperature=0.8, seed=3)
+    new = generate(model, [tokenizer.encode("abc"), tokenizer.encode("h")], 5, temperature=DEFAULT_TEMPERATURE,
+                   seed=3)
     assert out.out == "".join(f"--- prompt {i} ---\n{p}{tokenizer.decode(n)}\n"
                               for i, (p, n) in enumerate(zip(["abc", "h"], new)))
     assert "10 tokens in" in out.err and "with the key/value cache" in out.err
@@ -284,3 +300,100 @@ def test_cli_generate_streams_pretrained_gpt2(tmp_path, capsys):
     tokenizer = GPT2Tokenizer()
     new = generate(GPT.from_pretrained(str(tmp_path)), [tokenizer.encode(prompt)], 8, temperature=0)[0]
     assert capsys.readouterr().out == prompt + tokenizer.decode(new) + "\n"
+
+
+@pytest.mark.parametrize("prompt_len, n", [(1, 12), (9, 15), (24, 0)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_model_generate_is_the_seeds_loop_token_for_token(prompt_len, n, use_cache):
+    """Tensor in, tensor out, prompt included: up to a full context, greedy equals the seeds' loop."""
+    model = make_model()
+    idx = torch.tensor(prompts_of([prompt_len, prompt_len]))
+    expected = generate_text_simple(model, idx, n, model.config.context_length)
+    out = model.generate(idx, n, temperature=0, use_cache=use_cache)
+    assert torch.equal(out, expected) and out.dtype == idx.dtype
+    assert torch.equal(generate(model, idx, n, temperature=0, use_cache=use_cache), expected)
+    assert generate(model, idx.tolist(), n, temperature=0, use_cache=use_cache) == expected[:, prompt_len:].tolist()
+    if n:
+        assert len(set(out[0, prompt_len:].tolist())) > 2
+
+
+def test_model_generate_samples_as_the_list_api_and_fills_stopped_rows_with_eos():
+    model = make_model()
+    idx = torch.tensor(prompts_of([5, 5]))
+    new = generate(model, idx.tolist(), 10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    out = model.generate(idx, 10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert out[:, 5:].tolist() == new
+    free = model.generate(idx, 8, temperature=0)[:, 5:].tolist()
+    eos = free[0][2]  # the first row stops by its third new token
+    cut = [row[:row.index(eos) + 1] if eos in row else row for row in free]
+    width = max(len(row) for row in cut)
+    expected = [prompt + row + [eos] * (width - len(row)) for prompt, row in zip(idx.tolist(), cut)]
+    assert len(cut[0]) <= 3 and model.generate(idx, 8, temperature=0, eos_token_id=eos).tolist() == expected
+
+
+def test_model_generate_is_the_generation_function():
+    assert GPT.generate is generation.model_generate
+    with pytest.raises(TypeError, match=r"GPT.generate takes a \(batch, seq\) tensor"):
+        make_model().generate([[1, 2]], 3)
+
+
+@pytest.mark.parametrize("idx, words", [
+    (torch.tensor([1, 2, 3]), r"2-D \(batch, seq\).*got shape \(3,\)"),
+    (torch.zeros(2, 0, dtype=torch.long), r"got shape \(2, 0\)"),
+    (torch.ones(1, 3), "integer token ids, got dtype torch.float32"),
+    (torch.tensor([[1, VOCAB]]), f"token id {VOCAB}"),
+])
+def test_bad_prompt_tensors(idx, words):
+    with pytest.raises(ValueError, match=words):
+        generate(make_model(), idx, 3)
+
+
+def test_context_length_1_generates_past_its_first_token():
+    model = make_model(context_length=1)
+    idx = torch.tensor(prompts_of([3]))
+    expected = generate_text_simple(model, idx, 6, context_size=1)
+    for use_cache in (True, False):
+        with pytest.warns(UserWarning, match="longer than the context length 1"):
+            assert torch.equal(model.generate(idx, 6, temperature=0, use_cache=use_cache), expected)
+    assert torch.equal(model.generate(idx[:, -1:], 6, temperature=0)[:, 1:], expected[:, 3:])
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324])
+def test_temperatures_that_overflow_softmax_are_greedy(temperature):
+    model = make_model(dtype=torch.float32)
+    prompts = prompts_of([3, 6])
+    assert generate(model, prompts, 10, temperature=temperature, seed=0) == generate(model, prompts, 10, temperature=0)
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.999]])
+    assert pick_tokens(logits, temperature).tolist() == [1, 0]
+
+
+def test_numpy_integer_ids_are_accepted():
+    model = make_model()
+    prompts = prompts_of([4, 7])
+    expected = generate(model, prompts, 6, temperature=0, eos_token_id=5)
+    as_numpy = [np.array(prompts[0], dtype=np.int32), [np.int64(t) for t in prompts[1]]]
+    assert generate(model, as_numpy, np.int64(6), temperature=0, eos_token_id=np.int64(5)) == expected
+    assert generate(model, prompts, 6, temperature=2.0, top_k=np.int64(1), seed=0) == \
+        generate(model, prompts, 6, temperature=0)
+    with pytest.raises(ValueError, match="prompt 0 must be a list of int token ids"):
+        generate(model, [np.array([1.0, 2.0])], 3)
+
+
+def test_one_default_temperature_for_the_api_and_the_cli():
+    def default(function):
+        return inspect.signature(function).parameters["temperature"].default
+
+    assert default(generate) == default(stream) == default(GPT.generate) == default(pick_tokens) == DEFAULT_TEMPERATURE
+    args = build_parser().parse_args(["generate", "--checkpoint", "x"])
+    assert args.temperature == DEFAULT_TEMPERATURE
+
+
+def test_cli_generate_checks_arguments_before_printing(tmp_path, capsys):
+    chars = "abc\n"
+    config = GPTConfig(vocab_size=len(chars), n_layer=1, n_head=1, n_embd=8, context_length=8)
+    save_checkpoint(tmp_path, {"model_config": config.to_dict(), "model": GPT(config).state_dict(),
+                               "tokenizer": {"kind": "char", "chars": chars}})
+    code = main(["generate", "--checkpoint", str(tmp_path), "--prompt", "abc", "--top-k", "0", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == 2 and out.out == ""
+    assert out.err.strip() == "gptfast generate: error: top_k must be a positive integer, got 0"

@@ -26,6 +26,11 @@ def test_the_wheel_installs_gptfast_only(wheel):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"gptfast"}
     assert "gptfast/kernels/flash_attention.py" in names and "gptfast/bench/report.py" in names
+    assert "gptfast/kernels/configs/flash_attention_sm90.json" in names  # the block-size tables
+    # Every package of the checkout is in the wheel (a subpackage left out of setup.py would import in
+    # an editable install and fail in a real one).
+    for init in (ROOT / "gptfast").glob("*/__init__.py"):
+        assert f"gptfast/{init.parent.name}/__init__.py" in names, init
     assert not any(name.startswith(("gptfast/bench/results", "gptfast/bench/gpu.sh")) for name in names)
 
 
