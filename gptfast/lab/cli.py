@@ -51,6 +51,8 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="time the spill-free, unserialised candidate configurations (GPU only)")
     _add_target(p)
     p.add_argument("--config", action="append", help="a candidate (" + CONFIG_HELP + ")")
+    p.add_argument("--write", type=Path, metavar="FILE", help="attention: write the table with the winner here "
+                   "(default: the GPU's table in kernels/configs/)")
     p = sub.add_parser("baseline", help="compare main-loop lengths with tests/lab_baseline.json, or --write it")
     p.add_argument("--write", action="store_true", help="record this Triton version's lengths")
     lab.set_defaults(func=run)
@@ -120,7 +122,7 @@ def _tune(args) -> int:
     _needs_gpu("tune")
     from .measure import tune
 
-    print(tune(get_op(args.op), args.shape, args.dtype, args.config))
+    print(tune(get_op(args.op), args.shape, args.dtype, args.config, args.write))
     return 0
 
 

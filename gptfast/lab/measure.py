@@ -4,12 +4,15 @@ bench: the op's benchmark (``gptfast.bench``'s KernelBench: our kernel, eager, t
 Liger where installed) at one size, forward, backward and both, timed by ``triton.testing.do_bench``
 through the bench harness, each with its percentage of the measured copy or matmul ceiling.
 tune: the candidate configurations (``--config``, each one candidate) that ``inspect`` finds
-spill-free and unserialised on this GPU, each timed forward + backward with our kernel.
+spill-free and unserialised on this GPU, each timed forward + backward with our kernel; for
+attention the fastest goes into this GPU's table (kernels/configs/flash_attention_sm<table>.json, or
+``--write FILE``) with the device, versions and times.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -55,7 +58,8 @@ def bench(op: Op, shape_text: str | None, dtype: str) -> str:
     return "\n".join(lines)
 
 
-def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | None) -> str:
+def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | None,
+         write: Path | None = None) -> str:
     from gptfast.bench.harness import measure
     from gptfast.bench.kernel_bench import pass_call, triton_backend
 
@@ -66,6 +70,7 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
     device = torch.device("cuda")
     benchmark, size = _benchmark(op), BENCH_SIZES[op.name](shape)
     lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()}: forward + backward, measured"]
+    times = {}
     for candidate, (report, _) in zip(candidates, analysis.inspect_many(requests)):
         bad = [k["name"] for k in report["kernels"] if k["spill_bytes"] or k["serialized_mma"]]
         if bad:
@@ -77,6 +82,37 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
             inputs = benchmark.make_inputs(size, device, analysis.DTYPES[dtype])
             ms = measure(pass_call(forward, inputs, "forward+backward"), device,
                          grad_to_none=[t for t in inputs if t.requires_grad])[0]
+        times[candidate] = ms
         lines.append(f"{candidate:<50} {ms * 1e3:9.1f} us")
-    lines.append("(no configuration table file is written: the lead wires tune's output into kernels/configs/)")
+    if not times:
+        return "\n".join(lines + ["no candidate ran: nothing to write"])
+    best = min(times, key=times.get)
+    lines.append(f"fastest: {best} ({times[best] * 1e3:.1f} us)")
+    if op.name == "flash_attention":
+        lines.append(_write_attention_winner(op, shape, dtype, best, times, write))
+    else:  # the row ops derive their blocks from the row length: there is no table to write
+        lines.append(f"{op.name} has no configuration table: its launcher derives the blocks from the row length")
     return "\n".join(lines)
+
+
+def _write_attention_winner(op: Op, shape: tuple[int, ...], dtype: str, best: str, times: dict[str, float],
+                            write: Path | None) -> str:
+    """Put the winner into the attention table of this GPU (its JSON file, or ``write``), with the
+    device, the versions and the times in the table's source note."""
+    import triton
+
+    fa = op.module
+    q = torch.empty(shape[0], shape[1], shape[2], shape[3], dtype=analysis.DTYPES[dtype], device="cuda")
+    with configured(op, parse_config([best]), "forward"), configured(op, parse_config([best]), "backward"):
+        winner = fa._configs_for(q)
+    props = torch.cuda.get_device_properties(0)
+    table_id = fa.table_for(props.major, props.minor, getattr(props, "shared_memory_per_block_optin", None))
+    table = fa.load_table(fa.table_path(table_id))
+    key = (fa._head_dim_pad(shape[3]), q.element_size())
+    measured = ", ".join(f"{c}: {t * 1e3:.1f} us" for c, t in sorted(times.items(), key=lambda ct: ct[1]))
+    source = (f"{table.source} Entry {key} (head_dim_pad, element_size) measured by gptfast lab tune on "
+              f"{torch.cuda.get_device_name()} (torch {torch.__version__}, triton {triton.__version__}) at shape "
+              f"{','.join(map(str, shape))} {dtype}, forward + backward: {measured}.")
+    path = write or fa.table_path(table_id)
+    fa.write_table(path, fa.ConfigTable(source, {**table.configs, key: winner}))
+    return f"wrote the winner into {path} (entry {key})"
