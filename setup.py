@@ -11,8 +11,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["gptfast", "gptfast.kernels", "gptfast.bench"],
+    packages=["gptfast", "gptfast.kernels", "gptfast.bench", "gptfast.lab"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
+    package_data={"gptfast.kernels": ["configs/*.json"]},  # the flash-attention block-size tables
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -23,7 +24,7 @@ setup(
     extras_require={
         # The CPU tests run the kernels in Triton's interpreter, which needs 3.7 or newer (3.6's cannot
         # take loop bounds computed from program ids); compiled GPU kernels work with 3.0 and newer.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "safetensors",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "safetensors", "ruff",
                  "triton>=3.7; platform_system == 'Linux'"],
         "bench": ["matplotlib"],
         # GPT.from_pretrained / save_pretrained; huggingface_hub downloads gpt2, gpt2-medium, ...

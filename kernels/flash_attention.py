@@ -22,19 +22,28 @@ and the light ones fill the last wave, rather than a few heavy ones running alon
 Dropout on the probabilities draws one Philox number per (batch x head, query, key) from a seed,
 so the backward kernels regenerate the forward's mask exactly whatever their block sizes. The
 seed comes from torch's default generator: ``torch.manual_seed`` makes dropout reproducible.
+
+The block sizes and launch parameters are data: one JSON table per GPU class in ``configs/``
+(``load_table`` and ``write_table`` read and write them), the class chosen by the GPU's shared
+memory per block (``table_for``).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 import math
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import backend
-from .common import KERNEL_DTYPES, LN2, LOG2E, cdiv, jit, kernel_op, launch, next_power_of_2, tl, tracing
+from .common import KERNEL_DTYPES, LN2, LOG2E, cdiv, jit, kernel_op, launch, next_power_of_2, target_gpu, tl, tracing
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -75,17 +84,25 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. Every tile is (rows, HEAD_DIM_PAD): head dims that are not a power of two are
 # padded inside the kernel by masking the loads (zeros) and stores, never by copying the inputs.
-# q, k, v and dO are read through their strides; O, dQ, dK, dV are contiguous outputs.
+# q, k, v and dO are read through their strides, from base pointers offset once per program to its
+# (batch, head); O, dQ, dK, dV are contiguous outputs.
+#
+# Each kernel loops over the blocks one program needs in three spans (``_key_range`` and
+# ``_query_range`` name them): the blocks at the edges (the first real key, the causal diagonal,
+# the sequence ends) are masked, the blocks between them need no mask. The spans are unrolled at
+# compile time (``tl.static_range``), so each gets its own loop, the middle one without masking.
 # ---------------------------------------------------------------------------------------------
 
 
 @jit
-def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               CHECK_ROWS: tl.constexpr):
-    """Load a (rows, HEAD_DIM_PAD) tile; zeros past ``n_rows`` (if CHECK_ROWS) and past HEAD_DIM.
+def _load_tile(ptrs, rows, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load the (rows, HEAD_DIM_PAD) tile at ``ptrs``; zeros past ``n_rows`` (if CHECK_ROWS) and
+    past HEAD_DIM.
 
     Full tiles of power-of-two head dims load without a mask, which keeps them vectorisable.
     """
+    HEAD_DIM_PAD: tl.constexpr = ptrs.shape[1]
+    dims = tl.arange(0, HEAD_DIM_PAD)
     if CHECK_ROWS:
         mask = rows[:, None] < n_rows
         if HEAD_DIM < HEAD_DIM_PAD:
@@ -99,11 +116,12 @@ def _load_tile(ptrs, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: t
 
 
 @jit
-def _store_tile(ptrs, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+def _store_tile(ptrs, tile, rows, n_rows, HEAD_DIM: tl.constexpr):
     """Store the valid rows and head dims of a (rows, HEAD_DIM_PAD) tile."""
+    HEAD_DIM_PAD: tl.constexpr = ptrs.shape[1]
     mask = rows[:, None] < n_rows
     if HEAD_DIM < HEAD_DIM_PAD:
-        mask = mask & (dims[None, :] < HEAD_DIM)
+        mask = mask & (tl.arange(0, HEAD_DIM_PAD)[None, :] < HEAD_DIM)
     tl.store(ptrs, tile, mask=mask)
 
 
@@ -155,6 +173,41 @@ def _key_range(start_m, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M: 
 
 
 @jit
+def _query_range(start_n, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Queries that see keys [start_n, start_n + BLOCK_N), as (lo, diag_end, full_end, end):
+    [lo, diag_end) straddles the causal diagonal and is masked (all of [lo, end) if the key block
+    holds padding); [diag_end, full_end) sees the whole key block and needs no mask (empty if
+    full_end <= diag_end); [max(diag_end, full_end), end) holds the last, partial query block,
+    masked. Query blocks before ``lo`` see none of the keys and are skipped, as is every query
+    block if the key block is padding only."""
+    end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    full_end = q_len // BLOCK_M * BLOCK_M
+    lo = 0
+    diag_end = 0
+    if CAUSAL:
+        offset = k_len - q_len  # query i sits at key position i + offset
+        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        diag_end = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, end)
+    diag_end = tl.where(start_n < key_start, end, diag_end)
+    lo = tl.where(start_n + BLOCK_N <= key_start, end, lo)
+    return lo, diag_end, full_end, end
+
+
+@jit
+def _span(lo, mid, full_end, end, SPAN: tl.constexpr):
+    """Bounds of span SPAN of a range from ``_key_range`` or ``_query_range``: 0 is [lo, mid)
+    (masked), 1 is [mid, full_end) (unmasked, empty if full_end <= mid), 2 is
+    [max(mid, full_end), end) (masked)."""
+    start, stop = lo, mid
+    if SPAN == 1:
+        start, stop = mid, full_end
+    if SPAN == 2:
+        start, stop = tl.maximum(mid, full_end), end
+    return start, stop
+
+
+@jit
 def _load_key_start(KEY_START, batch):
     """Keys of this batch row hidden as padding (0 without KEY_START; negative counts as 0)."""
     key_start = 0
@@ -174,34 +227,7 @@ def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.cons
 
 
 @jit
-def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
-                    lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
-    """Online softmax over key blocks [lo, hi): each K and V tile is read once per query block."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
-                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        s = _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = m_new
-        if MASKED:  # a row that has seen no key yet keeps m = -inf: subtract 0 so p = 0, not NaN
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)  # rescales what earlier blocks accumulated
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped probabilities too
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
-        v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
-                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@jit
-def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
+def _attention_fwd_kernel(Q, K, V, OUT, LSE, KEY_START,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -210,8 +236,9 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per (query block, batch x head): O = softmax(Q K^T * scale) V and the row LSE.
 
-    Q is read once, K and V once per query block (from the row's first real key); O and LSE are
-    written once. KEY_START (or None): per batch row, the number of leading padding keys.
+    Q is read once, K and V once per query block (from the row's first real key), with an online
+    softmax over the key blocks; O and LSE are written once. KEY_START (or None): per batch row,
+    the number of leading padding keys.
     """
     # The last query blocks see the most keys under the causal mask: launch them first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -222,26 +249,34 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
     V += batch * stride_vb + head * stride_vh
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, dims,
-                   HEAD_DIM, HEAD_DIM_PAD, True)
+    q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, HEAD_DIM, True)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum (log2 units)
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    # Defined in the order the key loops carry them: another order costs sm_90 registers (Triton 3.9).
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum (log2 units)
     qk_scale = scale * LOG2E
     key_start = _load_key_start(KEY_START, batch)
     lo, mid, full_end, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                                    rows, dims, lo, mid, q_len, k_len, key_start, qk_scale, dropout_p,
-                                    seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                                    rows, dims, mid, full_end, q_len, k_len, key_start, qk_scale,
-                                    dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT,
-                                    False)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                                    rows, dims, full_end, end, q_len, k_len, key_start, qk_scale,
-                                    dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT,
-                                    True)
+    for span in tl.static_range(3):  # masked, unmasked, masked (_span)
+        MASKED = span != 1
+        span_start, span_end = _span(lo, mid, full_end, end, span)
+        for start_n in range(span_start, span_end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, HEAD_DIM, MASKED)
+            s = _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL, MASKED)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = m_new
+            if MASKED:  # a row that has seen no key yet keeps m = -inf: subtract 0 so p = 0, not NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_ref[:, None])
+            alpha = tl.math.exp2(m_i - m_ref)  # rescales what earlier blocks accumulated
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped probabilities too
+            if DROPOUT:
+                p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
+            v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, HEAD_DIM, MASKED)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
     # A row that sees no key (padding) has l_i = 0: it outputs zeros, and its LSE is +inf so that
     # the backward pass recomputes its probabilities as exp(s - inf) = 0.
     seen = l_i > 0
@@ -250,15 +285,14 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, KEY_START,
     if DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     o = acc * inv_l[:, None]
-    O += bh.to(tl.int64) * q_len * HEAD_DIM
-    _store_tile(O + rows[:, None] * HEAD_DIM + dims[None, :], o.to(O.dtype.element_ty), rows, q_len, dims,
-                HEAD_DIM, HEAD_DIM_PAD)
+    OUT += bh.to(tl.int64) * q_len * HEAD_DIM
+    _store_tile(OUT + rows[:, None] * HEAD_DIM + dims[None, :], o.to(OUT.dtype.element_ty), rows, q_len, HEAD_DIM)
     lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * LN2, float("inf"))  # natural log
     tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=rows < q_len)
 
 
 @jit
-def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot, stride_dod,
+def _attention_bwd_delta_kernel(OUT, DO, DELTA, stride_dob, stride_doh, stride_dot, stride_dod,
                                 n_heads, q_len, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
     """delta_i = dot(dO_i, O_i) = rowsum(P * dP): reads O and dO once, writes one float per row."""
@@ -267,50 +301,12 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, stride_dob, stride_doh, stride_dot
     batch, head = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    o = _load_tile(O + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
-                   rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD, True)
+    o = _load_tile(OUT + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
+                   rows, q_len, HEAD_DIM, True)
     do = _load_tile(DO + batch * stride_dob + head * stride_doh + rows[:, None] * stride_dot
-                    + dims[None, :] * stride_dod, rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD, True)
+                    + dims[None, :] * stride_dod, rows, q_len, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
-
-
-@jit
-def _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                         cols, dims, lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
-    """Accumulate dK and dV of one key block over query blocks [lo, hi).
-
-    Works on transposed (key, query) tiles so that dK and dV come out of the dots row by key.
-    """
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, dims,
-                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, dims,
-                        HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        if MASKED:
-            lse = tl.load(LSE + rows, mask=rows < q_len, other=0.0)
-            delta = tl.load(DELTA + rows, mask=rows < q_len, other=0.0)
-        else:
-            lse = tl.load(LSE + rows)
-            delta = tl.load(DELTA + rows)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale
-        if MASKED:
-            s_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, key_start, CAUSAL), s_t,
-                           float("-inf"))
-        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed (0 where LSE = inf)
-        dp_t = tl.dot(v, tl.trans(do))  # dL/d(dropped P), transposed
-        if DROPOUT:
-            keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
-            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do)
-            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do)
-        ds_t = p_t * (dp_t - delta[None, :])  # softmax backward
-        dk += tl.dot(ds_t.to(q.dtype), q)
-    return dk, dv
 
 
 @jit
@@ -325,8 +321,9 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
     """One program per (key block, batch x head): dK and dV of the block, written once.
 
     K and V stay in on-chip memory; Q, dO, LSE and delta are read once per key block that needs them.
-    The first key blocks are the heaviest under the causal mask (every later query sees them) and
-    they are launched first.
+    The tiles are transposed, (key, query), so that dK and dV come out of the dots row by key. The
+    first key blocks are the heaviest under the causal mask (every later query sees them) and they
+    are launched first.
     """
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -339,71 +336,47 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
     DELTA += bh.to(tl.int64) * q_len
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
-                   HEAD_DIM, HEAD_DIM_PAD, True)
-    v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
-                   HEAD_DIM, HEAD_DIM_PAD, True)
+    k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, HEAD_DIM, True)
+    v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, HEAD_DIM, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * LOG2E
-
-    # Query blocks [lo, diag_end) straddle the causal diagonal, [diag_end, full_end) see the whole key
-    # block and are complete, [max(diag_end, full_end), q_end) is the last, partial query block.
-    q_end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
-    full_end = q_len // BLOCK_M * BLOCK_M
-    lo = 0
-    diag_end = 0
-    if CAUSAL:
-        offset = k_len - q_len  # query i sits at key position i + offset
-        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M  # earlier queries see none of it
-        diag_end = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
-                              q_end)
-    # A key block holding padding is masked for every query block; one of padding only is skipped.
     key_start = _load_key_start(KEY_START, batch)
-    diag_end = tl.where(start_n < key_start, q_end, diag_end)
-    lo = tl.where(start_n + BLOCK_N <= key_start, q_end, lo)
-    dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
-                                  stride_dod, cols, dims, lo, diag_end, q_len, k_len, key_start,
-                                  qk_scale, dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                                  CAUSAL, DROPOUT, True)
-    dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
-                                  stride_dod, cols, dims, diag_end, full_end, q_len, k_len, key_start,
-                                  qk_scale, dropout_p, seed, bh, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                                  CAUSAL, DROPOUT, False)
-    dk, dv = _bwd_kv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot,
-                                  stride_dod, cols, dims, tl.maximum(diag_end, full_end), q_end, q_len,
-                                  k_len, key_start, qk_scale, dropout_p, seed, bh, HEAD_DIM,
-                                  HEAD_DIM_PAD, BLOCK_M, CAUSAL, DROPOUT, True)
+    lo, diag_end, full_end, end = _query_range(start_n, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
+    for span in tl.static_range(3):  # masked, unmasked, masked (_span)
+        MASKED = span != 1
+        span_start, span_end = _span(lo, diag_end, full_end, end, span)
+        for start_m in range(span_start, span_end, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, HEAD_DIM, MASKED)
+            do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, HEAD_DIM,
+                            MASKED)
+            if MASKED:
+                lse = tl.load(LSE + rows, mask=rows < q_len, other=0.0)
+                delta = tl.load(DELTA + rows, mask=rows < q_len, other=0.0)
+            else:
+                lse = tl.load(LSE + rows)
+                delta = tl.load(DELTA + rows)
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale
+            if MASKED:
+                s_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, key_start, CAUSAL), s_t,
+                               float("-inf"))
+            p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed (0 where LSE = inf)
+            dp_t = tl.dot(v, tl.trans(do))  # dL/d(dropped P), transposed
+            if DROPOUT:
+                keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
+                dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do)
+                dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+            else:
+                dv += tl.dot(p_t.to(do.dtype), do)
+            ds_t = p_t * (dp_t - delta[None, :])  # softmax backward
+            dk += tl.dot(ds_t.to(q.dtype), q)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     dk = dk * scale
     out = bh.to(tl.int64) * k_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
-    _store_tile(DK + out, dk.to(DK.dtype.element_ty), cols, k_len, dims, HEAD_DIM, HEAD_DIM_PAD)
-    _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, dims, HEAD_DIM, HEAD_DIM_PAD)
-
-
-@jit
-def _bwd_q_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows, dims,
-                      lo, hi, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
-                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi)."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, dims,
-                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        # V is loaded before the first dot: loaded after it, float32 tiles spill on Triton 3.6.
-        v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, dims,
-                       HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        s = _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL, MASKED)
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    return dq
+    _store_tile(DK + out, dk.to(DK.dtype.element_ty), cols, k_len, HEAD_DIM)
+    _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, HEAD_DIM)
 
 
 @jit
@@ -428,10 +401,8 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
     DO += batch * stride_dob + head * stride_doh
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, dims,
-                   HEAD_DIM, HEAD_DIM_PAD, True)
-    do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, dims,
-                    HEAD_DIM, HEAD_DIM_PAD, True)
+    q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, HEAD_DIM, True)
+    do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, HEAD_DIM, True)
     row_ok = rows < q_len
     lse2 = tl.load(LSE + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0)
@@ -439,34 +410,31 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
     qk_scale = scale * LOG2E
     key_start = _load_key_start(KEY_START, batch)
     lo, mid, full_end, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
-                           dims, lo, mid, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
-                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
-    dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
-                           dims, mid, full_end, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
-                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, False)
-    dq = _bwd_q_key_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, rows,
-                           dims, full_end, end, q_len, k_len, key_start, qk_scale, dropout_p, seed, bh,
-                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, DROPOUT, True)
+    for span in tl.static_range(3):  # masked, unmasked, masked (_span)
+        MASKED = span != 1
+        span_start, span_end = _span(lo, mid, full_end, end, span)
+        for start_n in range(span_start, span_end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, HEAD_DIM, MASKED)
+            # V is loaded before the first dot: loaded after it, float32 tiles spill on Triton 3.6.
+            v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, k_len, HEAD_DIM, MASKED)
+            s = _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL, MASKED)
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v))
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * scale
     _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
-                dq.to(DQ.dtype.element_ty), rows, q_len, dims, HEAD_DIM, HEAD_DIM_PAD)
-
-
-@jit
-def _dropout_keep_kernel(KEEP, q_len, k_len, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Write the keep-mask the attention kernels draw, as int8 (batch x heads, q_len, k_len)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2)
-    keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
-    mask = (rows[:, None] < q_len) & (cols[None, :] < k_len)
-    KEEP += bh.to(tl.int64) * q_len * k_len
-    tl.store(KEEP + rows[:, None] * k_len + cols[None, :], keep.to(tl.int8), mask=mask)
+                dq.to(DQ.dtype.element_ty), rows, q_len, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
-# Block sizes per GPU class (shared memory per block), head dim and element size.
+# Block sizes: one table per GPU class (named by the compute capability it was made for, chosen by
+# the shared memory one block may use), kept as data in configs/flash_attention_sm<table>.json with
+# an entry per padded head dim and element size. load_table and write_table read and write them.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -489,16 +457,40 @@ class AttentionConfigs:
     backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks
 
 
+@dataclass(frozen=True)
+class ConfigTable:
+    """One GPU class's configurations by (head_dim_pad, element_size), and how they were chosen."""
+
+    source: str
+    configs: dict[tuple[int, int], AttentionConfigs]
+
+
 # Under the interpreter tiles are small and unequal, so that short test sequences cross many block
 # boundaries and both the masked and the unmasked loops run.
 INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(32, 16))
-# The tables, named by the compute capability they were tuned on, with the shared memory one block
-# may use there (the opt-in maximum): A100-class parts (8.0, 8.7); the smaller Ampere and Ada parts
-# (8.6, 8.9: RTX 30xx/40xx, A10, L4, L40S) and any other part with less shared memory; Hopper (9.0,
-# and later parts with as much shared memory).
+# The tables, with the shared memory one block may use where they apply (the opt-in maximum):
+# A100-class parts (8.0, 8.7); the smaller Ampere and Ada parts (8.6, 8.9: RTX 30xx/40xx, A10, L4,
+# L40S) and any other part with less shared memory; Hopper (9.0, and later parts with as much).
 SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
 ARCHES = tuple(SHARED_MEMORY)
 HEAD_DIM_PADS = (16, 32, 64, 128)
+ELEMENT_SIZES = (2, 4)  # float16 and bfloat16 share their entries; float32
+TABLE_KEYS = tuple(itertools.product(HEAD_DIM_PADS, ELEMENT_SIZES))  # the entries every table has
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# How the shipped entries were made: each tile keeps its float32 scores and accumulators in
+# registers and streams K/V (forward, dQ) or Q/dO (dK, dV) through shared memory, multi-buffered
+# over num_stages. 128-row tiles feed Hopper's 64-row wgmma instructions from two warp groups. The
+# 99 KiB parts share the A100's 16-bit entries (at most 80 KiB) and take smaller float32 tiles. The
+# dK/dV kernel holds two float32 accumulators of BLOCK_N x head_dim, so its key block shrinks where
+# registers run short (Ampere keeps mma operands in registers too). float32 inputs multiply in TF32
+# on tensor cores (float32 accumulation) with smaller tiles, as they take twice the space. Each
+# entry was compiled ahead of time (the dropout variant, at the largest head dim it serves);
+# ``tests/test_aot_flash_attention.py`` checks every entry for spills and shared memory.
+
+_KERNEL_FIELDS = tuple(f.name for f in fields(AttentionConfigs))
+_BLOCK_FIELDS = tuple(f.name for f in fields(BlockConfig))
+_ENTRY_FIELDS = ("head_dim_pad", "element_size", *_KERNEL_FIELDS)
+_ONE_LINE_OBJECT = re.compile(r"\{\n\s*([^{}\[\]]*?)\n\s*\}")  # an object holding no object or list
 
 
 def table_for(major: int, minor: int, shared_memory: int | None) -> int:
@@ -512,41 +504,75 @@ def table_for(major: int, minor: int, shared_memory: int | None) -> int:
     return 80 if shared_memory >= SHARED_MEMORY[80] else 86
 
 
-def tuned_configs(arch: int, head_dim_pad: int, element_size: int) -> AttentionConfigs:
-    """Configurations of table ``arch`` (a key of SHARED_MEMORY), padded head dim and input bytes.
+def table_path(table: int) -> Path:
+    """The JSON file of ``table`` (a key of SHARED_MEMORY)."""
+    return CONFIG_DIR / f"flash_attention_sm{table}.json"
 
-    Each tile keeps its float32 scores and accumulators in registers and streams K/V (forward, dQ)
-    or Q/dO (dK, dV) through shared memory, multi-buffered over num_stages (163 KiB on an A100,
-    99 KiB on an RTX 4090 or L4, 227 KiB on an H100). 128-row tiles feed Hopper's 64-row wgmma
-    instructions from two warp groups. The 99 KiB parts share the A100's 16-bit entries (at most
-    80 KiB) and take smaller float32 tiles.
-    The dK/dV kernel holds two float32 accumulators of BLOCK_N x head_dim, so its key block shrinks
-    where registers run short (Ampere keeps mma operands in registers too). float32 inputs multiply
-    in TF32 on tensor cores (float32 accumulation) with smaller tiles, as they take twice the space.
-    The choices were made by compiling ahead of time (dropout variant, the largest head dim of each
-    class): ``tests/test_aot_flash_attention.py`` checks every entry for spills and shared memory.
-    """
-    hopper = arch == 90
-    if element_size == 4 and arch == 86:
-        return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=8, num_stages=2),
-                                backward_kv=BlockConfig(32, 32, num_warps=8, num_stages=2),
-                                backward_q=BlockConfig(64, 16, num_warps=8, num_stages=2))
-    if element_size == 4:
-        return AttentionConfigs(forward=BlockConfig(64, 32, num_warps=4, num_stages=2),
-                                backward_kv=BlockConfig(16, 32, num_warps=4, num_stages=2) if hopper
-                                else BlockConfig(32, 64, num_warps=8, num_stages=2),
-                                # 64 x 32 spills on sm_90 with Triton 3.6 (the GPU image's) at head dim 128.
-                                backward_q=BlockConfig(32, 32, num_warps=4, num_stages=2) if hopper
-                                else BlockConfig(64, 32, num_warps=8, num_stages=2))
-    if head_dim_pad <= 64:
-        return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=3),
-                                backward_kv=BlockConfig(32, 128 if hopper else 64, num_warps=8,
-                                                        num_stages=3 if hopper else 2),
-                                backward_q=BlockConfig(128, 32, num_warps=8, num_stages=3))
-    return AttentionConfigs(forward=BlockConfig(128, 64, num_warps=8, num_stages=3) if hopper
-                            else BlockConfig(128, 32, num_warps=8, num_stages=2),
-                            backward_kv=BlockConfig(32, 64, num_warps=8, num_stages=2),
-                            backward_q=BlockConfig(128, 32, num_warps=8, num_stages=2))
+
+def _block_config(value, where: str) -> BlockConfig:
+    if not (isinstance(value, dict) and sorted(value) == sorted(_BLOCK_FIELDS)
+            and all(type(v) is int and v > 0 for v in value.values())):
+        raise ValueError(f"{where}: needs {', '.join(_BLOCK_FIELDS)} as positive integers, got {value!r}")
+    return BlockConfig(**value)
+
+
+def _parse_table(data, path: Path) -> ConfigTable:
+    """The ConfigTable of a table's JSON value; ValueError naming the file and the field if it is not one."""
+    if not (isinstance(data, dict) and isinstance(data.get("source"), str) and isinstance(data.get("configs"), list)):
+        raise ValueError(f'{path}: a configuration table needs a "source" string and a "configs" list')
+    configs = {}
+    for i, entry in enumerate(data["configs"]):
+        where = f"{path}: configs[{i}]"
+        if not isinstance(entry, dict) or sorted(entry) != sorted(_ENTRY_FIELDS):
+            raise ValueError(f"{where} needs exactly the fields {', '.join(_ENTRY_FIELDS)}")
+        key = (entry["head_dim_pad"], entry["element_size"])
+        if not all(type(k) is int for k in key) or key not in TABLE_KEYS:
+            raise ValueError(f"{where}: (head_dim_pad, element_size) {key} is not one of {TABLE_KEYS}")
+        if key in configs:
+            raise ValueError(f"{where}: a second entry for (head_dim_pad, element_size) {key}")
+        configs[key] = AttentionConfigs(*(_block_config(entry[name], f"{where}.{name}") for name in _KERNEL_FIELDS))
+    missing = [key for key in TABLE_KEYS if key not in configs]
+    if missing:
+        raise ValueError(f"{path}: no entry for (head_dim_pad, element_size) {missing}")
+    return ConfigTable(data["source"], configs)
+
+
+def load_table(path: str | Path) -> ConfigTable:
+    """Read a table written by :func:`write_table`; a file that is not one raises ValueError naming
+    the file and the field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read a configuration table: {e}") from None
+    return _parse_table(data, path)
+
+
+def write_table(path: str | Path, table: ConfigTable) -> None:
+    """Write ``table`` as JSON: entries by element size then head dim, fields in a fixed order, one
+    line per kernel configuration. It must have an entry for every key of TABLE_KEYS; the file is
+    replaced only once the new one is complete."""
+    path = Path(path)
+    entries = [{"head_dim_pad": head_dim_pad, "element_size": element_size, **asdict(configs)}
+               for (head_dim_pad, element_size), configs in sorted(table.configs.items(), key=lambda kv: kv[0][::-1])]
+    data = {"source": table.source, "configs": entries}
+    _parse_table(data, path)
+    text = _ONE_LINE_OBJECT.sub(lambda m: "{" + " ".join(line.strip() for line in m[1].splitlines()) + "}",
+                                json.dumps(data, indent=2))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+@functools.cache
+def _shipped_table(table: int) -> ConfigTable:
+    return load_table(table_path(table))
+
+
+def tuned_configs(table: int, head_dim_pad: int, element_size: int) -> AttentionConfigs:
+    """The configurations of ``table`` (a key of SHARED_MEMORY) for a padded head dim (a key of
+    HEAD_DIM_PADS) and element size in bytes (ELEMENT_SIZES), from the table's JSON file."""
+    return _shipped_table(table).configs[(head_dim_pad, element_size)]
 
 
 def _head_dim_pad(head_dim: int) -> int:
@@ -560,9 +586,14 @@ def _table_of_device(index: int) -> int:
 
 
 def _configs_for(q: torch.Tensor) -> AttentionConfigs:
-    if q.device.type != "cuda":
+    """The configurations for q's device, or for the GPU set by ``common.targeting`` (the kernel lab)."""
+    gpu = target_gpu()
+    if gpu is not None:
+        table = table_for(gpu.arch // 10, gpu.arch % 10, gpu.shared_memory)
+    elif q.device.type != "cuda":
         return INTERPRETER_CONFIGS
-    table = _table_of_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    else:
+        table = _table_of_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
     return tuned_configs(table, _head_dim_pad(q.shape[-1]), q.element_size())
 
 
@@ -583,9 +614,8 @@ def _dropout_seed() -> torch.Tensor:
 
 
 @kernel_op("flash_attention_forward")
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
-                scale: float, seed: torch.Tensor | None, key_start: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+             seed: torch.Tensor | None, key_start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp
     (+inf on rows that see no key)."""
     batch, heads, q_len, head_dim = q.shape
@@ -603,10 +633,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
 
 
 @kernel_op("flash_attention_backward")
-def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float, scale: float,
-                 seed: torch.Tensor | None, key_start: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: torch.Tensor | None,
+              key_start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), contiguous, in the inputs' dtype."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
@@ -615,24 +644,21 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     configs = _configs_for(q)
     delta = torch.empty_like(lse)
     delta_rows = 64  # query rows per program of the small dot(dO, O) pass
-    launch(
-        _attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta, *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_M=delta_rows)
+    launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta,
+           *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=delta_rows)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
     config = configs.backward_kv
-    launch(
-        _attention_bwd_kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta, dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
-        seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-        num_stages=config.num_stages, **shared)
+    launch(_attention_bwd_kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
+           dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
+           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, **shared)
     config = configs.backward_q
-    launch(
-        _attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta, dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p,
-        seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-        num_stages=config.num_stages, **shared)
+    launch(_attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta,
+           dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
+           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, **shared)
     return dq, dk, dv
 
 
@@ -646,25 +672,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _gradients(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     q, k, v, out, lse, key_start = ctx.saved_tensors
-    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
-                              key_start)
+    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, key_start)
     return dq, dk, dv, None, None, None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_setup_context)
-
-
-def dropout_keep_mask(seed: int | torch.Tensor, batch: int, heads: int, q_len: int, k_len: int,
-                      dropout_p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The boolean (batch, heads, q_len, k_len) keep-mask the kernels draw for ``seed``, for tests.
-
-    It materialises the whole score-sized mask: meant for small sizes only.
-    """
-    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
-    block = 32
-    grid = (cdiv(q_len, block), cdiv(k_len, block), batch * heads)
-    _dropout_keep_kernel[grid](keep, q_len, k_len, dropout_p, int(seed), BLOCK_M=block, BLOCK_N=block)
-    return keep.bool()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,23 +1,29 @@
-"""The flash-attention kernels compiled ahead of time for sm_80 (A100), sm_86 / sm_89 (RTX 30xx and
-40xx, A10, L4, L40S) and sm_90 (H100).
+"""The flash-attention configuration tables (``kernels/configs/flash_attention_sm*.json``) and their
+kernels compiled ahead of time for sm_80 (A100), sm_86 / sm_89 (RTX 30xx and 40xx, A10, L4, L40S)
+and sm_90 (H100).
 
-Every configuration ``tuned_configs`` may return is compiled at the largest head dim that uses it,
-in its fullest variant (causal with dropout: the most live registers), for each target its table
-serves, and must not spill registers and must fit in shared memory (163 KiB on sm_80, 99 KiB on
-sm_86 and sm_89, 227 KiB on sm_90). On sm_90 the matrix products of 16-bit inputs must compile to
-Hopper's wgmma instructions. Compilation runs in subprocesses without ``TRITON_INTERPRET`` (see
-``aot.py``), split over the CPU cores.
+Every table has an entry for each padded head dim and element size the launcher asks for, and
+reads back as it was written. Every configuration of the tables is compiled at the largest head dim
+that uses it, in its fullest variant (causal with dropout: the most live registers), for each
+target its table serves, and must not spill registers and must fit in shared memory (163 KiB on
+sm_80, 99 KiB on sm_86 and sm_89, 227 KiB on sm_90). On sm_90 the matrix products of 16-bit inputs
+must compile to Hopper's wgmma instructions. Compilation runs in subprocesses without
+``TRITON_INTERPRET`` (see ``aot.py``), split over the CPU cores.
 """
 
+import dataclasses
 import importlib
+import itertools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import aot
 import pytest
 
+from gptfast.kernels.common import KERNEL_DTYPES
+
 fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module, not the public function
-pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 KERNELS = {  # configuration field: kernel
     "forward": "_attention_fwd_kernel",
@@ -26,6 +32,7 @@ KERNELS = {  # configuration field: kernel
 }
 DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
 TARGETS = {80: (80,), 86: (86, 89), 90: (90,)}  # table: the compute capabilities it is compiled for
+TABLES = {table: fa.load_table(fa.table_path(table)) for table in fa.ARCHES}
 
 
 def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bool = True,
@@ -41,7 +48,7 @@ def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bo
                 constexprs[arg] = None
         elif arg in ("LSE", "DELTA"):
             signature[arg], aligned = "*fp32", aligned + [arg]
-        elif arg.isupper() and len(arg) <= 2:  # Q, K, V, O, DO, DQ, DK, DV
+        elif arg in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"):
             signature[arg], aligned = f"*{dtype}", aligned + [arg]
         elif arg.startswith("stride_") and arg.endswith("d"):  # 1: Triton specialises it
             signature[arg], constexprs[arg] = "constexpr", 1
@@ -61,14 +68,11 @@ def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bo
 
 def every_config_builds() -> list[aot.Build]:
     largest = {}  # (target, element size, field, config) -> the largest head dim using it
-    for table in fa.ARCHES:
-        for element_size in DTYPES:
-            for head_dim in fa.HEAD_DIM_PADS:
-                configs = fa.tuned_configs(table, head_dim, element_size)
-                for field in KERNELS:
-                    for target in TARGETS[table]:
-                        key = (target, element_size, field, getattr(configs, field))
-                        largest[key] = max(largest.get(key, 0), head_dim)
+    for table, entries in TABLES.items():
+        for (head_dim, element_size), configs in entries.configs.items():
+            for field, target in itertools.product(KERNELS, TARGETS[table]):
+                key = (target, element_size, field, getattr(configs, field))
+                largest[key] = max(largest.get(key, 0), head_dim)
     return [build(KERNELS[field], DTYPES[size], head_dim, config, target)
             for (target, size, field, config), head_dim in largest.items()]
 
@@ -76,7 +80,7 @@ def every_config_builds() -> list[aot.Build]:
 def extra_builds() -> list[aot.Build]:
     """bfloat16 without dropout (the training fast path), a padded head dim (80 -> 128) and the
     left-padding variant (key_start counts) of each kernel."""
-    configs = fa.tuned_configs(90, 128, 2)
+    configs = TABLES[90].configs[(128, 2)]
     bf16 = [build(kernel, "bf16", 128, getattr(configs, field), 90, dropout=False)
             for field, kernel in KERNELS.items()]
     key_start = [build(kernel, "fp16", 128, getattr(configs, field), 90, padded=True)
@@ -94,7 +98,71 @@ def compile_all(builds: list[aot.Build]) -> list[aot.KernelStats]:
 
 @pytest.fixture(scope="module")
 def compiled() -> list[aot.KernelStats]:
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
     return compile_all(every_config_builds() + extra_builds())
+
+
+# ---- the tables as data ----
+
+
+def test_every_table_has_every_entry_the_launcher_asks_for():
+    asked = {(fa._head_dim_pad(head_dim), dtype.itemsize)
+             for head_dim in range(2, fa.MAX_HEAD_DIM + 1, 2) for dtype in KERNEL_DTYPES}
+    assert asked == set(fa.TABLE_KEYS)
+    assert {table: set(entries.configs) for table, entries in TABLES.items()} == {t: asked for t in fa.ARCHES}
+    assert all(fa.tuned_configs(table, *key) == TABLES[table].configs[key] for table in fa.ARCHES for key in asked)
+
+
+def test_tables_are_written_as_stored(tmp_path):
+    """write_table reproduces each shipped file byte for byte (stable order and layout), and what it
+    writes reads back equal."""
+    for table, entries in TABLES.items():
+        copy = tmp_path / f"{table}.json"
+        fa.write_table(copy, entries)
+        assert copy.read_text() == fa.table_path(table).read_text()
+        assert fa.load_table(copy) == entries and entries.source
+
+
+def _write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d.pop("source"), '"source" string'),
+    (lambda d: d["configs"][3]["forward"].pop("num_warps"), "configs[3].forward: needs block_m, block_n, num_warps"),
+    (lambda d: d["configs"][0]["backward_q"].update(block_m="128"), "configs[0].backward_q: needs"),
+    (lambda d: d["configs"][1].update(head_dim_pad=256), "configs[1]: (head_dim_pad, element_size) (256, 2)"),
+    (lambda d: d["configs"].append(d["configs"][0]), "configs[8]: a second entry for"),
+    (lambda d: d["configs"].pop(), "no entry for (head_dim_pad, element_size) [(128, 4)]"),
+])
+def test_a_bad_table_names_the_file_and_the_field(tmp_path, edit, words):
+    data = json.loads(fa.table_path(90).read_text())
+    edit(data)
+    path = _write_json(tmp_path / "bad.json", data)
+    with pytest.raises(ValueError) as error:
+        fa.load_table(path)
+    assert str(path) in str(error.value) and words in str(error.value)
+
+
+def test_a_table_that_is_not_json_or_missing_names_the_file(tmp_path):
+    (tmp_path / "broken.json").write_text('{"source": ')
+    for path in (tmp_path / "broken.json", tmp_path / "absent.json"):
+        with pytest.raises(ValueError, match="cannot read a configuration table"):
+            fa.load_table(path)
+
+
+def test_write_table_refuses_an_incomplete_table_and_keeps_the_file(tmp_path):
+    path = tmp_path / "table.json"
+    fa.write_table(path, TABLES[80])
+    before = path.read_text()
+    incomplete = dataclasses.replace(TABLES[80], configs=dict(list(TABLES[80].configs.items())[1:]))
+    with pytest.raises(ValueError, match="no entry for"):
+        fa.write_table(path, incomplete)
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["table.json"]
+
+
+# ---- the compiled kernels ----
 
 
 def test_every_config_is_compiled(compiled):

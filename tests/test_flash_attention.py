@@ -3,9 +3,9 @@
 Forward and the three gradients are compared on fresh random inputs given as strided views (the
 model's fused qkv projection split and transposed, a key/value cache's prefix, a transposed output
 gradient), causal and not, over head dims 16..128 and sequence lengths that cross the interpreter's
-16- and 32-row blocks. Tolerances per dtype: float32 is exact float32 arithmetic under the interpreter
-but TF32 products on a GPU; float16 and bfloat16 round the probabilities and dS to the input dtype
-before their matrix products, so gradients get a looser bound than the output.
+16- and 32-row blocks, within kernel_testing's "flash_attention" tolerances (TF32 on a GPU; half
+dtypes round the probabilities and dS before their matrix products). Under the interpreter bfloat16
+conversions round to nearest, as on a GPU (``interpreter_bf16_rounding``).
 """
 
 import importlib
@@ -13,20 +13,16 @@ import math
 
 import pytest
 import torch
+from dropout_mask import dropout_keep_mask
 
 import gptfast
 from gptfast import kernels
+from kernel_testing import forward_backward, run_and_compare, tolerance
 
 fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module; kernels.flash_attention is the function
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-# (output, gradients) tolerances, as torch.testing.assert_close keyword arguments.
-TOLERANCES = {
-    torch.float32: (dict(rtol=1e-2, atol=1e-2) if CUDA else dict(rtol=1e-4, atol=1e-5),) * 2,
-    torch.float16: (dict(rtol=2e-3, atol=2e-3), dict(rtol=1e-2, atol=1e-2)),
-    torch.bfloat16: (dict(rtol=2e-2, atol=2e-2), dict(rtol=5e-2, atol=5e-2)),
-}
+pytestmark = pytest.mark.usefixtures("interpreter_bf16_rounding")
 
 
 def make_inputs(batch, heads, q_len, k_len, head_dim, dtype):
@@ -39,35 +35,26 @@ def make_inputs(batch, heads, q_len, k_len, head_dim, dtype):
         q = torch.randn(batch, q_len, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
         cache = torch.randn(2, batch, heads, k_len + 7, head_dim, device=DEVICE).to(dtype)
         k, v = cache[0, :, :, :k_len], cache[1, :, :, :k_len]
-    return [t.requires_grad_() for t in (q, k, v)]
+    return q, k, v
 
 
-def triton_attention(q, k, v, grad_out, **kwargs):
-    """Output and (dq, dk, dv) of the Triton path."""
-    for t in (q, k, v):
-        t.grad = None
-    with kernels.use_backend("triton"):
-        out = kernels.flash_attention(q, k, v, **kwargs)
-    out.backward(grad_out)
-    return out, [t.grad for t in (q, k, v)]
+def attention(**kwargs):
+    """The public function with ``kwargs`` bound."""
+    return lambda q, k, v: kernels.flash_attention(q, k, v, **kwargs)
 
 
-def reference_attention(q, k, v, grad_out, **kwargs):
-    """Output and gradients of the plain-math reference, in float64."""
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = fa.attention_reference(q64, k64, v64, **kwargs)
-    out.backward(grad_out.double())
-    return out.detach(), [t.grad for t in (q64, k64, v64)]
+def compare_attention(q, k, v, grad_out, backend="triton", op=None, keep_mask=None, against_eager=False, **kwargs):
+    """Output and (dq, dk, dv) of ``op`` (by default the public function with ``kwargs``, on ``backend``)
+    against the float64 reference with ``kwargs`` (and ``keep_mask``), within tolerance, and
+    (against_eager) within the rule against the public function on "torch"; returns them."""
+    def reference(q, k, v):
+        return fa.attention_reference(q, k, v, keep_mask=keep_mask, **kwargs)
 
-
-def assert_matches(got, want, dtype):
-    (out, grads), (ref_out, ref_grads) = got, want
-    out_tol, grad_tol = TOLERANCES[dtype]
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    torch.testing.assert_close(out.double(), ref_out, **out_tol)
-    for name, grad, ref in zip("qkv", grads, ref_grads):
-        assert grad.dtype == dtype and grad.shape == ref.shape, name
-        torch.testing.assert_close(grad.double(), ref, **grad_tol, msg=lambda m: f"d{name}: {m}")
+    out, grads = run_and_compare(op or attention(**kwargs), reference, dict(q=q, k=k, v=v), grad_out,
+                                 backend=backend, output_tolerance="flash_attention output",
+                                 gradient_tolerance="flash_attention gradient",
+                                 eager=attention(**kwargs) if against_eager else None)
+    return out, list(grads.values())
 
 
 # (batch, heads, q_len, k_len, head_dim, causal, dtype): every head dim, lengths 1..200 around the
@@ -95,16 +82,14 @@ def test_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal,
     torch.manual_seed(q_len * 1000 + k_len + head_dim)
     q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
     grad_out = torch.randn(batch, q_len, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
-    assert_matches(triton_attention(q, k, v, grad_out, causal=causal),
-                   reference_attention(q, k, v, grad_out, causal=causal), dtype)
+    compare_attention(q, k, v, grad_out, causal=causal, against_eager=True)
 
 
 def test_explicit_scale():
     torch.manual_seed(1)
     q, k, v = make_inputs(1, 1, 40, 40, 32, torch.float32)
     grad_out = torch.randn(1, 1, 40, 32, device=DEVICE)
-    assert_matches(triton_attention(q, k, v, grad_out, scale=0.3),
-                   reference_attention(q, k, v, grad_out, scale=0.3), torch.float32)
+    compare_attention(q, k, v, grad_out, scale=0.3)
 
 
 def test_broadcast_output_gradient():
@@ -112,7 +97,7 @@ def test_broadcast_output_gradient():
     torch.manual_seed(8)
     q, k, v = make_inputs(1, 2, 30, 30, 32, torch.float32)
     grad_out = torch.ones(1, 1, 1, 1, device=DEVICE).expand(1, 2, 30, 32)
-    assert_matches(triton_attention(q, k, v, grad_out), reference_attention(q, k, v, grad_out), torch.float32)
+    compare_attention(q, k, v, grad_out)
 
 
 @pytest.mark.skipif(not CUDA, reason="on a GPU; the CPU test below takes the kernels through the custom operator")
@@ -121,8 +106,7 @@ def test_bfloat16_matches_float64_reference(head_dim):
     torch.manual_seed(head_dim)
     q, k, v = make_inputs(2, 3, 333, 333, head_dim, torch.bfloat16)
     grad_out = torch.randn(2, 3, 333, head_dim, device=DEVICE, dtype=torch.bfloat16)
-    assert_matches(triton_attention(q, k, v, grad_out), reference_attention(q, k, v, grad_out),
-                   torch.bfloat16)
+    compare_attention(q, k, v, grad_out)
 
 
 @pytest.mark.skipif(CUDA, reason="the test above runs the kernels in bfloat16 on the GPU")
@@ -133,46 +117,45 @@ def test_bfloat16_kernels_under_the_interpreter(interpreter_bf16_dot, q_len, k_l
     torch.manual_seed(q_len + head_dim)
     q, k, v = make_inputs(2, 2, q_len, k_len, head_dim, torch.bfloat16)
     grad_out = torch.randn(2, 2, q_len, head_dim).to(torch.bfloat16)
-    out, _ = fa._forward_op(q, k, v, causal, 0.0, 1 / math.sqrt(head_dim), None, None)
-    out.backward(grad_out)
-    assert_matches((out, [t.grad for t in (q, k, v)]), reference_attention(q, k, v, grad_out, causal=causal),
-                   torch.bfloat16)
+
+    def custom_op(q, k, v):
+        return torch.ops.gptfast.flash_attention_forward(q, k, v, causal, 0.0, 1 / math.sqrt(head_dim), None, None)[0]
+
+    compare_attention(q, k, v, grad_out, op=custom_op, causal=causal, against_eager=True)
 
 
 def test_large_scores():
     """Scores of several hundred (sharp softmax rows) neither overflow nor lose the small terms."""
     torch.manual_seed(6)
     q, k, v = make_inputs(1, 2, 70, 70, 64, torch.float16)
-    with torch.no_grad():
-        q.mul_(8)
-        k.mul_(8)
+    q.mul_(8)
+    k.mul_(8)
     grad_out = torch.randn(1, 2, 70, 64, device=DEVICE).half()
-    assert_matches(triton_attention(q, k, v, grad_out), reference_attention(q, k, v, grad_out), torch.float16)
+    compare_attention(q, k, v, grad_out)
 
 
 def test_log_sum_exp_is_saved_per_row():
     """The forward op saves one float32 log-sum-exp per query row: the only extra memory."""
     torch.manual_seed(2)
-    q, k, v = (t.detach() for t in make_inputs(2, 2, 33, 70, 48, torch.float32))
+    q, k, v = make_inputs(2, 2, 33, 70, 48, torch.float32)
     scale = 1 / math.sqrt(48)
     out, lse = torch.ops.gptfast.flash_attention_forward(q, k, v, True, 0.0, scale, None, None)
     assert out.is_contiguous() and lse.shape == (2, 2, 33) and lse.dtype == torch.float32
     scores = (q.double() @ k.double().transpose(-2, -1)) * scale
     scores = scores.masked_fill(~fa.causal_mask(33, 70, q.device), float("-inf"))
-    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), **TOLERANCES[torch.float32][0])
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), **tolerance(torch.float32, "flash_attention output"))
 
 
 @pytest.mark.skipif(not CUDA, reason="measures GPU memory")
 def test_extra_memory_is_linear_in_sequence():
     """Forward + backward at seq 8192 allocate a few q-sized tensors (output, gradients) and two
     floats per row, nowhere near the 512 MiB a float16 score matrix would take."""
-    q, k, v = (torch.randn(1, 4, 8192, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(1, 4, 8192, 64, device=DEVICE, dtype=torch.float16) for _ in range(3))
     grad_out = torch.randn_like(q)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    triton_attention(q, k, v, grad_out)
+    forward_backward(kernels.flash_attention, dict(q=q, k=k, v=v), grad_out)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= 8 * q.numel() * q.element_size(), f"{extra / 2**20:.1f} MiB"
@@ -181,14 +164,14 @@ def test_extra_memory_is_linear_in_sequence():
 def test_gradients_are_deterministic():
     """No atomics: the same inputs and dropout seed give bitwise the same output and gradients."""
     torch.manual_seed(3)
-    q, k, v = make_inputs(1, 2, 50, 50, 32, torch.float16)
+    inputs = dict(zip("qkv", make_inputs(1, 2, 50, 50, 32, torch.float16)))
     grad_out = torch.randn(1, 2, 50, 32, device=DEVICE).half()
-    torch.manual_seed(4)  # the dropout seed
-    first = triton_attention(q, k, v, grad_out, dropout_p=0.2)
-    torch.manual_seed(4)
-    first_again = triton_attention(q, k, v, grad_out, dropout_p=0.2)
-    for a, b in zip([first[0], *first[1]], [first_again[0], *first_again[1]]):
-        assert torch.equal(a, b)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(4)  # the dropout seed
+        out, grads = forward_backward(attention(dropout_p=0.2), inputs, grad_out)
+        runs.append([out, *grads.values()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 # ---- left padding: key_start ----
@@ -214,31 +197,24 @@ def test_key_start_matches_float64_reference(batch, heads, q_len, k_len, head_di
     q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
     grad_out = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).to(dtype)
     key_start = torch.tensor(key_start, device=DEVICE)
-    want = reference_attention(q, k, v, grad_out, causal=causal, key_start=key_start)
-    got = triton_attention(q, k, v, grad_out, causal=causal, key_start=key_start)
-    assert_matches(got, want, dtype)
+    out, grads = compare_attention(q, k, v, grad_out, causal=causal, key_start=key_start)
     blind = ~fa.visible_mask(q_len, k_len, causal, key_start, q.device).any(-1)  # (batch, 1, q_len)
-    assert torch.equal(got[0].masked_fill(~blind[..., None], 0.0), torch.zeros_like(got[0]))
-    assert all(torch.isfinite(t).all() for t in (got[0], *got[1]))
+    assert torch.equal(out.masked_fill(~blind[..., None], 0.0), torch.zeros_like(out))
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
     if dtype == torch.float32:
-        for t in (q, k, v):
-            t.grad = None
-        with kernels.use_backend("torch"):
-            out = kernels.flash_attention(q, k, v, causal=causal, key_start=key_start)
-        out.backward(grad_out)
-        assert_matches((out, [t.grad for t in (q, k, v)]), want, dtype)
+        compare_attention(q, k, v, grad_out, backend="torch", causal=causal, key_start=key_start)
 
 
 def test_key_start_int32_and_negative():
     """int32 counts work like int64 ones; a negative count hides nothing."""
     torch.manual_seed(9)
-    q, k, v = (t.detach() for t in make_inputs(2, 1, 20, 20, 16, torch.float32))
+    q, k, v = make_inputs(2, 1, 20, 20, 16, torch.float32)
     with kernels.use_backend("triton"):
         plain = kernels.flash_attention(q, k, v)
         padded = kernels.flash_attention(q, k, v, key_start=torch.tensor([-3, 4], dtype=torch.int32, device=DEVICE))
     assert torch.equal(padded[0], plain[0])
     want = fa.attention_reference(q.double(), k.double(), v.double(), key_start=torch.tensor([0, 4]))
-    torch.testing.assert_close(padded.double(), want, **TOLERANCES[torch.float32][0])
+    torch.testing.assert_close(padded.double(), want, **tolerance(torch.float32, "flash_attention output"))
 
 
 @pytest.mark.parametrize("key_start,error", [
@@ -270,27 +246,25 @@ def test_dropout_matches_reference_with_the_kernels_mask(batch, heads, q_len, k_
     q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
     grad_out = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).to(dtype)
     torch.manual_seed(11)
-    got = triton_attention(q, k, v, grad_out, causal=causal, dropout_p=p, key_start=key_start)
-    torch.manual_seed(11)
-    keep = fa.dropout_keep_mask(fa._dropout_seed(), batch, heads, q_len, k_len, p, DEVICE)
+    keep = dropout_keep_mask(fa._dropout_seed(), batch, heads, q_len, k_len, p, DEVICE)
     assert 0 < keep.float().mean() < 1
-    assert_matches(got, reference_attention(q, k, v, grad_out, causal=causal, keep_mask=keep, dropout_p=p,
-                                            key_start=key_start), dtype)
+    torch.manual_seed(11)  # the kernels draw the same seed
+    compare_attention(q, k, v, grad_out, keep_mask=keep, causal=causal, dropout_p=p, key_start=key_start)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keep_rate(p):
     """About 1 - p of the probabilities are kept (5 standard deviations), different seeds differ."""
-    keep = fa.dropout_keep_mask(1234, 2, 2, 150, 170, p, DEVICE)
+    keep = dropout_keep_mask(1234, 2, 2, 150, 170, p, DEVICE)
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    assert not torch.equal(keep, fa.dropout_keep_mask(1235, 2, 2, 150, 170, p, DEVICE))
+    assert not torch.equal(keep, dropout_keep_mask(1235, 2, 2, 150, 170, p, DEVICE))
     # Heads and rows draw different numbers: the mask does not repeat across them.
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
 def test_dropout_same_seed_same_result():
-    q, k, v = (t.detach() for t in make_inputs(1, 2, 40, 40, 16, torch.float32))
+    q, k, v = make_inputs(1, 2, 40, 40, 16, torch.float32)
     with kernels.use_backend("triton"):
         torch.manual_seed(5)
         a = kernels.flash_attention(q, k, v, dropout_p=0.5)
@@ -457,11 +431,9 @@ def test_gpu_tables_under_interpreter(monkeypatch, table, dtype, head_dim):
     for batch, heads, q_len, k_len, causal in cases:
         q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
         grad_out = torch.randn(batch, heads, q_len, head_dim).to(dtype)
-        assert_matches(triton_attention(q, k, v, grad_out, causal=causal),
-                       reference_attention(q, k, v, grad_out, causal=causal), dtype)
+        compare_attention(q, k, v, grad_out, causal=causal)
     # Left padding that ends inside the first 128-row block and past a 64-key block edge.
     q, k, v = make_inputs(2, 1, 150, 150, head_dim, dtype)
     grad_out = torch.randn(2, 1, 150, head_dim).to(dtype)
     key_start = torch.tensor([0, 70])
-    assert_matches(triton_attention(q, k, v, grad_out, key_start=key_start),
-                   reference_attention(q, k, v, grad_out, key_start=key_start), dtype)
+    compare_attention(q, k, v, grad_out, key_start=key_start)
