@@ -52,20 +52,25 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> t
 
 
 def visible_mask(q_len: int, k_len: int, causal: bool, key_start: torch.Tensor | None,
-                 device: torch.device | None = None) -> torch.Tensor:
+                 device: torch.device | None = None, key_end: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask, True where a query may attend: (q_len, k_len), or (batch, 1, q_len, k_len)
-    with ``key_start``, which hides each batch row's first ``key_start[b]`` keys."""
-    mask = causal_mask(q_len, k_len, device) if causal else torch.ones(q_len, k_len, dtype=torch.bool,
-                                                                        device=device)
+    with ``key_start``, which hides each batch row's first ``key_start[b]`` keys, or ``key_end``,
+    which hides its keys from ``key_end[b]`` on (a static cache's unfilled slots) and aligns the
+    causal diagonal with that end: the last query sits at key ``key_end[b] - 1``."""
+    keys, queries = torch.arange(k_len, device=device), torch.arange(q_len, device=device)[:, None]
+    end = k_len if key_end is None else key_end.to(device)[:, None, None, None]
+    mask = keys < end
+    if causal:
+        mask = mask & (keys <= queries + (end - q_len))
     if key_start is not None:
-        keys = torch.arange(k_len, device=device)
         mask = mask & (keys >= key_start.to(device)[:, None, None, None])
     return mask
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         scale: float | None = None, keep_mask: torch.Tensor | None = None,
-                        dropout_p: float = 0.0, key_start: torch.Tensor | None = None) -> torch.Tensor:
+                        dropout_p: float = 0.0, key_start: torch.Tensor | None = None,
+                        key_end: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-math attention, for tests (call it on float64 inputs).
 
     ``keep_mask`` (broadcastable to (B, H, Tq, Tk), True = kept) applies dropout with the given
@@ -73,7 +78,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    mask = visible_mask(q.shape[-2], k.shape[-2], causal, key_start, q.device)
+    mask = visible_mask(q.shape[-2], k.shape[-2], causal, key_start, q.device, key_end)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
     if keep_mask is not None:
@@ -688,7 +693,7 @@ MAX_BATCH_HEADS = 65535  # the kernels' second grid axis
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
-                  key_start: torch.Tensor | None) -> None:
+                  key_start: torch.Tensor | None, key_end: torch.Tensor | None = None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -706,22 +711,29 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(f"flash_attention: causal attention needs at least as many keys as "
                          f"queries, got {q.shape[-2]} queries and {k.shape[-2]} keys")
-    if key_start is None:
-        return
-    if not isinstance(key_start, torch.Tensor) or key_start.dtype not in (torch.int32, torch.int64):
-        kind = key_start.dtype if isinstance(key_start, torch.Tensor) else type(key_start).__name__
-        raise ValueError(f"flash_attention: key_start must be an int32 or int64 tensor, got {kind}")
-    if tuple(key_start.shape) != (q.shape[0],):
-        raise ValueError(f"flash_attention: key_start must have shape ({q.shape[0]},), one count per "
-                         f"batch row, got {tuple(key_start.shape)}")
-    if key_start.device != q.device:
-        raise ValueError(f"flash_attention: key_start is on {key_start.device}, q on {q.device}")
+    for name, bound in (("key_start", key_start), ("key_end", key_end)):
+        if bound is not None:
+            _check_key_bound(name, bound, q)
+
+
+def _check_key_bound(name: str, bound: torch.Tensor, q: torch.Tensor) -> None:
+    """key_start / key_end: an integer tensor of one count per batch row, on q's device."""
+    if not isinstance(bound, torch.Tensor) or bound.dtype not in (torch.int32, torch.int64):
+        kind = bound.dtype if isinstance(bound, torch.Tensor) else type(bound).__name__
+        raise ValueError(f"flash_attention: {name} must be an int32 or int64 tensor, got {kind}")
+    if tuple(bound.shape) != (q.shape[0],):
+        raise ValueError(f"flash_attention: {name} must have shape ({q.shape[0]},), one count per "
+                         f"batch row, got {tuple(bound.shape)}")
+    if bound.device != q.device:
+        raise ValueError(f"flash_attention: {name} is on {bound.device}, q on {q.device}")
 
 
 def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     dropout_p: float = 0.0, scale: float | None = None,
-                    key_start: torch.Tensor | None = None) -> str | None:
+                    key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> str | None:
     """Why the Triton kernel cannot take these (already validated) inputs, or None."""
+    if key_end is not None:
+        return "key_end (a static cache's length): the Triton kernels do not take it yet"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
@@ -743,24 +755,26 @@ def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 @backend.routed(_kernel_problem)
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     dropout_p: float = 0.0, scale: float | None = None,
-                    key_start: torch.Tensor | None = None) -> torch.Tensor:
+                    key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax(q k^T * scale) v, through the backend switch.
 
     q: (batch, heads, Tq, head_dim); k, v: (batch, heads, Tk, head_dim) with Tk >= Tq when causal.
     ``scale`` defaults to 1 / sqrt(head_dim). ``dropout_p`` drops attention probabilities.
     ``key_start``: int tensor (batch,), keys [0, key_start[b]) of batch row b are hidden (left
-    padding; negative counts as 0). Queries that see no key output zeros.
+    padding; negative counts as 0). ``key_end``: int tensor (batch,), keys [key_end[b], Tk) of row b
+    are hidden and the causal diagonal ends at key_end[b] (decoding into a cache allocated at full
+    length, whose length is a tensor). Queries that see no key output zeros.
     """
-    _check_inputs(q, k, v, causal, dropout_p, key_start)
-    if backend.route(flash_attention, q, k, v, causal, dropout_p, scale, key_start):
+    _check_inputs(q, k, v, causal, dropout_p, key_start, key_end)
+    if backend.route(flash_attention, q, k, v, causal, dropout_p, scale, key_start, key_end):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         seed = _dropout_seed() if dropout_p > 0 else None
         key_start = None if key_start is None else key_start.contiguous()
         return _forward(q, k, v, causal, float(dropout_p), scale, seed, key_start)[0]
     q_len, k_len = q.shape[-2], k.shape[-2]
-    if key_start is not None:
+    if key_start is not None or key_end is not None:
         # Rows that see no key attend to every key instead (no NaN, forward or backward), then give 0.
-        mask = visible_mask(q_len, k_len, causal, key_start, q.device)
+        mask = visible_mask(q_len, k_len, causal, key_start, q.device, key_end)
         blind = ~mask.any(-1, keepdim=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | blind, dropout_p=dropout_p,
                                              scale=scale)

@@ -437,3 +437,18 @@ def test_gpu_tables_under_interpreter(monkeypatch, table, dtype, head_dim):
     grad_out = torch.randn(2, 1, 150, head_dim).to(dtype)
     key_start = torch.tensor([0, 70])
     compare_attention(q, k, v, grad_out, key_start=key_start)
+
+
+def test_key_end_hides_a_static_caches_unfilled_slots():
+    """key_end: the causal diagonal ends at each row's key_end, later keys are hidden; the same as
+    attending over each row's filled prefix alone, and as the float64 reference."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    end = torch.tensor([5, 20, 2])
+    out = kernels.flash_attention(q, k, v, key_end=end)
+    for b, n in enumerate(end.tolist()):
+        torch.testing.assert_close(out[b:b + 1], kernels.flash_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]))
+    want = fa.attention_reference(q.double(), k.double(), v.double(), key_end=end)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"key_end must have shape \(3,\)"):
+        kernels.flash_attention(q, k, v, key_end=end[:2])
