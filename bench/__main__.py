@@ -13,8 +13,8 @@ import torch
 from gptfast.kernels.backend import TRITON_INTERPRET
 
 from . import report
-from .kernel_bench import SIZE_MODES
 from .harness import REP_MS, WARMUP_MS
+from .kernel_bench import SIZE_MODES
 
 README = Path("README.md")  # the checkout's, run from the repository root
 

@@ -3,9 +3,8 @@
 The backend switch lives in ``kernels.backend`` and is re-exported here.
 """
 
-from .kernels.backend import BACKENDS, BackendError, explain, get_backend, set_backend, use_backend
-
 from .generation import generate, stream
+from .kernels.backend import BACKENDS, BackendError, explain, get_backend, set_backend, use_backend
 from .model import GPT, PRESETS, GPTConfig, KVCache
 from .patch import patch
 from .pretrained import from_pretrained, save_pretrained  # also GPT.from_pretrained, model.save_pretrained

@@ -54,7 +54,7 @@ class StopRequest:
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"\n{name}: stopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -41,7 +41,7 @@ class FusedLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension, computed by ``kernels.layer_norm``."""
 
     @classmethod
-    def replacing(cls, layer_norm: nn.LayerNorm) -> "FusedLayerNorm":
+    def replacing(cls, layer_norm: nn.LayerNorm) -> FusedLayerNorm:
         """A FusedLayerNorm holding ``layer_norm``'s own weight and bias tensors."""
         fused = cls(layer_norm.normalized_shape, layer_norm.eps, layer_norm.elementwise_affine,
                     bias=layer_norm.bias is not None, device="meta")

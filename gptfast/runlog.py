@@ -18,8 +18,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
@@ -135,7 +136,7 @@ class RunLog:
                          disable=not main or self._lines)
         self._speed = "speed not measured yet"
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,8 +12,9 @@ network, point ``GPTFAST_TIKTOKEN_FILE`` (or the ``tiktoken_file`` argument) at 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 TIKTOKEN_FILE_ENV = "GPTFAST_TIKTOKEN_FILE"
 

@@ -32,17 +32,24 @@ import contextvars
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import kernels
-
-from .checkpoint import (CHECKPOINT_FILE, INFERENCE_FIELDS, TRAINING_FIELDS, build_model, checkpoint_path,
-                         load_checkpoint, model_config_from, save_checkpoint)
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    INFERENCE_FIELDS,
+    TRAINING_FIELDS,
+    build_model,
+    checkpoint_path,
+    load_checkpoint,
+    model_config_from,
+    save_checkpoint,
+)
 from .data import BatchStream, TokenData, is_prepared, prepare
 from .distributed import DEFAULT_TIMEOUT_S, World, distributed
 from .evaluate import split_loss

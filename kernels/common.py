@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -140,7 +140,7 @@ def sm_count(device: torch.device) -> int:
     return gpu.sm_count if gpu is not None else _device_sm_count(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
-from .common import (KERNEL_DTYPES, as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count,
-                     tl)
+from .common import KERNEL_DTYPES, as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count, tl
 
 # Whole rows live in registers: 8192 float32 values per row tile keep every thread under its
 # register budget without spills (checked ahead of time for sm_80 and sm_90 in tests).
@@ -276,8 +275,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)
 
 
-def _add_kernel_problem(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None,
-                        bias: torch.Tensor | None, eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> str | None:
+def _add_kernel_problem(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> str | None:
     return dtype_problem({"branch": branch}) or _kernel_problem(x, weight, bias, eps, out_dtype)
 
 

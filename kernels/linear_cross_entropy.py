@@ -21,7 +21,6 @@ any device.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import backend
 from .common import kernel_op

@@ -26,7 +26,8 @@ def _run(x, branch, weight, bias, out_dtype=None, backend="triton"):
 
 
 @pytest.mark.parametrize("rows, n", [(1, 1), (7, 37), (33, 768), (4, 1000), (3, 4100)])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, None), (torch.float32, torch.bfloat16, torch.bfloat16),
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, None),
+                                    (torch.float32, torch.bfloat16, torch.bfloat16),
                                     (torch.float16, torch.float16, None), (torch.bfloat16, torch.bfloat16, None)])
 def test_matches_float64(rows, n, dtypes, interpreter_bf16_rounding):
     x_dtype, branch_dtype, out_dtype = dtypes

@@ -42,14 +42,16 @@ def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
     results = iter(lab.inspect_many([r for requests in groups.values() for r in requests]))
     out = {}
     for name, requests in groups.items():
-        out[name] = [pair for _ in requests for report, done in [next(results)] for pair in zip(report["kernels"], done)]
+        out[name] = [pair for _ in requests for report, done in [next(results)]
+                     for pair in zip(report["kernels"], done)]
     return out
 
 
 def test_every_config_compiles_without_spills_within_shared_memory(compiled):
     every = compiled["every"]
     assert len(every) == len(KERNELS) * len(cross_entropy._kernel_configs()) * len(ARCHS)
-    assert {(k["config"]["BLOCK_V"], k["config"]["num_warps"]) for k, _ in every} == set(cross_entropy._kernel_configs())
+    launched = {(k["config"]["BLOCK_V"], k["config"]["num_warps"]) for k, _ in every}
+    assert launched == set(cross_entropy._kernel_configs())
     spilling = [str(c) for _, c in every if c.spill_bytes > 0]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
     over = [str(c) for _, c in every if c.shared > lab.ARCHITECTURES[c.build.arch].shared_per_block]

@@ -52,11 +52,13 @@ def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
     """All launches of this file, compiled in one batch, by group: (inspect's kernel report, compiled)."""
     groups = {"every": every_config_requests(), "wide": wide_load_requests(),
               "unhinted": [request("bias_gelu", 3072, "fp16", 90, aligned=False, bias=False)],
-              "bare": [r for r in wide_load_requests(weight=False, bias=False) if r.arch.arch == 90 and r.dtype == "bf16"]}
+              "bare": [r for r in wide_load_requests(weight=False, bias=False)
+                       if r.arch.arch == 90 and r.dtype == "bf16"]}
     results = iter(lab.inspect_many([r for requests in groups.values() for r in requests]))
     out = {}
     for name, requests in groups.items():
-        out[name] = [pair for _ in requests for report, done in [next(results)] for pair in zip(report["kernels"], done)]
+        out[name] = [pair for _ in requests for report, done in [next(results)]
+                     for pair in zip(report["kernels"], done)]
     return out
 
 

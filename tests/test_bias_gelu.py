@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import DTYPES, forward_backward, run_and_compare, tolerance
 
 from gptfast import kernels
 from gptfast.kernels.bias_gelu import bias_gelu_reference
-from kernel_testing import DTYPES, forward_backward, run_and_compare, tolerance
 
 # Under the interpreter numpy warns where exp overflows to inf in GELU's tails; the results are right.
 pytestmark = [pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding"),  # the GPU when there is one

@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import DTYPES, run_and_compare, tolerance
 
 from gptfast import kernels
 from gptfast.kernels.cross_entropy import cross_entropy_reference
-from kernel_testing import DTYPES, run_and_compare, tolerance
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding")  # the GPU when there is one
 

@@ -144,7 +144,7 @@ def test_cli_prepare_include_exclude(corpus, tmp_path, capsys):
 
 
 def test_undecodable_bytes(tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("good line\n".encode() + "caf\xe9\n".encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes(b"good line\n" + "caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt.*not UTF-8.*byte offset 13"):
         prepare([tmp_path / "latin1.txt"], tmp_path / "out")
 

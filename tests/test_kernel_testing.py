@@ -4,9 +4,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from kernel_testing import assert_within_eager_error, run_and_compare
 
 from gptfast import kernels
-from kernel_testing import assert_within_eager_error, run_and_compare
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one
 INTERPRETED = kernels.backend.TRITON_INTERPRET

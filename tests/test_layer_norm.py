@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import DTYPES, assert_close, forward_backward, run_and_compare, tolerance
 
 from gptfast import kernels
 from gptfast.kernels.layer_norm import MAX_ROW_LENGTH, layer_norm_reference
-from kernel_testing import DTYPES, assert_close, forward_backward, run_and_compare, tolerance
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding")  # the GPU when there is one
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gptfast import kernels
-from gptfast import GPT, GPTConfig, patch
+from gptfast import GPT, GPTConfig, kernels, patch
 from gptfast.patch import FusedLayerNorm, LinearBiasGELU
 
 transformers = pytest.importorskip("transformers")
@@ -136,7 +135,8 @@ def test_transformers_gpt2_padding_and_cached_generation(calls):
         torch.testing.assert_close(patched(idx, attention_mask=mask).logits[0, 4:],
                                    original(idx, attention_mask=mask).logits[0, 4:], **TOLERANCE[torch.float64])
     assert calls["flash_attention"] == 0
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones(1, 5, dtype=torch.long))
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0,
+                    attention_mask=torch.ones(1, 5, dtype=torch.long))
     with torch.no_grad():
         expected = original.generate(idx[1:, :5], **settings)
         assert patched.generate(idx[1:, :5], **settings).tolist() == expected.tolist()

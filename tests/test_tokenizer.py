@@ -4,8 +4,7 @@ import os
 
 import pytest
 
-from gptfast.tokenizer import (TIKTOKEN_FILE_ENV, CharTokenizer, GPT2Tokenizer, load_tokenizer,
-                               tokenizer_from_dict)
+from gptfast.tokenizer import TIKTOKEN_FILE_ENV, CharTokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_from_dict
 
 needs_ranks = pytest.mark.skipif(not os.environ.get(TIKTOKEN_FILE_ENV),
                                  reason=f"no local GPT-2 ranks file (${TIKTOKEN_FILE_ENV})")

@@ -22,11 +22,11 @@ from gptfast import GPTConfig
 from gptfast.checkpoint import FORMAT, load_checkpoint, load_for_inference, save_checkpoint
 from gptfast.cli import main
 from gptfast.data import TokenData, prepare
-from gptfast.tokenizer import TIKTOKEN_FILE_ENV
 from gptfast.distributed import init_distributed
 from gptfast.evaluate import split_loss
 from gptfast.precision import amp_dtype_for
 from gptfast.runlog import LOG_FILE
+from gptfast.tokenizer import TIKTOKEN_FILE_ENV
 from gptfast.train import TrainConfig, lr_at, make_optimizer, model_flops_per_token, train, train_step
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from gptfast.kernels import common
 
 from . import sass
 from .compiler import Build, Compiled, LabError, compile_builds
-from .ops import Op, configured, get_op, kernel_name
+from .ops import Op, configured, kernel_name
 from .targets import Architecture
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -207,7 +207,8 @@ def triton_version() -> str:
 def format_report(report: dict) -> str:
     """The human-readable table of one inspect report."""
     head = (f"{report['op']} {report['dtype']} shape {','.join(map(str, report['shape']))} on {report['arch']} "
-            f"({report['kernels'][0]['sm_count'] if report['kernels'] else '?'} SMs), Triton {report['triton_version']}")
+            f"({report['kernels'][0]['sm_count'] if report['kernels'] else '?'} SMs), "
+            f"Triton {report['triton_version']}")
     columns = ("kernel", "config", "regs", "spill", "smem", "CTA/SM", "warp/SM", "limit", "programs", "mma",
                "serial", "loads", "stores", "tma", "loop", "elem/it", "mufu/el")
     rows = [columns]
@@ -216,7 +217,8 @@ def format_report(report: dict) -> str:
                           for key, v in k["config"].items() if v is not None)
         mma = f"HGMMA {k['hgmma']}" if k["hgmma"] else (f"HMMA {k['hmma']}" if k["hmma"] else "-")
         rows.append((k["name"], config, k["registers"], k["spill_bytes"], k["shared_memory"], k["ctas_per_sm"],
-                     k["warps_per_sm"], k["occupancy_limit"], k["programs"], mma, "YES" if k["serialized_mma"] else "no",
+                     k["warps_per_sm"], k["occupancy_limit"], k["programs"], mma,
+                     "YES" if k["serialized_mma"] else "no",
                      _bits(k["load_bits"]), _bits(k["store_bits"]),
                      "TMA" if k["tma"] else ("cp.async" if k["cp_async"] else "-"),
                      k["main_loop_instructions"], k["elements_per_iteration"], f"{k['mufu_per_element']:.2f}"))

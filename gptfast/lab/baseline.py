@@ -48,7 +48,8 @@ def regressions(now: dict[str, int], recorded: dict[str, int], tolerance: float 
         if key not in recorded:
             problems.append(f"{key}: {n} instructions, not in the baseline")
         elif n > recorded[key] * (1 + tolerance):
-            problems.append(f"{key}: {n} instructions, {n / recorded[key] - 1:+.1%} over the baseline's {recorded[key]}")
+            problems.append(f"{key}: {n} instructions, {n / recorded[key] - 1:+.1%} over the baseline's "
+                            f"{recorded[key]}")
     return problems
 
 

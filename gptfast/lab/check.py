@@ -12,8 +12,8 @@ Kernels run under the Triton interpreter on a CPU, compiled on a GPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from gptfast import kernels
 
 from .compiler import LabError
-from .ops import cross_entropy, flash_attention, layer_norm, bias_gelu
+from .ops import bias_gelu, cross_entropy, flash_attention, layer_norm
 
 SMALL_SHAPES = {"layer_norm": (64, 300), "bias_gelu": (64, 300), "cross_entropy": (16, 1000, 997),
                 "flash_attention": (1, 2, 64, 32)}  # the default under the interpreter: seconds, not hours

@@ -67,7 +67,7 @@ class Build:
     arch: int
 
     @classmethod
-    def of(cls, launch, arch: int) -> "Build":
+    def of(cls, launch, arch: int) -> Build:
         """The build of a captured ``common.Launch``."""
         fn = getattr(launch.kernel, "fn", launch.kernel)
         return cls(fn.__module__, fn.__name__, tuple(describe_arg(a) for a in launch.args), dict(launch.meta), arch)
@@ -145,7 +145,8 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int, str]:
         src = Path(tmp, "kernel.ptx")
         src.write_text(ptx)
         log = subprocess.run([nvidia_tool("ptxas", arch), "-v", f"--gpu-name={nvidia.sm_arch_from_capability(arch)}",
-                              str(src), "-o", str(Path(tmp, "kernel.cubin"))], capture_output=True, text=True, check=True)
+                              str(src), "-o", str(Path(tmp, "kernel.cubin"))],
+                             capture_output=True, text=True, check=True)
     text = log.stdout + log.stderr
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -186,7 +187,8 @@ def _compile(build: dict) -> dict:
     registers, spill_stores, spill_loads, log = _ptxas_report(compiled.asm["ptx"], build["arch"])
     names = list(fn.arg_names)
     return dict(signature=dict(signature), constants={names[p[0]]: _json_value(v) for p, v in constexprs.items()},
-                hinted=[names[p[0]] for p, attr in attrs.items() if attr], registers=registers, spill_stores=spill_stores,
+                hinted=[names[p[0]] for p, attr in attrs.items() if attr], registers=registers,
+                spill_stores=spill_stores,
                 spill_loads=spill_loads, shared=int(compiled.metadata.shared), ptxas_log=log,
                 options={k: getattr(options, k) for k in LAUNCH_OPTIONS if hasattr(options, k)},
                 asm={"ttir": compiled.asm["ttir"], "ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"],

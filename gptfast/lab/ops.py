@@ -12,11 +12,11 @@ import contextlib
 import dataclasses
 import importlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from unittest import mock
 
 import torch
-from unittest import mock
 
 from gptfast.kernels.common import cdiv
 
