@@ -1,0 +1,138 @@
+"""bench/gpu.sh, the GPU machine's one command: its plan fits the device tool's limits (510 s of stage budgets,
+at most 8 files of 16 MiB back from $OUT, two folders deep), rehearsed on this CPU (``--rehearse``), and a run
+killed mid-way leaves results that read."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from gptfast.bench import gpu
+
+REPO = Path(__file__).resolve().parents[1]
+# The issue's order: versions, ceilings, the smoke, training (eager, then compiled), generation, the kernels'
+# headline sizes, tuning, the other sizes; then the packing.
+ORDER = ("versions", "ceilings", "smoke", "train", "train-compile", "generate", "kernels-headline", "tune",
+         "kernels-rest", "pack")
+RETURNABLE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def start_rehearsal(out: Path) -> subprocess.Popen:
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)  # gpu.sh sets it itself
+    return subprocess.Popen(["bash", "bench/gpu.sh", "--rehearse"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def assert_returnable(out: Path) -> None:
+    """What the device tool hands back: at most 8 plain files, 16 MiB each, two folders down, plain names."""
+    found = list(out.rglob("*"))
+    files = [p for p in found if p.is_file()]
+    assert len(files) <= gpu.MAX_FILES, sorted(p.name for p in files)
+    for path in found:
+        relative = path.relative_to(out)
+        assert not path.is_symlink() and all(RETURNABLE_NAME.fullmatch(part) for part in relative.parts), relative
+        if path.is_file():
+            assert path.stat().st_size <= gpu.MAX_FILE_BYTES, relative
+            assert len(relative.parts) - 1 <= gpu.MAX_DEPTH, relative
+
+
+def test_stages_follow_the_issue_and_fit_510_seconds():
+    assert gpu.STAGE_NAMES == ORDER
+    assert sum(stage.budget_s for stage in gpu.STAGES) <= gpu.TOTAL_BUDGET_S == 510
+    assert dict((s.name, s.budget_s) for s in gpu.STAGES)["smoke"] <= 90
+    assert all(s.budget_s >= gpu.MIN_STAGE_S and s.rehearsal_s >= gpu.MIN_STAGE_S for s in gpu.STAGES)
+    assert len(gpu.OUTPUTS) <= gpu.MAX_FILES
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-out")
+    process = start_rehearsal(out)
+    log, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, log[-3000:]
+    return out, log
+
+
+def test_rehearsal_prints_the_budgets_and_fits_the_return_limits(rehearsal):
+    out, log = rehearsal
+    for stage in gpu.STAGES:
+        assert re.search(rf"^{stage.name} +{stage.rehearsal_s:.0f} s +pending$", log, re.M), stage.name
+    assert re.search(rf"^total +{sum(s.rehearsal_s for s in gpu.STAGES):.0f} s", log, re.M)
+    assert_returnable(out)
+    assert {p.name for p in out.iterdir()} <= set(gpu.OUTPUTS)
+    assert (out / "gpu.log").read_text().strip() == log.strip()
+
+
+def test_rehearsal_records_every_stage_and_its_results(rehearsal):
+    out, _ = rehearsal
+    stages = json.loads((out / "stages.json").read_text())
+    assert [s["name"] for s in stages["stages"]] == list(ORDER)
+    assert stages["total_budget_s"] == sum(s.rehearsal_s for s in gpu.STAGES)
+    for stage in stages["stages"]:  # each ran (or was cut at its limit), none left pending
+        assert stage["status"] == "ok" or stage["status"].startswith(("stopped at its", "skipped")), stage
+        assert stage["status"].startswith("skipped") or stage["used_s"] <= stage["limit_s"] + 2 * gpu.KILL_GRACE_S
+    assert stages["stages"][0]["result"]["versions"]["torch"]
+    smoke = json.loads((out / "smoke.json").read_text())
+    assert smoke["passed"] >= 1 and smoke["failed"] == smoke["error"] == 0, smoke
+    assert all(c["status"] != "pending" for c in smoke["cases"])
+    results = json.loads((out / "results.json").read_text())
+    groups = {r["group"] for r in results["records"]}
+    assert {"train", "generate", "layer_norm"} <= groups and results["ceilings"]["copy_gbps"] > 0
+    for record in results["records"]:
+        assert record["status"] in ("ok", "unavailable", "failed") and (record["status"] == "ok") == (
+            record["value"] is not None)
+    with tarfile.open(out / "report.tar.gz") as tar:
+        names = tar.getnames()
+    folder = names[0].split("/")[0]
+    assert {f"{folder}/results.json", f"{folder}/results.md", f"{folder}/smoke.json"} <= set(names)
+
+
+def _session_processes(session: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:  # the session id, after state, parent and group
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_run_killed_mid_way_leaves_readable_results(tmp_path):
+    """SIGKILL to every process of the run once the smoke is under way (as the device tool's limit would)."""
+    process = start_rehearsal(tmp_path)
+    stages_file, deadline = tmp_path / "stages.json", time.time() + 120
+    try:
+        while time.time() < deadline:
+            stages = json.loads(stages_file.read_text()) if stages_file.exists() else {"stages": []}
+            if any(s["name"] == "smoke" and s["status"] == "running" for s in stages["stages"]) and (
+                    tmp_path / "smoke.json").exists():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the rehearsal never reached the smoke stage")
+    finally:
+        for pid in _session_processes(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+    assert_returnable(tmp_path)
+    for path in tmp_path.glob("*.json"):
+        json.loads(path.read_text())  # whole files only: each is replaced, never written in place
+    stages = {s["name"]: s for s in json.loads(stages_file.read_text())["stages"]}
+    assert stages["versions"]["status"] == stages["ceilings"]["status"] == "ok"
+    assert json.loads((tmp_path / "results.json").read_text())["ceilings"]["copy_gbps"] > 0
+
+
+def test_readme_stage_table_is_the_plan():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| ([a-z-]+) \| (\d+) s \|", text, re.M)
+    assert [(s.name, f"{s.budget_s:.0f}") for s in gpu.STAGES] == rows
