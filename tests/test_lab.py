@@ -211,3 +211,15 @@ def test_main_loops_within_the_baseline(reports):
 def test_baseline_regression_can_fail():
     assert baseline.regressions({"k": 104}, {"k": 100}) and not baseline.regressions({"k": 103}, {"k": 100})
     assert baseline.regressions({"new": 1}, {})
+
+
+def test_tune_default_candidates_parse():
+    """`lab tune flash_attention` without --config tries the shipped table and these variations: each
+    names a configurable kernel and its fields."""
+    from gptfast.lab import measure
+    from gptfast.lab.ops import configured, get_op
+
+    op = get_op("flash_attention")
+    for candidate in measure.DEFAULT_CANDIDATES["flash_attention"]:
+        with configured(op, measure._overrides(candidate), "forward"):
+            pass

@@ -50,7 +50,8 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     _add_target(p)
     p = sub.add_parser("tune", help="time the spill-free, unserialised candidate configurations (GPU only)")
     _add_target(p)
-    p.add_argument("--config", action="append", help="a candidate (" + CONFIG_HELP + ")")
+    p.add_argument("--config", action="append", help="a candidate (" + CONFIG_HELP + "); attention's default: "
+                   "the shipped table and one-kernel variations of it")
     p.add_argument("--write", type=Path, metavar="FILE", help="attention: write the table with the winner here "
                    "(default: the GPU's table in kernels/configs/)")
     p = sub.add_parser("baseline", help="compare main-loop lengths with tests/lab_baseline.json, or --write it")

@@ -58,15 +58,28 @@ def bench(op: Op, shape_text: str | None, dtype: str) -> str:
     return "\n".join(lines)
 
 
+# The candidates `lab tune` tries without --config: the shipped table ("shipped", no override) and,
+# one kernel at a time, the tile shapes and warp counts the Hopper and Ampere entries choose among.
+DEFAULT_CANDIDATES = {
+    "flash_attention": ["shipped"] + [f"attention_fwd:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
+                                      for m, n, w in ((128, 64, 4), (128, 128, 8), (64, 64, 4), (128, 32, 8))]
+                       + [f"attention_bwd_kv:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
+                          for m, n, w in ((64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 128, 8))]
+                       + [f"attention_bwd_q:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
+                          for m, n, w in ((64, 64, 4), (128, 64, 8), (64, 32, 4))],
+}
+
+
 def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | None,
          write: Path | None = None) -> str:
     from gptfast.bench.harness import measure
     from gptfast.bench.kernel_bench import pass_call, triton_backend
 
+    candidates = candidates or DEFAULT_CANDIDATES.get(op.name)
     if not candidates:
-        raise ValueError("lab tune: give the candidate configurations with --config (one per candidate)")
+        raise ValueError(f"lab tune: {op.name} has no default candidates: give them with --config (one each)")
     arch, shape = local_architecture(), op.parse_shape(shape_text)
-    requests = [analysis.Request(op, shape, dtype, arch, parse_config([c]), {}) for c in candidates]
+    requests = [analysis.Request(op, shape, dtype, arch, _overrides(c), {}) for c in candidates]
     device = torch.device("cuda")
     benchmark, size = _benchmark(op), BENCH_SIZES[op.name](shape)
     lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()}: forward + backward, measured"]
@@ -76,7 +89,7 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
         if bad:
             lines.append(f"{candidate:<50} skipped: spills or serialised wgmma in {', '.join(bad)}")
             continue
-        overrides = parse_config([candidate])
+        overrides = _overrides(candidate)
         with configured(op, overrides, "forward"), configured(op, overrides, "backward"):
             forward = triton_backend(lambda *a: benchmark.providers["triton"](device)(*a))(device)
             inputs = benchmark.make_inputs(size, device, analysis.DTYPES[dtype])
@@ -95,6 +108,10 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
     return "\n".join(lines)
 
 
+def _overrides(candidate: str) -> dict[str, dict[str, int]]:
+    return {} if candidate == "shipped" else parse_config([candidate])
+
+
 def _write_attention_winner(op: Op, shape: tuple[int, ...], dtype: str, best: str, times: dict[str, float],
                             write: Path | None) -> str:
     """Put the winner into the attention table of this GPU (its JSON file, or ``write``), with the
@@ -103,7 +120,7 @@ def _write_attention_winner(op: Op, shape: tuple[int, ...], dtype: str, best: st
 
     fa = op.module
     q = torch.empty(shape[0], shape[1], shape[2], shape[3], dtype=analysis.DTYPES[dtype], device="cuda")
-    with configured(op, parse_config([best]), "forward"), configured(op, parse_config([best]), "backward"):
+    with configured(op, _overrides(best), "forward"), configured(op, _overrides(best), "backward"):
         winner = fa._configs_for(q)
     props = torch.cuda.get_device_properties(0)
     table_id = fa.table_for(props.major, props.minor, getattr(props, "shared_memory_per_block_optin", None))
