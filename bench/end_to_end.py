@@ -7,13 +7,18 @@ included). The first step (which compiles) is timed apart from the steady ones. 
 ``gptfast.train.model_flops_per_token`` times tokens/s over the measured matmul ceiling (and over
 the datasheet peak, in the record's extra figures, where the GPU is known). Whole steps and
 generations are timed as the kernels are (``harness.measure``).
+
+Generation runs ``gptfast.generate`` per backend with the key/value cache, without it, and
+"compiled" (``compile=True``: the static decode step compiled and replayed, CUDA graphs on a GPU),
+and transformers' ``generate`` with its static cache, compiled too, on the same GPT-2 shapes (random
+weights), in one run. The first call, which compiles, is timed apart (``first_call_s``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -22,11 +27,13 @@ from gptfast.generation import generate
 from gptfast.model import GPT, GPTConfig
 from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
 
-from .harness import OK, REP_MS, WARMUP_MS, Record, measure_record
+from .harness import OK, REP_MS, WARMUP_MS, Record, Unavailable, measure_record
 from .kernel_bench import bench_dtype
 
 TRAIN_PROVIDERS = ("triton", "torch", "triton+compile", "torch+compile")
-GENERATE_PROVIDERS = ("triton", "torch")
+GENERATE_PROVIDERS = ("triton", "torch", "transformers")
+GENERATE_MODES = {"triton": ("cache", "compiled", "no cache"), "torch": ("cache", "compiled", "no cache"),
+                  "transformers": ("static cache",)}
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,10 @@ TRAIN_TIMING, GENERATE_TIMING = 20, 10
 _CPU_MODEL = TrainSize("tiny", batch=2, context=32, n_layer=1, vocab_size=512)
 _GPT2 = TrainSize("gpt2", batch=16, context=1024, vocab_multiple=64)
 TRAIN_SIZES = {"full": _GPT2, "small": _CPU_MODEL}
-# Generation at batch 1 and 16: 64-token prompts, 256 new tokens each.
+# Generation at batch 1 and 16: 64-token prompts, 256 new tokens each; on a CPU, 8 and 32 in a context of 64.
+_CPU_GENERATE_MODEL = dataclasses.replace(_CPU_MODEL, context=64)
 GENERATE_SIZES = {"full": (GenerateSize(_GPT2, 1, 64, 256), GenerateSize(_GPT2, 16, 64, 256)),
-                  "small": (GenerateSize(_CPU_MODEL, 1, 8, 4), GenerateSize(_CPU_MODEL, 2, 8, 4))}
+                  "small": (GenerateSize(_CPU_GENERATE_MODEL, 1, 8, 32), GenerateSize(_CPU_GENERATE_MODEL, 16, 8, 32))}
 
 # The issue's targets for GPT-2 124M training on one H100 (full sizes only).
 SPEEDUP_TARGETS = (("triton", "torch", 1.5), ("triton", "torch+compile", 1.1))
@@ -112,24 +120,55 @@ def run_train(provider: str, size: TrainSize, device: torch.device, *, warmup_ms
     return record
 
 
-def generate_call(provider: str, use_cache: bool, size: GenerateSize, device: torch.device
-                  ) -> Callable[[], list[list[int]]]:
-    """A closure generating ``size.new_tokens`` for each random prompt with ``gptfast.generate``."""
+def generate_call(provider: str, mode: str, size: GenerateSize, device: torch.device
+                  ) -> Callable[[], object]:
+    """A closure generating ``size.new_tokens`` for each random prompt: ``gptfast.generate`` with
+    the backend ``provider`` in ``mode`` ("cache", "no cache", "compiled"), or transformers'."""
     torch.manual_seed(0)
     config = size.model.config()
+    prompts = torch.randint(0, config.vocab_size, (size.prompts, size.prompt_len))
+    if provider == "transformers":
+        return _transformers_call(config, prompts, size.new_tokens, device)
     model = GPT(config).to(device=device, dtype=bench_dtype(device)).eval()
-    prompts = torch.randint(0, config.vocab_size, (size.prompts, size.prompt_len)).tolist()
+    if mode == "compiled":
+        torch._dynamo.reset()  # a fresh compilation per size: the recompilation limit is not reached
+    options = dict(use_cache=mode != "no cache", compile=mode == "compiled")
 
     def run() -> list[list[int]]:
         with kernels.use_backend(provider), torch.no_grad():
-            return generate(model, prompts, size.new_tokens, temperature=1.0, seed=0, use_cache=use_cache)
+            return generate(model, prompts.tolist(), size.new_tokens, temperature=1.0, seed=0, **options)
 
     return run
 
 
-def run_generate(provider: str, use_cache: bool, size: GenerateSize, device: torch.device, *,
+def _transformers_call(config: GPTConfig, prompts: torch.Tensor, new_tokens: int, device: torch.device
+                       ) -> Callable[[], torch.Tensor]:
+    """transformers' GPT-2 ``generate`` with its static cache, its decode step compiled (on a CPU too)."""
+    try:
+        from transformers import CompileConfig, GenerationConfig, GPT2Config, GPT2LMHeadModel
+    except ImportError as error:
+        raise Unavailable(f"transformers (with its static cache) is not installed: {error}") from error
+    hf_config = GPT2Config(vocab_size=config.padded_vocab_size, n_positions=config.context_length,
+                           n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head)
+    model = GPT2LMHeadModel(hf_config).to(device=device, dtype=bench_dtype(device)).eval()
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+    generation = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                  top_k=0, cache_implementation="static", compile_config=compile_config,
+                                  pad_token_id=0)
+    input_ids = prompts.to(device)
+    torch._dynamo.reset()
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation)
+
+    return run
+
+
+def run_generate(provider: str, mode: str, size: GenerateSize, device: torch.device, *,
                  rep_ms: float = REP_MS) -> Record:
-    """Generated tokens per second of ``gptfast.generate`` with or without the key/value cache."""
-    record = Record("generate", provider, "cache" if use_cache else "no cache", size.as_dict(), unit="tokens/s")
-    return measure_record(record, lambda: (generate_call(provider, use_cache, size, device), ()),
+    """Generated tokens per second of ``gptfast.generate`` in ``mode``, or of transformers' generate."""
+    record = Record("generate", provider, mode, size.as_dict(), unit="tokens/s")
+    return measure_record(record, lambda: (generate_call(provider, mode, size, device), ()),
                           size.prompts * size.new_tokens, device, warmup_ms=0.0, rep_ms=GENERATE_TIMING * rep_ms)

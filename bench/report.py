@@ -17,8 +17,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -114,10 +114,10 @@ def tasks(settings: Settings, device: torch.device) -> list[Task]:
             found += [Task(group, p, "step", size.as_dict(), lambda p=p, z=size: end_to_end.run_train(
                            p, z, device, **timing)) for p in filter(wanted, end_to_end.TRAIN_PROVIDERS)]
         elif group == "generate":
-            found += [Task(group, p, mode, size.as_dict(), lambda p=p, c=(mode == "cache"), z=size:
-                           end_to_end.run_generate(p, c, z, device, rep_ms=settings.rep_ms))
+            found += [Task(group, p, mode, size.as_dict(), lambda p=p, m=mode, z=size:
+                           end_to_end.run_generate(p, m, z, device, rep_ms=settings.rep_ms))
                       for size in end_to_end.GENERATE_SIZES[e2e_mode]
-                      for p in filter(wanted, end_to_end.GENERATE_PROVIDERS) for mode in ("cache", "no cache")]
+                      for p in filter(wanted, end_to_end.GENERATE_PROVIDERS) for mode in end_to_end.GENERATE_MODES[p]]
         else:
             bench = KERNELS[group]
             found += [Task(group, p, pass_, size, lambda b=bench, p=p, s=pass_, z=size: run_case(
@@ -133,7 +133,7 @@ def begin(settings: Settings, device: torch.device, command: str) -> dict:
     ceilings = measure_ceilings(device, small=settings.sizes == "small")
     return {
         "schema": SCHEMA,
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "finished": False,
         "duration_s": 0.0,
         "command": command,
@@ -189,7 +189,7 @@ def run(settings: Settings, device: torch.device, command: str, progress: bool =
 
 def results_dir(device: torch.device, root: Path = RESULTS_ROOT) -> Path:
     """``<root>/<today>-<device>``, with a numeric suffix if that already exists."""
-    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    today = dt.datetime.now(dt.UTC).date().isoformat()
     base = root / f"{today}-{device_info(device)['slug']}"
     path, n = base, 2
     while path.exists():
@@ -301,7 +301,9 @@ def _e2e_table(records: list[Record], group: str) -> list[str]:
         if r.status != OK:
             cells += ["n/a"] + [""] * (len(columns) - len(cells) - 1)
         else:
-            base = next((b for b in rows if b.provider == "torch" and b.pass_ == r.pass_ and b.size == r.size
+            # Generation compares every mode (and transformers) with torch eager's cached decoding.
+            base_pass = r.pass_ if train else "cache"
+            base = next((b for b in rows if b.provider == "torch" and b.pass_ == base_pass and b.size == r.size
                          and b.status == OK), None)
             cells += [_fmt(r.value), f"{r.value / base.value:.2f}x" if base else ""]
             if train:

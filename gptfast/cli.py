@@ -12,16 +12,15 @@ import time
 import torch
 
 from . import __version__, kernels
-from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
-
 from .data import BatchStream, TokenData, prepare
 from .evaluate import split_loss
 from .generation import DEFAULT_TEMPERATURE, collect, stream
+from .interrupt import exit_code
+from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
+from .lab import add_lab_parser
 from .model import GPT, PRESETS, GPTConfig
 from .precision import AMP_DTYPES, amp_dtype_for
 from .tokenizer import GPT2_VOCAB_SIZE, TIKTOKEN_FILE_ENV, TOKENIZERS
-from .interrupt import exit_code
-from .lab import add_lab_parser
 from .train import DEFAULTS, TrainConfig, cli_options, train
 
 BACKEND_HELP = "kernel backend (default: $GPTFAST_BACKEND or auto)"
@@ -233,7 +232,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     eos = None if args.ignore_eos else tokenizer.eot_token_id
     # stream() checks every argument at the call, so an error is printed before any text is.
     steps = stream(model, encoded, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, eos_token_id=eos, use_cache=not args.no_cache)
+                   top_p=args.top_p, seed=args.seed, eos_token_id=eos, use_cache=not args.no_cache,
+                   compile=args.compile)
     streaming = len(prompts) == 1
     if streaming:
         print(prompts[0], end="", flush=True)
@@ -280,6 +280,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole context for every token "
                    "(slow; for comparison)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step once (torch.compile; CUDA "
+                   "graphs on a GPU) and replay it for every token: faster after its first seconds")
 
 
 def _positive_int(text: str) -> int:

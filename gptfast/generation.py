@@ -15,13 +15,21 @@ The window: prompts longer than the context are cropped to their last ``context_
 (at least one token, and at least one kept) and the cache is recomputed from the rest: position
 embeddings are absolute, so cached keys cannot simply shift. The batch slides as one, so past the
 context a row's tokens can differ from those it gets alone.
+
+``compile=True`` decodes with a static cache (:class:`~gptfast.model.KVCache` with ``static=True``,
+allocated at the full context once) through one step of fixed shapes, compiled by ``torch.compile``
+once per batch size and replayed for every token (``mode="reduce-overhead"`` on CUDA: a CUDA
+graph). The prefill runs eager. Sampling happens on the device, by the exponential-race form of the
+same distribution (argmax of probs / noise, the noise drawn from the seed's generator), so a seed
+gives other samples than without compile; greedy tokens are the same. Tokens are read back to the
+host, and EOS checked, every :data:`READ_BACK_EVERY` steps.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -31,6 +39,7 @@ Prompts = Sequence[Sequence[int]]  # token ids: lists, tuples or numpy arrays of
 Step = list[int | None]  # one step: each prompt's new token, None for a prompt that has stopped
 
 DEFAULT_TEMPERATURE = 1.0  # of generate, stream, GPT.generate and `gptfast generate`: the model's own distribution
+READ_BACK_EVERY = 8  # compiled decoding syncs with the host (reads its tokens, checks EOS) once per this many
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -62,10 +71,57 @@ def pick_tokens(logits: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE, 
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = _probabilities(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _probabilities(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+                   ) -> torch.Tensor:
+    """Softmax of the tempered, filtered logits, in float64 (see :func:`pick_tokens`)."""
     logits = logits.double()
     tempered = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    probs = filter_logits(tempered, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return filter_logits(tempered, top_k, top_p).softmax(dim=-1)
+
+
+def race_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                noise: torch.Tensor | None) -> torch.Tensor:
+    """:func:`pick_tokens` without a generator argument, as a compiled graph needs: given ``noise``
+    (batch, vocab) of Exponential(1) draws, argmax(probs / noise) is a sample of probs (the first
+    of independent exponential clocks of rates probs to ring). Greedy (temperature 0) takes no noise."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = _probabilities(logits, temperature, top_k, top_p)
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def _noise(batch: int, vocab: int, temperature: float, device: torch.device,
+           generator: torch.Generator | None) -> torch.Tensor | None:
+    """Exponential(1) draws for :func:`race_tokens` (outside any compiled graph: it takes the generator)."""
+    if temperature == 0:
+        return None
+    return torch.empty(batch, vocab, dtype=torch.float64, device=device).exponential_(generator=generator)
+
+
+def _decode_step(model: GPT, token: torch.Tensor, cache: KVCache, left_pad: torch.Tensor | None,
+                 noise: torch.Tensor | None, temperature: float, top_k: int | None, top_p: float | None
+                 ) -> torch.Tensor:
+    """The static decode step: each row's next token after ``token`` (batch,), written into the
+    static ``cache`` at its (tensor) length. No shape depends on the position."""
+    logits, _ = model(token[:, None], cache=cache, left_pad=left_pad, last_only=True)
+    return race_tokens(logits[:, -1], temperature, top_k, top_p, noise)
+
+
+_compiled_steps: dict[str, Callable] = {}
+
+
+def compiled_decode_step(device: torch.device) -> Callable:
+    """:func:`_decode_step` under ``torch.compile`` for ``device``'s type: CUDA graphs on CUDA
+    (mode "reduce-overhead"), the default mode elsewhere; static shapes, so each batch size (and
+    model configuration) compiles once and every later token replays it."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, dynamic=False, fullgraph=True)
+    return _compiled_steps[mode]
 
 
 def _is_integer(value) -> bool:
@@ -130,14 +186,18 @@ def _left_padded(prompts: list[list[int]], context_length: int, device: torch.de
 
 def stream(model: GPT, prompts: Prompts | torch.Tensor, max_new_tokens: int, *,
            temperature: float = DEFAULT_TEMPERATURE, top_k: int | None = None, top_p: float | None = None,
-           seed: int | None = None, eos_token_id: int | None = None, use_cache: bool = True) -> Iterator[Step]:
+           seed: int | None = None, eos_token_id: int | None = None, use_cache: bool = True,
+           compile: bool = False) -> Iterator[Step]:
     """An iterator over the steps: each prompt's new token, or None for a prompt that has stopped.
 
     Arguments as for :func:`generate`, checked here, at the call, before any step runs. The model
-    is in eval mode while the iterator runs.
+    is in eval mode while the iterator runs. With ``compile`` the steps arrive in bursts of
+    :data:`READ_BACK_EVERY`, as they are read back from the device.
     """
     checked = _checked_prompts(model, prompts)
     _check_options(model, max_new_tokens, temperature, top_k, top_p, eos_token_id)
+    if compile and not use_cache:
+        raise ValueError("compile=True decodes through a static key/value cache: it needs use_cache=True")
     context = model.config.context_length
     longer = [i for i, prompt in enumerate(checked) if len(prompt) > context]
     if longer:
@@ -145,11 +205,13 @@ def stream(model: GPT, prompts: Prompts | torch.Tensor, max_new_tokens: int, *,
                       stacklevel=3)
     top_k = None if top_k is None else int(top_k)
     eos_token_id = None if eos_token_id is None else int(eos_token_id)
-    return _steps(model, checked, int(max_new_tokens), temperature, top_k, top_p, seed, eos_token_id, use_cache)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return _steps(model, checked, int(max_new_tokens), options, seed, eos_token_id, use_cache, compile)
 
 
-def _steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-           top_p: float | None, seed: int | None, eos_token_id: int | None, use_cache: bool) -> Iterator[Step]:
+def _steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, options: dict, seed: int | None,
+           eos_token_id: int | None, use_cache: bool, compile: bool) -> Iterator[Step]:
+    """The decoding loop; ``options``: temperature, top_k and top_p."""
     context = model.config.context_length
     device = model.transformer.wte.weight.device
     tokens, pads = _left_padded(prompts, context, device)
@@ -157,40 +219,68 @@ def _steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperatur
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     # A full window drops its oldest quarter, at least one token, and keeps at least one (context 1).
     keep = max(1, context - max(1, context // 4))
-    cache = model.new_cache(len(prompts), min(context, tokens.shape[1] + max_new_tokens)) if use_cache else None
+    # The static cache has the full context, so its shapes (and the compiled step) are the same every call.
+    max_len = context if compile else min(context, tokens.shape[1] + max_new_tokens)
+    cache = model.new_cache(len(prompts), max_len, static=compile) if use_cache else None
+    decode = compiled_decode_step(device) if compile else None
+    cached = 0  # positions in the cache, counted on the host
+    pending: list[torch.Tensor] = []  # new tokens still on the device
+    new = None  # the last step's tokens (batch,), contiguous: the compiled step's input
     stopped = [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if tokens.shape[1] > context:
                 dropped = tokens.shape[1] - keep
                 tokens, pads = tokens[:, dropped:], [max(0, p - dropped) for p in pads]
                 left_pad = torch.tensor(pads, device=device) if any(pads) else None
                 if cache is not None:
                     cache.reset()
-            logits = _next_token_logits(model, tokens, left_pad, cache)
-            new = pick_tokens(logits, temperature, top_k, top_p, generator)
+                    cached = 0
+            if decode is not None and new is not None and cached == tokens.shape[1] - 1:
+                # Only the newest token is uncached: the compiled step.
+                noise = _noise(len(prompts), model.config.vocab_size, options["temperature"], device, generator)
+                torch.compiler.cudagraph_mark_step_begin()
+                with torch.no_grad():
+                    new = decode(model, new, cache, left_pad, noise, **options).clone()
+            else:
+                logits = _next_token_logits(model, tokens[:, cached:], left_pad, cache)
+                if compile:
+                    noise = _noise(len(prompts), logits.shape[-1], options["temperature"], device, generator)
+                    new = race_tokens(logits, **options, noise=noise)
+                else:
+                    new = pick_tokens(logits, **options, generator=generator)
+            cached = tokens.shape[1] if cache is not None else 0
             tokens = torch.cat([tokens, new[:, None]], dim=1)
-            step = []
-            for i, token in enumerate(new.tolist()):
-                step.append(None if stopped[i] else token)
-                stopped[i] = stopped[i] or token == eos_token_id
-            yield step
+            pending.append(new)
+            if compile and len(pending) < READ_BACK_EVERY and i < max_new_tokens - 1:
+                continue
+            yield from _read_back(pending, stopped, eos_token_id)
+            pending = []
             if all(stopped):
                 return
     finally:
         model.train(was_training)
 
 
+def _read_back(pending: list[torch.Tensor], stopped: list[bool], eos_token_id: int | None) -> Iterator[Step]:
+    """The steps of the ``pending`` tokens (one host sync for all), None for rows that had stopped;
+    marks rows that produce ``eos_token_id`` as stopped."""
+    for new in torch.stack(pending, dim=1).T.tolist():
+        step = []
+        for i, token in enumerate(new):
+            step.append(None if stopped[i] else token)
+            stopped[i] = stopped[i] or token == eos_token_id
+        yield step
+
+
 @torch.no_grad()
-def _next_token_logits(model: GPT, tokens: torch.Tensor, left_pad: torch.Tensor | None,
+def _next_token_logits(model: GPT, uncached: torch.Tensor, left_pad: torch.Tensor | None,
                        cache: KVCache | None) -> torch.Tensor:
-    """Logits (batch, vocab) for the token after ``tokens``; with a cache, only uncached tokens run."""
-    if cache is None:
-        logits, _ = model(tokens, left_pad=left_pad, last_only=True)
-    else:
-        logits, _ = model(tokens[:, cache.length:], cache=cache, left_pad=left_pad, last_only=True)
+    """Logits (batch, vocab) for the token after the window whose ``uncached`` tokens (all of them
+    without a cache) still have to run."""
+    logits, _ = model(uncached, cache=cache, left_pad=left_pad, last_only=True)
     return logits[:, -1, :]
 
 
@@ -210,7 +300,7 @@ def collect(steps: Iterable[Step], batch_size: int, on_step: Callable[[Step], No
 def generate(model: GPT, prompts: Prompts | torch.Tensor, max_new_tokens: int, *,
              temperature: float = DEFAULT_TEMPERATURE, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_token_id: int | None = None, use_cache: bool = True,
-             on_step: Callable[[Step], None] | None = None) -> list[list[int]] | torch.Tensor:
+             compile: bool = False, on_step: Callable[[Step], None] | None = None) -> list[list[int]] | torch.Tensor:
     """Given a list of prompts, the new tokens of each (lists of token ids, lengths may differ);
     given a (batch, seq) tensor, a (batch, seq + new) tensor: the prompts, then the new tokens.
 
@@ -220,10 +310,11 @@ def generate(model: GPT, prompts: Prompts | torch.Tensor, max_new_tokens: int, *
     after ``max_new_tokens`` or after producing ``eos_token_id`` (included in its output); in a
     tensor, a row that stopped early is filled with ``eos_token_id`` up to the longest row's end.
     ``use_cache=False`` re-runs the model on the whole window each step (slower; the same greedy
-    tokens). ``on_step`` receives each step's tokens as :func:`stream` yields them.
+    tokens). ``compile=True``: the decode step compiled and replayed (see the module's docstring;
+    the prefill stays eager). ``on_step`` receives each step's tokens as :func:`stream` yields them.
     """
     steps = stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_token_id=eos_token_id, use_cache=use_cache)
+                   seed=seed, eos_token_id=eos_token_id, use_cache=use_cache, compile=compile)
     new = collect(steps, len(prompts), on_step)
     if not isinstance(prompts, torch.Tensor):
         return new
@@ -235,16 +326,17 @@ def generate(model: GPT, prompts: Prompts | torch.Tensor, max_new_tokens: int, *
 
 def model_generate(self: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,
                    top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                   seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
+                   seed: int | None = None, use_cache: bool = True, compile: bool = False) -> torch.Tensor:
     """``GPT.generate``: idx (batch, seq) of token ids in, (batch, seq + new) out, the prompt included,
-    with the key/value cache unless ``use_cache=False``: nanoGPT's ``model.generate`` and the plain
-    loop that appends each step's token to idx. Arguments as for :func:`generate`; rows that reach
+    with the key/value cache unless ``use_cache=False``: nanoGPT's ``model.generate`` and the plain loop
+    that appends each step's token to idx. ``compile=True`` compiles the decode step and replays it
+    (see :func:`generate`). Arguments as for :func:`generate`; rows that reach
     ``eos_token_id`` are filled with it until every row has stopped or ``max_new_tokens`` are made."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"GPT.generate takes a (batch, seq) tensor of token ids, got {type(idx).__name__} "
                         "(gptfast.generate takes lists of token ids)")
     return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    eos_token_id=eos_token_id, use_cache=use_cache)
+                    eos_token_id=eos_token_id, use_cache=use_cache, compile=compile)
 
 
 # The method lives here, not in model.py, which generation imports (the package's imports have no cycles).

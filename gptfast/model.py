@@ -66,14 +66,14 @@ class GPTConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
         """A named configuration: GPT-2's four sizes, or "tiny"/"mini" that train on a CPU."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         """From our field names, or the classic dictionary (emb_dim, n_heads, n_layers, drop_rate...).
 
         The classic dictionary implies a separate output head (tie_weights=False) unless it says so.
@@ -133,10 +133,16 @@ class KVCache:
     head_dim). The first ``length`` positions are filled; a forward pass with the cache writes its
     tokens after them. Position embeddings are absolute, so the cache cannot slide: when it is full,
     :meth:`reset` it and feed the tokens to keep again.
+
+    ``static=True``: ``length`` is a 0-dim int64 tensor on the cache's device instead of a Python int,
+    and a forward pass writes its keys by index at that position and attends over every slot with
+    the length as a mask, so a decode step has the same shapes and addresses at every position (what
+    ``torch.compile`` and CUDA graphs need). The caller then tracks the length on the host itself.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 static: bool = False):
         max_len = config.context_length if max_len is None else max_len
         if not 1 <= max_len <= config.context_length:
             raise ValueError(f"KVCache: max_len {max_len} must be between 1 and the context length "
@@ -145,7 +151,14 @@ class KVCache:
             raise ValueError(f"KVCache: batch_size must be positive, got {batch_size}")
         self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim,
                               device=device, dtype=dtype)
-        self.length = 0
+        self.length: int | torch.Tensor = torch.zeros((), dtype=torch.long, device=device) if static else 0
+        if static:  # compiled graphs may then write into them in place, CUDA graphs included
+            torch._dynamo.mark_static_address(self.kv)
+            torch._dynamo.mark_static_address(self.length)
+
+    @property
+    def static(self) -> bool:
+        return isinstance(self.length, torch.Tensor)
 
     @property
     def batch_size(self) -> int:
@@ -157,7 +170,10 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every cached position (the memory stays allocated)."""
-        self.length = 0
+        if self.static:
+            self.length.zero_()
+        else:
+            self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -169,9 +185,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0,
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int | torch.Tensor = 0,
                 left_pad: torch.Tensor | None = None) -> torch.Tensor:
-        """``kv``: this layer's (2, B, n_head, max_len, head_dim) cache slice, ``start`` positions filled.
+        """``kv``: this layer's (2, B, n_head, max_len, head_dim) cache slice, ``start`` positions filled
+        (a 0-dim tensor for a static cache).
 
         ``left_pad``: (B,) leading key slots of each row that are padding, hidden from every query
         (a padding query then sees nothing and outputs zeros).
@@ -180,14 +197,22 @@ class CausalSelfAttention(nn.Module):
         # One projection for q, k and v; the kernels take the split, transposed views by their strides.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
-        if kv is not None:
+        key_end = None
+        if isinstance(start, torch.Tensor):
+            # A static cache: write the T new positions by index, then attend over every slot, those
+            # from start + T on hidden by key_end: no shape depends on the position.
+            slots = start + torch.arange(T, device=x.device)
+            kv[0].index_copy_(2, slots, k.to(kv.dtype))
+            kv[1].index_copy_(2, slots, v.to(kv.dtype))
+            k, v, key_end = kv[0], kv[1], (start + T).expand(B)
+        elif kv is not None:
             # Write only the T new positions; attention then reads the filled prefix as strided views.
             kv[0, :, :, start:start + T] = k
             kv[1, :, :, start:start + T] = v
             k, v = kv[0, :, :, :start + T], kv[1, :, :, :start + T]
         dropout_p = self.attn_dropout if self.training else 0.0
         # With a cache, T queries meet start + T keys: the causal mask is aligned bottom-right.
-        y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p, key_start=left_pad)
+        y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p, key_start=left_pad, key_end=key_end)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -214,7 +239,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None, kv: torch.Tensor | None = None,
-                start: int = 0, left_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                start: int | torch.Tensor = 0, left_pad: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream; ``pending``: the previous block's MLP output, not yet added to it.
 
         Returns (the stream, this block's MLP output): each residual add is left to the LayerNorm
@@ -264,11 +290,11 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         """An empty key/value cache for ``batch_size`` sequences of up to ``max_len`` positions
-        (default: the context length), on the model's device and in its dtype."""
+        (default: the context length), on the model's device and in its dtype; ``static``: see KVCache."""
         weight = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+        return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype, static=static)
 
     def _check_input(self, idx: torch.Tensor, targets: torch.Tensor | None,
                      cache: KVCache | None = None, left_pad: torch.Tensor | None = None) -> None:
@@ -284,8 +310,10 @@ class GPT(nn.Module):
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"the cache holds {cache.batch_size} sequences but idx has batch size {B}")
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"the cache holds {cache.length} of {cache.max_len} positions: no room "
+            # A static cache's length is a tensor: it is read (a host sync) only outside compiled graphs.
+            filled = None if cache.static and torch.compiler.is_compiling() else int(cache.length)
+            if filled is not None and filled + T > cache.max_len:
+                raise ValueError(f"the cache holds {filled} of {cache.max_len} positions: no room "
                                  f"for {T} more (reset it and feed the tokens to keep)")
         if left_pad is not None and tuple(left_pad.shape) != (B,):
             raise ValueError(f"left_pad must have shape ({B},), one count per row, got {tuple(left_pad.shape)}")
@@ -328,7 +356,7 @@ class GPT(nn.Module):
         self._check_input(idx, targets, cache, left_pad)
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos = start + torch.arange(T, device=idx.device)  # start: an int, or a static cache's 0-dim tensor
         if left_pad is not None:
             pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))

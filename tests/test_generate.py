@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptfast import kernels
-from gptfast import GPT, GPTConfig
+from gptfast import GPT, GPTConfig, generation, kernels
 from gptfast.checkpoint import load_for_inference, save_checkpoint
-from gptfast import generation
 from gptfast.cli import _print_as_it_arrives, build_parser, main
 from gptfast.generation import DEFAULT_TEMPERATURE, filter_logits, generate, pick_tokens, stream
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer
@@ -319,7 +317,7 @@ def test_model_generate_is_the_seeds_loop_token_for_token(prompt_len, n, use_cac
 
 def test_model_generate_samples_as_the_list_api_and_fills_stopped_rows_with_eos():
     model = make_model()
-    idx = torch.tensor(prompts_of([5, 5]))
+    idx = torch.tensor(prompts_of([5, 5, 5]))  # batch 3 again: the same compiled step
     new = generate(model, idx.tolist(), 10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     out = model.generate(idx, 10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     assert out[:, 5:].tolist() == new
@@ -397,3 +395,120 @@ def test_cli_generate_checks_arguments_before_printing(tmp_path, capsys):
     out = capsys.readouterr()
     assert code == 2 and out.out == ""
     assert out.err.strip() == "gptfast generate: error: top_k must be a positive integer, got 0"
+
+
+# Compiled decoding: one static-shape step, compiled once per batch size, replayed for every token.
+
+def unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def counting_compiled_steps(monkeypatch) -> list[int]:
+    """Counts the calls of the compiled decode step (one entry per call, its batch size)."""
+    calls, compiled = [], generation.compiled_decode_step
+
+    def counted(device):
+        step = compiled(device)
+
+        def run(model, token, *args, **kwargs):
+            calls.append(token.shape[0])
+            return step(model, token, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(generation, "compiled_decode_step", counted)
+    return calls
+
+
+def test_256_compiled_decode_steps_compile_once_and_equal_eager(monkeypatch):
+    torch._dynamo.reset()  # the recompilation limit counts every earlier test's graphs too
+    model = make_model(context_length=264, dtype=torch.float32)
+    calls = counting_compiled_steps(monkeypatch)
+    prompt = prompts_of([4])[0]
+    before = unique_graphs()
+    compiled = generate(model, [prompt], 257, temperature=0, compile=True)[0]
+    assert len(calls) == 256  # the prefill's token, then 256 replays of the step
+    assert unique_graphs() - before == 1
+    assert compiled == generate(model, [prompt], 257, temperature=0)[0]
+
+
+def test_compiled_greedy_equals_eager_and_the_seeds_loop(monkeypatch):
+    model = make_model()
+    calls = counting_compiled_steps(monkeypatch)
+    prompts = prompts_of([1, 6, 9])
+    n = model.config.context_length - 9
+    assert generate(model, prompts, n, temperature=0, compile=True) == generate(model, prompts, n, temperature=0)
+    assert calls == [3] * (n - 1)
+    idx = torch.tensor(prompts_of([5, 5, 5]))  # batch 3 again: the same compiled step
+    expected = generate_text_simple(model, idx, 12, model.config.context_length)
+    assert torch.equal(model.generate(idx, 12, temperature=0, compile=True), expected)
+
+
+def test_compiled_window_slides_past_the_context(monkeypatch):
+    """Past the context the cache is reset and refilled eagerly; decoding then replays the step again."""
+    model = make_model(context_length=16)
+    calls = counting_compiled_steps(monkeypatch)
+    prompt = prompts_of([1])[0]
+    before = unique_graphs()
+    out = generate(model, [prompt], 40, temperature=0, compile=True)[0]
+    assert out == simple_greedy(model, prompt, 40)
+    # Eager prefills: the prompt's, then one per slide: the window of 16 keeps 12 at 17, so every 5 steps from step 16.
+    slides = len(range(16, 40, 5))
+    assert len(calls) == 40 - 1 - slides
+    assert unique_graphs() - before <= 2  # one graph, and at most one recompile for the slide
+
+
+def test_compiled_sampling_is_reproducible_and_stops_at_eos():
+    model = make_model()
+    prompts = prompts_of([3, 5])
+    options = dict(temperature=1.0, top_k=20, top_p=0.95, compile=True)
+    a = generate(model, prompts, 12, seed=7, **options)
+    assert a == generate(model, prompts, 12, seed=7, **options) != generate(model, prompts, 12, seed=8, **options)
+    eos = a[0][2]
+    stopped = generate(model, prompts, 12, seed=7, eos_token_id=eos, **options)
+    assert stopped[0] == a[0][:a[0].index(eos) + 1]
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        generate(model, prompts, 3, compile=True, use_cache=False)
+
+
+def test_race_tokens_follow_the_tempered_filtered_softmax():
+    """The compiled step's sampler: argmax(probs / Exponential(1) noise) draws from probs."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6).repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((0.5, None), (1.5, None), (1.0, 0.8)):
+        noise = generation._noise(len(logits), 6, temperature, logits.device, generator)
+        tokens = generation.race_tokens(logits, temperature, None, top_p, noise)
+        frequencies = torch.bincount(tokens, minlength=6) / len(tokens)
+        expected = generation._probabilities(logits[:1], temperature, None, top_p)[0].float()
+        assert (frequencies - expected).abs().max() < 0.015
+    assert torch.equal(generation.race_tokens(logits, 0, None, None, None), logits.argmax(-1))
+
+
+def test_static_cache_logits_equal_full_forward():
+    """The static cache (length a tensor, writes by index, attention over every slot) gives the full forward's."""
+    model = make_model(dtype=torch.float32)
+    idx = torch.tensor(prompts_of([11, 11]))
+    left_pad = torch.tensor([3, 0])
+    full, _ = model(idx, left_pad=left_pad)
+    cache = model.new_cache(batch_size=2, static=True)
+    chunks = [model(idx[:, :5], cache=cache, left_pad=left_pad)[0]]
+    chunks += [model(idx[:, t:t + 1], cache=cache, left_pad=left_pad)[0] for t in range(5, 11)]
+    assert int(cache.length) == 11 and cache.kv.shape[4] == model.config.context_length
+    torch.testing.assert_close(torch.cat(chunks, dim=1)[1], full[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks, dim=1)[0, 3:], full[0, 3:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="holds 11 of 24 positions: no room for 14 more"):
+        model(idx[:, :1].repeat(1, 14), cache=cache)
+    cache.reset()
+    assert int(cache.length) == 0
+
+
+def test_cli_generate_compile_flag(monkeypatch, tmp_path):
+    assert build_parser().parse_args(["generate", "--checkpoint", "x", "--compile"]).compile
+    seen = {}
+    monkeypatch.setattr("gptfast.cli.stream", lambda *args, **kwargs: seen.update(kwargs) or iter(()))
+    chars = "abc"
+    config = GPTConfig(vocab_size=len(chars), n_layer=1, n_head=2, n_embd=16, context_length=16)
+    save_checkpoint(tmp_path, {"model_config": config.to_dict(), "model": GPT(config).state_dict(),
+                               "tokenizer": {"kind": "char", "chars": chars}})
+    main(["generate", "--checkpoint", str(tmp_path), "--prompt", "ab", "--compile", "--device", "cpu"])
+    assert seen["compile"] is True
