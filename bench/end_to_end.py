@@ -30,7 +30,9 @@ from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, tra
 from .harness import OK, REP_MS, WARMUP_MS, Record, Unavailable, measure_record
 from .kernel_bench import bench_dtype
 
-TRAIN_PROVIDERS = ("triton", "torch", "triton+compile", "torch+compile")
+# "/unfused-head": the LM head and loss without linear_cross_entropy (the logits materialised), for the
+# peak memory and speed the fused head saves.
+TRAIN_PROVIDERS = ("triton", "triton/unfused-head", "torch", "triton+compile", "torch+compile")
 GENERATE_PROVIDERS = ("triton", "torch", "transformers")
 GENERATE_MODES = {"triton": ("cache", "compiled", "no cache"), "torch": ("cache", "compiled", "no cache"),
                   "transformers": ("static cache",)}
@@ -85,10 +87,12 @@ TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
 
 
 def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Callable[[], None]:
-    """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile"."""
-    backend, _, compile_flag = provider.partition("+")
+    """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile"
+    or "triton/unfused-head"."""
+    variant, _, compile_flag = provider.partition("+")
+    backend, _, head = variant.partition("/")
     torch.manual_seed(0)
-    config = size.config()
+    config = dataclasses.replace(size.config(), fused_lm_head=head != "unfused-head")
     model = GPT(config).to(device).train()
     optimizer = make_optimizer(model, lr=LR)
     amp_dtype = bench_dtype(device) if device.type == "cuda" else None  # bf16 autocast on a GPU only
