@@ -15,6 +15,11 @@ Three backward kernels, none with atomics, so gradients are identical run to run
 * ``_attention_bwd_kv_kernel``: one key block per program, looping over the query blocks that see it;
 * ``_attention_bwd_q_kernel``: one query block per program, looping over the key blocks it sees.
 
+Decoding (at most ``DECODE_ROWS`` queries, no dropout) takes a split-key forward instead
+(flash-decoding): the keys are cut into chunks, enough that batch x heads x chunks programs fill
+every SM, each program writing its chunk's partial output and log-sum-exp, and a small reduction
+combines them in chunk order (no atomics). Only it takes ``key_end``; the backward is the same.
+
 Under the causal mask the work per program grows with the query block (forward, dQ) and shrinks
 with the key block (dK, dV): programs are mapped to blocks so that the heaviest are launched first
 and the light ones fill the last wave, rather than a few heavy ones running alone at the end.
@@ -42,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import backend
+from . import backend, common
 from .common import KERNEL_DTYPES, LN2, LOG2E, cdiv, jit, kernel_op, launch, next_power_of_2, target_gpu, tl, tracing
 
 
@@ -223,8 +228,8 @@ def _load_key_start(KEY_START, batch):
 
 @jit
 def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    """q k^T * qk_scale (log2 units, float32); with MASKED, keys a query cannot see (causal,
-    padding, past k_len) score -inf."""
+    """q k^T * qk_scale (float32; the forward passes 1.0 and folds the scale into its exp2 argument);
+    with MASKED, keys a query cannot see (causal, padding, past k_len) score -inf."""
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, key_start, CAUSAL), s, float("-inf"))
@@ -243,7 +248,7 @@ def _attention_fwd_kernel(Q, K, V, OUT, LSE, KEY_START,
 
     Q is read once, K and V once per query block (from the row's first real key), with an online
     softmax over the key blocks; O and LSE are written once. KEY_START (or None): per batch row,
-    the number of leading padding keys.
+    the number of leading padding keys. ``scale`` must be positive (``_positive_scale``).
     """
     # The last query blocks see the most keys under the causal mask: launch them first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -269,12 +274,12 @@ def _attention_fwd_kernel(Q, K, V, OUT, LSE, KEY_START,
         for start_n in range(span_start, span_end, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, HEAD_DIM, MASKED)
-            s = _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL, MASKED)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = _scores(q, k, rows, cols, q_len, k_len, key_start, 1.0, CAUSAL, MASKED)  # unscaled
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0 (_positive_scale)
             m_ref = m_new
             if MASKED:  # a row that has seen no key yet keeps m = -inf: subtract 0 so p = 0, not NaN
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_ref[:, None])
+            p = tl.math.exp2(s * qk_scale - m_ref[:, None])
             alpha = tl.math.exp2(m_i - m_ref)  # rescales what earlier blocks accumulated
             l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped probabilities too
             if DROPOUT:
@@ -348,7 +353,9 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
     qk_scale = scale * LOG2E
     key_start = _load_key_start(KEY_START, batch)
     lo, diag_end, full_end, end = _query_range(start_n, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
-    for span in tl.static_range(3):  # masked, unmasked, masked (_span)
+    # The unmasked span first: after a masked loop, ptxas serialises this kernel's wgmma (C7515, sm_90).
+    for i in tl.static_range(3):
+        span = (i + 1) % 3  # unmasked, last partial block (masked), causal diagonal (masked)
         MASKED = span != 1
         span_start, span_end = _span(lo, diag_end, full_end, end, span)
         for start_m in range(span_start, span_end, BLOCK_M):
@@ -434,6 +441,77 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
     dq = dq * scale
     _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
                 dq.to(DQ.dtype.element_ty), rows, q_len, HEAD_DIM)
+
+
+@jit
+def _attention_decode_kernel(Q, K, V, PART_OUT, PART_LSE, KEY_START, KEY_END,
+                             stride_qb, stride_qh, stride_qt, stride_qd,
+                             stride_kb, stride_kh, stride_kt, stride_kd,
+                             stride_vb, stride_vh, stride_vt, stride_vd,
+                             n_heads, q_len, k_len, scale, chunk,
+                             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """One program per (key chunk, batch x head) for all q_len <= BLOCK_M queries (decoding): the
+    chunk's output, normalised within the chunk (float32), and its LSE (log2 units, -inf where the
+    chunk holds no visible key). KEY_END (or None): per batch row, the end of its keys, the causal
+    diagonal aligned with it. ``scale`` must be positive (``_positive_scale``)."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, HEAD_DIM, True)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    qk_scale = scale * LOG2E
+    key_start = _load_key_start(KEY_START, batch)
+    key_end = k_len
+    if KEY_END is not None:
+        key_end = tl.minimum(tl.maximum(tl.load(KEY_END + batch).to(tl.int32), 0), k_len)
+    lo = tl.maximum(split * chunk, key_start // BLOCK_N * BLOCK_N)
+    for start_n in range(lo, tl.minimum(split * chunk + chunk, key_end), BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, key_end, HEAD_DIM, True)
+        s = _scores(q, k, rows, cols, q_len, key_end, key_start, 1.0, CAUSAL, True)  # unscaled
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V + cols[:, None] * stride_vt + dims[None, :] * stride_vd, cols, key_end, HEAD_DIM, True)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    seen = l_i > 0
+    l_i = tl.where(seen, l_i, 1.0)  # acc is 0 on rows that saw no key of the chunk
+    part = (bh * tl.num_programs(0) + split).to(tl.int64) * q_len
+    _store_tile(PART_OUT + (part + rows[:, None]) * HEAD_DIM + dims[None, :], acc / l_i[:, None], rows, q_len, HEAD_DIM)
+    tl.store(PART_LSE + part + rows, tl.where(seen, m_i + tl.math.log2(l_i), float("-inf")), mask=rows < q_len)
+
+
+@jit
+def _attention_decode_reduce_kernel(PART_OUT, PART_LSE, OUT, LSE, n_splits, q_len, HEAD_DIM: tl.constexpr,
+                                    HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One program per (query, batch x head): the chunks' outputs weighted by their share of the
+    softmax, summed in chunk order (no atomics: identical run to run), and the row's LSE."""
+    row = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    parts = (bh * n_splits + splits) * q_len + row
+    lse = tl.load(PART_LSE + parts, mask=splits < n_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    weight = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    seen = tl.sum(weight, 0) > 0
+    total = tl.where(seen, tl.sum(weight, 0), 1.0)
+    mask = (splits[:, None] < n_splits) & (dims[None, :] < HEAD_DIM)
+    o = tl.load(PART_OUT + parts[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+    o = tl.sum(o * weight[:, None], 0) / total
+    tl.store(OUT + (bh * q_len + row) * HEAD_DIM + dims, o.to(OUT.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(LSE + bh * q_len + row, tl.where(seen, (m + tl.math.log2(total)) * LN2, float("inf")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,16 +696,63 @@ def _dropout_seed() -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
+def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """(q', scale') with q' k^T * scale' = q k^T * scale exactly and scale' > 0 (or NaN): the forward
+    kernel takes the row maximum of the unscaled scores, which only a positive scale preserves."""
+    if scale > 0 or math.isnan(scale):
+        return q, scale
+    return (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
+
+
+DECODE_ROWS = 16  # at most this many queries take the decode kernel (one 16-row tile)
+DECODE_BLOCK_N = 32  # its key block: a chunk is a whole number of them
+
+
+def _decodes(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the forward takes the split-key decode kernels (few queries, no dropout)."""
+    return q.shape[-2] <= DECODE_ROWS and dropout_p == 0
+
+
+def _decode_chunk(q: torch.Tensor, k_len: int) -> int:
+    """Keys per decode program: the cache is cut into enough chunks (of whole key blocks) that
+    batch x heads x chunks programs fill every SM, when the cache has that many blocks."""
+    splits = max(1, min(cdiv(common.sm_count(q.device), q.shape[0] * q.shape[1]), cdiv(k_len, DECODE_BLOCK_N)))
+    return cdiv(cdiv(k_len, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+
+
+def _decode(q, k, v, out, lse, causal, scale, key_start, key_end) -> None:
+    """Split-key attention (flash-decoding) into ``out`` and ``lse``: one program per (key chunk,
+    batch x head) writes a partial output and LSE, then a reduction combines the chunks."""
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    chunk = _decode_chunk(q, k_len)
+    splits = cdiv(k_len, chunk)
+    part_out = torch.empty((batch * heads, splits, q_len, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch * heads, splits, q_len), dtype=torch.float32, device=q.device)
+    launch(_attention_decode_kernel, (splits, batch * heads), q, k, v, part_out, part_lse, key_start, key_end,
+           *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale, chunk, HEAD_DIM=head_dim,
+           HEAD_DIM_PAD=_head_dim_pad(head_dim), BLOCK_M=DECODE_ROWS, BLOCK_N=DECODE_BLOCK_N, CAUSAL=causal,
+           num_warps=4, num_stages=2)
+    launch(_attention_decode_reduce_kernel, (q_len, batch * heads), part_out, part_lse, out, lse, splits, q_len,
+           HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), SPLITS_PAD=next_power_of_2(splits),
+           num_warps=4)
+
+
 @kernel_op("flash_attention_forward")
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
-             seed: torch.Tensor | None, key_start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+             seed: torch.Tensor | None, key_start: torch.Tensor | None,
+             key_end: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp
-    (+inf on rows that see no key)."""
+    (+inf on rows that see no key). ``key_end`` is taken by the decode kernels only (``_decodes``)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     config = _configs_for(q).forward
+    q, scale = _positive_scale(q, scale)
+    if _decodes(q, dropout_p):
+        _decode(q, k, v, out, lse, causal, scale, key_start, key_end)
+        return out, lse
     launch(
         _attention_fwd_kernel, (cdiv(q_len, config.block_m), batch * heads),
         q, k, v, out, lse, key_start, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale,
@@ -668,7 +793,7 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, dropout_p, scale, seed, key_start = inputs
+    q, k, v, causal, dropout_p, scale, seed, key_start, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_start)
     ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
@@ -678,7 +803,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _gradients(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     q, k, v, out, lse, key_start = ctx.saved_tensors
     dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, key_start)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_setup_context)
@@ -732,8 +857,11 @@ def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     dropout_p: float = 0.0, scale: float | None = None,
                     key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> str | None:
     """Why the Triton kernel cannot take these (already validated) inputs, or None."""
-    if key_end is not None:
-        return "key_end (a static cache's length): the Triton kernels do not take it yet"
+    if key_end is not None and not _decodes(q, dropout_p):
+        return f"key_end with {q.shape[-2]} queries or dropout: only the decode kernels (at most {DECODE_ROWS} " \
+               "queries, no dropout) take it"
+    if key_end is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "key_end with gradients: the backward kernels do not take it"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
@@ -770,7 +898,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         seed = _dropout_seed() if dropout_p > 0 else None
         key_start = None if key_start is None else key_start.contiguous()
-        return _forward(q, k, v, causal, float(dropout_p), scale, seed, key_start)[0]
+        key_end = None if key_end is None else key_end.contiguous()
+        return _forward(q, k, v, causal, float(dropout_p), scale, seed, key_start, key_end)[0]
     q_len, k_len = q.shape[-2], k.shape[-2]
     if key_start is not None or key_end is not None:
         # Rows that see no key attend to every key instead (no NaN, forward or backward), then give 0.

@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 from dropout_mask import dropout_keep_mask
+from kernel_testing import forward_backward, run_and_compare, tolerance
 
 import gptfast
 from gptfast import kernels
-from kernel_testing import forward_backward, run_and_compare, tolerance
 
 fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module; kernels.flash_attention is the function
 CUDA = torch.cuda.is_available()
@@ -90,6 +90,16 @@ def test_explicit_scale():
     q, k, v = make_inputs(1, 1, 40, 40, 32, torch.float32)
     grad_out = torch.randn(1, 1, 40, 32, device=DEVICE)
     compare_attention(q, k, v, grad_out, scale=0.3)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_negative_and_zero_scale(scale):
+    """The forward kernel folds the scale into its exp2 argument and takes the row maximum of the
+    unscaled scores, which needs a positive scale: the launcher rewrites the others exactly."""
+    torch.manual_seed(2)
+    q, k, v = make_inputs(1, 2, 33, 45, 32, torch.float32)
+    grad_out = torch.randn(1, 2, 33, 32, device=DEVICE)
+    compare_attention(q, k, v, grad_out, scale=scale)
 
 
 def test_broadcast_output_gradient():
@@ -363,7 +373,7 @@ def assert_same_step(got, want):
     (loss, grads), (want_loss, want_grads) = got, want
     torch.testing.assert_close(loss, want_loss, **MODEL_TOLERANCE)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, want_grads[name], **MODEL_TOLERANCE, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, want_grads[name], **MODEL_TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_model_training_step_triton_matches_torch():
@@ -447,8 +457,69 @@ def test_key_end_hides_a_static_caches_unfilled_slots():
     end = torch.tensor([5, 20, 2])
     out = kernels.flash_attention(q, k, v, key_end=end)
     for b, n in enumerate(end.tolist()):
-        torch.testing.assert_close(out[b:b + 1], kernels.flash_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]))
+        prefix = kernels.flash_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+        torch.testing.assert_close(out[b:b + 1], prefix)
     want = fa.attention_reference(q.double(), k.double(), v.double(), key_end=end)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"key_end must have shape \(3,\)"):
         kernels.flash_attention(q, k, v, key_end=end[:2])
+
+
+# ---- decoding: the split-key kernels ----
+
+# (batch, heads, q_len, k_len, head_dim, causal, key_start, key_end): odd cache lengths cut into
+# several chunks (the interpreter counts 4 SMs), key_start and key_end inside and on key blocks,
+# a row that sees nothing (key_start >= key_end), one and several queries, non-causal, float16.
+DECODE_SHAPES = [
+    (1, 1, 1, 1, 64, True, None, None, torch.float32),
+    (1, 1, 1, 97, 64, True, None, None, torch.float16),
+    (1, 2, 3, 131, 48, True, [5], None, torch.float32),
+    (2, 1, 1, 100, 32, True, None, [77, 100], torch.float16),
+    (3, 1, 5, 70, 16, True, [3, 0, 40], [70, 9, 33], torch.float32),
+    (2, 1, 16, 45, 128, False, [31, 2], [33, 45], torch.float32),
+]
+
+
+@pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,key_start,key_end,dtype", DECODE_SHAPES)
+def test_decode_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, key_start, key_end, dtype):
+    torch.manual_seed(q_len * 1000 + k_len)
+    q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
+    bounds = {name: torch.tensor(value, device=DEVICE) for name, value in
+              (("key_start", key_start), ("key_end", key_end)) if value is not None}
+    assert fa._decodes(q, 0.0) and fa.cdiv(k_len, fa._decode_chunk(q, k_len)) > (k_len > 40)
+    with kernels.use_backend("triton"), torch.no_grad():
+        out = kernels.flash_attention(q, k, v, causal=causal, **bounds)
+    want = fa.attention_reference(q.double(), k.double(), v.double(), causal=causal, **bounds)
+    torch.testing.assert_close(out.double(), want, **tolerance(dtype, "flash_attention output"))
+
+
+def test_decode_is_deterministic_and_its_lse_is_exact():
+    torch.manual_seed(5)
+    q, k, v = make_inputs(1, 2, 2, 150, 64, torch.float16)
+    runs = [fa._forward(q, k, v, True, 0.0, 0.125, None, None) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    scores = (q.double() @ k.double().transpose(-2, -1)) * 0.125
+    scores = scores.masked_fill(~fa.causal_mask(2, 150), float("-inf"))
+    torch.testing.assert_close(runs[0][1].double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_fills_every_sm_of_a_hopper():
+    """GPT-2 at batch 1 (12 heads, 1024 cached keys): at least as many decode programs as SMs."""
+    from gptfast.kernels import common
+
+    q = torch.empty(1, 12, 1, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1, 12, 1024, 64, device="meta", dtype=torch.bfloat16)
+    with common.targeting(common.GPU(90, 132, 227 * 1024)), common.capture_launches() as launches:
+        fa._forward(q, k, k, True, 0.0, 0.125, None, None)
+    assert [launch.kernel for launch in launches] == [fa._attention_decode_kernel, fa._attention_decode_reduce_kernel]
+    assert math.prod(launches[0].grid) >= 132
+
+
+def test_key_end_with_gradients_or_many_queries_is_refused_by_the_kernels():
+    q, k = torch.randn(1, 1, 17, 16, requires_grad=True), torch.randn(1, 1, 20, 16)
+    end = torch.tensor([18])
+    with kernels.use_backend("triton"):
+        with pytest.raises(kernels.BackendError, match="key_end with 17 queries"):
+            kernels.flash_attention(q, k, k, key_end=end)
+        with pytest.raises(kernels.BackendError, match="key_end with gradients"):
+            kernels.flash_attention(q[:, :, :1], k, k, key_end=end)
