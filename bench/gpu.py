@@ -399,7 +399,7 @@ def drive(out: Path, rehearse: bool, only: tuple[str, ...] = STAGE_NAMES) -> int
               for s in STAGES if s.name in only]
     started = time.time()
     deadline = started + sum(s["budget_s"] for s in stages)
-    summary = {"schema": 1, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    summary = {"schema": 1, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "rehearsal": rehearse, "total_budget_s": sum(s["budget_s"] for s in stages), "triton_cache":
                {k: str(v) if isinstance(v, Path) else v for k, v in cache.items()}, "stages": stages}
     print(("REHEARSAL on a CPU at tiny sizes; " if rehearse else "") + f"stages, {summary['total_budget_s']:.0f} s "

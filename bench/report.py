@@ -133,7 +133,7 @@ def begin(settings: Settings, device: torch.device, command: str) -> dict:
     ceilings = measure_ceilings(device, small=settings.sizes == "small")
     return {
         "schema": SCHEMA,
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "finished": False,
         "duration_s": 0.0,
         "command": command,
@@ -189,7 +189,7 @@ def run(settings: Settings, device: torch.device, command: str, progress: bool =
 
 def results_dir(device: torch.device, root: Path = RESULTS_ROOT) -> Path:
     """``<root>/<today>-<device>``, with a numeric suffix if that already exists."""
-    today = dt.datetime.now(dt.UTC).date().isoformat()
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
     base = root / f"{today}-{device_info(device)['slug']}"
     path, n = base, 2
     while path.exists():

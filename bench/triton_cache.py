@@ -231,7 +231,7 @@ def prepare(out: Path, wheel: Path | None) -> dict:
         fingerprint_made = fingerprint()
     if wheel is not None:
         fingerprint_made["python"] = f"that of {wheel.name}"
-    manifest = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "target": TARGET, "fingerprint": fingerprint_made, "launches": len(launches),
                 "kernels": sorted(f"{name} {digest}" for digest, name in compiled.items()),
                 "failed": failed, "smoke_cases_stopped_on_meta": stopped, "triton_version": triton.__version__}

@@ -356,6 +356,10 @@ class GPT(nn.Module):
         self._check_input(idx, targets, cache, left_pad)
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
+        if cache is not None and cache.static and not torch.compiler.is_compiling():
+            # Outside a compiled graph (the prefill) a static cache is filled as a plain one: by slices,
+            # so any number of queries takes the attention kernels; compiled steps index by the tensor.
+            start = int(cache.length)
         pos = start + torch.arange(T, device=idx.device)  # start: an int, or a static cache's 0-dim tensor
         if left_pad is not None:
             pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)

@@ -64,13 +64,16 @@ def _eager_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, dloss: tor
 def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
            label_smoothing: float, z_loss: float, mean: bool, rows_per_chunk: int, dtype: torch.dtype,
            use_triton: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d hidden, d loss / d weight) of the summed or mean ``cross_entropy(hidden @
-    weight.T)``, the matmuls in ``dtype``; hidden (rows, d), weight (vocabulary, d). Without
-    ``need_grad`` (evaluation) the gradients are not computed and come back empty."""
+    """(loss, d sum / d hidden, d sum / d weight in float32) of ``cross_entropy(hidden @ weight.T)``,
+    the loss its sum or its mean, the matmuls in ``dtype``; hidden (rows, d), weight (vocabulary, d).
+
+    The gradients are those of the *sum* of the row losses: a mean's 1 / counted is applied in the
+    backward, in float32 and together with the loss's gradient (under float16 autocast, GradScaler's
+    scale), so a float16 logits gradient of (p - onehot) / 16,384 rows never underflows. Without
+    ``need_grad`` (evaluation) the gradients are not computed and come back empty.
+    """
     n_rows = hidden.shape[0]
-    counted = (targets != ignore_index).sum()
-    # d loss / d row loss: 1 for the sum, 1 / counted for the mean (a tensor: no host sync).
-    dloss = (1.0 / counted if mean else torch.ones((), device=hidden.device)).float().expand(n_rows)
+    ones = torch.ones((), dtype=torch.float32, device=hidden.device).expand(n_rows)
     h, w = hidden.to(dtype), weight.to(dtype)  # as autocast would cast them for nn.Linear
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     dhidden = torch.empty_like(hidden) if need_grad else hidden.new_empty(0)
@@ -86,22 +89,28 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ig
             continue
         if use_triton:
             losses, stats = _loss_rows(logits, targets[rows], *options)
-            write_gradient(logits, dloss[rows], logits, targets[rows], stats, *options)  # in place
+            write_gradient(logits, ones[rows], logits, targets[rows], stats, *options)  # in place
         else:
-            losses = _eager_loss_and_grad(logits, targets[rows], dloss[rows], *options)
+            losses = _eager_loss_and_grad(logits, targets[rows], ones[rows], *options)
         total += losses.sum()
         dhidden[rows] = logits @ w
         dweight += logits.T @ h[rows]
-    return (total / counted if mean else total), dhidden, dweight.to(weight.dtype)
+    return (total / (targets != ignore_index).sum() if mean else total), dhidden, dweight
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*output[1:])
+    targets, ignore_index, mean = inputs[2], inputs[3], inputs[7]
+    # d loss / d (sum of the row losses): 1 for the sum, 1 / counted for the mean.
+    counted = (targets != ignore_index).sum() if mean else torch.ones((), device=targets.device)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.save_for_backward(output[1], output[2], counted)
 
 
 def _gradients(ctx, dloss, _dhidden, _dweight):
-    dhidden, dweight = ctx.saved_tensors
-    return dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype), *([None] * 10)
+    dhidden, dweight, counted = ctx.saved_tensors
+    scale = dloss.float() / counted  # float32: the mean's 1 / counted and (float16) GradScaler's scale at once
+    return ((dhidden.float() * scale).to(dhidden.dtype), (dweight * scale).to(ctx.weight_dtype),
+            *([None] * 10))
 
 
 _fused.register_autograd(_gradients, setup_context=_setup_context)

@@ -443,6 +443,16 @@ def test_compiled_greedy_equals_eager_and_the_seeds_loop(monkeypatch):
     assert torch.equal(model.generate(idx, 12, temperature=0, compile=True), expected)
 
 
+def test_compiled_prefill_of_a_long_prompt_runs_on_the_triton_backend():
+    """The prefill of a static cache goes through the attention kernels as a plain cache does, so a
+    prompt of more queries than the decode path takes (16) works on the "triton" backend."""
+    model = make_model(context_length=32, dtype=torch.float32)
+    prompt = prompts_of([20])[0]
+    with kernels.use_backend("triton"):
+        compiled = generate(model, [prompt], 3, temperature=0, compile=True)[0]
+    assert compiled == generate(model, [prompt], 3, temperature=0)[0]
+
+
 def test_compiled_window_slides_past_the_context(monkeypatch):
     """Past the context the cache is reset and refilled eagerly; decoding then replays the step again."""
     model = make_model(context_length=16)

@@ -142,3 +142,20 @@ def test_fused_head_saves_at_least_the_logits_and_their_gradient():
                                        check=True, env=env).stdout) for kind in ("fused", "unfused")}
     logits_and_gradient = 2 * 16 * 256 * 32768 * 4
     assert growth["unfused"] - growth["fused"] >= logits_and_gradient, growth
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float16_mean_gradients_do_not_underflow(backend):
+    """The mean's 1 / rows is applied in float32 in the backward, with the loss's gradient (a loss
+    scale, as GradScaler's): float16 chunk gradients of (p - onehot) / 8192 would be subnormal."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(8192, 16).half(), (0.1 * torch.randn(300, 16)).half()
+    targets = torch.randint(0, 300, (8192,))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with kernels.use_backend(backend):
+        loss = kernels.linear_cross_entropy(h, w, targets, chunk_bytes=64 * 300 * 2)
+    (1024 * loss).backward()  # a loss scale
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (1024 * _reference(h64, w64, targets, "mean", 300, 0.0, 0.0)).backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-2, atol=1e-3)
