@@ -277,13 +277,13 @@ def test_plain_pytest_skips_the_benchmark_suite():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(suite),
                           "-k", "train"], capture_output=True, text=True, cwd=suite.parents[1])
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "4 skipped" in run.stdout and "run it with pytest --benchmark" in run.stdout
+    assert "5 skipped" in run.stdout and "run it with pytest --benchmark" in run.stdout
 
 
 def test_unknown_groups_and_providers_are_refused():
     with pytest.raises(ValueError, match=r"unknown groups \['nonsense'\]"):
         report.run(report.Settings(groups=("nonsense",)), CPU, command="", progress=False)
-    with pytest.raises(ValueError, match=r"unknown providers \['cudnn'\]: choose from triton, torch"):
+    with pytest.raises(ValueError, match=r"unknown providers \['cudnn'\]: choose from triton, triton/unfused-head"):
         report.run(report.Settings(providers=("cudnn",)), CPU, command="", progress=False)
 
 
