@@ -41,3 +41,15 @@ def test_one_import_name_per_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=ROOT.parent)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_checkout_folder_imported_as_kernels_is_an_alias():
+    """From the repository root the kernels/ folder is importable as a top-level `kernels` (transformers
+    probes that name for Hugging Face's hub kernels). It must not load the kernels a second time: that
+    re-registered the custom operators and crashed the first ones (seen as segfaults in the test suite)."""
+    code = ("import torch, kernels, gptfast.kernels as g, sys\n"
+            "from transformers.utils import is_kernels_available\n"
+            "assert kernels is g and is_kernels_available() is False\n"
+            "assert not [m for m in sys.modules if m.startswith('kernels.')]\n"
+            "g.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
