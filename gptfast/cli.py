@@ -166,6 +166,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="autocast dtype (default: %(default)s: bfloat16 on GPUs that have it, float16 with "
                      "loss scaling on older ones, float32 on CPUs)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--nondeterministic", dest="deterministic", action="store_false",
+                     help="attention's backward adds dQ up with atomics (Triton): faster, but gradients vary in "
+                     "their last bits run to run, so a resumed run is no longer bitwise the same")
     run.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
                      help="tokens to generate at the end; 0: none (default: %(default)s)")
     run.add_argument("--sample-prompt", default=d.sample_prompt, help="prompt of the final sample "

@@ -42,6 +42,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     vocab_multiple: int = 1  # pad the embedding/head rows to a multiple of this (64 is fast on GPUs)
     fused_lm_head: bool = True  # given targets, the LM head and loss run in chunks, with no logits
+    deterministic_attention: bool = True  # False: attention's dQ by atomics, faster, last bits vary run to run
 
     def __post_init__(self) -> None:
         if self.drop_rate is not None:
@@ -179,6 +180,7 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.config = config  # shared by every layer: deterministic_attention may be switched on the model
         self.n_head = config.n_head
         self.attn_dropout = config.attn_dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
@@ -212,7 +214,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv[0, :, :, :start + T], kv[1, :, :, :start + T]
         dropout_p = self.attn_dropout if self.training else 0.0
         # With a cache, T queries meet start + T keys: the causal mask is aligned bottom-right.
-        y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p, key_start=left_pad, key_end=key_end)
+        y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p, key_start=left_pad, key_end=key_end,
+                                    deterministic=self.config.deterministic_attention)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y))
 

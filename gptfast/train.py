@@ -108,6 +108,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": the process's GPU under torchrun, else cuda if present, else cpu
     dtype: str = "auto"  # autocast; "auto": bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs
     compile: bool = False
+    deterministic: bool = True  # False: attention's dQ by atomics: faster backward, not bitwise reproducible
     resume: bool = False
     overwrite: bool = False  # start afresh even if out_dir holds a checkpoint
     sample_tokens: int = 300  # tokens generated at the end (0: none)
@@ -558,6 +559,7 @@ def _start_run(cfg: TrainConfig, world: World, device: torch.device) -> _Run:
         model = GPT(model_config_from(state["model_config"], f"{path}: field 'model_config'"))
     else:
         model = _initial_model(cfg, tokenizer)
+    model.config.deterministic_attention = cfg.deterministic
     model = model.to(device)
     T = model.config.context_length
     grad_accum = cfg.grad_accum if cfg.tokens_per_step is None else \

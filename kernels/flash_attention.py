@@ -15,6 +15,10 @@ Three backward kernels, none with atomics, so gradients are identical run to run
 * ``_attention_bwd_kv_kernel``: one key block per program, looping over the query blocks that see it;
 * ``_attention_bwd_q_kernel``: one query block per program, looping over the key blocks it sees.
 
+``deterministic=False`` drops the third: the dK/dV kernel also adds each tile's share of dQ into a
+float32 dQ with atomics (FlashAttention-2's 5 matrix products and 1 exponential per score, not 7
+and 2), and the order of those additions, so dQ's last bits, varies from run to run.
+
 Decoding (at most ``DECODE_ROWS`` queries, no dropout) takes a split-key forward instead
 (flash-decoding): the keys are cut into chunks, enough that batch x heads x chunks programs fill
 every SM, each program writing its chunk's partial output and log-sum-exp, and a small reduction
@@ -320,7 +324,7 @@ def _attention_bwd_delta_kernel(OUT, DO, DELTA, stride_dob, stride_doh, stride_d
 
 
 @jit
-def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
+def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
                              stride_vb, stride_vh, stride_vt, stride_vd,
@@ -333,7 +337,9 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
     K and V stay in on-chip memory; Q, dO, LSE and delta are read once per key block that needs them.
     The tiles are transposed, (key, query), so that dK and dV come out of the dots row by key. The
     first key blocks are the heaviest under the causal mask (every later query sees them) and they
-    are launched first.
+    are launched first. DQ_SUM (or None: the deterministic backward): a zeroed float32 dQ that each
+    program adds its share of dQ to by atomics, which saves the dQ kernel's recomputation of the
+    scores but makes the order of the additions, and so dQ's last bits, vary run to run.
     """
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -344,6 +350,8 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
     DO += batch * stride_dob + head * stride_doh
     LSE += bh.to(tl.int64) * q_len
     DELTA += bh.to(tl.int64) * q_len
+    if DQ_SUM is not None:
+        DQ_SUM += bh.to(tl.int64) * q_len * HEAD_DIM
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM_PAD)
     k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, HEAD_DIM, True)
@@ -383,6 +391,10 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START,
                 dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward
             dk += tl.dot(ds_t.to(q.dtype), q)
+            if DQ_SUM is not None:  # this key block's share of the query block's dQ, added in place
+                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+                dq_mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
+                tl.atomic_add(DQ_SUM + rows[:, None] * HEAD_DIM + dims[None, :], dq, mask=dq_mask, sem="relaxed")
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     dk = dk * scale
@@ -538,6 +550,7 @@ class AttentionConfigs:
     forward: BlockConfig
     backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks
     backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks
+    backward_kv_atomic: BlockConfig  # the dK/dV kernel adding dQ up too (deterministic=False)
 
 
 @dataclass(frozen=True)
@@ -550,7 +563,8 @@ class ConfigTable:
 
 # Under the interpreter tiles are small and unequal, so that short test sequences cross many block
 # boundaries and both the masked and the unmasked loops run.
-INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(32, 16))
+INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(32, 16),
+                                       BlockConfig(16, 32))
 # The tables, with the shared memory one block may use where they apply (the opt-in maximum):
 # A100-class parts (8.0, 8.7); the smaller Ampere and Ada parts (8.6, 8.9: RTX 30xx/40xx, A10, L4,
 # L40S) and any other part with less shared memory; Hopper (9.0, and later parts with as much).
@@ -740,10 +754,11 @@ def _decode(q, k, v, out, lse, causal, scale, key_start, key_end) -> None:
 
 @kernel_op("flash_attention_forward")
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
-             seed: torch.Tensor | None, key_start: torch.Tensor | None,
-             key_end: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             seed: torch.Tensor | None, key_start: torch.Tensor | None, key_end: torch.Tensor | None = None,
+             deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp
-    (+inf on rows that see no key). ``key_end`` is taken by the decode kernels only (``_decodes``)."""
+    (+inf on rows that see no key). ``key_end`` is taken by the decode kernels only (``_decodes``);
+    ``deterministic`` is the backward's (``_backward``)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
@@ -765,8 +780,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
 @kernel_op("flash_attention_backward")
 def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: torch.Tensor | None,
-              key_start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV), contiguous, in the inputs' dtype."""
+              key_start: torch.Tensor | None,
+              deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV), contiguous, in the inputs' dtype. ``deterministic``: dQ by its own kernel (bitwise
+    the same run to run); else added up by atomics in the dK/dV kernel (no second pass over the scores)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     head_dim_pad = _head_dim_pad(head_dim)
@@ -776,15 +793,19 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     delta_rows = 64  # query rows per program of the small dot(dO, O) pass
     launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta,
            *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=delta_rows)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq_sum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
-    config = configs.backward_kv
+    config = configs.backward_kv if deterministic else configs.backward_kv_atomic
     launch(_attention_bwd_kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
-           dk, dv, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
-           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, **shared)
+           dk, dv, key_start, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+           BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+           **shared)
+    if dq_sum is not None:
+        return dq_sum.to(q.dtype), dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     config = configs.backward_q
     launch(_attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta,
            dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
@@ -793,17 +814,18 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, dropout_p, scale, seed, key_start, _ = inputs
+    q, k, v, causal, dropout_p, scale, seed, key_start, _, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_start)
-    ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+    ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, ctx.deterministic = causal, dropout_p, scale, seed, deterministic
     ctx.mark_non_differentiable(lse)
 
 
 def _gradients(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     q, k, v, out, lse, key_start = ctx.saved_tensors
-    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, key_start)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, key_start,
+                           ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_setup_context)
@@ -855,7 +877,8 @@ def _check_key_bound(name: str, bound: torch.Tensor, q: torch.Tensor) -> None:
 
 def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     dropout_p: float = 0.0, scale: float | None = None,
-                    key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> str | None:
+                    key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None,
+                    deterministic: bool = True) -> str | None:
     """Why the Triton kernel cannot take these (already validated) inputs, or None."""
     if key_end is not None and not _decodes(q, dropout_p):
         return f"key_end with {q.shape[-2]} queries or dropout: only the decode kernels (at most {DECODE_ROWS} " \
@@ -883,7 +906,8 @@ def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 @backend.routed(_kernel_problem)
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     dropout_p: float = 0.0, scale: float | None = None,
-                    key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> torch.Tensor:
+                    key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None,
+                    deterministic: bool = True) -> torch.Tensor:
     """Softmax(q k^T * scale) v, through the backend switch.
 
     q: (batch, heads, Tq, head_dim); k, v: (batch, heads, Tk, head_dim) with Tk >= Tq when causal.
@@ -892,14 +916,19 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     padding; negative counts as 0). ``key_end``: int tensor (batch,), keys [key_end[b], Tk) of row b
     are hidden and the causal diagonal ends at key_end[b] (decoding into a cache allocated at full
     length, whose length is a tensor). Queries that see no key output zeros.
+
+    ``deterministic=False`` lets the Triton backward add dQ up with atomics instead of a second
+    kernel that recomputes the scores (as FlashAttention-2 does): faster, but dQ may differ in its
+    last bits from run to run, so a resumed training run is no longer bitwise the same. The eager
+    path ignores it (see ``torch.use_deterministic_algorithms``).
     """
     _check_inputs(q, k, v, causal, dropout_p, key_start, key_end)
-    if backend.route(flash_attention, q, k, v, causal, dropout_p, scale, key_start, key_end):
+    if backend.route(flash_attention, q, k, v, causal, dropout_p, scale, key_start, key_end, deterministic):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         seed = _dropout_seed() if dropout_p > 0 else None
         key_start = None if key_start is None else key_start.contiguous()
         key_end = None if key_end is None else key_end.contiguous()
-        return _forward(q, k, v, causal, float(dropout_p), scale, seed, key_start, key_end)[0]
+        return _forward(q, k, v, causal, float(dropout_p), scale, seed, key_start, key_end, bool(deterministic))[0]
     q_len, k_len = q.shape[-2], k.shape[-2]
     if key_start is not None or key_end is not None:
         # Rows that see no key attend to every key instead (no NaN, forward or backward), then give 0.

@@ -29,6 +29,7 @@ KERNELS = {  # configuration field: kernel
     "forward": "_attention_fwd_kernel",
     "backward_kv": "_attention_bwd_kv_kernel",
     "backward_q": "_attention_bwd_q_kernel",
+    "backward_kv_atomic": "_attention_bwd_kv_kernel",  # deterministic=False: dQ added up by atomics
 }
 DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
 TARGETS = {80: (80,), 86: (86, 89), 90: (90,)}  # table: the compute capabilities it is compiled for
@@ -36,15 +37,17 @@ TABLES = {table: fa.load_table(fa.table_path(table)) for table in fa.ARCHES}
 
 
 def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bool = True,
-          padded: bool = False) -> aot.Build:
+          padded: bool = False, atomic_dq: bool = False) -> aot.Build:
     """The aot.Build of ``kernel`` as the launcher specialises it for the model's strided q/k/v:
     unit head-dim strides, 16-divisible pointers and row strides, causal; with int64 key_start
-    counts if ``padded``, else KEY_START is a constexpr None."""
+    counts if ``padded``, else KEY_START is a constexpr None; the dK/dV kernel adding dQ up by
+    atomics (deterministic=False) if ``atomic_dq``, else DQ_SUM is a constexpr None."""
     signature, constexprs, aligned = {}, {}, []
     for arg in getattr(fa, kernel).arg_names:
-        if arg == "KEY_START":
-            signature[arg] = "*i64" if padded else "constexpr"
-            if not padded:
+        if arg in ("KEY_START", "DQ_SUM"):
+            present = padded if arg == "KEY_START" else atomic_dq
+            signature[arg] = ("*i64" if arg == "KEY_START" else "*fp32") if present else "constexpr"
+            if not present:
                 constexprs[arg] = None
         elif arg in ("LSE", "DELTA"):
             signature[arg], aligned = "*fp32", aligned + [arg]
@@ -67,24 +70,27 @@ def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bo
 
 
 def every_config_builds() -> list[aot.Build]:
+    """Each configuration at the largest head dim using it; the atomic dK/dV kernel's at every head
+    dim on one target per table (ptxas spilled its sm_80 float16 tile at head dim 16, not at 128)."""
     largest = {}  # (target, element size, field, config) -> the largest head dim using it
     for table, entries in TABLES.items():
         for (head_dim, element_size), configs in entries.configs.items():
             for field, target in itertools.product(KERNELS, TARGETS[table]):
-                key = (target, element_size, field, getattr(configs, field))
+                every = field == "backward_kv_atomic" and target == table
+                key = (target, element_size, field, getattr(configs, field), head_dim if every else 0)
                 largest[key] = max(largest.get(key, 0), head_dim)
-    return [build(KERNELS[field], DTYPES[size], head_dim, config, target)
-            for (target, size, field, config), head_dim in largest.items()]
+    return [build(KERNELS[field], DTYPES[size], head_dim, config, target, atomic_dq=field == "backward_kv_atomic")
+            for (target, size, field, config, _), head_dim in largest.items()]
 
 
 def extra_builds() -> list[aot.Build]:
     """bfloat16 without dropout (the training fast path), a padded head dim (80 -> 128) and the
     left-padding variant (key_start counts) of each kernel."""
     configs = TABLES[90].configs[(128, 2)]
-    bf16 = [build(kernel, "bf16", 128, getattr(configs, field), 90, dropout=False)
-            for field, kernel in KERNELS.items()]
-    key_start = [build(kernel, "fp16", 128, getattr(configs, field), 90, padded=True)
-                 for field, kernel in KERNELS.items()]
+    bf16 = [build(kernel, "bf16", 128, getattr(configs, field), 90, dropout=False,
+                  atomic_dq=field == "backward_kv_atomic") for field, kernel in KERNELS.items()]
+    key_start = [build(kernel, "fp16", 128, getattr(configs, field), 90, padded=True,
+                       atomic_dq=field == "backward_kv_atomic") for field, kernel in KERNELS.items()]
     return bf16 + key_start + [build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90)]
 
 

@@ -18,6 +18,7 @@ from kernel_testing import forward_backward, run_and_compare, tolerance
 
 import gptfast
 from gptfast import kernels
+from gptfast.kernels import common
 
 fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module; kernels.flash_attention is the function
 CUDA = torch.cuda.is_available()
@@ -182,6 +183,60 @@ def test_gradients_are_deterministic():
         out, grads = forward_backward(attention(dropout_p=0.2), inputs, grad_out)
         runs.append([out, *grads.values()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# ---- deterministic=False: dQ added up by atomics in the dK/dV kernel ----
+
+
+@pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,dtype,key_start,dropout_p", [
+    (1, 2, 1, 1, 64, True, torch.float32, None, 0.0),
+    (2, 1, 17, 17, 32, True, torch.float16, None, 0.0),
+    (1, 2, 63, 63, 80, False, torch.float32, None, 0.0),
+    (1, 1, 65, 65, 128, True, torch.float16, None, 0.0),
+    (1, 1, 40, 57, 32, True, torch.float32, [3], 0.0),
+    (2, 1, 70, 70, 48, True, torch.float16, [32, 69], 0.0),
+    (1, 1, 65, 17, 16, False, torch.float32, None, 0.0),
+    (2, 1, 33, 50, 64, True, torch.float32, [30, 5], 0.3),
+])
+def test_atomic_dq_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, dtype, key_start,
+                                             dropout_p):
+    """The fast backward gets the float64-reference tests of the deterministic one: odd shapes,
+    padded head dims, fewer or more queries than keys, left padding (rows that see nothing get zero
+    gradients) and dropout with the kernels' own mask."""
+    torch.manual_seed(q_len * 1000 + k_len + head_dim)
+    q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
+    grad_out = torch.randn(batch, q_len, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+    key_start = None if key_start is None else torch.tensor(key_start, device=DEVICE)
+    keep = None
+    if dropout_p:
+        torch.manual_seed(11)
+        keep = dropout_keep_mask(fa._dropout_seed(), batch, heads, q_len, k_len, dropout_p, DEVICE)
+        torch.manual_seed(11)  # the kernels draw the same seed
+    fast = dict(causal=causal, key_start=key_start, dropout_p=dropout_p)
+    _, grads = compare_attention(q, k, v, grad_out, op=attention(deterministic=False, **fast), keep_mask=keep,
+                                 against_eager=not dropout_p, **fast)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_atomic_dq_runs_no_dq_kernel():
+    """deterministic=False launches the delta and dK/dV kernels only, the latter with a float32 dQ."""
+    q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
+    out, lse = fa._forward(q, k, v, True, 0.0, 0.2, None, None)
+    with common.capture_launches() as launches:
+        fa._backward(torch.randn_like(out), q, k, v, out, lse, True, 0.0, 0.2, None, None, False)
+    assert [launch.kernel.fn.__name__ for launch in launches] == ["_attention_bwd_delta_kernel",
+                                                                  "_attention_bwd_kv_kernel"]
+    dq_sum = launches[1].args[fa._attention_bwd_kv_kernel.arg_names.index("DQ_SUM")]
+    assert dq_sum.dtype == torch.float32 and dq_sum.shape == q.shape
+
+
+def test_model_with_atomic_dq_matches_the_deterministic_model():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 45), device=DEVICE)
+    want = loss_and_grads(model, idx, "triton")
+    model.config.deterministic_attention = False
+    assert all(block.attn.config.deterministic_attention is False for block in model.transformer.h)
+    assert_same_step(loss_and_grads(model, idx, "triton"), want)
 
 
 # ---- left padding: key_start ----

@@ -146,6 +146,25 @@ def test_config_overrides_reach_the_launch():
         lab.get_op("layer_norm").parse_shape("16,a")
 
 
+def test_options_choose_the_variant():
+    """--option deterministic=false launches the dK/dV kernel with a float32 dQ and its own table
+    entry (attention_bwd_kv_atomic, which --config reaches), and no dQ kernel; bad options name the
+    op's variants."""
+    op = lab.get_op("flash_attention")
+    options = ops.parse_options(op, ["deterministic=false", "dropout_p=0.1"])
+    assert options == {"deterministic": False, "dropout_p": 0.1}
+    request = lab.Request(op, (2, 12, 1024, 128), "bf16", lab.ARCHITECTURES[90],
+                          ops.parse_config(["attention_bwd_kv_atomic:BLOCK_N=32"]), options)
+    launches = {ops.kernel_name(launch.kernel): launch for _, launch in analysis.capture(request)}
+    assert sorted(launches) == ["attention_bwd_delta", "attention_bwd_kv", "attention_fwd"]
+    kv = launches["attention_bwd_kv"]
+    assert kv.meta["BLOCK_N"] == 32 and kv.meta["BLOCK_M"] == ops.flash_attention.tuned_configs(90, 128, 2)\
+        .backward_kv_atomic.block_m and kv.meta["DROPOUT"]
+    for bad in ("deterministic=maybe", "nope=1", "dropout_p"):
+        with pytest.raises(lab.LabError, match="deterministic \\(bool\\)"):
+            ops.parse_options(op, [bad])
+
+
 def test_dump_writes_every_stage(tmp_path):
     request = lab.Request(lab.get_op("bias_gelu"), (64, 300), "fp16", lab.ARCHITECTURES[80], {}, {})
     written = lab.dump(request, tmp_path)

@@ -65,8 +65,10 @@ def _flash_attention_cases():
     return [(flash_attention._forward, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.0,
                                         0.25, None, key_start)),
             (flash_attention._forward, (q.detach(), k.detach(), v.detach(), False, 0.0, 0.25, None, None)),
-            (flash_attention._backward, (grad, q.detach(), k.detach(), v.detach(), out, lse, True, 0.0, 0.25,
-                                         None, key_start))]
+            (flash_attention._forward, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.0,
+                                        0.25, None, None, None, False)),
+            *[(flash_attention._backward, (grad, q.detach(), k.detach(), v.detach(), out, lse, True, 0.0, 0.25,
+                                           None, key_start, deterministic)) for deterministic in (True, False)]]
 
 
 CASES = {"layer_norm": _layer_norm_cases, "bias_gelu": _bias_gelu_cases, "cross_entropy": _cross_entropy_cases,

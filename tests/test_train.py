@@ -24,6 +24,7 @@ from gptfast.cli import main
 from gptfast.data import TokenData, prepare
 from gptfast.distributed import init_distributed
 from gptfast.evaluate import split_loss
+from gptfast.model import GPT
 from gptfast.precision import amp_dtype_for
 from gptfast.runlog import LOG_FILE
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV
@@ -548,3 +549,22 @@ def test_loss_options_are_checked_and_reach_the_config(monkeypatch):
     monkeypatch.setattr("gptfast.cli.train", lambda cfg: seen.setdefault("cfg", cfg) and {})
     main(["train", "--label-smoothing", "0.1", "--z-loss", "0.001", "--max-steps", "1"])
     assert (seen["cfg"].label_smoothing, seen["cfg"].z_loss) == (0.1, 0.001)
+
+
+def test_nondeterministic_reaches_the_model(monkeypatch, data_dir, tmp_path):
+    """--nondeterministic reaches the config, and train() switches the model's attention to atomic dQ."""
+    seen = {}
+    monkeypatch.setattr("gptfast.cli.train", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    main(["train", "--nondeterministic", "--max-steps", "1"])
+    assert seen["cfg"].deterministic is False
+    monkeypatch.undo()
+    built = []
+    original = GPT.__init__
+
+    def record(self, config):
+        original(self, config)
+        built.append(self)
+
+    monkeypatch.setattr(GPT, "__init__", record)
+    train(tiny(data_dir, tmp_path, max_steps=1, eval_interval=1, deterministic=False))
+    assert built and all(m.config.deterministic_attention is False for m in built)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .compiler import LabError
-from .ops import OPS, get_op, parse_config
+from .ops import OPS, get_op, parse_config, parse_options
 from .targets import ARCHITECTURES, parse_arch
 
 CONFIG_HELP = ("try another block configuration: KERNEL:FIELD=VALUE[,FIELD=VALUE...], repeatable, e.g. "
@@ -29,6 +29,8 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
     _add_target(p)
     p.add_argument("--arch", default="sm_90", choices=[f"sm_{a}" for a in ARCHITECTURES], help="default sm_90")
     p.add_argument("--config", action="append", help=CONFIG_HELP)
+    p.add_argument("--option", action="append", help="a variant of the op, NAME=VALUE, repeatable, e.g. "
+                   "flash_attention's deterministic=false or dropout_p=0.1")
 
 
 def add_lab_parser(subparsers) -> argparse.ArgumentParser:
@@ -64,8 +66,8 @@ def _request(args):
     from .analysis import Request
 
     op = get_op(args.op)
-    return Request(op, op.parse_shape(args.shape), args.dtype, parse_arch(args.arch), parse_config(args.config), {},
-                   getattr(args, "bandwidth", None))
+    return Request(op, op.parse_shape(args.shape), args.dtype, parse_arch(args.arch), parse_config(args.config),
+                   parse_options(op, args.option), getattr(args, "bandwidth", None))
 
 
 def _inspect(args) -> int:

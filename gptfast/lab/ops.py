@@ -50,11 +50,15 @@ class KernelModel:
     """What one iteration of a kernel's main loop covers, for the static estimates. ``iterations``
     counts them over the whole launch from the kernel's named arguments and grid (None: the kernel
     has no loop, one iteration per program). ``elements``: per iteration (None: the product of its
-    BLOCK_* sizes). ``matmuls``: matrix products of (elements x HEAD_DIM_PAD) per iteration."""
+    BLOCK_* sizes). ``matmuls``: matrix products of (elements x HEAD_DIM_PAD) per iteration, or a
+    function of the named arguments that counts them."""
 
     iterations: Callable[[dict, tuple], int] | None = None
     elements: Callable[[dict], int] | None = None
-    matmuls: int = 0
+    matmuls: int | Callable[[dict], int] = 0
+
+    def matmuls_of(self, args: dict) -> int:
+        return self.matmuls(args) if callable(self.matmuls) else self.matmuls
 
 
 @dataclass(frozen=True)
@@ -139,11 +143,12 @@ def _run_flash_attention(shape: tuple, dtype: torch.dtype, options: dict, phase:
     seed = torch.tensor(1234) if dropout_p > 0 else None  # on the CPU: the launcher reads it with int()
     key_start = _meta(batch, dtype=torch.int64) if options.get("key_start") else None
     scale = 1.0 / math.sqrt(head_dim)
+    deterministic = bool(options.get("deterministic", True))
     with phase("forward"):
-        out, lse = flash_attention._forward(q, k, v, causal, dropout_p, scale, seed, key_start)
+        out, lse = flash_attention._forward(q, k, v, causal, dropout_p, scale, seed, key_start, None, deterministic)
     with phase("backward"):
         flash_attention._backward(torch.empty_like(out), q, k, v, out, lse, causal, dropout_p, scale, seed,
-                                  key_start)
+                                  key_start, deterministic)
 
 
 def _row_tiles(args: dict, grid: tuple) -> int:
@@ -189,10 +194,13 @@ OPS = {op.name: op for op in (
        _run_flash_attention,
        {"attention_fwd": ConfigHook("_configs_for", _ATTENTION_HOOK, "forward", "forward"),
         "attention_bwd_kv": ConfigHook("_configs_for", _ATTENTION_HOOK, "backward", "backward_kv"),
+        # The same kernel with deterministic=False (--option deterministic=false): its own table entry.
+        "attention_bwd_kv_atomic": ConfigHook("_configs_for", _ATTENTION_HOOK, "backward", "backward_kv_atomic"),
         "attention_bwd_q": ConfigHook("_configs_for", _ATTENTION_HOOK, "backward", "backward_q")},
        {"attention_fwd": KernelModel(_attention_tiles, matmuls=2),
         "attention_bwd_delta": KernelModel(elements=lambda a: a["BLOCK_M"] * a["HEAD_DIM_PAD"]),
-        "attention_bwd_kv": KernelModel(_attention_tiles, matmuls=4),
+        # With deterministic=False (DQ_SUM) it also computes each tile's dQ, a fifth product.
+        "attention_bwd_kv": KernelModel(_attention_tiles, matmuls=lambda a: 4 if a["DQ_SUM"] is None else 5),
         "attention_bwd_q": KernelModel(_attention_tiles, matmuls=3)}),
 )}
 
@@ -215,6 +223,30 @@ def parse_config(texts: list[str] | None) -> dict[str, dict[str, int]]:
             raise LabError(f"--config {text!r}: expected KERNEL:FIELD=VALUE[,FIELD=VALUE...], "
                            "e.g. attention_bwd_kv:BLOCK_N=64,num_warps=4") from None
     return overrides
+
+
+# The variants each op's run function reads from ``options``, with the type of each value.
+OPTIONS = {"layer_norm": {"weight": bool, "bias": bool, "row_stride": int},
+           "bias_gelu": {"bias": bool, "approximate": str, "row_stride": int},
+           "cross_entropy": {"label_smoothing": float, "z_loss": float, "row_stride": int},
+           "flash_attention": {"causal": bool, "dropout_p": float, "key_start": bool, "deterministic": bool}}
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def parse_options(op: Op, texts: list[str] | None) -> dict:
+    """``--option NAME=VALUE`` (repeatable) -> {name: value}, each of the type the op's variant takes."""
+    options = {}
+    for text in texts or []:
+        name, _, value = text.partition("=")
+        kind = OPTIONS[op.name].get(name.strip())
+        try:
+            if kind is None:
+                raise ValueError
+            options[name.strip()] = _BOOLEANS[value.strip().lower()] if kind is bool else kind(value.strip())
+        except (KeyError, ValueError):
+            known = ", ".join(f"{k} ({t.__name__})" for k, t in OPTIONS[op.name].items())
+            raise LabError(f"--option {text!r}: {op.name} takes NAME=VALUE with NAME one of {known}") from None
+    return options
 
 
 def _replaced(config, hook: ConfigHook, values: dict[str, int]):
