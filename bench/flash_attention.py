@@ -50,6 +50,8 @@ BENCH = KernelBench(
     headline=_size(1024, 64),
     providers={
         "triton": triton_backend(lambda q, k, v: kernels.flash_attention(q, k, v, causal=True)),
+        # deterministic=False: dQ added up by atomics in the dK/dV kernel (the backward differs only)
+        "triton/atomic-dq": triton_backend(lambda q, k, v: kernels.flash_attention(q, k, v, deterministic=False)),
         "sdpa-flash": eager(_sdpa(SDPBackend.FLASH_ATTENTION)),
         "sdpa-math": eager(_sdpa(SDPBackend.MATH)),
     },
