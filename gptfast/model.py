@@ -130,10 +130,12 @@ class LayerNorm(nn.Module):
 class KVCache:
     """Keys and values of every layer, allocated once per generation.
 
-    ``kv[layer, 0]`` holds the keys and ``kv[layer, 1]`` the values, each (batch, n_head, max_len,
-    head_dim). The first ``length`` positions are filled; a forward pass with the cache writes its
-    tokens after them. Position embeddings are absolute, so the cache cannot slide: when it is full,
-    :meth:`reset` it and feed the tokens to keep again.
+    ``kv[layer]`` is that layer's (keys, values), each (batch, n_head, max_len, head_dim): tensors of
+    their own, not views of one, so a compiled decode step updates them in place (an update through
+    a view of a graph input costs a copy of the whole view per step). The first ``length`` positions
+    are filled; a forward pass with the cache writes its tokens after them. Position embeddings are
+    absolute, so the cache cannot slide: when it is full, :meth:`reset` it and feed the tokens to
+    keep again.
 
     ``static=True``: ``length`` is a 0-dim int64 tensor on the cache's device instead of a Python int,
     and a forward pass writes its keys by index at that position and attends over every slot with
@@ -150,12 +152,13 @@ class KVCache:
                              f"{config.context_length}")
         if batch_size < 1:
             raise ValueError(f"KVCache: batch_size must be positive, got {batch_size}")
-        self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim,
-                              device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        self.kv = [tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
+                   for _ in range(config.n_layer)]
         self.length: int | torch.Tensor = torch.zeros((), dtype=torch.long, device=device) if static else 0
         if static:  # compiled graphs may then write into them in place, CUDA graphs included
-            torch._dynamo.mark_static_address(self.kv)
-            torch._dynamo.mark_static_address(self.length)
+            for tensor in (*(t for layer in self.kv for t in layer), self.length):
+                torch._dynamo.mark_static_address(tensor)
 
     @property
     def static(self) -> bool:
@@ -163,11 +166,11 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.kv.shape[2]
+        return self.kv[0][0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.kv.shape[4]
+        return self.kv[0][0].shape[2]
 
     def reset(self) -> None:
         """Forget every cached position (the memory stays allocated)."""
@@ -187,10 +190,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int | torch.Tensor = 0,
-                left_pad: torch.Tensor | None = None) -> torch.Tensor:
-        """``kv``: this layer's (2, B, n_head, max_len, head_dim) cache slice, ``start`` positions filled
-        (a 0-dim tensor for a static cache).
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int | torch.Tensor = 0, left_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """``kv``: this layer's cached (keys, values), each (B, n_head, max_len, head_dim), ``start``
+        positions filled (a 0-dim tensor for a static cache).
 
         ``left_pad``: (B,) leading key slots of each row that are padding, hidden from every query
         (a padding query then sees nothing and outputs zeros).
@@ -204,14 +207,14 @@ class CausalSelfAttention(nn.Module):
             # A static cache: write the T new positions by index, then attend over every slot, those
             # from start + T on hidden by key_end: no shape depends on the position.
             slots = start + torch.arange(T, device=x.device)
-            kv[0].index_copy_(2, slots, k.to(kv.dtype))
-            kv[1].index_copy_(2, slots, v.to(kv.dtype))
+            kv[0].index_copy_(2, slots, k.to(kv[0].dtype))
+            kv[1].index_copy_(2, slots, v.to(kv[1].dtype))
             k, v, key_end = kv[0], kv[1], (start + T).expand(B)
         elif kv is not None:
             # Write only the T new positions; attention then reads the filled prefix as strided views.
-            kv[0, :, :, start:start + T] = k
-            kv[1, :, :, start:start + T] = v
-            k, v = kv[0, :, :, :start + T], kv[1, :, :, :start + T]
+            kv[0][:, :, start:start + T] = k
+            kv[1][:, :, start:start + T] = v
+            k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
         dropout_p = self.attn_dropout if self.training else 0.0
         # With a cache, T queries meet start + T keys: the causal mask is aligned bottom-right.
         y = kernels.flash_attention(q, k, v, causal=True, dropout_p=dropout_p, key_start=left_pad, key_end=key_end,
@@ -241,9 +244,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None, kv: torch.Tensor | None = None,
-                start: int | torch.Tensor = 0, left_pad: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int | torch.Tensor = 0,
+                left_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream; ``pending``: the previous block's MLP output, not yet added to it.
 
         Returns (the stream, this block's MLP output): each residual add is left to the LayerNorm

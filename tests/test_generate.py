@@ -431,6 +431,21 @@ def test_256_compiled_decode_steps_compile_once_and_equal_eager(monkeypatch):
     assert compiled == generate(model, [prompt], 257, temperature=0)[0]
 
 
+def test_compiled_decode_step_updates_the_cache_in_place():
+    """The compiled step writes each new key and value into the cache, not into a copy of it: no
+    generated kernel runs over a whole layer's keys (cache tensors that were views of one tensor cost
+    a copy of every layer's keys and values per token: 4.5x slower at batch 16 on a CPU)."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    torch._dynamo.reset()
+    model = make_model(context_length=250, dtype=torch.float32)
+    prompts = prompts_of([4] * 3)
+    with fresh_cache():
+        _, code = run_and_get_code(generate, model, prompts, 3, temperature=0, compile=True)
+    layer_keys = 3 * model.config.n_head * 250 * model.config.head_dim  # 24000 elements
+    assert code and not [c for c in code if str(layer_keys) in c]
+
+
 def test_compiled_greedy_equals_eager_and_the_seeds_loop(monkeypatch):
     model = make_model()
     calls = counting_compiled_steps(monkeypatch)
@@ -503,7 +518,7 @@ def test_static_cache_logits_equal_full_forward():
     cache = model.new_cache(batch_size=2, static=True)
     chunks = [model(idx[:, :5], cache=cache, left_pad=left_pad)[0]]
     chunks += [model(idx[:, t:t + 1], cache=cache, left_pad=left_pad)[0] for t in range(5, 11)]
-    assert int(cache.length) == 11 and cache.kv.shape[4] == model.config.context_length
+    assert int(cache.length) == 11 and cache.max_len == model.config.context_length
     torch.testing.assert_close(torch.cat(chunks, dim=1)[1], full[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(chunks, dim=1)[0, 3:], full[0, 3:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="holds 11 of 24 positions: no room for 14 more"):
