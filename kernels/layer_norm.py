@@ -6,20 +6,26 @@ Triton kernels (forward and backward), launched by the PyTorch custom operators
 models using them compile with ``torch.compile(fullgraph=True)``.
 
 * Forward: each program holds ``BLOCK_M`` whole rows in registers, so x is read once and y written
-  once; statistics are float32 whatever the input dtype, and 1/std is saved for backward.
-* Backward: a fixed grid of a few programs per SM; each walks its share of the row tiles, writes dx
-  (one read of x and dy, one write of dx per row) and keeps float32 running sums of dy * xhat and dy
-  in registers. The centred rows are recomputed from x in registers (as the forward computes them),
-  not from a saved mean: a float32 mean of 1e4 + m is off by up to 2**-11, far more than x - mean
-  can afford when the row's spread is small. The per-program partial sums (a (programs, n) array,
-  small next to x) are then added up in a fixed order: gradients are bit-identical run after run,
-  with no atomics or locks.
+  once; statistics are float32 whatever the input dtype, and 1/std is saved for backward. Rows
+  longer than 256 columns are held as a tuple of chunks of 256 columns per warp of the row
+  (``_block_config``), so a row is padded to a multiple of the chunk, not to a power of two (768:
+  three chunks of 256, no idle lane), and each row sum adds the chunks in registers before one
+  reduction, within the warp when the row has a warp of its own.
+* Backward: a fixed grid of a few programs per SM; each walks its share of the row tiles (in
+  chunks, as the forward), writes dx (one read of x and dy, one write of dx per row) and keeps
+  float32 running sums of dy * xhat and dy in registers. The centred rows are recomputed from x in
+  registers (as the forward computes them), not from a saved mean: a float32 mean of 1e4 + m is
+  off by up to 2**-11, far more than x - mean can afford when the row's spread is small. The
+  per-program partial sums (a (programs, n) array, small next to x) are then added up in a fixed
+  order: gradients are bit-identical run after run, with no atomics or locks.
 * Residual add (``HAS_RESIDUAL``): the forward reads x and the branch once and writes their sum
   once beside y; the backward reads the sum as its x and adds the sum's own gradient to dx, so the
   add costs no pass of its own in either direction.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,8 @@ from .common import KERNEL_DTYPES, as_rows, cdiv, dtype_problem, jit, kernel_op,
 # register budget without spills (checked ahead of time for sm_80 and sm_90 in tests).
 MAX_ROW_LENGTH = 8192
 _TILE_ELEMENTS = 4096  # short rows are grouped into tiles of at least this many elements
+_WARP_COLUMNS = 256  # a warp's 32 lanes x 8 columns: one 128-bit load of 16-bit values each
+_MOST_CHUNKS = {False: 8, True: 3}  # chunks per thread, forward / backward (see _block_config)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -47,12 +55,30 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
 
 
 @jit
-def _centered(x, pivot, mask, inv_n):
-    """x minus its row means, computed from x - pivot, where pivot is any value near the row's (its
-    first column): rows with a large common offset (1e4 +- 1) lose no precision, unlike
-    E[x^2] - E[x]^2, sum(x), or a row mean rounded to float32 and subtracted later."""
-    shifted = tl.where(mask, x - pivot[:, None], 0.0)
-    return tl.where(mask, shifted - (tl.sum(shifted, axis=1) * inv_n)[:, None], 0.0)
+def _load_chunk(ptr, rows, stride, row_ok, n_cols, c, CHUNK: tl.constexpr):
+    """Columns c * CHUNK ... of rows ``rows`` of ptr (``stride`` apart; 0: ptr's one row for each
+    row, re-read from L1), zero past the row's end, as float32."""
+    cols = tl.arange(0, CHUNK) + c * CHUNK
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@jit
+def _store_chunk(ptr, rows, stride, row_ok, n_cols, c, value):
+    """The inverse of :func:`_load_chunk`, in ptr's dtype."""
+    CHUNK: tl.constexpr = value.shape[1]
+    cols = tl.arange(0, CHUNK) + c * CHUNK
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    tl.store(ptr + rows[:, None] * stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _load_rows(ptr, rows, stride, row_ok, n_cols, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Whole rows as a tuple of BLOCK_N // CHUNK chunks (:func:`_load_chunk`)."""
+    chunks = ()
+    for c in tl.static_range(BLOCK_N // CHUNK):
+        chunks += (_load_chunk(ptr, rows, stride, row_ok, n_cols, c, CHUNK),)
+    return chunks
 
 
 @jit
@@ -61,98 +87,174 @@ def _add_pairs(a1, b1, a2, b2):
 
 
 @jit
+def _row_sums(a, b):
+    """Each row's sums of the chunks a and of the chunks b: the chunks are added in each thread's
+    registers first, then both sums reduced at once (one trip through the warp for all of them)."""
+    a_total = a[0]
+    b_total = b[0]
+    for c in tl.static_range(1, len(a)):
+        a_total += a[c]
+        b_total += b[c]
+    return tl.reduce((a_total, b_total), axis=1, combine_fn=_add_pairs)
+
+
+@jit
+def _row_sum(chunks):
+    """Each row's sum over its chunks, reduced once as in :func:`_row_sums`."""
+    total = chunks[0]
+    for c in tl.static_range(1, len(chunks)):
+        total += chunks[c]
+    return tl.sum(total, axis=1)
+
+
+@jit
+def _centered(xs, pivot, n_cols, inv_n):
+    """The row chunks xs minus their row means, computed from x - pivot, where pivot is any value
+    near the row's (its first column): rows with a large common offset (1e4 +- 1) lose no precision,
+    unlike E[x^2] - E[x]^2, sum(x), or a row mean rounded to float32 and subtracted later. Columns
+    past the row's end come out 0; they are all in the last chunk (the others lie inside the row)."""
+    CHUNK: tl.constexpr = xs[0].shape[1]
+    last: tl.constexpr = len(xs) - 1
+    inside = (tl.arange(0, CHUNK) + last * CHUNK < n_cols)[None, :]
+    shifted = ()
+    for c in tl.static_range(len(xs)):
+        s = xs[c] - pivot[:, None]
+        shifted += (tl.where(inside, s, 0.0) if c == last else s,)
+    mean = _row_sum(shifted) * inv_n
+    centered = ()
+    for c in tl.static_range(len(xs)):
+        s = shifted[c] - mean[:, None]
+        centered += (tl.where(inside, s, 0.0) if c == last else s,)
+    return centered
+
+
+@jit
 def _layer_norm_fwd(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, rstd_ptr,
                     n_rows, n_cols, stride_x, stride_r, stride_s, stride_y, eps,
                     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program normalises BLOCK_M rows of BLOCK_N >= n_cols columns: one read of x, one write of y.
-    # With HAS_RESIDUAL the rows are x + r, read once each and written once to s (the residual stream).
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    # One program normalises BLOCK_M rows of BLOCK_N >= n_cols columns, held in registers as chunks
+    # of CHUNK columns: one read of x, one write of y. With HAS_RESIDUAL the rows are x + r, read
+    # once each and written once to s (the residual stream).
     inv_n = 1.0 / n_cols
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
     rows = rows.to(tl.int64)  # row offsets can pass 2**31 elements
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xs = _load_rows(x_ptr, rows, stride_x, row_ok, n_cols, BLOCK_N, CHUNK)
     # The first column again, as the pivot of _centered: an L1 hit, cheaper than a reduction.
     pivot = tl.load(x_ptr + rows * stride_x, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        x += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rs = _load_rows(r_ptr, rows, stride_r, row_ok, n_cols, BLOCK_N, CHUNK)
         pivot += tl.load(r_ptr + rows * stride_r, mask=row_ok, other=0.0).to(tl.float32)
-        x = x.to(s_ptr.dtype.element_ty)  # normalise the sum as it is stored
-        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
-        x = x.to(tl.float32)
-    centered = _centered(x, pivot, mask, inv_n)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) * inv_n + eps)
+        sums = ()
+        for c in tl.static_range(len(xs)):
+            s = (xs[c] + rs[c]).to(s_ptr.dtype.element_ty)  # normalise the sum as it is stored
+            _store_chunk(s_ptr, rows, stride_s, row_ok, n_cols, c, s)
+            sums += (s.to(tl.float32),)
+        xs = sums
+    centered = _centered(xs, pivot, n_cols, inv_n)
+    squares = ()
+    for c in tl.static_range(len(xs)):
+        squares += (centered[c] * centered[c],)
+    rstd = tl.rsqrt(_row_sum(squares) * inv_n + eps)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-    y = centered * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    for c in tl.static_range(len(xs)):  # each chunk stored as soon as it is made: fewer live registers
+        y = centered[c] * rstd[:, None]
+        if HAS_WEIGHT:  # read for each row (L1 hits), straight into the rows' layout
+            y *= _load_chunk(w_ptr, rows, 0, row_ok, n_cols, c, CHUNK)
+        if HAS_BIAS:
+            y += _load_chunk(b_ptr, rows, 0, row_ok, n_cols, c, CHUNK)
+        _store_chunk(y_ptr, rows, stride_y, row_ok, n_cols, c, y)
 
 
 @jit
 def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, ds_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
                     n_rows, n_cols, stride_dy, stride_x, stride_ds, stride_dx,
                     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Each program takes every num_programs-th tile of BLOCK_M rows: it reads x and dy once, writes dx
-    # once, and accumulates dweight / dbias partial sums in registers, written once at the end. With
-    # HAS_RESIDUAL, x is the residual sum and the gradient ds reaching it directly is added to dx.
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    # Each program takes every num_programs-th tile of BLOCK_M rows (in chunks, as the forward): it
+    # reads x and dy once, writes dx once, and accumulates dweight / dbias partial sums in
+    # registers, written once at the end. With HAS_RESIDUAL, x is the residual sum and the gradient
+    # ds reaching it directly is added to dx.
     inv_n = 1.0 / n_cols
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
-    dw_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dw_sum = ()
+    for _ in tl.static_range(BLOCK_N // CHUNK):
+        dw_sum += (tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32),)
+    db_sum = dw_sum
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         rows = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xs = _load_rows(x_ptr, rows, stride_x, row_ok, n_cols, BLOCK_N, CHUNK)
+        dys = _load_rows(dy_ptr, rows, stride_dy, row_ok, n_cols, BLOCK_N, CHUNK)
         pivot = tl.load(x_ptr + rows * stride_x, mask=row_ok, other=0.0).to(tl.float32)
-        xhat = _centered(x, pivot, mask, inv_n) * rstd[:, None]  # recomputed: exact where a saved mean is not
-        wdy = dy
-        if HAS_WEIGHT:  # the weight row is re-read (an L1 hit) per tile, not held: registers are scarce
-            wdy = dy * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat)), the means taken over each row: both
-        # sums in one reduction (one trip through shared memory, not two).
-        c1, c2 = tl.reduce((wdy * xhat, wdy), axis=1, combine_fn=_add_pairs)
-        dx = (wdy - (xhat * (c1 * inv_n)[:, None] + (c2 * inv_n)[:, None])) * rstd[:, None]
-        if HAS_RESIDUAL:
-            dx += tl.load(ds_ptr + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        centered = _centered(xs, pivot, n_cols, inv_n)  # recomputed: exact where a saved mean is not
+        xhat = ()
+        wdys = ()
+        products = ()
+        for c in tl.static_range(len(xs)):
+            xhat += (centered[c] * rstd[:, None],)
+            # The weight row is re-read (an L1 hit) per tile, not held: registers are scarce.
+            wdys += (dys[c] * _load_chunk(w_ptr, rows, 0, row_ok, n_cols, c, CHUNK) if HAS_WEIGHT else dys[c],)
+            products += (wdys[c] * xhat[c],)
+        # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat)), the means taken over each row.
+        c1, c2 = _row_sums(products, wdys)
+        c1 *= inv_n
+        c2 *= rstd * inv_n
+        new_dw = ()
+        new_db = ()
+        for c in tl.static_range(len(xs)):
+            dx = (wdys[c] - xhat[c] * c1[:, None]) * rstd[:, None] - c2[:, None]
+            if HAS_RESIDUAL:
+                dx += _load_chunk(ds_ptr, rows, stride_ds, row_ok, n_cols, c, CHUNK)
+            _store_chunk(dx_ptr, rows, stride_dx, row_ok, n_cols, c, dx)
+            new_dw += (dw_sum[c] + dys[c] * xhat[c],)
+            new_db += (db_sum[c] + dys[c],)
+        dw_sum = new_dw
+        db_sum = new_db
+    for c in tl.static_range(BLOCK_N // CHUNK):
+        cols = tl.arange(0, CHUNK) + c * CHUNK
+        partial = tl.program_id(0).to(tl.int64) * n_cols + cols
         if HAS_WEIGHT:
-            dw_sum += dy * xhat
+            tl.store(dw_partial_ptr + partial, tl.sum(dw_sum[c], axis=0), mask=cols < n_cols)
         if HAS_BIAS:
-            db_sum += dy
-    partial = tl.program_id(0).to(tl.int64) * n_cols + cols
-    if HAS_WEIGHT:
-        tl.store(dw_partial_ptr + partial, tl.sum(dw_sum, axis=0), mask=col_ok)
-    if HAS_BIAS:
-        tl.store(db_partial_ptr + partial, tl.sum(db_sum, axis=0), mask=col_ok)
+            tl.store(db_partial_ptr + partial, tl.sum(db_sum[c], axis=0), mask=cols < n_cols)
 
 
 def _block_config(n_cols: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``: whole rows, tiles of _TILE_ELEMENTS
-    (half that in the backward) when the rows are short.
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``; the kernels hold the rows in chunks
+    (:func:`_tile`).
 
-    Forward threads hold 16 values of each tensor (two 128-bit loads of fp16), backward threads 8 in
-    tiles half as large: the backward keeps more tensors live (x, dy, the centred rows, two running
-    sums), and this keeps it within its register budget without spills. Its widest rows (8192) take
-    16 warps of 16 values, not 32 of 8: at 32 warps the register budget is 64 per thread, and Triton
-    3.6 spilled there on sm_80.
+    Rows of up to 256 columns: tiles of _TILE_ELEMENTS (half that in the backward), several rows
+    to a warp, in one chunk; 8 warps, so 16 values per thread forward, 8 backward.
+
+    Longer rows: each row has k warps of its own and is cut into chunks of 256 * k columns, a
+    warp's 32 lanes x 8 columns (a 128-bit load of 16-bit values) per warp, so that BLOCK_N is
+    n_cols rounded up to a multiple of 256 * k, not to a power of two: 768 columns are three
+    chunks of 256 with no lane idle, where a 1024-wide tile left a quarter of them idle. k is the
+    fewest warps that leave each thread at most _MOST_CHUNKS chunks (forward 8, 64 values;
+    backward 3, 24 values: it keeps x, dy, xhat and two running sums per value); at k = 1 the row
+    sums never leave the warp (shuffles, no shared memory or barrier). 4 warps per program (k if
+    more), so BLOCK_M = 4 // k rows.
     """
-    block_n = next_power_of_2(n_cols)
-    block_m = max(1, (_TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS) // block_n)
-    values_per_thread = 8 if backward else 16
-    num_warps = min(16 if backward else 32, max(4, block_m * block_n // (values_per_thread * 32)))
-    return block_m, block_n, num_warps
+    width = next_power_of_2(n_cols)
+    if width <= _WARP_COLUMNS:
+        return (_TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS) // width, width, 8
+    warps_per_row = next_power_of_2(cdiv(n_cols, _WARP_COLUMNS * _MOST_CHUNKS[backward]))
+    chunk = _WARP_COLUMNS * warps_per_row
+    num_warps = max(4, warps_per_row)
+    return num_warps // warps_per_row, cdiv(n_cols, chunk) * chunk, num_warps
+
+
+def _tile(n_cols: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, CHUNK) of a launch: _block_config's tile in chunks of 256
+    columns per warp of each row (whole rows when BLOCK_N is no wider). Only the last chunk may
+    run past the row's end (_centered masks no other), so a wider BLOCK_N, from the lab's
+    ``--config``, is cut to the chunks that reach into the row."""
+    block_m, block_n, num_warps = _block_config(n_cols, backward)
+    chunk = math.gcd(block_n, _WARP_COLUMNS * max(1, num_warps // block_m))
+    return block_m, min(block_n, cdiv(n_cols, chunk) * chunk), num_warps, chunk
 
 
 def _register_budget(num_warps: int) -> int:
@@ -163,7 +265,7 @@ def _register_budget(num_warps: int) -> int:
 
 def _kernel_configs(backward: bool) -> list[tuple[int, int, int]]:
     """Every (BLOCK_M, BLOCK_N, num_warps) a kernel may launch with, for ahead-of-time checks."""
-    return sorted({_block_config(2**k, backward) for k in range(MAX_ROW_LENGTH.bit_length())})
+    return sorted({_block_config(n, backward) for n in range(1, MAX_ROW_LENGTH + 1)})
 
 
 @kernel_op("layer_norm_fwd")
@@ -180,12 +282,12 @@ def _forward(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor 
     total = (torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
              if branch is not None else x.new_empty(0))
     if n_rows > 0:
-        block_m, block_n, num_warps = _block_config(n_cols, backward=False)
+        block_m, block_n, num_warps, chunk = _tile(n_cols, backward=False)
         launch(_layer_norm_fwd, (cdiv(n_rows, block_m),),
                x2, r2, total, weight, bias, y, rstd, n_rows, n_cols, x2.stride(0),
                r2.stride(0) if r2 is not None else 0, total.stride(0) if r2 is not None else 0, y.stride(0), eps,
                HAS_RESIDUAL=r2 is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
+               BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, num_warps=num_warps, maxnreg=_register_budget(num_warps))
     return y.view(x.shape), rstd.view(x.shape[:-1]), (total.view(x.shape) if branch is not None else total)
 
 
@@ -201,7 +303,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, ha
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     has_weight = weight is not None
     param_dtype = weight.dtype if has_weight else x.dtype
-    block_m, block_n, num_warps = _block_config(n_cols, backward=True)
+    block_m, block_n, num_warps, chunk = _tile(n_cols, backward=True)
     programs = max(1, min(2 * sm_count(x.device), cdiv(n_rows, block_m)))
     dw_partial = torch.zeros(programs if has_weight else 0, n_cols, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs if has_bias else 0, n_cols, dtype=torch.float32, device=x.device)
@@ -210,7 +312,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, ha
                dy2, x2, weight, rstd, ds2, dx, dw_partial, db_partial,
                n_rows, n_cols, dy2.stride(0), x2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx.stride(0),
                HAS_RESIDUAL=ds2 is not None, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m,
-               BLOCK_N=block_n, num_warps=num_warps, maxnreg=_register_budget(num_warps))
+               BLOCK_N=block_n, CHUNK=chunk, num_warps=num_warps, maxnreg=_register_budget(num_warps))
     # The partial sums are added in a fixed order: deterministic dweight and dbias.
     return dx.view(x.shape), dw_partial.sum(0).to(param_dtype), db_partial.sum(0).to(param_dtype)
 

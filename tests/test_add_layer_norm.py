@@ -25,7 +25,7 @@ def _run(x, branch, weight, bias, out_dtype=None, backend="triton"):
     return total, y, leaves
 
 
-@pytest.mark.parametrize("rows, n", [(1, 1), (7, 37), (33, 768), (4, 1000), (3, 4100)])
+@pytest.mark.parametrize("rows, n", [(1, 1), (7, 37), (33, 768), (4, 1000), (3, 1600), (3, 4100), (2, 8191)])
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, None),
                                     (torch.float32, torch.bfloat16, torch.bfloat16),
                                     (torch.float16, torch.float16, None), (torch.bfloat16, torch.bfloat16, None)])

@@ -31,11 +31,18 @@ def request(op: str, columns: int, dtype: str, arch: int, aligned: bool = True, 
     return lab.Request(lab.get_op(op), (ROWS, columns), dtype, lab.ARCHITECTURES[arch], {}, options)
 
 
+def layer_norm_widths() -> list[int]:
+    """A row length for each block configuration of either LayerNorm kernel (the widest it takes)."""
+    widest = {(backward, layer_norm._block_config(n, backward)): n
+              for n in range(1, layer_norm.MAX_ROW_LENGTH + 1) for backward in (False, True)}
+    return sorted(set(widest.values()))
+
+
 def every_config_requests() -> list[lab.Request]:
-    """Each kernel at each block configuration (rows of 2**k columns give every one), for each target,
-    the erf and tanh GELU both, in bfloat16 with unaligned rows: the most registers."""
-    requests = [request("layer_norm", 2**k, "bf16", arch, aligned=False)
-                for k in range(layer_norm.MAX_ROW_LENGTH.bit_length()) for arch in ARCHS]
+    """Each kernel at each block configuration (LayerNorm: rows of layer_norm_widths(); bias + GELU:
+    rows of 2**k columns give every one), for each target, the erf and tanh GELU both, in bfloat16
+    with unaligned rows: the most registers."""
+    requests = [request("layer_norm", n, "bf16", arch, aligned=False) for n in layer_norm_widths() for arch in ARCHS]
     requests += [request("bias_gelu", 2**k, "bf16", arch, aligned=False, approximate=approximate)
                  for k in range(9) for arch in ARCHS for approximate in ("tanh", "none")]
     return requests

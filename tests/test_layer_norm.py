@@ -5,6 +5,8 @@ arithmetic plus one rounding of each output to its dtype: kernel_testing's defau
 interpreter, bfloat16 outputs are rounded to nearest as on a GPU (``interpreter_bf16_rounding``).
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from kernel_testing import DTYPES, assert_close, forward_backward, run_and_compa
 
 from gptfast import kernels
 from gptfast.kernels.layer_norm import MAX_ROW_LENGTH, layer_norm_reference
+
+layer_norm = importlib.import_module("gptfast.kernels.layer_norm")  # the module, not the public op
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_rounding")  # the GPU when there is one
 
@@ -35,6 +39,44 @@ def test_matches_reference(n, dtype):
     torch.manual_seed(n)
     x = torch.randn(2, 3, n).to(dtype)  # leading (batch, seq) dimensions
     compare_layer_norm(x, torch.randn(n).to(dtype), torch.randn(n).to(dtype), against_eager=True)
+
+
+# Rows whose last chunk runs past the row's end, in every number of chunks the launcher cuts rows
+# into (forward / backward): 3: one chunk of 4; 300: 2 x 256; 700: 3 x 256; 1000: 4 x 256 / 2 x 512;
+# 1300: 6 x 256 / 3 x 512; 1600: 7 x 256 / 2 x 1024; 2500: 5 x 512 / 3 x 1024; 5000: 5 x 1024 /
+# 3 x 2048; 8191: 8 x 1024 / 2 x 4096 (test_matches_reference has rows that fill their chunks).
+ODD_WIDTHS = [3, 300, 700, 1000, 1300, 1600, 2500, 5000, 8191]
+
+
+@pytest.mark.parametrize("n", ODD_WIDTHS)
+@pytest.mark.parametrize("dtype, has_weight, has_bias", [(torch.float32, True, True), (torch.float32, False, False),
+                                                         (torch.bfloat16, True, False)])
+def test_odd_widths_match_reference(n, dtype, has_weight, has_bias):
+    torch.manual_seed(n)
+    x = 3.0 + torch.randn(3, n)  # an offset: the columns past the row's end must not enter the mean
+    compare_layer_norm(x.to(dtype), torch.randn(n).to(dtype) if has_weight else None,
+                       torch.randn(n).to(dtype) if has_bias else None)
+
+
+def test_block_configs_cut_rows_into_whole_chunks():
+    """Every row length gets chunks of which only the last runs past the row's end (what the kernels'
+    _centered assumes), less than a chunk of idle columns, a 128-bit load of 16-bit values per thread
+    and chunk once rows pass 256 columns, and at most _MOST_CHUNKS chunks per thread; ODD_WIDTHS
+    reach every number of chunks with the last one partly past the row's end."""
+    for backward in (False, True):
+        layouts = set()
+        for n in range(1, MAX_ROW_LENGTH + 1):
+            block_m, block_n, num_warps, chunk = layer_norm._tile(n, backward)
+            assert (block_m, block_n, num_warps) == layer_norm._block_config(n, backward)  # as compiled ahead of time
+            assert block_n % chunk == 0 and block_n - chunk < n <= block_n, (n, backward)
+            if n > 256:
+                assert block_m * chunk // (32 * num_warps) == 8, (n, backward)
+                assert block_n // chunk <= layer_norm._MOST_CHUNKS[backward], (n, backward)
+            if n < block_n:
+                layouts.add(block_n // chunk)
+        odd = {block_n // chunk for n in ODD_WIDTHS for _, block_n, _, chunk in [layer_norm._tile(n, backward)]
+               if n < block_n}
+        assert layouts <= odd, backward
 
 
 @pytest.mark.parametrize("rows", [0, 1, 37])
