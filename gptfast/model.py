@@ -92,7 +92,7 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        del d["drop_rate"]
+        del d["drop_rate"], d["deterministic_attention"]  # a run's choice, not the model's: not saved
         return d
 
 

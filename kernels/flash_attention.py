@@ -9,7 +9,7 @@ zeros and gets zero gradients, never NaN.
 The Triton path is a flash attention: the (Tq, Tk) score matrix is never stored. The forward pass
 walks over key blocks with an online softmax and saves one log-sum-exp per query row; the backward
 pass recomputes the probabilities from it. Extra memory is O(batch x heads x seq) at any length.
-Three backward kernels, none with atomics, so gradients are identical run to run:
+By default three backward kernels, none with atomics, so gradients are identical run to run:
 
 * ``_attention_bwd_delta_kernel``: delta_i = dot(dO_i, O_i), one float per query row;
 * ``_attention_bwd_kv_kernel``: one key block per program, looping over the query blocks that see it;
@@ -191,7 +191,7 @@ def _query_range(start_n, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M
                  BLOCK_N: tl.constexpr):
     """Queries that see keys [start_n, start_n + BLOCK_N), as (lo, diag_end, full_end, end):
     [lo, diag_end) straddles the causal diagonal and is masked (all of [lo, end) if the key block
-    holds padding); [diag_end, full_end) sees the whole key block and needs no mask (empty if
+    holds padding or keys past k_len); [diag_end, full_end) sees the whole key block and needs no mask (empty if
     full_end <= diag_end); [max(diag_end, full_end), end) holds the last, partial query block,
     masked. Query blocks before ``lo`` see none of the keys and are skipped, as is every query
     block if the key block is padding only."""
@@ -203,7 +203,9 @@ def _query_range(start_n, q_len, k_len, key_start, CAUSAL: tl.constexpr, BLOCK_M
         offset = k_len - q_len  # query i sits at key position i + offset
         lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
         diag_end = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, end)
-    diag_end = tl.where(start_n < key_start, end, diag_end)
+    # Unmasked, keys past k_len would score 0: their dS (harmless to dK/dV, never stored) could
+    # overflow into an atomic dQ as inf x a zero key = NaN. Such a block is masked throughout.
+    diag_end = tl.where((start_n < key_start) | (start_n + BLOCK_N > k_len), end, diag_end)
     lo = tl.where(start_n + BLOCK_N <= key_start, end, lo)
     return lo, diag_end, full_end, end
 

@@ -218,6 +218,18 @@ def test_atomic_dq_matches_float64_reference(batch, heads, q_len, k_len, head_di
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_atomic_dq_is_finite_when_every_score_is_very_negative():
+    """Keys past k_len (a partial last key block) score 0 where the real ones score about -36: their
+    float16 dS overflows unless masked, and inf x a zero key would put NaN into dQ."""
+    torch.manual_seed(12)
+    q = -3.0 - 0.1 * torch.rand(1, 1, 40, 16, device=DEVICE)
+    k = 3.0 + 0.1 * torch.rand(1, 1, 37, 16, device=DEVICE)
+    v, grad_out = torch.randn(1, 1, 37, 16, device=DEVICE), torch.randn(1, 1, 40, 16, device=DEVICE)
+    q, k, v, grad_out = (t.half() for t in (q, k, v, grad_out))
+    _, grads = compare_attention(q, k, v, grad_out, op=attention(causal=False, deterministic=False), causal=False)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_atomic_dq_runs_no_dq_kernel():
     """deterministic=False launches the delta and dK/dV kernels only, the latter with a float32 dQ."""
     q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))

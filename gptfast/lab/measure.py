@@ -78,6 +78,9 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
     candidates = candidates or DEFAULT_CANDIDATES.get(op.name)
     if not candidates:
         raise ValueError(f"lab tune: {op.name} has no default candidates: give them with --config (one each)")
+    atomic = [c for c in candidates if "_atomic:" in c]
+    if atomic:  # tune times the default (deterministic) variant, which never launches that entry
+        raise ValueError(f"lab tune: {atomic[0]!r}: tune times the deterministic backward only")
     arch, shape = local_architecture(), op.parse_shape(shape_text)
     requests = [analysis.Request(op, shape, dtype, arch, _overrides(c), {}) for c in candidates]
     device = torch.device("cuda")
