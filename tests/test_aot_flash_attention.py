@@ -1,12 +1,12 @@
 """The flash-attention configuration tables (``kernels/configs/flash_attention_sm*.json``) and their
-kernels compiled ahead of time for sm_80 (A100), sm_86 / sm_89 (RTX 30xx and 40xx, A10, L4, L40S)
-and sm_90 (H100).
+kernels compiled ahead of time for sm_80 (A100), sm_86 (RTX 30xx, A10; its table also serves sm_89:
+RTX 40xx, L4, L40S) and sm_90 (H100).
 
 Every table has an entry for each padded head dim and element size the launcher asks for, and
 reads back as it was written. Every configuration of the tables is compiled at the largest head dim
 that uses it, in its fullest variant (causal with dropout: the most live registers), for each
 target its table serves, and must not spill registers and must fit in shared memory (163 KiB on
-sm_80, 99 KiB on sm_86 and sm_89, 227 KiB on sm_90). On sm_90 the matrix products of 16-bit inputs
+sm_80, 99 KiB on sm_86, 227 KiB on sm_90). On sm_90 the matrix products of 16-bit inputs
 must compile to Hopper's wgmma instructions. Compilation runs in subprocesses without
 ``TRITON_INTERPRET`` (see ``aot.py``), split over the CPU cores.
 """
@@ -32,7 +32,9 @@ KERNELS = {  # configuration field: kernel
     "backward_kv_atomic": "_attention_bwd_kv_kernel",  # deterministic=False: dQ added up by atomics
 }
 DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
-TARGETS = {80: (80,), 86: (86, 89), 90: (90,)}  # table: the compute capabilities it is compiled for
+# table: the compute capabilities it is compiled for. The 86 table also serves sm_89, left out: with
+# Triton 3.6 every sm_89 build of it had the registers, spills and shared memory of its sm_86 build.
+TARGETS = {80: (80,), 86: (86,), 90: (90,)}
 TABLES = {table: fa.load_table(fa.table_path(table)) for table in fa.ARCHES}
 
 
