@@ -550,6 +550,7 @@ class AttentionConfigs:
     """The configurations of the forward kernel and the two backward kernels for one input kind."""
 
     forward: BlockConfig
+    forward_masked: BlockConfig  # the forward with dropout or key_start: their masks take registers
     backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks
     backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks
     backward_kv_atomic: BlockConfig  # the dK/dV kernel adding dQ up too (deterministic=False)
@@ -565,8 +566,8 @@ class ConfigTable:
 
 # Under the interpreter tiles are small and unequal, so that short test sequences cross many block
 # boundaries and both the masked and the unmasked loops run.
-INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(32, 16),
-                                       BlockConfig(16, 32))
+INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(32, 16), BlockConfig(16, 32),
+                                       BlockConfig(32, 16), BlockConfig(16, 32))
 # The tables, with the shared memory one block may use where they apply (the opt-in maximum):
 # A100-class parts (8.0, 8.7); the smaller Ampere and Ada parts (8.6, 8.9: RTX 30xx/40xx, A10, L4,
 # L40S) and any other part with less shared memory; Hopper (9.0, and later parts with as much).
@@ -578,13 +579,15 @@ TABLE_KEYS = tuple(itertools.product(HEAD_DIM_PADS, ELEMENT_SIZES))  # the entri
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # How the shipped entries were made: each tile keeps its float32 scores and accumulators in
 # registers and streams K/V (forward, dQ) or Q/dO (dK, dV) through shared memory, multi-buffered
-# over num_stages. 128-row tiles feed Hopper's 64-row wgmma instructions from two warp groups. The
+# over num_stages. 128-row tiles feed Hopper's 64-row wgmma instructions from two warp groups, or
+# from one (the 16-bit forward without dropout: 4 warps issue fewer instructions per score). The
 # 99 KiB parts share the A100's 16-bit entries (at most 80 KiB) and take smaller float32 tiles. The
 # dK/dV kernel holds two float32 accumulators of BLOCK_N x head_dim, so its key block shrinks where
 # registers run short (Ampere keeps mma operands in registers too). float32 inputs multiply in TF32
 # on tensor cores (float32 accumulation) with smaller tiles, as they take twice the space. Each
-# entry was compiled ahead of time (the dropout variant, at the largest head dim it serves);
-# ``tests/test_aot_flash_attention.py`` checks every entry for spills and shared memory.
+# entry was compiled ahead of time (the dropout variant, at the largest head dim it serves; the
+# plain causal one for ``forward``); ``tests/test_aot_flash_attention.py`` checks every entry for
+# spills and shared memory.
 
 _KERNEL_FIELDS = tuple(f.name for f in fields(AttentionConfigs))
 _BLOCK_FIELDS = tuple(f.name for f in fields(BlockConfig))
@@ -765,7 +768,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
     k_len = k.shape[2]
     out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
-    config = _configs_for(q).forward
+    configs = _configs_for(q)
+    config = configs.forward_masked if dropout_p > 0 or key_start is not None else configs.forward
     q, scale = _positive_scale(q, scale)
     if _decodes(q, dropout_p):
         _decode(q, k, v, out, lse, causal, scale, key_start, key_end)

@@ -4,7 +4,8 @@ RTX 40xx, L4, L40S) and sm_90 (H100).
 
 Every table has an entry for each padded head dim and element size the launcher asks for, and
 reads back as it was written. Every configuration of the tables is compiled at the largest head dim
-that uses it, in its fullest variant (causal with dropout: the most live registers), for each
+that uses it, in its fullest variant (causal with dropout: the most live registers; ``forward``,
+the forward without dropout or key_start, plain causal), for each
 target its table serves, and must not spill registers and must fit in shared memory (163 KiB on
 sm_80, 99 KiB on sm_86, 227 KiB on sm_90). On sm_90 the matrix products of 16-bit inputs
 must compile to Hopper's wgmma instructions. Compilation runs in subprocesses without
@@ -27,6 +28,7 @@ fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module, n
 
 KERNELS = {  # configuration field: kernel
     "forward": "_attention_fwd_kernel",
+    "forward_masked": "_attention_fwd_kernel",  # the forward with dropout or key_start
     "backward_kv": "_attention_bwd_kv_kernel",
     "backward_q": "_attention_bwd_q_kernel",
     "backward_kv_atomic": "_attention_bwd_kv_kernel",  # deterministic=False: dQ added up by atomics
@@ -81,7 +83,8 @@ def every_config_builds() -> list[aot.Build]:
                 every = field == "backward_kv_atomic" and target == table
                 key = (target, element_size, field, getattr(configs, field), head_dim if every else 0)
                 largest[key] = max(largest.get(key, 0), head_dim)
-    return [build(KERNELS[field], DTYPES[size], head_dim, config, target, atomic_dq=field == "backward_kv_atomic")
+    return [build(KERNELS[field], DTYPES[size], head_dim, config, target, dropout=field != "forward",
+                  atomic_dq=field == "backward_kv_atomic")
             for (target, size, field, config, _), head_dim in largest.items()]
 
 

@@ -148,15 +148,24 @@ def test_config_overrides_reach_the_launch():
 
 def test_options_choose_the_variant():
     """--option deterministic=false launches the dK/dV kernel with a float32 dQ and its own table
-    entry (attention_bwd_kv_atomic, which --config reaches), and no dQ kernel; bad options name the
-    op's variants."""
+    entry (attention_bwd_kv_atomic, which --config reaches), and no dQ kernel; dropout or key_start
+    the forward's entry for them (attention_fwd_masked); bad options name the op's variants."""
     op = lab.get_op("flash_attention")
     options = ops.parse_options(op, ["deterministic=false", "dropout_p=0.1"])
     assert options == {"deterministic": False, "dropout_p": 0.1}
     request = lab.Request(op, (2, 12, 1024, 128), "bf16", lab.ARCHITECTURES[90],
-                          ops.parse_config(["attention_bwd_kv_atomic:BLOCK_N=32"]), options)
+                          ops.parse_config(["attention_bwd_kv_atomic:BLOCK_N=32", "attention_fwd_masked:BLOCK_N=32"]),
+                          options)
     launches = {ops.kernel_name(launch.kernel): launch for _, launch in analysis.capture(request)}
     assert sorted(launches) == ["attention_bwd_delta", "attention_bwd_kv", "attention_fwd"]
+    table = ops.flash_attention.tuned_configs(90, 64, 2)
+    assert table.forward.num_warps != table.forward_masked.num_warps
+    for option, entry in (([], table.forward), (["key_start=true"], table.forward_masked),
+                          (["dropout_p=0.1"], table.forward_masked)):
+        plain = lab.Request(op, (2, 12, 1024, 64), "bf16", lab.ARCHITECTURES[90], {}, ops.parse_options(op, option))
+        forward = next(launch for phase, launch in analysis.capture(plain) if phase == "forward")
+        assert (forward.meta["BLOCK_M"], forward.meta["num_warps"]) == (entry.block_m, entry.num_warps), option
+    assert launches["attention_fwd"].meta["BLOCK_N"] == 32
     kv = launches["attention_bwd_kv"]
     assert kv.meta["BLOCK_N"] == 32 and kv.meta["BLOCK_M"] == ops.flash_attention.tuned_configs(90, 128, 2)\
         .backward_kv_atomic.block_m and kv.meta["DROPOUT"]

@@ -41,9 +41,6 @@ def describe_arg(value) -> object:
     if isinstance(value, torch.Tensor):
         return {"tensor": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
                 "stride": list(value.stride()), "offset": value.storage_offset()}
-    if type(value).__name__ == "TensorDescriptor":  # triton.tools.tensor_descriptor's host-side descriptor
-        return {"descriptor": describe_arg(value.base), "shape": list(value.shape), "strides": list(value.strides),
-                "block_shape": list(value.block_shape)}
     if isinstance(value, torch.dtype):
         raise LabError(f"a torch.dtype launch argument ({value}) cannot be compiled ahead of time")
     return value
@@ -56,10 +53,6 @@ def rebuild_arg(spec: object) -> object:
         base = torch.empty(spec["offset"] + max(1, sum((n - 1) * s for n, s in zip(spec["shape"], spec["stride"])) + 1),
                            dtype=getattr(torch, spec["tensor"]), device="meta")
         return base.as_strided(spec["shape"], spec["stride"], spec["offset"])
-    if isinstance(spec, dict) and "descriptor" in spec:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        return TensorDescriptor(rebuild_arg(spec["descriptor"]), spec["shape"], spec["strides"], spec["block_shape"])
     return spec
 
 

@@ -78,9 +78,10 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
     candidates = candidates or DEFAULT_CANDIDATES.get(op.name)
     if not candidates:
         raise ValueError(f"lab tune: {op.name} has no default candidates: give them with --config (one each)")
-    atomic = [c for c in candidates if "_atomic:" in c]
-    if atomic:  # tune times the default (deterministic) variant, which never launches that entry
-        raise ValueError(f"lab tune: {atomic[0]!r}: tune times the deterministic backward only")
+    variant = [c for c in candidates if c.split(":")[0].endswith(("_atomic", "_masked"))]
+    if variant:  # tune times the default variant (deterministic, no dropout or key_start): never these entries
+        raise ValueError(f"lab tune: {variant[0]!r}: tune times the deterministic backward and the forward "
+                         "without dropout or key_start only")
     arch, shape = local_architecture(), op.parse_shape(shape_text)
     requests = [analysis.Request(op, shape, dtype, arch, _overrides(c), {}) for c in candidates]
     device = torch.device("cuda")

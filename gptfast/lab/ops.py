@@ -193,6 +193,8 @@ OPS = {op.name: op for op in (
     Op("flash_attention", ("batch", "heads", "seq", "head_dim", "keys"), (16, 12, 1024, 64), 1, flash_attention,
        _run_flash_attention,
        {"attention_fwd": ConfigHook("_configs_for", _ATTENTION_HOOK, "forward", "forward"),
+        # The forward with dropout or key_start (--option dropout_p=... or key_start=true): its own entry.
+        "attention_fwd_masked": ConfigHook("_configs_for", _ATTENTION_HOOK, "forward", "forward_masked"),
         "attention_bwd_kv": ConfigHook("_configs_for", _ATTENTION_HOOK, "backward", "backward_kv"),
         # The same kernel with deterministic=False (--option deterministic=false): its own table entry.
         "attention_bwd_kv_atomic": ConfigHook("_configs_for", _ATTENTION_HOOK, "backward", "backward_kv_atomic"),
