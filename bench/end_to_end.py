@@ -76,8 +76,8 @@ TRAIN_TIMING, GENERATE_TIMING = 20, 10
 _CPU_MODEL = TrainSize("tiny", batch=2, context=32, n_layer=1, vocab_size=512)
 _GPT2 = TrainSize("gpt2", batch=16, context=1024, vocab_multiple=64)
 TRAIN_SIZES = {"full": _GPT2, "small": _CPU_MODEL}
-# Generation at batch 1 and 16: 64-token prompts, 256 new tokens each; on a CPU, batch 1, 8 and 8 in a
-# context of 64.
+# Generation at batch 1 and 16: 64-token prompts, 256 new tokens each; on a CPU, one prompt of 8
+# tokens and 8 new tokens in a context of 64.
 _CPU_GENERATE_MODEL = dataclasses.replace(_CPU_MODEL, context=64)
 GENERATE_SIZES = {"full": (GenerateSize(_GPT2, 1, 64, 256), GenerateSize(_GPT2, 16, 64, 256)),
                   # Kept short: the triton rows run the interpreter, and "compiled" compiles once per size.

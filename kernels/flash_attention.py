@@ -547,7 +547,7 @@ class BlockConfig:
 
 @dataclass(frozen=True)
 class AttentionConfigs:
-    """The configurations of the forward kernel and the two backward kernels for one input kind."""
+    """The configurations of the forward kernel (plain and masked) and the backward kernels for one input kind."""
 
     forward: BlockConfig
     forward_masked: BlockConfig  # the forward with dropout or key_start: their masks take registers
@@ -580,7 +580,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # How the shipped entries were made: each tile keeps its float32 scores and accumulators in
 # registers and streams K/V (forward, dQ) or Q/dO (dK, dV) through shared memory, multi-buffered
 # over num_stages. 128-row tiles feed Hopper's 64-row wgmma instructions from two warp groups, or
-# from one (the 16-bit forward without dropout: 4 warps issue fewer instructions per score). The
+# from one (sm_90's 16-bit forward at head dims up to 64 without dropout or key_start: 4 warps
+# issue fewer instructions per score). The
 # 99 KiB parts share the A100's 16-bit entries (at most 80 KiB) and take smaller float32 tiles. The
 # dK/dV kernel holds two float32 accumulators of BLOCK_N x head_dim, so its key block shrinks where
 # registers run short (Ampere keeps mma operands in registers too). float32 inputs multiply in TF32

@@ -89,14 +89,17 @@ def every_config_builds() -> list[aot.Build]:
 
 
 def extra_builds() -> list[aot.Build]:
-    """bfloat16 without dropout (the training fast path), a padded head dim (80 -> 128) and the
-    left-padding variant (key_start counts) of each kernel."""
+    """On sm_90: bfloat16 without dropout (GPT-2's training path, head dims 64 and 128), a padded head
+    dim (80 -> 128), and the left-padding variant (key_start counts) of the masked forward and the
+    backward kernels."""
+    bf16 = [build(kernel, "bf16", head_dim, getattr(TABLES[90].configs[(head_dim, 2)], field), 90, dropout=False,
+                  atomic_dq=field == "backward_kv_atomic")
+            for field, kernel in KERNELS.items() if field != "forward_masked" for head_dim in (64, 128)]
     configs = TABLES[90].configs[(128, 2)]
-    bf16 = [build(kernel, "bf16", 128, getattr(configs, field), 90, dropout=False,
-                  atomic_dq=field == "backward_kv_atomic") for field, kernel in KERNELS.items()]
     key_start = [build(kernel, "fp16", 128, getattr(configs, field), 90, padded=True,
-                       atomic_dq=field == "backward_kv_atomic") for field, kernel in KERNELS.items()]
-    return bf16 + key_start + [build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90)]
+                       atomic_dq=field == "backward_kv_atomic") for field, kernel in KERNELS.items()
+                 if field != "forward"]
+    return bf16 + key_start + [build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90, dropout=False)]
 
 
 def compile_all(builds: list[aot.Build]) -> list[aot.KernelStats]:

@@ -61,8 +61,9 @@ def bench(op: Op, shape_text: str | None, dtype: str) -> str:
 # The candidates `lab tune` tries without --config: the shipped table ("shipped", no override) and,
 # one kernel at a time, the tile shapes and warp counts the Hopper and Ampere entries choose among.
 DEFAULT_CANDIDATES = {
-    "flash_attention": ["shipped"] + [f"attention_fwd:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
-                                      for m, n, w in ((128, 64, 4), (128, 128, 8), (64, 64, 4), (128, 32, 8))]
+    "flash_attention": ["shipped"] + [f"attention_fwd:BLOCK_M={m},BLOCK_N={n},num_warps={w},num_stages={s}"
+                                      for m, n, w, s in ((128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3),
+                                                         (64, 64, 4, 3), (128, 32, 8, 3))]
                        + [f"attention_bwd_kv:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
                           for m, n, w in ((64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 128, 8))]
                        + [f"attention_bwd_q:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
@@ -78,7 +79,7 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
     candidates = candidates or DEFAULT_CANDIDATES.get(op.name)
     if not candidates:
         raise ValueError(f"lab tune: {op.name} has no default candidates: give them with --config (one each)")
-    variant = [c for c in candidates if c.split(":")[0].endswith(("_atomic", "_masked"))]
+    variant = [c for c in candidates if any(k.endswith(("_atomic", "_masked")) for k in _overrides(c))]
     if variant:  # tune times the default variant (deterministic, no dropout or key_start): never these entries
         raise ValueError(f"lab tune: {variant[0]!r}: tune times the deterministic backward and the forward "
                          "without dropout or key_start only")
