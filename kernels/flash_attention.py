@@ -581,9 +581,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # registers and streams K/V (forward, dQ) or Q/dO (dK, dV) through shared memory, multi-buffered
 # over num_stages. 128-row tiles feed Hopper's 64-row wgmma instructions from two warp groups, or
 # from one (sm_90's 16-bit forward at head dims up to 64 without dropout or key_start: 4 warps
-# issue fewer instructions per score). The
-# 99 KiB parts share the A100's 16-bit entries (at most 80 KiB) and take smaller float32 tiles. The
-# dK/dV kernel holds two float32 accumulators of BLOCK_N x head_dim, so its key block shrinks where
+# issue fewer instructions per score). The 99 KiB parts share the A100's 16-bit entries (at most
+# 80 KiB) and take smaller float32 tiles. The dK/dV kernel holds two float32 accumulators of
+# BLOCK_N x head_dim, so its key block shrinks where
 # registers run short (Ampere keeps mma operands in registers too). float32 inputs multiply in TF32
 # on tensor cores (float32 accumulation) with smaller tiles, as they take twice the space. Each
 # entry was compiled ahead of time (the dropout variant, at the largest head dim it serves; the

@@ -5,9 +5,9 @@ RTX 40xx, L4, L40S) and sm_90 (H100).
 Every table has an entry for each padded head dim and element size the launcher asks for, and
 reads back as it was written. Every configuration of the tables is compiled at the largest head dim
 that uses it, in its fullest variant (causal with dropout: the most live registers; ``forward``,
-the forward without dropout or key_start, plain causal), for each
-target its table serves, and must not spill registers and must fit in shared memory (163 KiB on
-sm_80, 99 KiB on sm_86, 227 KiB on sm_90). On sm_90 the matrix products of 16-bit inputs
+the forward without dropout or key_start, plain causal), for each target its table serves, and
+must not spill registers and must fit in shared memory (163 KiB on sm_80, 99 KiB on sm_86, 227 KiB
+on sm_90). On sm_90 the matrix products of 16-bit inputs
 must compile to Hopper's wgmma instructions. Compilation runs in subprocesses without
 ``TRITON_INTERPRET`` (see ``aot.py``), split over the CPU cores.
 """
