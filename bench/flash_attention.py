@@ -4,6 +4,11 @@ TFLOP/s count the two matmuls of the forward, 4 * batch * heads * seq^2 * head_d
 causal mask; the backward does 2.5 times the forward's work. Sizes keep 16k tokens per batch with
 heads * head_dim = 2048, so every point does the same matmul work per token and only seq grows.
 The eager math path materialises the seq x seq scores and may run out of memory at long seq.
+
+``DECODE_BENCH`` times one decoding step's attention: a query per (batch, head) over a cache of
+``k_len`` keys (every key visible), the forward alone. Its figure is the cache read per second (GB/s:
+K and V, the query and the output), so the report's percent of the copy ceiling is the share of the
+memory bandwidth that the split-key decode kernels reach.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ TOKENS, WIDTH = 16384, 2048
 BACKWARD_WORK = 2.5  # the backward's FLOPs over the forward's
 
 
-def _sdpa(backend: SDPBackend):
+def _sdpa(backend: SDPBackend, causal: bool = True):
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return forward
 
 
@@ -58,4 +63,39 @@ BENCH = KernelBench(
     make_inputs=_inputs,
     work=_flops,
     baseline="sdpa-flash",
+)
+
+
+def _decode_inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    batch, heads, head_dim = size["batch"], size["heads"], size["head_dim"]
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    return (q, *(torch.randn(batch, heads, size["k_len"], head_dim, device=device, dtype=dtype) for _ in range(2)))
+
+
+def _decode_bytes(size: dict, elem: int) -> tuple[float, float]:
+    rows = size["batch"] * size["heads"] * (2 * size["k_len"] + 2)  # K and V; the query and the output
+    return rows * size["head_dim"] * elem, 0.0
+
+
+def _decode_size(k_len: int, heads: int = 12, head_dim: int = 64, batch: int = 1) -> dict:
+    return dict(batch=batch, heads=heads, k_len=k_len, head_dim=head_dim)
+
+
+# One query sees every cached key: is_causal=False (SDPA's causal mask is aligned top-left).
+DECODE_BENCH = KernelBench(
+    name="attention_decode",
+    unit="GB/s",
+    full=[Sweep("GPT-2: 12 heads, head_dim=64", "k_len", [_decode_size(n) for n in (256, 1024, 4096, 16384, 65536)]),
+          Sweep("32 heads, head_dim=128", "k_len", [_decode_size(n, 32, 128) for n in (256, 1024, 4096, 16384)])],
+    small=[Sweep("head_dim=16", "k_len", [_decode_size(n, 2, 16) for n in (16, 40)])],
+    headline=_decode_size(1024),
+    providers={
+        "triton": triton_backend(lambda q, k, v: kernels.flash_attention(q, k, v, causal=False)),
+        "sdpa-flash": eager(_sdpa(SDPBackend.FLASH_ATTENTION, causal=False)),
+        "sdpa-math": eager(_sdpa(SDPBackend.MATH, causal=False)),
+    },
+    make_inputs=_decode_inputs,
+    work=_decode_bytes,
+    baseline="sdpa-flash",
+    passes=("forward",),
 )

@@ -52,6 +52,7 @@ class KernelBench:
     make_inputs: Callable[[dict, torch.device, torch.dtype], tuple[torch.Tensor, ...]]
     work: Callable[[dict, int], tuple[float, float]]  # (size, element bytes) -> forward's, backward's bytes or FLOPs
     baseline: str = "torch"  # the provider the others are compared with
+    passes: tuple[str, ...] = PASSES  # what is timed; an inference-only kernel has the forward alone
 
     def sweeps(self, mode: str) -> list[Sweep]:
         if mode not in SIZE_MODES:

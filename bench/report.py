@@ -26,10 +26,10 @@ from tqdm import tqdm
 from . import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm
 from .ceilings import Ceilings, measure_ceilings
 from .harness import OK, REP_MS, UNAVAILABLE, WARMUP_MS, Record
-from .kernel_bench import PASSES, KernelBench, bench_dtype, run_case
+from .kernel_bench import KernelBench, bench_dtype, run_case
 
 KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH,
-                                                      cross_entropy.BENCH)}
+                                                      flash_attention.DECODE_BENCH, cross_entropy.BENCH)}
 # Training first: the end-to-end targets matter most if a time budget cuts the run short.
 GROUPS = ("train", "generate", *KERNELS)
 PROVIDERS = tuple(dict.fromkeys([*end_to_end.TRAIN_PROVIDERS, *end_to_end.GENERATE_PROVIDERS,
@@ -123,7 +123,7 @@ def tasks(settings: Settings, device: torch.device) -> list[Task]:
             found += [Task(group, p, pass_, size, lambda b=bench, p=p, s=pass_, z=size: run_case(
                           b, p, s, z, device, dtype, **timing))
                       for size in bench.sizes(settings.sizes) for p in filter(wanted, bench.providers)
-                      for pass_ in PASSES]
+                      for pass_ in bench.passes]
     return found
 
 
@@ -267,7 +267,7 @@ def _kernel_table(bench: KernelBench, records: list[Record], sizes: list[dict]) 
     index = {_key(r.provider, r.pass_, r.size): r for r in records}
     rows = []
     for size in sizes:
-        for pass_ in PASSES:
+        for pass_ in bench.passes:
             row = {p: index.get(_key(p, pass_, size)) for p in providers}
             if any(row.values()):
                 ours, base = row.get("triton"), row.get(bench.baseline)
@@ -386,10 +386,11 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         if not mine:
             continue
         sweeps = bench.sweeps(results["settings"]["sizes"])
-        fig, axes = plt.subplots(len(sweeps), len(PASSES), figsize=(5 * len(PASSES), 3.6 * len(sweeps)),
+        passes = bench.passes
+        fig, axes = plt.subplots(len(sweeps), len(passes), figsize=(5 * len(passes), 3.6 * len(sweeps)),
                                  squeeze=False)
         for row, sweep in enumerate(sweeps):
-            for col, pass_ in enumerate(PASSES):
+            for col, pass_ in enumerate(passes):
                 ax = axes[row][col]
                 for provider in bench.providers:
                     points = [(s[sweep.x], r.value) for s in sweep.sizes for r in mine

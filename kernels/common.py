@@ -36,6 +36,13 @@ else:
 
 jit = triton.jit if HAS_TRITON else (lambda fn: fn)
 
+
+def jit_variant(kernel, **options):
+    """A second handle on a jitted kernel's source, compiled with other ``triton.jit`` options (its
+    own cache): for the rare argument values where the first handle's specialisation compiles badly."""
+    return triton.jit(kernel.fn, **options) if HAS_TRITON else kernel
+
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _fake = threading.local()  # .active: the launcher is running as a fake implementation

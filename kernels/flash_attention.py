@@ -405,6 +405,12 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
     _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, HEAD_DIM)
 
 
+# A backward over one query: Triton would compile q_len == 1 as a constant, fold the unmasked span away
+# and lead with the masked loop, and ptxas would serialise the wgmma (C7515, sm_90). This handle keeps
+# q_len a runtime integer; other lengths keep the first, whose 16-divisible hint widens the LSE loads.
+_attention_bwd_kv_one_query_kernel = common.jit_variant(_attention_bwd_kv_kernel, do_not_specialize=["q_len"])
+
+
 @jit
 def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
                             stride_qb, stride_qh, stride_qt, stride_qd,
@@ -806,7 +812,8 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
     config = configs.backward_kv if deterministic else configs.backward_kv_atomic
-    launch(_attention_bwd_kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
+    kv_kernel = _attention_bwd_kv_kernel if q_len > 1 else _attention_bwd_kv_one_query_kernel
+    launch(kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
            dk, dv, key_start, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
            **shared)

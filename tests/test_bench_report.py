@@ -67,6 +67,8 @@ def test_work_counts():
     forward = 4 * 2 * 3 * 25 * 8 / 2
     assert flash_attention.BENCH.pass_work(attention, "forward", 2) == forward
     assert flash_attention.BENCH.pass_work(attention, "forward+backward", 2) == 3.5 * forward
+    cache = dict(batch=2, heads=3, k_len=5, head_dim=8)  # K and V, 5 rows each; the query and the output
+    assert flash_attention.DECODE_BENCH.pass_work(cache, "forward", 2) == 2 * 3 * (2 * 5 + 2) * 8 * 2
     for bench in report.KERNELS.values():  # the headline size is one of the full sweep's sizes
         assert bench.headline in bench.sizes("full")
 
@@ -160,6 +162,19 @@ def test_write_report_files(results, tmp_path):
     assert "| rows=24 hidden=300 | backward |" in text
     assert "layer_norm / liger (unavailable): Liger-Kernel runs on CUDA only" in text
     assert (tmp_path / "layer_norm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_attention_times_the_forward_alone(tmp_path):
+    settings = report.Settings(groups=("attention_decode",), sizes="small", providers=("triton", "sdpa-math"), **FAST)
+    results = report.run(settings, CPU, command="python -m gptfast.bench --test", progress=False)
+    records = results["records"]
+    assert [(r["provider"], r["pass_"], r["status"]) for r in records] == [
+        (provider, "forward", OK) for _ in range(2) for provider in ("triton", "sdpa-math")]
+    assert all(r["unit"] == "GB/s" and r["pct_of_ceiling"] > 0 for r in records)
+    report.write(results, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "| batch=1 heads=2 k_len=40 head_dim=16 | forward |" in text and "| backward |" not in text
+    assert (tmp_path / "attention_decode.png").exists()
 
 
 def test_without_matplotlib_the_tables_are_still_written(results, tmp_path, monkeypatch, capsys):

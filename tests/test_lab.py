@@ -75,6 +75,19 @@ def test_attention_uses_tensor_cores(reports):
         assert all(k["estimate_us"]["tensor_core"] > 0 for k in matmul_kernels)
 
 
+def test_no_attention_kernel_serialises_wgmma(reports):
+    """sm_90 at GPT-2's shape and over one query, deterministic and with atomics: with q_len == 1 Triton
+    would compile the length as a constant and ptxas would serialise the dK/dV kernel's wgmma (C7515)."""
+    op = lab.get_op("flash_attention")
+    requests = [lab.Request(op, (1, 12, 1, 64, 1024), "bf16", lab.ARCHITECTURES[90], {},
+                            {"deterministic": deterministic}) for deterministic in (True, False)]
+    found = [reports["flash_attention", 90]] + [report for report, _ in lab.inspect_many(requests)]
+    kernels = [(report["shape"], k["name"]) for report in found for k in report["kernels"]]
+    assert ([1, 12, 1, 64, 1024], "attention_bwd_kv") in kernels
+    assert [(report["shape"], k["name"], k["serialized_notes"]) for report in found for k in report["kernels"]
+            if k["serialized_mma"]] == []
+
+
 def test_memory_floor_counts_each_tensor_once(reports):
     (forward,) = [k for k in reports["cross_entropy", 90]["kernels"] if k["name"] == "cross_entropy_fwd"]
     rows, cols, _ = lab.OPS["cross_entropy"].default_shape

@@ -1,10 +1,11 @@
 """Ahead-of-time compilation of captured kernel launches for an NVIDIA target, without a GPU.
 
 A :class:`Build` is one launch as a launcher asked for it (``common.capture_launches``), made
-JSON-able: the kernel's module and name, each argument (tensors by dtype, shape, strides and
-offset; plain values as they are), the meta-parameters and the target architecture. Under
-``TRITON_INTERPRET=1`` ``triton.jit`` gives interpreted functions, so compilation runs in a fresh
-Python process without that variable (one process per share of the builds: Triton starts once).
+JSON-able: the kernel's module and the name of its handle there (a kernel may have a second,
+``common.jit_variant``), each argument (tensors by dtype, shape, strides and offset; plain values as
+they are), the meta-parameters and the target architecture. Under ``TRITON_INTERPRET=1``
+``triton.jit`` gives interpreted functions, so compilation runs in a fresh Python process without
+that variable (one process per share of the builds: Triton starts once).
 
 There the launch goes through Triton's own launcher steps (its argument binder and ``_pack_args``):
 the signature and specialisation are exactly what ``kernel[grid](*args)`` would compile on that GPU,
@@ -70,7 +71,9 @@ class Build:
     def of(cls, launch, arch: int) -> Build:
         """The build of a captured ``common.Launch``."""
         fn = getattr(launch.kernel, "fn", launch.kernel)
-        return cls(fn.__module__, fn.__name__, tuple(describe_arg(a) for a in launch.args), dict(launch.meta), arch)
+        handles = vars(importlib.import_module(fn.__module__))
+        name = next((name for name, obj in handles.items() if obj is launch.kernel), fn.__name__)
+        return cls(fn.__module__, name, tuple(describe_arg(a) for a in launch.args), dict(launch.meta), arch)
 
 
 @dataclass(frozen=True)
