@@ -24,7 +24,7 @@ setup(
     extras_require={
         # The CPU tests run the kernels in Triton's interpreter, which needs 3.7 or newer (3.6's cannot
         # take loop bounds computed from program ids); compiled GPU kernels work with 3.0 and newer.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "safetensors", "ruff",
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers", "safetensors", "ruff",
                  "triton>=3.7; platform_system == 'Linux'"],
         "bench": ["matplotlib"],
         # GPT.from_pretrained / save_pretrained; huggingface_hub downloads gpt2, gpt2-medium, ...

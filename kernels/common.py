@@ -34,7 +34,12 @@ else:
     triton = tl = None
     LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 
-jit = triton.jit if HAS_TRITON else (lambda fn: fn)
+
+def jit(fn=None, **options):
+    """``triton.jit``, as ``@jit`` or ``@jit(do_not_specialize=[...])``; without Triton the function itself."""
+    if fn is None:
+        return lambda fn: jit(fn, **options)
+    return triton.jit(fn, **options) if HAS_TRITON else fn
 
 
 def jit_variant(kernel, **options):

@@ -107,6 +107,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 # compile time (``tl.static_range``), so each gets its own loop, the middle one without masking.
 # ---------------------------------------------------------------------------------------------
 
+# The dropout seed is random: were it specialised, the first 16-divisible seed (one in 16) would
+# compile each dropout kernel again mid-run, to code the ahead-of-time checks never saw.
+SEED = ["seed"]
+
 
 @jit
 def _load_tile(ptrs, rows, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
@@ -242,7 +246,7 @@ def _scores(q, k, rows, cols, q_len, k_len, key_start, qk_scale, CAUSAL: tl.cons
     return s
 
 
-@jit
+@jit(do_not_specialize=SEED)
 def _attention_fwd_kernel(Q, K, V, OUT, LSE, KEY_START,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
@@ -325,7 +329,7 @@ def _attention_bwd_delta_kernel(OUT, DO, DELTA, stride_dob, stride_doh, stride_d
     tl.store(DELTA + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
 
 
-@jit
+@jit(do_not_specialize=SEED)
 def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
@@ -408,10 +412,11 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
 # A backward over one query: Triton would compile q_len == 1 as a constant, fold the unmasked span away
 # and lead with the masked loop, and ptxas would serialise the wgmma (C7515, sm_90). This handle keeps
 # q_len a runtime integer; other lengths keep the first, whose 16-divisible hint widens the LSE loads.
-_attention_bwd_kv_one_query_kernel = common.jit_variant(_attention_bwd_kv_kernel, do_not_specialize=["q_len"])
+_attention_bwd_kv_one_query_kernel = common.jit_variant(_attention_bwd_kv_kernel,
+                                                        do_not_specialize=[*SEED, "q_len"])
 
 
-@jit
+@jit(do_not_specialize=SEED)
 def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,

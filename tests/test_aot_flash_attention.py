@@ -3,117 +3,98 @@ kernels compiled ahead of time for sm_80 (A100), sm_86 (RTX 30xx, A10; its table
 RTX 40xx, L4, L40S) and sm_90 (H100).
 
 Every table has an entry for each padded head dim and element size the launcher asks for, and
-reads back as it was written. Every configuration of the tables is compiled at the largest head dim
-that uses it, in its fullest variant (causal with dropout: the most live registers; ``forward``,
-the forward without dropout or key_start, plain causal), for each target its table serves, and
-must not spill registers and must fit in shared memory (163 KiB on sm_80, 99 KiB on sm_86, 227 KiB
-on sm_90). On sm_90 the matrix products of 16-bit inputs
-must compile to Hopper's wgmma instructions. Compilation runs in subprocesses without
-``TRITON_INTERPRET`` (see ``aot.py``), split over the CPU cores.
+reads back as it was written. The launches are the launchers' own, captured and compiled by the
+kernel lab (``gptfast.lab``): each configuration of the tables at the largest head dim that uses
+it, in its fullest variant (causal with dropout: the most live registers; ``forward``, the forward
+without dropout or key_start, plain causal), at a length Triton cannot assume 16-divisible, for
+each target its table serves. None may spill registers or overflow shared memory (163 KiB on
+sm_80, 99 KiB on sm_86, 227 KiB on sm_90), and on sm_90 the matrix products of 16-bit inputs must
+compile to Hopper's wgmma instructions, never serialised by ptxas (C7515, C7512).
 """
 
 import dataclasses
 import importlib
-import itertools
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 
-import aot
 import pytest
 
+from gptfast import lab
 from gptfast.kernels.common import KERNEL_DTYPES
+from gptfast.lab import analysis, ops, sass
 
 fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module, not the public function
 
-KERNELS = {  # configuration field: kernel
-    "forward": "_attention_fwd_kernel",
-    "forward_masked": "_attention_fwd_kernel",  # the forward with dropout or key_start
-    "backward_kv": "_attention_bwd_kv_kernel",
-    "backward_q": "_attention_bwd_q_kernel",
-    "backward_kv_atomic": "_attention_bwd_kv_kernel",  # deterministic=False: dQ added up by atomics
-}
 DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
 # table: the compute capabilities it is compiled for. The 86 table also serves sm_89, left out: with
 # Triton 3.6 every sm_89 build of it had the registers, spills and shared memory of its sm_86 build.
 TARGETS = {80: (80,), 86: (86,), 90: (90,)}
 TABLES = {table: fa.load_table(fa.table_path(table)) for table in fa.ARCHES}
+SEQ = 1000  # not a multiple of 16: the masked loads the launcher's hints would otherwise spare
+FIELDS = {  # table field: the kernel it configures
+    "forward": "attention_fwd",
+    "forward_masked": "attention_fwd",  # the forward with dropout or key_start
+    "backward_kv": "attention_bwd_kv",
+    "backward_q": "attention_bwd_q",
+    "backward_kv_atomic": "attention_bwd_kv",  # deterministic=False: dQ added up by atomics
+}
+# variant: (the op's options, the table fields compiled in it): each field in its fullest variant.
+VARIANTS = {"plain": ({}, ("forward",)),
+            "dropout": ({"dropout_p": 0.1}, ("forward_masked", "backward_kv", "backward_q")),
+            "atomic": ({"dropout_p": 0.1, "deterministic": False}, ("backward_kv_atomic",))}
 
 
-def build(kernel: str, dtype: str, head_dim: int, config, arch: int, dropout: bool = True,
-          padded: bool = False, atomic_dq: bool = False) -> aot.Build:
-    """The aot.Build of ``kernel`` as the launcher specialises it for the model's strided q/k/v:
-    unit head-dim strides, 16-divisible pointers and row strides, causal; with int64 key_start
-    counts if ``padded``, else KEY_START is a constexpr None; the dK/dV kernel adding dQ up by
-    atomics (deterministic=False) if ``atomic_dq``, else DQ_SUM is a constexpr None."""
-    signature, constexprs, aligned = {}, {}, []
-    for arg in getattr(fa, kernel).arg_names:
-        if arg in ("KEY_START", "DQ_SUM"):
-            present = padded if arg == "KEY_START" else atomic_dq
-            signature[arg] = ("*i64" if arg == "KEY_START" else "*fp32") if present else "constexpr"
-            if not present:
-                constexprs[arg] = None
-        elif arg in ("LSE", "DELTA"):
-            signature[arg], aligned = "*fp32", aligned + [arg]
-        elif arg in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"):
-            signature[arg], aligned = f"*{dtype}", aligned + [arg]
-        elif arg.startswith("stride_") and arg.endswith("d"):  # 1: Triton specialises it
-            signature[arg], constexprs[arg] = "constexpr", 1
-        elif arg.startswith("stride_"):
-            signature[arg], aligned = "i32", aligned + [arg]
-        elif arg in ("scale", "dropout_p"):
-            signature[arg] = "fp32"
-        elif arg.isupper():
-            signature[arg] = "constexpr"
-        else:
-            signature[arg] = "i32"
-    constexprs.update(HEAD_DIM=head_dim, HEAD_DIM_PAD=fa._head_dim_pad(head_dim), BLOCK_M=config.block_m,
-                      BLOCK_N=config.block_n, CAUSAL=True, DROPOUT=dropout)
-    return aot.Build(fa.__name__, kernel, signature, constexprs, tuple(aligned), config.num_warps,
-                     config.num_stages, arch)
+def launches(head_dim: int, dtype: str, arch: int, options: dict, seq: int = SEQ) -> dict[str, object]:
+    """{kernel name: launch} of the op forward and backward, as the launchers would run it on ``arch``."""
+    request = lab.Request(lab.get_op("flash_attention"), (2, 2, seq, head_dim), dtype, lab.ARCHITECTURES[arch], {},
+                          options)
+    return {ops.kernel_name(launch.kernel): launch for _, launch in analysis.capture(request)}
 
 
-def every_config_builds() -> list[aot.Build]:
-    """Each configuration at the largest head dim using it; the atomic dK/dV kernel's at every head
-    dim on one target per table (ptxas spilled its sm_80 float16 tile at head dim 16, not at 128)."""
-    largest = {}  # (target, element size, field, config) -> the largest head dim using it
+def every_config_builds() -> list[tuple[str, lab.Build]]:
+    """(table field, build) of each configuration at the largest head dim using it, per target; the
+    atomic dK/dV kernel's at every head dim on its own table's target (ptxas spilled its sm_80 float16
+    tile at head dim 16, not at 128)."""
+    largest = {}  # (target, element size, variant, field, config, head dim or 0) -> the largest head dim
     for table, entries in TABLES.items():
         for (head_dim, element_size), configs in entries.configs.items():
-            for field, target in itertools.product(KERNELS, TARGETS[table]):
-                every = field == "backward_kv_atomic" and target == table
-                key = (target, element_size, field, getattr(configs, field), head_dim if every else 0)
-                largest[key] = max(largest.get(key, 0), head_dim)
-    return [build(KERNELS[field], DTYPES[size], head_dim, config, target, dropout=field != "forward",
-                  atomic_dq=field == "backward_kv_atomic")
-            for (target, size, field, config, _), head_dim in largest.items()]
+            for target in TARGETS[table]:
+                for variant, (_, fields) in VARIANTS.items():
+                    for field in fields:
+                        every = field == "backward_kv_atomic" and target == table
+                        key = (target, element_size, variant, field, getattr(configs, field), head_dim if every else 0)
+                        largest[key] = max(largest.get(key, 0), head_dim)
+    builds = []
+    for (target, size, variant, field, _, _), head_dim in largest.items():
+        launch = launches(head_dim, DTYPES[size], target, VARIANTS[variant][0])[FIELDS[field]]
+        builds.append((field, lab.Build.of(launch, target)))
+    return builds
 
 
-def extra_builds() -> list[aot.Build]:
-    """On sm_90: bfloat16 without dropout (GPT-2's training path, head dims 64 and 128), a padded head
-    dim (80 -> 128), and the left-padding variant (key_start counts) of the masked forward and the
-    backward kernels."""
-    bf16 = [build(kernel, "bf16", head_dim, getattr(TABLES[90].configs[(head_dim, 2)], field), 90, dropout=False,
-                  atomic_dq=field == "backward_kv_atomic")
-            for field, kernel in KERNELS.items() if field != "forward_masked" for head_dim in (64, 128)]
-    configs = TABLES[90].configs[(128, 2)]
-    key_start = [build(kernel, "fp16", 128, getattr(configs, field), 90, padded=True,
-                       atomic_dq=field == "backward_kv_atomic") for field, kernel in KERNELS.items()
-                 if field != "forward"]
-    return bf16 + key_start + [build("_attention_fwd_kernel", "fp16", 80, configs.forward, 90, dropout=False)]
-
-
-def compile_all(builds: list[aot.Build]) -> list[aot.KernelStats]:
-    """Compile in one subprocess per CPU core (each compiles a share of the builds)."""
-    workers = max(1, min(len(builds), os.cpu_count() or 1))
-    shares = [builds[i::workers] for i in range(workers)]
-    with ThreadPoolExecutor(workers) as pool:
-        return [stats for share in pool.map(aot.compile_kernels, shares) for stats in share]
+def extra_builds() -> list[tuple[str, lab.Build]]:
+    """On sm_90: bfloat16 without dropout (GPT-2's training path, head dims 64 and 128, both
+    backwards), the left-padding variant (key_start counts) of the masked forward and the backward
+    kernels, and a padded head dim (80 -> 128)."""
+    found = []
+    for head_dim in (64, 128):
+        for options, fields in (({}, ("forward", "backward_kv", "backward_q")),
+                                ({"deterministic": False}, ("backward_kv_atomic",))):
+            captured = launches(head_dim, "bf16", 90, options)
+            found += [(field, captured[FIELDS[field]]) for field in fields]
+    for options, fields in (({"key_start": True, "dropout_p": 0.1}, ("forward_masked", "backward_kv", "backward_q")),
+                            ({"key_start": True, "dropout_p": 0.1, "deterministic": False},
+                             ("backward_kv_atomic",))):
+        captured = launches(128, "fp16", 90, options)
+        found += [(field, captured[FIELDS[field]]) for field in fields]
+    found.append(("forward", launches(80, "fp16", 90, {})["attention_fwd"]))
+    return [(field, lab.Build.of(launch, 90)) for field, launch in found]
 
 
 @pytest.fixture(scope="module")
-def compiled() -> list[aot.KernelStats]:
+def compiled() -> list[tuple[str, lab.Compiled]]:
+    """(table field, what the compiler made of it) for every build of this file."""
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
-    return compile_all(every_config_builds() + extra_builds())
+    fields, builds = zip(*(every_config_builds() + extra_builds()))
+    return list(zip(fields, lab.compile_builds(list(builds))))
 
 
 # ---- the tables as data ----
@@ -178,25 +159,41 @@ def test_write_table_refuses_an_incomplete_table_and_keeps_the_file(tmp_path):
 
 # ---- the compiled kernels ----
 
+def _config(c: lab.Compiled) -> tuple[int, int, int, int]:
+    return (c.constants["BLOCK_M"], c.constants["BLOCK_N"], c.options["num_warps"], c.options["num_stages"])
+
 
 def test_every_config_is_compiled(compiled):
-    kernels_per_target = {(s.build.arch, s.build.kernel) for s in compiled}
-    assert kernels_per_target == {(target, kernel) for table in fa.ARCHES for target in TARGETS[table]
-                                  for kernel in KERNELS.values()}
+    """Each table's every (field, configuration) on each target it serves, in both element sizes."""
+    done = {(c.build.arch, field, _config(c), c.signature["Q"] == "*fp32") for field, c in compiled}
+    for table, entries in TABLES.items():
+        for (_, element_size), configs in entries.configs.items():
+            for target, field in ((t, f) for t in TARGETS[table] for f in FIELDS):
+                config = getattr(configs, field)
+                key = (target, field, (config.block_m, config.block_n, config.num_warps, config.num_stages),
+                       element_size == 4)
+                assert key in done, key
 
 
 def test_each_table_is_checked_against_its_shared_memory():
     assert set(TARGETS) == set(fa.ARCHES)
-    assert {(table, aot.SHARED_MEMORY_LIMIT[target]) for table in fa.ARCHES for target in TARGETS[table]} \
+    assert {(table, lab.ARCHITECTURES[target].shared_per_block) for table in fa.ARCHES for target in TARGETS[table]} \
         == set(fa.SHARED_MEMORY.items())
 
 
 def test_no_spills_and_shared_memory_fits(compiled):
-    assert [str(s) for s in compiled if s.spill_bytes] == []
-    assert [str(s) for s in compiled if s.shared > s.shared_limit] == []
+    assert [str(c) for _, c in compiled if c.spill_bytes] == []
+    assert [str(c) for _, c in compiled if c.shared > lab.ARCHITECTURES[c.build.arch].shared_per_block] == []
 
 
-def test_hopper_uses_wgmma(compiled):
-    sixteen_bit = [s for s in compiled if s.build.arch == 90 and s.build.signature["Q"] in ("*fp16", "*bf16")]
-    assert len(sixteen_bit) >= 3 * len(KERNELS)
-    assert [str(s) for s in sixteen_bit if "wgmma.mma_async" not in s.ptx] == []
+def test_hopper_uses_wgmma_never_serialised(compiled):
+    sixteen_bit = [c for _, c in compiled if c.build.arch == 90 and c.signature["Q"] in ("*fp16", "*bf16")]
+    assert len(sixteen_bit) >= 3 * len(FIELDS)
+    assert [str(c) for c in sixteen_bit if "wgmma.mma_async" not in c.asm["ptx"]] == []
+    assert [(str(c), sass.serialized_mma(c.ptxas_log)) for _, c in compiled if sass.serialized_mma(c.ptxas_log)] == []
+
+
+def test_the_lengths_are_compiled_unhinted(compiled):
+    """SEQ reaches the kernels as a plain integer: neither the constant 1 nor hinted 16-divisible."""
+    for _, c in compiled:
+        assert c.signature["q_len"] == "i32" and "q_len" not in c.hinted and "q_len" not in c.constants, str(c)
