@@ -19,12 +19,12 @@ $(VENV)/.installed: setup.py
 run: setup
 	$(VENV)/bin/gptfast train --out-dir out/main --overwrite --max-steps 600 --lr 2e-3
 
-# The tests, and the benchmark suite once at its small CPU sizes (--benchmark) so CI keeps it working.
-# The row ops' ahead-of-time compiles (every configuration their launchers can choose: minutes) run in
-# `make aot36` only, with the GPU image's Triton; `make aot` runs every ahead-of-time test with this venv's.
-ROW_OP_AOT_TESTS := tests/test_aot_norm_gelu.py tests/test_aot_cross_entropy.py
+# The tests, and the benchmark suite once at its small CPU sizes (--benchmark) so CI keeps it working,
+# spread over the CPU cores (pytest-xdist; a file's tests stay together, sharing its fixtures). The
+# ahead-of-time compiles (tests/test_aot_*.py: every configuration the launchers can choose, minutes)
+# run in `make aot36`, with the GPU image's Triton; `make aot` runs them with this venv's.
 test: setup
-	$(PY) -m pytest -q tests --benchmark $(addprefix --ignore=,$(ROW_OP_AOT_TESTS))
+	$(PY) -m pytest -q -n auto --dist loadfile tests --benchmark $(addprefix --ignore=,$(wildcard tests/test_aot_*.py))
 
 # The linter, with the settings in ruff.toml.
 lint: setup
