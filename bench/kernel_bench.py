@@ -53,6 +53,7 @@ class KernelBench:
     work: Callable[[dict, int], tuple[float, float]]  # (size, element bytes) -> forward's, backward's bytes or FLOPs
     baseline: str = "torch"  # the provider the others are compared with
     passes: tuple[str, ...] = PASSES  # what is timed; an inference-only kernel has the forward alone
+    targets: tuple[dict, ...] = ()  # other full sizes with a target of their own: the GPU run times them early
 
     def sweeps(self, mode: str) -> list[Sweep]:
         if mode not in SIZE_MODES:

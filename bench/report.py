@@ -427,18 +427,20 @@ def latest_results(root: Path = RESULTS_ROOT) -> Path | None:
 
 
 def readme_table(results: dict, source: str) -> str:
-    """The README's summary: each kernel's forward+backward at its headline size, then end to end."""
+    """The README's summary: each kernel's forward+backward (or its one pass) at its headline size, then
+    end to end."""
     records = _records(results)
     kernel_rows = []
     for name, bench in KERNELS.items():
-        rows = [r for r in records if r.group == name and r.pass_ == "forward+backward" and r.size == bench.headline]
+        pass_ = bench.passes[-1]
+        rows = [r for r in records if r.group == name and r.pass_ == pass_ and r.size == bench.headline]
         if rows:
             ours = next((r for r in rows if r.provider == "triton"), None)
             others = ", ".join(f"{r.provider} {_cell(r)}" for r in rows if r.provider != "triton")
-            kernel_rows.append([f"{name} ({bench.unit})", _size_label(bench.headline), _cell(ours), others])
+            kernel_rows.append([f"{name} ({bench.unit}, {pass_})", _size_label(bench.headline), _cell(ours), others])
     lines = [*_header(results), "", f"Full report: `{source}`.", ""]
     if kernel_rows:
-        lines += [*_table(["kernel (forward+backward)", "size", "ours (triton)", "baselines"], kernel_rows), ""]
+        lines += [*_table(["kernel (pass)", "size", "ours (triton)", "baselines"], kernel_rows), ""]
     lines += _end_to_end(records, "####")
     return "\n".join(lines).rstrip()
 

@@ -278,9 +278,15 @@ def test_readme_summary_and_targets(results):
     records += [Record("layer_norm", "triton", "forward+backward", headline, value=2400.0, pct_of_ceiling=80.0),
                 Record("layer_norm", "torch", "forward+backward", headline, value=1200.0, pct_of_ceiling=40.0),
                 Record("layer_norm", "liger", "forward+backward", headline, status=UNAVAILABLE, note="missing")]
+    cache = flash_attention.DECODE_BENCH.headline  # timed forward alone
+    records += [Record("attention_decode", p, "forward", cache, value=v, pct_of_ceiling=v / 40) for p, v in
+                (("triton", 2000.0), ("sdpa-flash", 1000.0))]
     synthetic = dict(results, records=[r.to_dict() for r in records])
     text = report.readme_table(synthetic, "bench/results/x/results.md")
-    assert "| layer_norm (GB/s) | rows=16384 hidden=768 | 2,400 (80%) | torch 1,200 (40%), liger n/a |" in text
+    assert "| layer_norm (GB/s, forward+backward) | rows=16384 hidden=768 | 2,400 (80%) | torch 1,200 (40%), " \
+           "liger n/a |" in text
+    assert "| attention_decode (GB/s, forward) | batch=1 heads=12 k_len=1024 head_dim=64 | 2,000 (50%) | " \
+           "sdpa-flash 1,000 (25%) |" in text
     assert "| triton+compile | step | 480,000 | 2.67x | 40% | | 2.0 s |" in text.replace("  ", " ")
     assert "- triton / torch: 1.67x (target 1.5x: met)" in text
     assert "- triton / torch+compile: 1.03x (target 1.1x: missed)" in text

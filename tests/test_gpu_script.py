@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gptfast.bench import gpu
+from gptfast.bench import gpu, report
 
 REPO = Path(__file__).resolve().parents[1]
 # The issue's order: versions, ceilings, the smoke, training (eager, then compiled), generation, the kernels'
@@ -105,6 +105,19 @@ def _session_processes(session: int) -> list[int]:
         if int(fields[3]) == session:  # the session id, after state, parent and group
             found.append(int(stat.parent.name))
     return found
+
+
+def test_the_headline_stage_takes_every_size_with_a_target(tmp_path):
+    """On a GPU the kernels' headline stage times each headline size and each size with a target of its own
+    (attention's long-sequence forward, the decode headline); the later stage the other sizes."""
+    ctx = gpu.Context(out=tmp_path, work=tmp_path, rehearse=False, deadline=0.0)
+    early, late = ({(t.group, json.dumps(t.size)) for t in gpu._kernel_tasks(ctx, headline=first)}
+                   for first in (True, False))
+    wanted = {(name, json.dumps(size)) for name, bench in report.KERNELS.items()
+              for size in (bench.headline, *bench.targets)}
+    assert early == wanted and not early & late
+    assert ("flash_attention", json.dumps(dict(batch=2, heads=16, seq=8192, head_dim=128))) in early
+    assert {group for group, _ in early} >= {"flash_attention", "attention_decode"}
 
 
 def test_a_run_killed_mid_way_leaves_readable_results(tmp_path):
