@@ -14,11 +14,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Under pytest-xdist (make test) each worker takes its share of the cores: torch's threads per worker
-# on top would oversubscribe them.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 # A fresh torch.compile cache per test session: a cache left by an older checkout can hold code
 # compiled against an older signature of our custom operators.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
