@@ -1,9 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     # "gptfast" on PyPI is an unrelated project. Everything installs under the one import package
-    # gptfast: the repository's kernels/ and bench/ folders become gptfast.kernels and gptfast.bench,
-    # so no top-level module collides with another distribution's (PyPI has "kernels" and "bench").
+    # gptfast, kept under src/ (the src layout): the checkout's root holds nothing importable, so a
+    # process started there finds installed distributions, such as Hugging Face's "kernels", and not
+    # folders of ours. The kernels are src/gptfast/kernels/, the benchmarks src/gptfast/bench/.
     name="gptfast-triton",
     version="0.1.0",
     description="GPT-2 training and sampling made fast with hand-written Triton kernels",
@@ -11,9 +12,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["gptfast", "gptfast.kernels", "gptfast.bench", "gptfast.lab"],
-    package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
+    package_dir={"": "src"},
+    packages=find_packages("src"),
     package_data={"gptfast.kernels": ["configs/*.json"]},  # the flash-attention block-size tables
+    # Ranges, as a library's should be; constraints.txt pins the versions the tests ran with.
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU machine's one command: every headline figure within 510 s of stage budgets (run it with the
-# device tool's timeout_s 540), into $OUT (default out/gpu), at most 8 files:
+# The benchmark run for a GPU rented by the minute: every headline figure within 510 s of stage budgets
+# (give the job 540 s), into $OUT (default out/gpu), at most 8 files:
 #   gpu.log        what the run printed         stages.json   each stage's budget, time, status, compilation
 #   smoke.json     the correctness smoke         results.json, results.md   the benchmark report, as it goes
 #   tuned.tar.gz   the tables `gptfast lab tune` wrote
 #   report.tar.gz  the results folder to commit: tar -xzf report.tar.gz -C bench/results
-# The stages, their budgets and what a stopped run keeps: bench/gpu.py. It installs the checkout in
-# place first (offline, no dependencies: the GPU image has them). A Triton cache prepared here
+# The stages, their budgets and what a stopped run keeps: src/gptfast/bench/gpu.py. It installs the checkout in
+# place first (offline, no dependencies: the machine's image has them). A Triton cache prepared here
 # (python -m gptfast.bench.triton_cache prepare, see the README) is used when carried as bench/triton-cache;
 # Liger-Kernel, not in the image, when carried as wheels in bench/wheels (pip download liger-kernel --no-deps
 # -d bench/wheels). `bash bench/gpu.sh --rehearse` runs the same stages on a CPU at tiny sizes.

@@ -1,4 +1,4 @@
-"""The flash-attention configuration tables (``kernels/configs/flash_attention_sm*.json``) and their
+"""The flash-attention configuration tables (``src/gptfast/kernels/configs/flash_attention_sm*.json``) and their
 kernels compiled ahead of time for sm_80 (A100), sm_86 (RTX 30xx, A10; its table also serves sm_89:
 RTX 40xx, L4, L40S) and sm_90 (H100).
 

@@ -1,6 +1,6 @@
-"""bench/gpu.sh, the GPU machine's one command: its plan fits the device tool's limits (510 s of stage budgets,
-at most 8 files of 16 MiB back from $OUT, two folders deep), rehearsed on this CPU (``--rehearse``), and a run
-killed mid-way leaves results that read."""
+"""bench/gpu.sh, the benchmark run for a GPU rented by the minute: its plan fits the job it is made for (510 s
+of stage budgets within a 540 s limit, at most 8 files of 16 MiB in $OUT, two folders deep), it is rehearsed on
+a CPU (``--rehearse``), and a run killed mid-way leaves results that read."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import pytest
 from gptfast.bench import gpu, report
 
 REPO = Path(__file__).resolve().parents[1]
-# The issue's order: versions, ceilings, the smoke, training (eager, then compiled), generation, the kernels'
+# The plan's order: versions, ceilings, the smoke, training (eager, then compiled), generation, the kernels'
 # headline sizes, tuning, the other sizes; then the packing.
 ORDER = ("versions", "ceilings", "smoke", "train", "train-compile", "generate", "kernels-headline", "tune",
          "kernels-rest", "pack")
@@ -32,7 +32,7 @@ def start_rehearsal(out: Path) -> subprocess.Popen:
 
 
 def assert_returnable(out: Path) -> None:
-    """What the device tool hands back: at most 8 plain files, 16 MiB each, two folders down, plain names."""
+    """What such a job hands back: at most 8 plain files, 16 MiB each, two folders down, plain names."""
     found = list(out.rglob("*"))
     files = [p for p in found if p.is_file()]
     assert len(files) <= gpu.MAX_FILES, sorted(p.name for p in files)
@@ -121,7 +121,7 @@ def test_the_headline_stage_takes_every_size_with_a_target(tmp_path):
 
 
 def test_a_run_killed_mid_way_leaves_readable_results(tmp_path):
-    """SIGKILL to every process of the run once the smoke is under way (as the device tool's limit would)."""
+    """SIGKILL to every process of the run once the smoke is under way (as a job's time limit would)."""
     process = start_rehearsal(tmp_path)
     stages_file, deadline = tmp_path / "stages.json", time.time() + 120
     try:

@@ -1,6 +1,11 @@
-"""The wheel installs one import package, gptfast: no top-level module that another distribution
-ships (PyPI has ``kernels``, Hugging Face's hub kernels, and ``bench``)."""
+"""Packaging: the wheel installs one import package, gptfast, and the checkout's root holds nothing
+importable (the src layout), so no folder of ours shadows another distribution's top-level name
+(PyPI has ``kernels``, Hugging Face's hub kernels, which transformers imports, and ``bench``).
+Every command below runs from the checkout's root, where Python puts the working directory first
+on ``sys.path``."""
 
+import importlib.machinery
+import importlib.metadata
 import subprocess
 import sys
 import zipfile
@@ -8,17 +13,31 @@ from pathlib import Path
 
 import pytest
 
+import gptfast
+
 ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src"
+BUILD_SCRIPTS = {"setup"}  # setup.py: the build's own script, never imported by an installed program
+
+
+def run_in_root(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     pytest.importorskip("setuptools")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    result = run_in_root("-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                         "-w", str(out), ".")
+    assert result.returncode == 0, result.stderr
     (found,) = out.glob("gptfast_triton-*.whl")
     return found
+
+
+def test_the_package_is_imported_from_src():
+    assert Path(gptfast.__file__).resolve() == SOURCE / "gptfast" / "__init__.py"
+    assert (SOURCE / "gptfast" / "kernels" / "layer_norm.py").is_file()  # gptfast.kernels.layer_norm
 
 
 def test_the_wheel_installs_gptfast_only(wheel):
@@ -27,29 +46,64 @@ def test_the_wheel_installs_gptfast_only(wheel):
     assert top_level == {"gptfast"}
     assert "gptfast/kernels/flash_attention.py" in names and "gptfast/bench/report.py" in names
     assert "gptfast/kernels/configs/flash_attention_sm90.json" in names  # the block-size tables
-    # Every package of the checkout is in the wheel (a subpackage left out of setup.py would import in
-    # an editable install and fail in a real one).
-    for init in (ROOT / "gptfast").glob("*/__init__.py"):
-        assert f"gptfast/{init.parent.name}/__init__.py" in names, init
+    # Every package of the source tree is in the wheel (a subpackage left out of setup.py would import
+    # in an editable install and fail in a real one).
+    for init in SOURCE.rglob("__init__.py"):
+        assert init.relative_to(SOURCE).as_posix() in names, init
     assert not any(name.startswith(("gptfast/bench/results", "gptfast/bench/gpu.sh")) for name in names)
+
+
+def test_an_editable_install_from_the_root_maps_src(tmp_path):
+    pytest.importorskip("setuptools")
+    # --target: into a folder of its own (--prefix would uninstall this environment's gptfast first).
+    result = run_in_root("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                         "--target", str(tmp_path), "-e", ".")
+    assert result.returncode == 0, result.stderr
+    (pth,) = tmp_path.glob("*gptfast_triton*.pth")
+    assert [Path(line) for line in pth.read_text().split()] == [SOURCE]
+
+
+def test_the_root_holds_nothing_importable():
+    """Each name in the root is either not a module or a namespace portion, which runs no code and
+    gives way to any installed package of that name."""
+    for entry in ROOT.iterdir():
+        name = entry.name.removesuffix(".py")
+        if not name.isidentifier() or name in BUILD_SCRIPTS:
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(name, [str(ROOT)])
+        assert spec is None or spec.origin is None, f"{entry} is importable as {name!r} from the root"
+
+
+def test_without_an_installed_kernels_the_root_answers_no_import():
+    """`-S`: no site-packages, so no installed `kernels`; the root (first on sys.path) has none either."""
+    result = run_in_root("-S", "-c", "import kernels")
+    assert result.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in result.stderr
+
+
+def test_from_the_root_kernels_is_hugging_faces_and_transformers_loads_gpt2(tmp_path):
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed (transformers 5.25 and newer require it)")
+    where = "import kernels; print(kernels.__file__)"
+    elsewhere = subprocess.run([sys.executable, "-c", where], cwd=tmp_path, capture_output=True, text=True, check=True)
+    code = ("from transformers import GPT2LMHeadModel\n"
+            "import gptfast.kernels, kernels\n"
+            "assert kernels is not gptfast.kernels\n" + where)
+    result = run_in_root("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == elsewhere.stdout  # the installed distribution's, as from any other folder
+
+
+def test_gptfast_runs_from_the_root():
+    result = run_in_root("-m", "gptfast", "info", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "layer_norm:" in result.stdout
 
 
 def test_one_import_name_per_module():
     """The kernels import under gptfast.kernels only, so their custom ops register once."""
     code = ("import sys, gptfast, gptfast.bench.report; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kernels', 'bench')))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=ROOT.parent)
+    result = run_in_root("-c", code, check=True)
     assert result.stdout.strip() == "[]"
-
-
-def test_the_checkout_folder_imported_as_kernels_is_an_alias():
-    """From the repository root the kernels/ folder is importable as a top-level `kernels` (transformers
-    probes that name for Hugging Face's hub kernels). It must not load the kernels a second time: that
-    re-registered the custom operators and crashed the first ones (seen as segfaults in the test suite)."""
-    code = ("import torch, kernels, gptfast.kernels as g, sys\n"
-            "from transformers.utils import is_kernels_available\n"
-            "assert kernels is g and is_kernels_available() is False\n"
-            "assert not [m for m in sys.modules if m.startswith('kernels.')]\n"
-            "g.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)

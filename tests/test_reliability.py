@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,6 @@ from gptfast.distributed import PeerFailure, World, peers_watched
 from gptfast.interrupt import Interrupted, StopRequest
 from gptfast.runlog import LOG_FILE, RunLog, open_log, read_log, write_atomic
 from gptfast.train import TrainConfig, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -200,7 +197,7 @@ def test_a_second_trainer_on_one_out_dir_is_refused_naming_the_holder(data_dir, 
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from gptfast.train import _out_dir_lock\n"
          "with _out_dir_lock(Path(sys.argv[1]), True):\n    print('locked', flush=True); time.sleep(60)",
-         str(tmp_path)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(BlockingIOError, match=f"in use by another training run \\(pid {holder.pid}\\)"):
@@ -407,7 +404,7 @@ def test_signals_stop_then_abort(capsys):
 
 
 def test_sigterm_saves_and_exits_143_and_a_second_one_keeps_the_checkpoint(data_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for signals in (1, 2):
         out = tmp_path / f"run{signals}"
         argv = cli_train_args(data_dir, out, "--max-steps", "100000", "--eval-interval", "3", "--log-interval", "1")

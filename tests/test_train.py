@@ -30,8 +30,6 @@ from gptfast.runlog import LOG_FILE
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV
 from gptfast.train import TrainConfig, lr_at, make_optimizer, model_flops_per_token, train, train_step
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -100,7 +98,7 @@ def test_ddp_two_processes_equal_one_with_double_accumulation(data_dir, tmp_path
     args = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--max-steps", "6",
             "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "3", "--eval-batches", "2",
             "--log-interval", "1", "--sample-tokens", "0", "--no-progress", "--backend", "torch", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "gptfast", "train", str(data_dir), "--out-dir", str(tmp_path / "ddp"), *args]
@@ -134,7 +132,7 @@ def child_with_rank(parent: int, rank: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_a_stopped_ddp_peer_ends_the_run_after_the_timeout(data_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "gptfast", "train",
@@ -169,7 +167,7 @@ def test_a_stopped_ddp_peer_ends_the_run_after_the_timeout(data_dir, tmp_path):
 
 def test_interrupted_run_checkpoint_loads_and_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "gptfast", "train", str(data_dir), "--out-dir", str(out), "--preset",
                "tiny", "--context-length", "32", "--batch-size", "8", "--max-steps", "100000",
                "--log-interval", "1", "--eval-interval", "100000", "--no-progress", "--backend", "torch",

@@ -55,7 +55,7 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help="a candidate (" + CONFIG_HELP + "); attention's default: "
                    "the shipped table and one-kernel variations of it")
     p.add_argument("--write", type=Path, metavar="FILE", help="attention: write the table with the winner here "
-                   "(default: the GPU's table in kernels/configs/)")
+                   "(default: the GPU's table in gptfast/kernels/configs/)")
     p = sub.add_parser("baseline", help="compare main-loop lengths with tests/lab_baseline.json, or --write it")
     p.add_argument("--write", action="store_true", help="record this Triton version's lengths")
     lab.set_defaults(func=run)

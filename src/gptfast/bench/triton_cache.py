@@ -1,9 +1,10 @@
-"""A Triton cache compiled here for the GPU machine (sm_90, Triton 3.6), and the count of its hits there.
+"""A Triton cache compiled ahead on a machine without a GPU for the rented one (sm_90, Triton 3.6), and the
+count of its hits there.
 
 On a fresh GPU machine Triton compiles every kernel specialisation at its first call, seconds each,
-out of a 15-minute lease. ``prepare`` (run here, without a GPU, under the GPU image's Triton) compiles
+out of a run paid by the minute. ``prepare`` (run without a GPU, under the GPU machine's Triton) compiles
 the specialisations the smoke and the kernel benchmarks launch into ``bench/triton-cache/`` (gitignored,
-carried to the device with the run tool's ``carry``), with a manifest of what Triton's cache keys are
+copied to the GPU machine with the checkout), with a manifest of what Triton's cache keys are
 made of: Triton's own key (its sources and its compiled library), the backend's (ptxas and the
 target) and the default options' (libdevice included). The run (:func:`choose`) uses the folder as
 TRITON_CACHE_DIR only when those match the machine's; each stage then counts Triton's cache hits and

@@ -1,7 +1,7 @@
-"""``bash bench/gpu.sh``: every headline figure from one command on a lent GPU, within 510 s.
+"""``bash bench/gpu.sh``: every headline figure from one command on a GPU rented by the minute, within 510 s.
 
-The GPU machine comes for 15 minutes in all and hands back at most 8 files of $OUT (16 MiB each, two
-folders deep at most), so the run is planned: :data:`STAGES` in order, each with its own budget, each
+The run is planned for a job of 540 s that hands back at most 8 files of $OUT (16 MiB each, two
+folders deep at most): :data:`STAGES` in order, each with its own budget, each
 run as a subprocess that is killed at its limit, so that a hang costs that stage alone. Every stage
 writes into $OUT as it goes (a killed run keeps what it measured); the cases a stage could not reach
 are recorded as "skipped: out of time"; each stage's compilation (Triton's cache hits and misses and
@@ -33,13 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-TOTAL_BUDGET_S = 510  # of the device tool's 540 s limit; the rest is slack for the install and packing
-# What the device tool hands back from $OUT.
+TOTAL_BUDGET_S = 510  # of a 540 s job; the rest is slack for the install and packing
+# What such a job hands back from $OUT.
 MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 OUTPUTS = ("gpu.log", "stages.json", "smoke.json", "results.json", "results.md", "tuned.tar.gz", "report.tar.gz")
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL of a stage at its limit
 MIN_STAGE_S = 5.0  # a stage given less than this is skipped: out of time
-CONFIGS = Path("kernels") / "configs"  # the tables `gptfast lab tune` writes
+CONFIGS = Path(__file__).resolve().parents[1] / "kernels" / "configs"  # the tables `gptfast lab tune` writes
 # `gptfast lab tune` at GPT-2 124M's training shapes (batch 16 x 1024 tokens, 12 heads of 64, 768 wide).
 TUNE = (("flash_attention", "16,12,1024,64"), ("layer_norm", "16384,768"))
 REHEARSAL_TUNE = (("flash_attention", "2,2,64,16"), ("layer_norm", "64,96"))

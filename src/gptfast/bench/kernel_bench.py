@@ -1,6 +1,6 @@
 """What a kernel benchmark is, and how one (provider, pass, size) is timed.
 
-Each kernel's file (``bench/layer_norm.py``...) describes its sizes, its providers (our Triton
+Each kernel's file (``gptfast/bench/layer_norm.py``...) describes its sizes, its providers (our Triton
 kernel and the baselines) and the work it must do, as a :class:`KernelBench`. The passes are
 timed the same way for every kernel: the forward alone, the backward alone (from a recorded
 forward, ``retain_graph``), and the forward then the backward.

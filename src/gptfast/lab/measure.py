@@ -5,7 +5,7 @@ Liger where installed) at one size, forward, backward and both, timed by ``trito
 through the bench harness, each with its percentage of the measured copy or matmul ceiling.
 tune: the candidate configurations (``--config``, each one candidate) that ``inspect`` finds
 spill-free and unserialised on this GPU, each timed forward + backward with our kernel; for
-attention the fastest goes into this GPU's table (kernels/configs/flash_attention_sm<table>.json, or
+attention the fastest goes into this GPU's table (gptfast/kernels/configs/flash_attention_sm<table>.json, or
 ``--write FILE``) with the device, versions and times.
 """
 

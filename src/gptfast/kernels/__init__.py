@@ -1,0 +1,17 @@
+"""Triton kernels for GPT training, each with an eager PyTorch path behind one backend switch.
+
+Public operations: :func:`layer_norm`, :func:`add_layer_norm`, :func:`bias_gelu`, :func:`flash_attention`,
+:func:`cross_entropy`, :func:`linear_cross_entropy`. The package is ``gptfast.kernels``.
+"""
+
+from .backend import BACKENDS, BackendError, Route, explain, get_backend, set_backend, use_backend
+from .bias_gelu import bias_gelu
+from .cross_entropy import cross_entropy
+from .flash_attention import flash_attention
+from .layer_norm import add_layer_norm, layer_norm
+from .linear_cross_entropy import linear_cross_entropy
+
+__all__ = [
+    "BACKENDS", "BackendError", "Route", "explain", "get_backend", "set_backend", "use_backend",
+    "add_layer_norm", "bias_gelu", "cross_entropy", "flash_attention", "layer_norm", "linear_cross_entropy",
+]
