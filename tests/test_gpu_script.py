@@ -1,5 +1,5 @@
 """bench/gpu.sh, the benchmark run for a GPU rented by the minute: its plan fits the job it is made for (510 s
-of stage budgets within a 540 s limit, at most 8 files of 16 MiB in $OUT, two folders deep), it is rehearsed on
+of stage budgets within a 540 s limit; at most 8 files of 16 MiB in $OUT, two folders deep), it is rehearsed on
 a CPU (``--rehearse``), and a run killed mid-way leaves results that read."""
 
 import json
@@ -32,7 +32,7 @@ def start_rehearsal(out: Path) -> subprocess.Popen:
 
 
 def assert_returnable(out: Path) -> None:
-    """What such a job hands back: at most 8 plain files, 16 MiB each, two folders down, plain names."""
+    """What the run may leave, easy to copy back: at most 8 plain files, 16 MiB each, two folders down, plain names."""
     found = list(out.rglob("*"))
     files = [p for p in found if p.is_file()]
     assert len(files) <= gpu.MAX_FILES, sorted(p.name for p in files)

@@ -1,8 +1,8 @@
 """``bash bench/gpu.sh``: every headline figure from one command on a GPU rented by the minute, within 510 s.
 
-The run is planned for a job of 540 s that hands back at most 8 files of $OUT (16 MiB each, two
-folders deep at most): :data:`STAGES` in order, each with its own budget, each
-run as a subprocess that is killed at its limit, so that a hang costs that stage alone. Every stage
+The run is planned to fit a 540 s job and to leave few, small files, easy to copy back (at most 8 in
+$OUT, 16 MiB each, two folders deep at most). So it runs :data:`STAGES` in order, each with its own
+budget, each as a subprocess that is killed at its limit, so that a hang costs that stage alone. Every stage
 writes into $OUT as it goes (a killed run keeps what it measured); the cases a stage could not reach
 are recorded as "skipped: out of time"; each stage's compilation (Triton's cache hits and misses and
 compile seconds, the first calls' seconds over the steady ones) is measured in ``stages.json``.
@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOTAL_BUDGET_S = 510  # of a 540 s job; the rest is slack for the install and packing
-# What such a job hands back from $OUT.
+# What the run may leave in $OUT.
 MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 OUTPUTS = ("gpu.log", "stages.json", "smoke.json", "results.json", "results.md", "tuned.tar.gz", "report.tar.gz")
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL of a stage at its limit
 MIN_STAGE_S = 5.0  # a stage given less than this is skipped: out of time
-CONFIGS = Path(__file__).resolve().parents[1] / "kernels" / "configs"  # the tables `gptfast lab tune` writes
+# The tables `gptfast lab tune` writes: gptfast.kernels.flash_attention.CONFIG_DIR, found without importing torch.
+CONFIGS = Path(__file__).resolve().parents[1] / "kernels" / "configs"
 # `gptfast lab tune` at GPT-2 124M's training shapes (batch 16 x 1024 tokens, 12 heads of 64, 768 wide).
 TUNE = (("flash_attention", "16,12,1024,64"), ("layer_norm", "16384,768"))
 REHEARSAL_TUNE = (("flash_attention", "2,2,64,16"), ("layer_norm", "64,96"))
@@ -406,7 +407,7 @@ def drive(out: Path, rehearse: bool, only: tuple[str, ...] = STAGE_NAMES) -> int
     print(("REHEARSAL on a CPU at tiny sizes; " if rehearse else "") + f"stages, {summary['total_budget_s']:.0f} s "
           f"in all (the run ends by itself by then):\n" + _stage_table(stages, rehearse), flush=True)
     print(f"Triton cache: {cache['reason']}", flush=True)
-    bank = 0.0  # the seconds earlier stages left unused, lent to the next ones
+    bank = 0.0  # the seconds earlier stages left unused, passed on to the next ones
     for entry, stage in zip(stages, [s for s in STAGES if s.name in only]):
         limit = min(entry["budget_s"] + bank, deadline - time.time())
         if limit < MIN_STAGE_S:

@@ -14,9 +14,9 @@ The launches are the launchers' own (``kernels.common.capture_launches``) on ten
 configured for the target GPU (``kernels.common.targeting``); each is compiled through the kernel's own
 ``warmup``, so that Triton specialises it (dtypes, 16-byte alignment, integer arguments) as at a run.
 Triton's key covers its compiled library, which differs by Python version: ``--wheel`` names the GPU
-image's Triton wheel (Python 3.12); its Python sources must equal the local Triton's, and its library's
+machine's Triton wheel (Python 3.12); its Python sources must equal the local Triton's, and its library's
 hash stands in for the local one's. The prepared folder is used there only if every part of the key
-matches; the correctness smoke then runs on the very kernels compiled here.
+matches; the correctness smoke then runs on the very kernels compiled ahead.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def choose(fresh: Path, rehearse: bool, prepared: Path = PREPARED) -> dict:
         return {"dir": fresh, "used": False, "reason": "rehearsal: the kernels run under the interpreter, "
                 "no compilation"}
     if not manifest.exists():
-        return {"dir": fresh, "used": False, "reason": f"no prepared cache ({prepared}/ was not carried): "
-                "every kernel compiles here"}
+        return {"dir": fresh, "used": False, "reason": f"no prepared cache ({prepared}/ is not in the checkout): "
+                "every kernel compiles on this machine"}
     made = json.loads(manifest.read_text())
     here = fingerprint()
     differ = [key for key in FINGERPRINT_KEYS if made["fingerprint"].get(key) != here.get(key)]
@@ -115,7 +115,7 @@ def listen() -> Counts | None:
     return counts
 
 
-# ---------------------------------------------------------------- preparing it, here
+# ---------------------------------------------------------------- preparing it, without a GPU
 
 
 class _TargetDriver:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the gptfast package (src/ in a checkout)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
 
 
@@ -119,7 +118,6 @@ def compile_builds(builds: list[Build], workers: int | None = None, timeout: flo
 
 def _compile_in_subprocess(builds: list[Build], timeout: float) -> list[Compiled]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH")]))
     request = json.dumps([dataclasses.asdict(b) for b in builds])
     result = subprocess.run([sys.executable, "-m", "gptfast.lab.compiler"], input=request, env=env,
                             capture_output=True, text=True, timeout=timeout)
