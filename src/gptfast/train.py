@@ -531,8 +531,14 @@ def train(cfg: TrainConfig) -> dict:
     with kernels.use_backend(cfg.backend), distributed(cfg.device, cfg.ddp_timeout) as (world, device), \
             _out_dir_lock(Path(cfg.out_dir), world.main):
         run = _start_run(cfg, world, device)
-        summary = _train(run)
-        return _finish(run, summary) if world.main else summary
+        try:
+            summary = _train(run)
+            return _finish(run, summary) if world.main else summary
+        finally:
+            # DDP's reducer lets go of the process group first: freed last through the reducer, the gloo
+            # group's destructor joins its worker threads holding the GIL, which a worker may be waiting
+            # for (a hang seen at the end of CPU runs under load); freed through the group, it does not.
+            run.runner = None
 
 
 def _start_run(cfg: TrainConfig, world: World, device: torch.device) -> _Run:
