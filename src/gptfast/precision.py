@@ -14,6 +14,20 @@ import torch
 
 # --dtype: the autocast dtype of each choice (None: float32, no autocast; "auto": see amp_dtype_for).
 AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+# The one dtype vocabulary of every command: a name torch uses, or its short form, means the same dtype.
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SHORT_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def dtype_name(text: str, choices: tuple[str, ...] = tuple(DTYPE_NAMES)) -> str:
+    """The full name (``bfloat16``) of a dtype given as it or its short form (``bf16``), if one of
+    ``choices``; a ValueError naming them otherwise. Use it as argparse's ``type=``."""
+    name = SHORT_NAMES.get(text, text)
+    if name not in choices:
+        shorts = {full: short for short, full in SHORT_NAMES.items()}
+        known = ", ".join(f"{c} ({shorts[c]})" if c in shorts else c for c in choices)
+        raise ValueError(f"unknown dtype {text!r}: choose one of {known}")
+    return name
 
 
 def amp_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
