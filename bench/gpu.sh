@@ -5,12 +5,12 @@
 #   smoke.json     the correctness smoke         results.json, results.md   the benchmark report, as it goes
 #   tuned.tar.gz   the tables `gptfast lab tune` wrote
 #   report.tar.gz  the results folder to commit: tar -xzf report.tar.gz -C bench/results
-# The stages, their budgets and what a stopped run keeps: src/gptfast/bench/gpu.py. It installs the
-# checkout in place first (offline, no dependencies: the machine's image has them). A Triton cache prepared
-# ahead without a GPU (python -m gptfast.bench.triton_cache prepare, see the README) is used when the
-# checkout holds it in bench/triton-cache; Liger-Kernel, when not in the image, when it holds its wheel in
-# bench/wheels (pip download liger-kernel --no-deps -d bench/wheels). `bash bench/gpu.sh --rehearse` runs
-# the same stages on a CPU at tiny sizes.
+# The stages, their budgets and what a stopped run keeps: bench/gpu_run.py (the scripts bench/gpu_run*.py
+# are the checkout's, not the package's). It installs the checkout in place first (offline, no dependencies:
+# the machine's image has them). A Triton cache prepared ahead without a GPU (python bench/gpu_run_prepare.py,
+# see the README) is used when the checkout holds it in bench/triton-cache; Liger-Kernel, when not in the
+# image, when it holds its wheel in bench/wheels (pip download liger-kernel --no-deps -d bench/wheels).
+# `bash bench/gpu.sh --rehearse` runs the same stages on a CPU at tiny sizes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -34,6 +34,6 @@ rehearse=0
                 bench/wheels/liger_kernel-*.whl && export PYTHONPATH="/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}"
         fi
     fi
-    $PY -m gptfast.bench.gpu --out "$OUT" "$@"
+    $PY bench/gpu_run.py --out "$OUT" "$@"
 } 2>&1 | tee "$OUT/gpu.log"
 exit "${PIPESTATUS[0]}"

@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from gptfast.bench import gpu, report
+from gptfast.bench import report
 
 REPO = Path(__file__).resolve().parents[1]
+# The run's scripts are the checkout's, not the package's: they import each other from bench/, as
+# `python bench/gpu_run.py` does (its folder first on sys.path).
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_run as gpu  # noqa: E402
+import gpu_run_prepare  # noqa: E402
+import gpu_run_smoke  # noqa: E402
+
 # The plan's order: versions, ceilings, the smoke, training (eager, then compiled), generation, the kernels'
 # headline sizes, tuning, the other sizes; then the packing.
 ORDER = ("versions", "ceilings", "smoke", "train", "train-compile", "generate", "kernels-headline", "tune",
@@ -118,6 +125,39 @@ def test_the_headline_stage_takes_every_size_with_a_target(tmp_path):
     assert early == wanted and not early & late
     assert ("flash_attention", json.dumps(dict(batch=2, heads=16, seq=8192, head_dim=128))) in early
     assert {group for group, _ in early} >= {"flash_attention", "attention_decode"}
+
+
+def test_the_smoke_takes_every_registered_op_at_its_odd_shapes():
+    """On the GPU every op of the registry at each odd shape in each dtype, and the model's step in each,
+    one process per op and dtype; the rehearsal each op's first odd shape (bfloat16 listed, skipped) in
+    two processes, the ops' and the model's."""
+    from gptfast.kernels.registry import SPECS
+
+    cases = gpu_run_smoke.plan(rehearse=False)
+    ops = {(c.op, c.shape, c.dtype) for c in cases if c.op != gpu_run_smoke.MODEL}
+    assert ops == {(name, tuple(shape), dtype) for name, spec in SPECS.items() for shape in spec.shapes.odd
+                   for dtype in ("float32", "float16", "bfloat16")}
+    assert [c.dtype for c in cases if c.op == gpu_run_smoke.MODEL] == ["float32", "float16", "bfloat16"]
+    assert all(c.group == f"{c.op}-{c.dtype}" for c in cases) and len({c.name for c in cases}) == len(cases)
+    rehearsal = gpu_run_smoke.plan(rehearse=True)
+    first = {name: tuple(spec.shapes.odd[0]) for name, spec in SPECS.items()} | {gpu_run_smoke.MODEL: ()}
+    assert {(c.op, c.shape, c.dtype) for c in rehearsal} == {(op, shape, dtype) for op, shape in first.items()
+                                                            for dtype in ("float32", "bfloat16")}
+    assert {c.group for c in rehearsal} == {"ops", gpu_run_smoke.MODEL}
+
+
+def test_the_cache_preparation_captures_the_smokes_and_the_benchmarks_launches():
+    """What bench/gpu_run_prepare.py compiles: every op's launches at the smoke's shapes and dtypes and at its
+    benchmark shapes in bf16, as the launchers make them for the target GPU, none refused."""
+    from gptfast.kernels.registry import SPECS
+
+    cases = gpu_run_prepare.wanted()
+    smoke = [(c.op, c.shape, c.dtype) for c in gpu_run_smoke.plan(rehearse=False) if c.op != gpu_run_smoke.MODEL]
+    assert set(smoke) <= set(cases)
+    assert {(name, tuple(shape)) for name, spec in SPECS.items() for shape in spec.shapes.bench} == {
+        (op, shape) for op, shape, dtype in cases if (op, shape, dtype) not in smoke and dtype == "bfloat16"}
+    launches, refused = gpu_run_prepare.capture(cases)
+    assert refused == [] and len(launches) >= 2 * len(cases)  # a forward and a backward each, at least
 
 
 def test_a_run_killed_mid_way_leaves_readable_results(tmp_path):

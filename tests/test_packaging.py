@@ -2,7 +2,9 @@
 importable (the src layout), so no folder of ours shadows another distribution's top-level name
 (PyPI has ``kernels``, Hugging Face's hub kernels, which transformers imports, and ``bench``).
 Every command below runs from the checkout's root, where Python puts the working directory first
-on ``sys.path``."""
+on ``sys.path``. The GPU run's scripts (``bench/gpu_run*.py``) are the checkout's, not the wheel's:
+run as ``python bench/<script>.py``, with bench/ first on ``sys.path``, they have names no installed
+module has."""
 
 import importlib.machinery
 import importlib.metadata
@@ -61,6 +63,8 @@ def test_the_wheel_installs_gptfast_only(wheel):
     for init in SOURCE.rglob("__init__.py"):
         assert init.relative_to(SOURCE).as_posix() in names, init
     assert not any(name.startswith(("gptfast/bench/results", "gptfast/bench/gpu.sh")) for name in names)
+    # The GPU run's orchestration is the checkout's scripts (bench/gpu_run*.py), not the package's.
+    assert not any(name.startswith(("gptfast/bench/gpu", "gptfast/bench/triton_cache")) for name in names)
 
 
 def test_an_editable_install_from_the_root_maps_src(tmp_path):
@@ -82,6 +86,15 @@ def test_the_root_holds_nothing_importable():
             continue
         spec = importlib.machinery.PathFinder.find_spec(name, [str(ROOT)])
         assert spec is None or spec.origin is None, f"{entry} is importable as {name!r} from the root"
+
+
+def test_the_gpu_run_scripts_shadow_no_installed_module(tmp_path):
+    """bench/ is first on sys.path when its scripts run: none of their names may be an installed module's."""
+    names = sorted(path.stem for path in (ROOT / "bench").glob("*.py"))
+    assert "gpu_run" in names
+    code = f"import importlib.util; print([n for n in {names!r} if importlib.util.find_spec(n)])"
+    result = run_in(tmp_path, "-c", code, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_without_an_installed_kernels_the_root_runs_no_code_for_it():

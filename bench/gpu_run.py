@@ -13,6 +13,10 @@ $OUT at the end (:data:`OUTPUTS`): ``gpu.log`` (what the run printed, written by
 results folder to commit under bench/results/: all of these plus one PNG per kernel).
 
 ``--rehearse`` runs the same stages on a CPU at tiny sizes, the kernels under the Triton interpreter.
+
+A script of the checkout, not of the installed package (``python bench/gpu_run.py``, as gpu.sh runs it):
+it measures through the installed ``gptfast.bench`` (the report and the per-op benchmarks), runs the
+correctness smoke (``gpu_run_smoke.py``) and counts Triton's compilations (``gpu_run_cache.py``).
 """
 
 from __future__ import annotations
@@ -33,14 +37,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import gpu_run_cache
+import gpu_run_smoke
+
 TOTAL_BUDGET_S = 510  # of a 540 s job; the rest is slack for the install and packing
 # What the run may leave in $OUT.
 MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 OUTPUTS = ("gpu.log", "stages.json", "smoke.json", "results.json", "results.md", "tuned.tar.gz", "report.tar.gz")
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL of a stage at its limit
 MIN_STAGE_S = 5.0  # a stage given less than this is skipped: out of time
-# The tables `gptfast lab tune` writes: gptfast.kernels.flash_attention.CONFIG_DIR, found without importing torch.
-CONFIGS = Path(__file__).resolve().parents[1] / "kernels" / "configs"
+# The tables `gptfast lab tune` writes: the checkout's (gpu.sh installs it in place), found without importing torch.
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "gptfast" / "kernels" / "configs"
 # `gptfast lab tune` at GPT-2 124M's training shapes (batch 16 x 1024 tokens, 12 heads of 64, 768 wide).
 TUNE = (("flash_attention", "16,12,1024,64"), ("layer_norm", "16384,768"))
 REHEARSAL_TUNE = (("flash_attention", "2,2,64,16"), ("layer_norm", "64,96"))
@@ -82,10 +89,10 @@ class Stage:
 
 
 def _versions(ctx: Context) -> dict:
-    from . import report, triton_cache
+    from gptfast.bench import report
 
     found = {"versions": report.versions(), "device": report.device_info(ctx.device),
-             "triton_cache": triton_cache.fingerprint()}
+             "triton_cache": gpu_run_cache.fingerprint()}
     smi = shutil.which("nvidia-smi")
     if smi:
         query = "name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit,driver_version"
@@ -97,7 +104,7 @@ def _versions(ctx: Context) -> dict:
 
 
 def _settings(ctx: Context, **changes):
-    from . import report
+    from gptfast.bench import report
 
     timing = dict(warmup_ms=1.0, rep_ms=5.0) if ctx.rehearse else dict(warmup_ms=10.0, rep_ms=40.0)
     return report.Settings(sizes="small" if ctx.rehearse else "full", **{**timing, **changes})
@@ -105,7 +112,7 @@ def _settings(ctx: Context, **changes):
 
 def _load_results(ctx: Context) -> dict:
     """The run's results.json; measured afresh (the ceilings, the header) if an earlier stage left none."""
-    from . import report
+    from gptfast.bench import report
 
     path = ctx.out / "results.json"
     if path.exists():
@@ -124,7 +131,7 @@ def _ceilings(ctx: Context) -> dict:
 
 def _train_tasks(ctx: Context, providers: tuple[str, ...]) -> list:
     """The training steps of ``providers``, in that order."""
-    from . import report
+    from gptfast.bench import report
 
     found = report.tasks(_settings(ctx, groups=("train",), providers=providers), ctx.device)
     return sorted(found, key=lambda task: providers.index(task.provider))
@@ -132,7 +139,7 @@ def _train_tasks(ctx: Context, providers: tuple[str, ...]) -> list:
 
 def _generate_tasks(ctx: Context) -> list:
     """With the key/value cache first: the figure that matters, if the budget cuts the rest."""
-    from . import report
+    from gptfast.bench import report
 
     found = report.tasks(_settings(ctx, groups=("generate",)), ctx.device)
     return sorted(found, key=lambda task: task.pass_ != "cache")
@@ -142,7 +149,7 @@ def _kernel_tasks(ctx: Context, headline: bool) -> list:
     """Each kernel at its headline size and the sizes with targets of their own (on a CPU: its first
     small size), or at all the others; ours and the eager baseline first, so that a short budget
     leaves whole lines of the plots."""
-    from . import report
+    from gptfast.bench import report
 
     found = report.tasks(_settings(ctx, groups=tuple(report.KERNELS)), ctx.device)
     first = {name: ([bench.sizes("small")[0]] if ctx.rehearse else [bench.headline, *bench.targets])
@@ -165,7 +172,7 @@ RESERVE_S = 3.0  # of a bench stage's time, kept for writing after its last case
 
 def _bench_stage(name: str) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
-        from . import report
+        from gptfast.bench import report
 
         results = _load_results(ctx)
         before = len(results["records"])
@@ -197,8 +204,8 @@ def _size(size: dict) -> str:
 def _fill_skipped(name: str) -> Callable[[Context, str], None]:
     """After the stage: record the cases its process never reached (killed at its limit) as skipped."""
     def finish(ctx: Context, status: str) -> None:
-        from . import report
-        from .harness import UNAVAILABLE, Record
+        from gptfast.bench import report
+        from gptfast.bench.harness import UNAVAILABLE, Record
 
         path = ctx.out / "results.json"
         if not path.exists():
@@ -220,15 +227,11 @@ def _key(group: str, provider: str, pass_: str, size: dict) -> tuple:
 
 
 def _smoke(ctx: Context) -> dict:
-    from . import gpu_smoke
-
-    return gpu_smoke.run_stage(ctx.out / "smoke.json", ctx.work / "smoke", ctx.rehearse, ctx.deadline)
+    return gpu_run_smoke.run_stage(ctx.out / "smoke.json", ctx.work / "smoke", ctx.rehearse, ctx.deadline)
 
 
 def _smoke_finish(ctx: Context, status: str) -> None:
-    from . import gpu_smoke
-
-    gpu_smoke.collect(ctx.out / "smoke.json", ctx.work / "smoke", ctx.rehearse, final=True)
+    gpu_run_smoke.collect(ctx.out / "smoke.json", ctx.work / "smoke", final=True)
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -298,7 +301,7 @@ def _write_tar(path: Path, members: dict[str, Path]) -> None:
 def _pack(ctx: Context) -> dict:
     """report.tar.gz: the results folder to unpack into bench/results/ (the report, its plots, the smoke,
     the stage table and the tuned tables)."""
-    from . import report
+    from gptfast.bench import report
 
     name = report.results_dir(ctx.device, report.RESULTS_ROOT).name
     folder = ctx.work / "pack" / name
@@ -320,7 +323,7 @@ def _pack(ctx: Context) -> dict:
 STAGES: tuple[Stage, ...] = (
     Stage("versions", 10, 6, _versions, "versions, device, nvidia-smi, the Triton cache's fingerprint"),
     Stage("ceilings", 15, 6, _ceilings, "copy bandwidth and bf16 matmul (the report's header)"),
-    Stage("smoke", 90, 24, _smoke, "every op forward and backward against float64, the model triton vs torch",
+    Stage("smoke", 90, 36, _smoke, "every op forward and backward against float64, the model triton vs torch",
           _smoke_finish),
     Stage("train", 45, 12, _bench_stage("train"), "GPT-2 124M training: torch, triton", _fill_skipped("train")),
     Stage("train-compile", 120, 8, _bench_stage("train-compile"), "the same under torch.compile",
@@ -348,7 +351,7 @@ def _write_json(path: Path, data) -> None:
 def _run_stage_process(stage: Stage, ctx: Context, limit: float) -> tuple[str, float]:
     """The stage in its own process group, killed at ``limit``: (status, seconds). Its deadline is also its
     own, so a stage left running by a killed driver stops by itself."""
-    command = [sys.executable, "-m", "gptfast.bench.gpu", "--stage", stage.name, "--out", str(ctx.out),
+    command = [sys.executable, __file__, "--stage", stage.name, "--out", str(ctx.out),
                "--work", str(ctx.work), "--deadline", f"{ctx.deadline:.3f}"] + ["--rehearse"] * ctx.rehearse
     start = time.time()
     process = subprocess.Popen(command, preexec_fn=os.setpgrp)  # its own group, killed whole; the run's session
@@ -391,11 +394,9 @@ def _stage_table(stages: list[dict], rehearse: bool) -> str:
 
 def drive(out: Path, rehearse: bool, only: tuple[str, ...] = STAGE_NAMES) -> int:
     """Run the stages in order into ``out``; the stage table is rewritten into stages.json after each."""
-    from . import triton_cache
-
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gptfast-gpu-"))
-    cache = triton_cache.choose(work / "triton-cache", rehearse)
+    cache = gpu_run_cache.choose(work / "triton-cache", rehearse)
     os.environ["TRITON_CACHE_DIR"] = str(cache["dir"])
     stages = [dict(name=s.name, budget_s=s.budget(rehearse), status="pending", what=s.what)
               for s in STAGES if s.name in only]
@@ -416,7 +417,7 @@ def drive(out: Path, rehearse: bool, only: tuple[str, ...] = STAGE_NAMES) -> int
             continue
         ctx = Context(out=out, work=work, rehearse=rehearse, deadline=time.time() + limit - KILL_GRACE_S)
         print(f"\n=== {stage.name} ({stage.what}): {limit:.0f} s", flush=True)
-        entries_before = triton_cache.entries(cache["dir"])
+        entries_before = gpu_run_cache.entries(cache["dir"])
         entry.update(status="running", limit_s=round(limit, 1))
         _write_json(out / "stages.json", summary)
         status, used = _run_stage_process(stage, ctx, limit)
@@ -424,7 +425,7 @@ def drive(out: Path, rehearse: bool, only: tuple[str, ...] = STAGE_NAMES) -> int
             stage.finish(ctx, status)
         reported = work / f"stage-{stage.name}.json"
         entry.update(json.loads(reported.read_text()) if reported.exists() else {})
-        entry.update(status=status, used_s=round(used, 1), triton_cache_entries_added=triton_cache.entries(
+        entry.update(status=status, used_s=round(used, 1), triton_cache_entries_added=gpu_run_cache.entries(
             cache["dir"]) - entries_before)
         bank = max(0.0, min(bank + entry["budget_s"] - used, 60.0))
         summary["duration_s"] = round(time.time() - started, 1)
@@ -436,10 +437,8 @@ def drive(out: Path, rehearse: bool, only: tuple[str, ...] = STAGE_NAMES) -> int
 
 def run_one_stage(name: str, ctx: Context) -> int:
     """A stage's process: run it, write its summary for the driver (Triton's compile counts included)."""
-    from . import triton_cache
-
     stage = next(s for s in STAGES if s.name == name)
-    counts = triton_cache.listen()
+    counts = gpu_run_cache.listen()
     found = stage.run(ctx)
     triton = found.pop("triton", None) or (counts.as_dict() if counts else None)  # the smoke's: its workers'
     summary = {"result": found, "triton": triton}
