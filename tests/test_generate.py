@@ -9,7 +9,8 @@ import torch
 
 from gptfast import GPT, GPTConfig, generation, kernels
 from gptfast.checkpoint import load_for_inference, save_checkpoint
-from gptfast.cli import _print_as_it_arrives, build_parser, main
+from gptfast.cli import build_parser, main
+from gptfast.cli_inference import print_as_it_arrives
 from gptfast.generation import DEFAULT_TEMPERATURE, filter_logits, generate, pick_tokens, stream
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer
 
@@ -261,7 +262,7 @@ class ByteTokenizer:
 
 
 def test_streaming_waits_for_whole_characters(capsys):
-    on_step = _print_as_it_arrives(ByteTokenizer(), eos=None)
+    on_step = print_as_it_arrives(ByteTokenizer(), eos=None)
     printed = []
     for token in "aé日".encode():
         on_step([token, 7])
@@ -530,7 +531,7 @@ def test_static_cache_logits_equal_full_forward():
 def test_cli_generate_compile_flag(monkeypatch, tmp_path):
     assert build_parser().parse_args(["generate", "--checkpoint", "x", "--compile"]).compile
     seen = {}
-    monkeypatch.setattr("gptfast.cli.stream", lambda *args, **kwargs: seen.update(kwargs) or iter(()))
+    monkeypatch.setattr("gptfast.cli_inference.stream", lambda *args, **kwargs: seen.update(kwargs) or iter(()))
     chars = "abc"
     config = GPTConfig(vocab_size=len(chars), n_layer=1, n_head=2, n_embd=16, context_length=16)
     save_checkpoint(tmp_path, {"model_config": config.to_dict(), "model": GPT(config).state_dict(),

@@ -77,9 +77,8 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(data_dir, tmp_path, caps
 
 
 def test_a_non_finite_validation_loss_or_optimizer_state_is_not_saved(data_dir, tmp_path):
-    import importlib
+    from gptfast.run import start_run
 
-    start_run = importlib.import_module("gptfast.train")._start_run  # the module, not gptfast.train the function
     run = start_run(tiny(data_dir, tmp_path, max_steps=2), World(), torch.device("cpu"))
     run.runner = run.model
     run.train_one_step()
@@ -195,8 +194,8 @@ def test_prepare_never_reads_its_own_output(tmp_path):
 
 def test_a_second_trainer_on_one_out_dir_is_refused_naming_the_holder(data_dir, tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from gptfast.train import _out_dir_lock\n"
-         "with _out_dir_lock(Path(sys.argv[1]), True):\n    print('locked', flush=True); time.sleep(60)",
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from gptfast.run import out_dir_lock\n"
+         "with out_dir_lock(Path(sys.argv[1]), True):\n    print('locked', flush=True); time.sleep(60)",
          str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -387,6 +386,52 @@ def test_resume_with_contradicting_options_lists_each_conflict(data_dir, tmp_pat
     assert resumed["step"] == 4 and resumed["loss"] == straight["loss"]
     with pytest.raises(ValueError, match="data=.*the checkpoint's"):
         train(tiny(tmp_path / "elsewhere", tmp_path / "split", max_steps=6, resume=True))
+
+
+def test_a_plain_resume_continues_the_run_as_it_was(data_dir, tmp_path, capsys):
+    """Options that may change on resume change only when given (issue 30): a plain --resume keeps
+    the checkpoint's schedule, not the command line's defaults; each given change is printed."""
+    argv = ["train", str(data_dir), "--out-dir", str(tmp_path), "--context-length", "32", "--batch-size", "8",
+            "--eval-batches", "1", "--sample-tokens", "0", "--no-progress", "--backend", "torch", "--device", "cpu"]
+    assert main(argv + ["--lr", "3e-4", "--max-steps", "6", "--warmup-steps", "2", "--eval-interval", "2",
+                        "--run-steps", "2"]) == 0
+    assert main(argv + ["--resume", "--run-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with changed options" not in out and "resuming at step 2" in out
+    assert load_checkpoint(tmp_path)["step"] == 4
+    saved = load_checkpoint(tmp_path)["train_config"]
+    assert (saved["lr"], saved["max_steps"], saved["warmup_steps"], saved["eval_interval"]) == (3e-4, 6, 2, 2)
+    assert main(argv + ["--resume", "--lr", "1e-3", "--max-steps", "6", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with changed options: lr 0.0003 -> 0.001, dtype 'auto' -> 'float32'\n" in out
+    # From Python: fields not passed are the checkpoint's too.
+    summary = train(TrainConfig(out_dir=str(tmp_path), resume=True, max_steps=7, sample_tokens=0, progress=False,
+                                backend="torch", device="cpu"))
+    assert summary["step"] == 7 and "resuming with changed options: max_steps 6 -> 7\n" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path)["train_config"]["lr"] == 1e-3
+
+
+def test_tokens_per_step_is_saved_as_the_accumulation_it_sets(data_dir, tmp_path):
+    """A resumed run without --tokens-per-step takes the steps the first run took."""
+    train(tiny(data_dir, tmp_path, tokens_per_step=2 * 8 * 32, max_steps=4, eval_interval=2, run_steps=2))
+    assert load_checkpoint(tmp_path)["train_config"]["grad_accum"] == 2
+    straight = train(tiny(data_dir, tmp_path / "straight", grad_accum=2, max_steps=4, eval_interval=2))
+    assert train(tiny(data_dir, tmp_path, max_steps=4, eval_interval=2, resume=True))["loss"] == straight["loss"]
+
+
+def test_options_are_declared_once():
+    """The command line, the resume lists and the defaults come from TrainConfig's field declarations."""
+    from gptfast.cli import build_parser
+    from gptfast.config import CHANGEABLE_ON_RESUME, DEFAULTS, FIXED_ON_RESUME, OPTIONS
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {action.dest for action in train_parser._actions} - {"help"}
+    assert dests == set(OPTIONS) == {f.name for f in __import__("dataclasses").fields(TrainConfig)}
+    assert set(FIXED_ON_RESUME) | set(CHANGEABLE_ON_RESUME) <= set(DEFAULTS) | {"data", "init_from",
+                                                                              "context_length", "min_lr"}
+    assert not set(FIXED_ON_RESUME) & set(CHANGEABLE_ON_RESUME)
+    assert TrainConfig(dtype="bf16").dtype == "bfloat16" and TrainConfig(data="notes.txt").data == ["notes.txt"]
+    assert train_parser.parse_args(["--dtype", "fp16"]).dtype == "float16"
 
 
 # --- signals and lost peers --------------------------------------------------------------------------------

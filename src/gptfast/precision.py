@@ -21,13 +21,19 @@ SHORT_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def dtype_name(text: str, choices: tuple[str, ...] = tuple(DTYPE_NAMES)) -> str:
     """The full name (``bfloat16``) of a dtype given as it or its short form (``bf16``), if one of
-    ``choices``; a ValueError naming them otherwise. Use it as argparse's ``type=``."""
+    ``choices``; otherwise a ValueError saying "must be one of ..., got ...", for the caller to
+    prefix with the option's name (argparse's ``type=`` does: ``argument --dtype: must be ...``)."""
     name = SHORT_NAMES.get(text, text)
     if name not in choices:
-        shorts = {full: short for short, full in SHORT_NAMES.items()}
-        known = ", ".join(f"{c} ({shorts[c]})" if c in shorts else c for c in choices)
-        raise ValueError(f"unknown dtype {text!r}: choose one of {known}")
+        shorts = [short for short, full in SHORT_NAMES.items() if full in choices]
+        also = f" (or {', '.join(shorts)})" if shorts else ""
+        raise ValueError(f"must be one of {', '.join(choices)}{also}, got {text!r}")
     return name
+
+
+def autocast_dtype_name(text: str) -> str:
+    """A ``--dtype`` choice of training, ``eval`` and ``generate`` by either name: "auto", "bf16"..."""
+    return dtype_name(text, tuple(AMP_DTYPES))
 
 
 def amp_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:

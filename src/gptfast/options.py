@@ -1,0 +1,208 @@
+"""Options declared once: everything about a configuration field sits on the field itself.
+
+``option(...)`` is a ``dataclasses.field`` whose metadata (an :class:`Option`) holds the field's
+default, help, command-line group and flag, choices, checks and resume policy; its type is the
+field's annotation. From the declarations, :func:`add_arguments` builds a command's arguments,
+:func:`check_fields` validates and normalises an instance, :func:`markdown_table` writes the
+README's table, and :mod:`gptfast.resume` settles a resumed run.
+
+A field whose policy is :attr:`Resume.FIXED` or :attr:`Resume.CHANGEABLE` holds None until the run
+settles it, so "left out" is visible both to the command line (a flag not typed) and to Python (a
+field not passed): when resuming it becomes the checkpoint's value, otherwise its declared default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import os
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+METADATA_KEY = "gptfast_option"
+
+
+class Resume(enum.Enum):
+    """What ``--resume`` does with an option: each member's value is how the README's table says it."""
+
+    FIXED = "fixed"  # what the run computes: left out, the checkpoint's; given, it must agree with it
+    CHANGEABLE = "may change"  # left out, the checkpoint's; given, it replaces the checkpoint's
+    RUN = "this run only"  # how this process runs: never taken from the checkpoint
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field's declaration; see :func:`option`. ``name`` and ``type`` come from the field."""
+
+    default: Any
+    help: str
+    group: str
+    resume: Resume
+    flag: str | None
+    metavar: str | None
+    choices: Sequence[str] | None
+    check: Callable[[Any], str | None] | None
+    parse: Callable[[str], Any] | None
+    default_help: str | None
+    cli_default: Any
+    name: str = ""
+    type: type = str
+    is_list: bool = False
+
+    @property
+    def unset(self) -> Any:
+        """The field's value when not given: None when a resumed run takes it from the checkpoint."""
+        return self.default if self.resume is Resume.RUN else None
+
+    @property
+    def positional(self) -> bool:
+        return self.flag is not None and not self.flag.startswith("-")
+
+    @property
+    def spelling(self) -> str:
+        """The command line's name for it: ``--max-steps``, ``--nondeterministic``, ``DATA``."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def default_text(self) -> str | None:
+        """The default as help and the README say it; None when there is nothing to say."""
+        if self.default_help is not None:
+            return self.default_help
+        if self.default is None or isinstance(self.default, (bool, list)):
+            return None
+        return str(self.default)
+
+    @property
+    def help_text(self) -> str:
+        default = self.default_text
+        return self.help if default is None else f"{self.help} (default: {default})"
+
+
+def option(default: Any = None, *, help: str, group: str, resume: Resume = Resume.RUN, flag: str | None = None,
+           metavar: str | None = None, choices: Sequence[str] | None = None,
+           check: Callable[[Any], str | None] | None = None, parse: Callable[[str], Any] | None = None,
+           default_help: str | None = None, cli_default: Any = None) -> Any:
+    """A dataclass field declaring an option.
+
+    ``default`` is the value when the option is left out (and, for FIXED and CHANGEABLE options, no
+    checkpoint gives one); ``help`` says what it does, ``default_help`` how to say the default when
+    ``str(default)`` would not. ``flag`` overrides ``--name-with-dashes`` (a bool whose default is
+    True gets a flag that turns it off; a name without dashes is positional). ``check`` returns what
+    is wrong with a value ("must be positive") or None; ``parse`` turns a string into the value (and
+    raises ValueError saying what is wrong), on the command line and for a string given in Python.
+    ``cli_default`` replaces the command line's default (e.g. ``argparse.SUPPRESS``).
+    """
+    declaration = Option(default, help, group, resume, flag, metavar, tuple(choices) if choices else None, check,
+                         parse, default_help, cli_default)
+    return dataclasses.field(default=declaration.unset, metadata={METADATA_KEY: declaration})
+
+
+def declarations(cls: type) -> dict[str, Option]:
+    """The options of a dataclass, by field name in field order, with their names and types filled in."""
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for field in dataclasses.fields(cls):
+        if METADATA_KEY in field.metadata:
+            kind = _without_none(hints[field.name])
+            is_list = typing.get_origin(kind) is list
+            found[field.name] = dataclasses.replace(field.metadata[METADATA_KEY], name=field.name, is_list=is_list,
+                                                    type=typing.get_args(kind)[0] if is_list else kind)
+    return found
+
+
+def _without_none(hint: Any) -> Any:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (kind,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return kind
+    return hint
+
+
+def check_fields(config: Any, named: Callable[[str], str] = str) -> None:
+    """Normalise and validate every option of ``config`` in place: a string for a list becomes a
+    one-item list, ``parse`` reads strings, then choices and checks; a ValueError names the first
+    problem (``named`` spells the option's name, as Python or the command line does)."""
+    for name, declared in declarations(type(config)).items():
+        value = getattr(config, name)
+        if declared.is_list and isinstance(value, (str, os.PathLike)):
+            value = [str(value)]
+        if declared.parse is not None and isinstance(value, str):
+            try:
+                value = declared.parse(value)
+            except ValueError as error:
+                raise ValueError(f"{named(name)} {error}") from None
+        if value is not None and declared.choices is not None and value not in declared.choices:
+            raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(declared.choices)}")
+        problem = None if value is None or declared.check is None else declared.check(value)
+        if problem:
+            raise ValueError(f"{named(name)} {problem}, got {value}")
+        setattr(config, name, value)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None) -> None:
+    """Add the options of ``cls`` (or those ``names``) to ``parser``, in argument groups named by
+    their ``group`` (in order of first appearance), unless ``names`` picks some: then to ``parser``."""
+    groups: dict[str, Any] = {}
+    for declared in declarations(cls).values():
+        if names is not None and declared.name not in names:
+            continue
+        if names is None and declared.group not in groups:
+            groups[declared.group] = parser.add_argument_group(declared.group)
+        target = parser if names is not None else groups[declared.group]
+        default = declared.unset if declared.cli_default is None else declared.cli_default
+        kwargs: dict[str, Any] = {"help": declared.help_text.replace("%", "%%"), "default": default}
+        if declared.type is bool:
+            target.add_argument(declared.spelling, dest=declared.name, **kwargs,
+                                action="store_false" if declared.default else "store_true")
+            continue
+        kwargs.update(type=argparse_type(declared.parse or declared.type), choices=declared.choices)
+        if declared.positional:
+            target.add_argument(declared.name, nargs="*" if declared.is_list else None, metavar=declared.flag,
+                                **kwargs)
+        else:
+            target.add_argument(declared.spelling, dest=declared.name, action="append" if declared.is_list else None,
+                                metavar=declared.metavar, **kwargs)
+
+
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as argparse's ``type=``: its ValueError becomes the one-line usage error."""
+    if parse in (str, int, float):
+        return parse
+
+    def parsed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parsed.__name__ = getattr(parse, "__name__", "value")
+    return parsed
+
+
+def positive_int(text: str) -> int:
+    """argparse's ``type=`` for a count of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def from_arguments(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` that ``args`` holds, as keyword arguments; an empty list is None (not given)."""
+    return {name: getattr(args, name) or None if declared.is_list else getattr(args, name)
+            for name, declared in declarations(cls).items() if hasattr(args, name)}
+
+
+def markdown_table(cls: type) -> str:
+    """The options of ``cls`` as a Markdown table: flag, Python field, default, resume policy, meaning."""
+    rows = ["| Option | Python | Default | On `--resume` | Meaning |", "| --- | --- | --- | --- | --- |"]
+    for declared in declarations(cls).values():
+        default = declared.default_text
+        python = f"{declared.name}={not declared.default}" if declared.type is bool else declared.name
+        cells = [f"`{declared.spelling}`", f"`{python}`", "" if default is None else default,
+                 declared.resume.value, declared.help]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"

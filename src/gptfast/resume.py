@@ -1,0 +1,100 @@
+"""What a run's options become before its first step (:func:`settle`).
+
+A new run takes each option left out (None) from its declared default, and its tokenizer from
+``init_from``'s model. A resumed run takes each option left out from the checkpoint, so a plain
+``--resume`` continues the run as it was; of the options given, a FIXED one (what the run
+computes) must agree with the checkpoint, every conflict listed in one error, and a CHANGEABLE one
+(the schedule, optimizer, logging) replaces the checkpoint's, each change printed. Only options
+given change a resumed run. The policies are declared on :class:`~gptfast.config.TrainConfig`'s fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .checkpoint import CHECKPOINT_FILE, INFERENCE_FIELDS, checkpoint_path, load_checkpoint
+from .config import CHANGEABLE_ON_RESUME, DEFAULTS, FIXED_ON_RESUME, TrainConfig, named
+from .distributed import World
+
+
+def settle(cfg: TrainConfig, state: dict | None, path: Path, world: World) -> TrainConfig:
+    """``cfg`` with every option left out decided: from the checkpoint ``state`` (read from ``path``)
+    when resuming, else from the defaults; an option that contradicts the checkpoint is an error."""
+    return _settle_new(cfg) if state is None else _settle_resumed(cfg, state, path, world)
+
+
+def _settle_new(cfg: TrainConfig) -> TrainConfig:
+    if cfg.init_from and cfg.preset:
+        raise ValueError(f"{named('preset', cfg.preset)} and {named('init_from', cfg.init_from)} contradict "
+                         "each other: the model is init_from's")
+    hugging_face = cfg.init_from and not is_gptfast_checkpoint(cfg.init_from)
+    if hugging_face and cfg.tokenizer not in (None, "gpt2"):
+        require_gpt2_tokens(cfg, cfg.tokenizer)  # before preparing any text
+    values = {name: default for name, default in DEFAULTS.items()
+              if getattr(cfg, name) is None and not (name == "preset" and cfg.init_from)}
+    if cfg.init_from and cfg.tokenizer is None:  # text is tokenized as init_from's model reads it
+        values["tokenizer"] = "gpt2" if hugging_face else \
+            load_checkpoint(checkpoint_path(cfg.init_from), require=INFERENCE_FIELDS)["tokenizer"].get("kind")
+    return dataclasses.replace(cfg, data=absolute(cfg.data), **values)
+
+
+def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> TrainConfig:
+    saved = {**DEFAULTS, **state["train_config"], "data": absolute(state["train_config"].get("data")),
+             "tokenizer": state["tokenizer"].get("kind", state["train_config"].get("tokenizer")),
+             "context_length": state["model_config"].get("context_length")}
+    values, conflicts, changes = {}, [], []
+    for name in (n for n in FIXED_ON_RESUME + CHANGEABLE_ON_RESUME if n != "grad_accum"):  # grad_accum: below
+        mine = absolute(cfg.data) if name == "data" else getattr(cfg, name)
+        if mine is None:
+            values[name] = saved.get(name)
+        elif mine != saved.get(name) and name in FIXED_ON_RESUME:
+            conflicts.append(f"{named(name, mine)} (the checkpoint's: {saved.get(name)!r})")
+        else:
+            values[name] = mine
+            if mine != saved.get(name):
+                changes.append(f"{name} {saved.get(name)!r} -> {mine!r}")
+    # grad_accum is compared as micro-batches per step over all processes, which may now be more or fewer.
+    processes = state.get("processes", world.size)
+    micro_batches = saved["grad_accum"] * processes  # per step over all processes
+    mine = cfg.grad_accum if cfg.tokens_per_step is None else \
+        grad_accum_for(cfg.tokens_per_step, cfg.batch_size or saved["batch_size"], saved["context_length"], world.size)
+    if mine is not None and mine * world.size != micro_batches:
+        conflicts.append(f"{named('grad_accum', mine)} x {world.size} process(es) (the checkpoint's: "
+                         f"{saved['grad_accum']} x {processes})")
+    if conflicts:
+        raise ValueError(f"cannot resume {path}: these options contradict the checkpoint: {'; '.join(conflicts)}. "
+                         f"Leave them out to use the checkpoint's, or start afresh with {named('overwrite', True)}")
+    if micro_batches % world.size:
+        raise ValueError(f"cannot resume {path} on {world.size} process(es): its steps are {micro_batches} "
+                         "micro-batches, which they cannot share evenly")
+    if changes and world.main:
+        print(f"resuming with changed options: {', '.join(changes)}")
+    return dataclasses.replace(cfg, **values, grad_accum=micro_batches // world.size)
+
+
+def grad_accum_for(tokens_per_step: int, batch_size: int, context_length: int, processes: int) -> int:
+    """The micro-batches per step and process that make ``tokens_per_step`` (``--tokens-per-step``)."""
+    per_micro = batch_size * context_length * processes
+    if tokens_per_step % per_micro:
+        raise ValueError(f"tokens_per_step {tokens_per_step} is not a multiple of batch_size x "
+                         f"context_length x processes = {per_micro}")
+    return tokens_per_step // per_micro
+
+
+def require_gpt2_tokens(cfg: TrainConfig, kind: str) -> None:
+    """GPT-2's weights (a Hugging Face ``init_from``) read GPT-2 BPE tokens only."""
+    if kind != "gpt2":
+        raise ValueError(f"{named('init_from', cfg.init_from)} is GPT-2, which reads GPT-2 BPE tokens, but the data "
+                         f"is tokenized {kind}: prepare it with {named('tokenizer', 'gpt2')}")
+
+
+def is_gptfast_checkpoint(source: str) -> bool:
+    """Whether ``init_from`` names a gptfast checkpoint (a file, or a folder holding ckpt.pt)."""
+    path = Path(source).expanduser()
+    return path.is_file() or (path / CHECKPOINT_FILE).is_file()
+
+
+def absolute(paths: list[str] | None) -> list[str] | None:
+    return None if paths is None else [os.path.abspath(os.path.expanduser(p)) for p in paths]

@@ -1,0 +1,296 @@
+"""A training run: its setup, its state (the step it is at) and checkpoints, and its out_dir's lock.
+
+:func:`start_run` checks everything before the first step: the options (settled against the
+checkpoint when resuming, :mod:`gptfast.resume`), the data and tokenizer, the model (a preset or
+``init_from``'s weights), its optimizer, loss scaler and batch stream. :class:`Run` steps, validates
+and writes the checkpoint, which is its :meth:`Run.state_dict`, only when everything in it is finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import kernels
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    INFERENCE_FIELDS,
+    TRAINING_FIELDS,
+    build_model,
+    checkpoint_path,
+    load_checkpoint,
+    model_config_from,
+    save_checkpoint,
+)
+from .config import TrainConfig, named
+from .data import BatchStream, TokenData, is_prepared, prepare
+from .distributed import World
+from .evaluate import split_loss
+from .model import GPT, GPTConfig
+from .optim import lr_at, make_optimizer, train_step
+from .precision import amp_dtype_for, grad_scaler
+from .resume import grad_accum_for, is_gptfast_checkpoint, require_gpt2_tokens, settle
+from .runlog import require_tensorboard
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Run:
+    """A run in progress: what it trains and with what, and the step it is at.
+
+    The checkpoint is :meth:`state_dict`; ``runner`` is the model as trained (compiled, wrapped in DDP).
+    """
+
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    data: TokenData
+    tokenizer: Tokenizer
+    prompt: list[int]  # of the final sample, encoded before training so that a bad one fails early
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    stream: BatchStream
+    amp_dtype: torch.dtype | None
+    runner: torch.nn.Module | None = None
+    step: int = 0
+    saved_step: int | None = None  # the step ckpt.pt holds
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.out_dir) / CHECKPOINT_FILE
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.grad_accum * self.world.size * self.cfg.batch_size * self.model.config.context_length
+
+    def train_one_step(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """One optimizer step: (mean loss, gradient norm) on the device, and the learning rate.
+
+        The step's micro-batches are drawn together and dealt out by rank; dropout is re-seeded from
+        (seed, step, rank), so a resumed run draws what an uninterrupted one would.
+        """
+        cfg, world = self.cfg, self.world
+        torch.manual_seed(cfg.seed + 1_000_003 * self.step + world.rank)  # dropout's random numbers
+        starts = self.stream.next_starts(world.size * self.cfg.grad_accum * cfg.batch_size)
+        mine = starts.view(world.size, self.cfg.grad_accum, cfg.batch_size)[world.rank]
+        batches = [self.stream.batch(s, self.device) for s in mine]
+        lr = lr_at(self.step, cfg)
+        loss, norm = train_step(self.runner, self.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
+                                amp_dtype=self.amp_dtype, scaler=self.scaler, label_smoothing=cfg.label_smoothing,
+                                z_loss=cfg.z_loss)
+        self.step += 1
+        return loss, norm, lr
+
+    def validation_loss(self) -> float:
+        """The loss over the validation split's first ``eval_batches`` batches, dealt out by rank."""
+        cfg = self.cfg
+        loss, _ = split_loss(self.runner, self.data.val, self.model.config.context_length, cfg.batch_size,
+                             cfg.eval_batches * cfg.batch_size, self.amp_dtype, self.world)
+        return loss
+
+    def state_dict(self) -> dict:
+        """The checkpoint: everything a resumed run needs, tensors and plain values only."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "model_config": self.model.config.to_dict(), "train_config": asdict(self.cfg),
+                "tokenizer": self.tokenizer.to_dict(), "data": self.stream.state_dict(), "processes": self.world.size,
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint; a field that does not fit is an error naming it. This run's AdamW
+        hyperparameters replace the saved ones (the learning rate is set at every step)."""
+        parts = [("model", self.model), ("optimizer", self.optimizer), ("data", self.stream)]
+        if self.scaler is not None and "scaler" in state:
+            parts.append(("scaler", self.scaler))
+        for field, part in parts:
+            try:
+                part.load_state_dict(state[field])
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+                details = " ".join(str(error).split())[:300]
+                raise ValueError(f"{self.checkpoint_path} is damaged: field {field!r} does not fit this run "
+                                 f"({type(error).__name__}: {details})") from None
+        for group in self.optimizer.param_groups:
+            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+            if group["weight_decay"]:
+                group["weight_decay"] = self.cfg.weight_decay
+        self.step = self.saved_step = state["step"]
+
+    def describe(self) -> str:
+        """The line a run starts with: the model, the tokens per step and how they are made, where it runs."""
+        cfg, world, T = self.cfg, self.world, self.model.config.context_length
+        return (f"model: {cfg.preset or f'from {cfg.init_from}'} ({self.model.num_parameters():,} parameters, "
+                f"vocabulary {self.model.config.vocab_size}, context {T}); {self.tokens_per_step:,} tokens per "
+                f"step = {world.size} process(es) x {cfg.grad_accum} micro-batch(es) x {cfg.batch_size} x {T}; "
+                f"device {self.device}, backend {kernels.get_backend()}"
+                + (f"; resuming at step {self.step}" if cfg.resume else ""))
+
+    def nonfinite(self, val_loss: float | None) -> str | None:
+        """What is not finite (NaN or Inf), of the weights, the optimizer state and ``val_loss``; None if all is."""
+        if val_loss is not None and not math.isfinite(val_loss):
+            return f"the validation loss is {val_loss}"
+        weights = list(self.model.parameters())
+        moments = [t for s in self.optimizer.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in weights + moments]).tolist()
+        if not all(finite[: len(weights)]):
+            return "the weights hold NaN or Inf"
+        return None if all(finite) else "the optimizer state holds NaN or Inf"
+
+    def diverged(self, problem: str) -> FloatingPointError:
+        """The error that stops a diverging run, saying which step ckpt.pt keeps."""
+        kept = (f"{self.checkpoint_path} still holds step {self.saved_step}" if self.saved_step is not None
+                else "no checkpoint was written")
+        return FloatingPointError(f"step {self.step}: {problem}, so the run stops unsaved; {kept}. "
+                                  f"The training diverged: lower {named('lr')} and resume")
+
+    def save(self, val_loss: float | None = None) -> None:
+        """Write the checkpoint, from the main process (every process holds the same state), unless
+        something in it is not finite: then the run stops with an error and ckpt.pt keeps its step."""
+        problem = self.nonfinite(val_loss)
+        if problem:
+            raise self.diverged(problem)
+        if self.world.main:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+        self.saved_step = self.step
+
+
+def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
+    """The run, checked before its first step: the options (against the checkpoint when resuming),
+    the data and tokenizer, the model, its optimizer, loss scaler and batch stream."""
+    path = Path(cfg.out_dir) / CHECKPOINT_FILE
+    _check_out_dir(cfg, path)
+    state = load_checkpoint(path, require=TRAINING_FIELDS) if cfg.resume else None
+    cfg = settle(cfg, state, path, world)
+    data = _open_data(cfg, world)
+    tokenizer = data.tokenizer(cfg.tiktoken_file)
+    prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_tokens else []
+    if state is not None and state["tokenizer"] != tokenizer.to_dict():
+        raise ValueError(f"the checkpoint was trained with another tokenizer than {data.dir}'s: "
+                         "resume with the data it was trained on")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if state is not None:  # its weights are loaded with the rest of the checkpoint
+        model = GPT(model_config_from(state["model_config"], f"{path}: field 'model_config'"))
+    else:
+        model = _initial_model(cfg, tokenizer)
+    model.config.deterministic_attention = cfg.deterministic
+    model = model.to(device)
+    T = model.config.context_length
+    if cfg.tokens_per_step is not None:  # saved as grad_accum, so that a resumed run takes the same steps
+        cfg = dataclasses.replace(cfg, grad_accum=grad_accum_for(cfg.tokens_per_step, cfg.batch_size, T, world.size))
+    amp_dtype = amp_dtype_for(cfg.dtype, device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    stream = BatchStream(data.train, T, order=cfg.order, seed=cfg.seed)
+    BatchStream(data.val, T, split="validation")  # fail now, not at the first validation
+    run = Run(cfg, world, device, data, tokenizer, prompt, model, optimizer, grad_scaler(amp_dtype, device), stream,
+              amp_dtype)
+    if state is not None:
+        run.load_state_dict(state)
+        if run.step >= cfg.max_steps:
+            raise ValueError(f"the checkpoint is at step {run.step}, already at max_steps {cfg.max_steps}: "
+                             f"raise {named('max_steps')} to train further")
+    run.runner = torch.compile(model) if cfg.compile else model
+    if world.size > 1:
+        run.runner = DistributedDataParallel(run.runner, device_ids=[device.index] if device.type == "cuda" else None,
+                                             process_group=world.group)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    if world.main:
+        print(run.describe())
+    return run
+
+
+def _check_out_dir(cfg: TrainConfig, path: Path) -> None:
+    """A checkpoint to resume, or none to overwrite unasked; the tensorboard package if asked for."""
+    if cfg.resume and not path.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {str(path)!r}")
+    if not cfg.resume and not cfg.overwrite and path.is_file():
+        raise FileExistsError(f"{str(path)!r} exists: pass {named('resume', True)} to continue that run or "
+                              f"{named('overwrite', True)} to start afresh (or choose another {named('out_dir')})")
+    if cfg.tensorboard:
+        require_tensorboard()
+
+
+def _open_data(cfg: TrainConfig, world: World) -> TokenData:
+    """The prepared data: ``cfg.data`` itself, or text prepared into ``out_dir/data`` (once per run)."""
+    if cfg.data and len(cfg.data) == 1 and is_prepared(cfg.data[0]):
+        return TokenData(cfg.data[0])
+    data_dir = Path(cfg.out_dir) / "data"
+    if world.main and not (cfg.resume and is_prepared(data_dir)):
+        meta = prepare(cfg.data, data_dir, tokenizer=cfg.tokenizer, tiktoken_file=cfg.tiktoken_file,
+                       include=cfg.include, exclude=cfg.exclude, skip=[cfg.out_dir])
+        print(f"prepared {meta['num_tokens']:,} tokens from {', '.join(meta['sources'])} into {data_dir}")
+    world.barrier()
+    return TokenData(data_dir)
+
+
+def _initial_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
+    """A new run's model (on the CPU): the preset, randomly initialised from the seed, or init_from's
+    weights (a gptfast checkpoint, or Hugging Face GPT-2) with this run's context length and dropout."""
+    if not cfg.init_from:
+        overrides = {"vocab_size": tokenizer.vocab_size, "drop_rate": cfg.dropout}
+        if cfg.context_length:
+            overrides["context_length"] = cfg.context_length
+        return GPT(GPTConfig.from_preset(cfg.preset, **overrides))
+    spelled = named("init_from", cfg.init_from)
+    if is_gptfast_checkpoint(cfg.init_from):
+        path = checkpoint_path(cfg.init_from)
+        state = load_checkpoint(path, require=INFERENCE_FIELDS)
+        if state["tokenizer"] != tokenizer.to_dict():
+            theirs = state["tokenizer"].get("kind")
+            raise ValueError(f"{spelled}: that checkpoint's tokenizer ({theirs}"
+                             f"{', its own character vocabulary' if theirs == 'char' else ''}) is not the data's: "
+                             "train on data tokenized as it was")
+        source = build_model(state, path)
+    else:
+        require_gpt2_tokens(cfg, tokenizer.to_dict()["kind"])
+        from .pretrained import from_pretrained
+
+        source = from_pretrained(cfg.init_from).float()
+        if source.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"{spelled} has a vocabulary of {source.config.vocab_size}, GPT-2's tokenizer "
+                             f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
+    T = cfg.context_length or source.config.context_length
+    if T > source.config.context_length:
+        raise ValueError(f"{named('context_length', T)} is longer than {spelled}'s context of "
+                         f"{source.config.context_length}")
+    model = GPT(dataclasses.replace(source.config, context_length=T, drop_rate=cfg.dropout))
+    weights = source.state_dict()
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:T]  # a shorter context: its first positions
+    model.load_state_dict(weights)
+    return model
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: Path, main: bool) -> Iterator[None]:
+    """Hold ``out_dir/.lock`` (an advisory lock: a second run refuses, naming the holder's pid; the
+    lock dies with its process, so a killed run never blocks the next). A no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if not main or fcntl is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise BlockingIOError(f"{str(out_dir)!r} is in use by another training run (pid {holder}): wait for "
+                                  f"it to finish, stop it, or choose another {named('out_dir')}") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
