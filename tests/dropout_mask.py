@@ -9,7 +9,7 @@ import torch
 
 from gptfast.kernels.common import cdiv, jit, tl
 
-_dropout_keep = importlib.import_module("gptfast.kernels.flash_attention")._dropout_keep
+_dropout_keep = importlib.import_module("gptfast.kernels.flash_attention.kernels")._dropout_keep
 
 
 @jit

@@ -132,3 +132,13 @@ def test_model_with_fused_residual_adds_equals_the_plain_blocks(backend, monkeyp
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
     for got, want in zip(fused[1], plain[1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def opcheck_cases():
+    """(custom operator, arguments) for tests/test_opcheck.py: the forward of x + branch in mixed dtypes,
+    and the backward that adds the sum's own gradient."""
+    x, r, w = torch.randn(5, 37), torch.randn(5, 37, dtype=torch.bfloat16), torch.randn(37)
+    _, rstd_sum, total = layer_norm._forward(x, r, w, None, 1e-5, torch.bfloat16)
+    return [(layer_norm._forward, (x.requires_grad_(), r.requires_grad_(), w, None, 1e-5, torch.bfloat16)),
+            (layer_norm._backward, (torch.randn(5, 37, dtype=torch.bfloat16), total, w, False, rstd_sum,
+                                    torch.randn_like(total)))]

@@ -12,7 +12,7 @@ import torch
 
 from gptfast import kernels
 from gptfast.bench import __main__ as bench_cli
-from gptfast.bench import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm, report
+from gptfast.bench import end_to_end, report
 from gptfast.bench.ceilings import Ceilings
 from gptfast.bench.harness import FAILED, OK, UNAVAILABLE, Record, Unavailable, failure_status, measure
 from gptfast.bench.kernel_bench import KernelBench, Sweep, eager, run_case
@@ -58,17 +58,17 @@ def test_cuda_goes_through_do_bench(monkeypatch):
 
 def test_work_counts():
     size = dict(rows=10, hidden=7)
-    assert layer_norm.BENCH.pass_work(size, "forward", 2) == (2 * 70 + 14) * 2
-    assert layer_norm.BENCH.pass_work(size, "forward+backward", 2) == (2 * 70 + 14 + 3 * 70 + 21) * 2
-    assert bias_gelu.BENCH.pass_work(size, "backward", 4) == (3 * 70 + 14) * 4
+    assert report.KERNELS["layer_norm"].pass_work(size, "forward", 2) == (2 * 70 + 14) * 2
+    assert report.KERNELS["layer_norm"].pass_work(size, "forward+backward", 2) == (2 * 70 + 14 + 3 * 70 + 21) * 2
+    assert report.KERNELS["bias_gelu"].pass_work(size, "backward", 4) == (3 * 70 + 14) * 4
     logits = dict(rows=10, vocab=7)
-    assert cross_entropy.BENCH.pass_work(logits, "forward+backward", 2) == 3 * 70 * 2 + 2 * 10 * 8
+    assert report.KERNELS["cross_entropy"].pass_work(logits, "forward+backward", 2) == 3 * 70 * 2 + 2 * 10 * 8
     attention = dict(batch=2, heads=3, seq=5, head_dim=8)
     forward = 4 * 2 * 3 * 25 * 8 / 2
-    assert flash_attention.BENCH.pass_work(attention, "forward", 2) == forward
-    assert flash_attention.BENCH.pass_work(attention, "forward+backward", 2) == 3.5 * forward
+    assert report.KERNELS["flash_attention"].pass_work(attention, "forward", 2) == forward
+    assert report.KERNELS["flash_attention"].pass_work(attention, "forward+backward", 2) == 3.5 * forward
     cache = dict(batch=2, heads=3, k_len=5, head_dim=8)  # K and V, 5 rows each; the query and the output
-    assert flash_attention.DECODE_BENCH.pass_work(cache, "forward", 2) == 2 * 3 * (2 * 5 + 2) * 8 * 2
+    assert report.KERNELS["attention_decode"].pass_work(cache, "forward", 2) == 2 * 3 * (2 * 5 + 2) * 8 * 2
     for bench in report.KERNELS.values():  # the headline size is one of the full sweep's sizes
         assert bench.headline in bench.sizes("full")
 
@@ -274,11 +274,11 @@ def test_readme_summary_and_targets(results):
     tokens = {"triton": 300_000, "torch": 180_000, "triton+compile": 480_000, "torch+compile": 290_000}
     records = [Record("train", p, "step", full, value=v, unit="tokens/s", pct_of_ceiling=40.0, first_call_s=2.0)
                for p, v in tokens.items()]
-    headline = layer_norm.BENCH.headline
+    headline = report.KERNELS["layer_norm"].headline
     records += [Record("layer_norm", "triton", "forward+backward", headline, value=2400.0, pct_of_ceiling=80.0),
                 Record("layer_norm", "torch", "forward+backward", headline, value=1200.0, pct_of_ceiling=40.0),
                 Record("layer_norm", "liger", "forward+backward", headline, status=UNAVAILABLE, note="missing")]
-    cache = flash_attention.DECODE_BENCH.headline  # timed forward alone
+    cache = report.KERNELS["attention_decode"].headline  # timed forward alone
     records += [Record("attention_decode", p, "forward", cache, value=v, pct_of_ceiling=v / 40) for p, v in
                 (("triton", 2000.0), ("sdpa-flash", 1000.0))]
     synthetic = dict(results, records=[r.to_dict() for r in records])
@@ -309,7 +309,7 @@ def test_unknown_groups_and_providers_are_refused():
 
 
 def test_peak_memory_table(results):
-    size = flash_attention.BENCH.headline
+    size = report.KERNELS["flash_attention"].headline
     records = [Record("flash_attention", p, "forward+backward", size, value=300.0, peak_mb=mb)
                for p, mb in (("triton", 1536.0), ("sdpa-math", 20480.0))]
     records.append(Record("flash_attention", "sdpa-flash", "forward+backward", size, status=UNAVAILABLE, note="x"))

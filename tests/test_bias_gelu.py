@@ -5,6 +5,8 @@ Tolerances: as for LayerNorm, float32 arithmetic plus one rounding of each outpu
 (kernel_testing's default), bfloat16 rounded to nearest under the interpreter as on a GPU.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -168,3 +170,13 @@ def test_float32_bias_keeps_half_activations_half(backend):
     assert x.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32
     ref = bias_gelu_reference(x.detach().double(), bias.detach().double())
     torch.testing.assert_close(y.double(), ref, **tolerance(torch.bfloat16))
+
+
+def opcheck_cases():
+    """(custom operator, arguments) for tests/test_opcheck.py."""
+    bias_gelu = importlib.import_module("gptfast.kernels.bias_gelu")  # the module, not the public op
+    x, b = torch.randn(3, 4, 40), torch.randn(40)
+    dy = torch.randn_like(x)
+    return [(bias_gelu._forward, (x.requires_grad_(), b.requires_grad_(), "tanh")),
+            (bias_gelu._forward, (x.detach(), None, "none")),
+            (bias_gelu._backward, (dy, x.detach(), b.detach(), "tanh"))]

@@ -7,6 +7,8 @@ whatever their dtype. The gradient is float32 arithmetic plus one rounding to th
 nearest for bfloat16, under the interpreter as on a GPU), with a lower absolute floor than the default.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -254,3 +256,13 @@ def test_options_keep_offset_rows_accurate():
 def test_bad_options_name_the_problem(options, message):
     with pytest.raises(ValueError, match=f"cross_entropy: {message}"):
         kernels.cross_entropy(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), **options)
+
+
+def opcheck_cases():
+    """(custom operator, arguments) for tests/test_opcheck.py."""
+    cross_entropy = importlib.import_module("gptfast.kernels.cross_entropy")  # the module, not the public op
+    logits, targets = torch.randn(6, 70), torch.tensor([0, 5, -1, 68, 3, 1])
+    loss, stats = cross_entropy._forward(logits, targets, -1, 69, 0.0, 0.0)
+    return [(cross_entropy._forward, (logits.requires_grad_(), targets, -1, 69, 0.0, 0.0)),
+            (cross_entropy._forward, (logits.detach(), targets, -1, 69, 0.1, 1e-4)),
+            (cross_entropy._backward, (torch.rand_like(loss), logits.detach(), targets, stats, -1, 69, 0.1, 1e-4))]

@@ -21,6 +21,8 @@ from gptfast import kernels
 from gptfast.kernels import common
 
 fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module; kernels.flash_attention is the function
+fa_kernels = importlib.import_module("gptfast.kernels.flash_attention.kernels")
+fa_launch = importlib.import_module("gptfast.kernels.flash_attention.launch")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.usefixtures("interpreter_bf16_rounding")
@@ -210,7 +212,7 @@ def test_atomic_dq_matches_float64_reference(batch, heads, q_len, k_len, head_di
     keep = None
     if dropout_p:
         torch.manual_seed(11)
-        keep = dropout_keep_mask(fa._dropout_seed(), batch, heads, q_len, k_len, dropout_p, DEVICE)
+        keep = dropout_keep_mask(fa_launch.dropout_seed(), batch, heads, q_len, k_len, dropout_p, DEVICE)
         torch.manual_seed(11)  # the kernels draw the same seed
     fast = dict(causal=causal, key_start=key_start, dropout_p=dropout_p)
     _, grads = compare_attention(q, k, v, grad_out, op=attention(deterministic=False, **fast), keep_mask=keep,
@@ -233,12 +235,12 @@ def test_atomic_dq_is_finite_when_every_score_is_very_negative():
 def test_atomic_dq_runs_no_dq_kernel():
     """deterministic=False launches the delta and dK/dV kernels only, the latter with a float32 dQ."""
     q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
-    out, lse = fa._forward(q, k, v, True, 0.0, 0.2, None, None)
+    out, lse = fa_launch._forward(q, k, v, True, 0.0, 0.2, None, None)
     with common.capture_launches() as launches:
-        fa._backward(torch.randn_like(out), q, k, v, out, lse, True, 0.0, 0.2, None, None, False)
+        fa_launch._backward(torch.randn_like(out), q, k, v, out, lse, True, 0.0, 0.2, None, None, False)
     assert [launch.kernel.fn.__name__ for launch in launches] == ["_attention_bwd_delta_kernel",
                                                                   "_attention_bwd_kv_kernel"]
-    dq_sum = launches[1].args[fa._attention_bwd_kv_kernel.arg_names.index("DQ_SUM")]
+    dq_sum = launches[1].args[fa_kernels._attention_bwd_kv_kernel.arg_names.index("DQ_SUM")]
     assert dq_sum.dtype == torch.float32 and dq_sum.shape == q.shape
 
 
@@ -323,7 +325,7 @@ def test_dropout_matches_reference_with_the_kernels_mask(batch, heads, q_len, k_
     q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
     grad_out = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).to(dtype)
     torch.manual_seed(11)
-    keep = dropout_keep_mask(fa._dropout_seed(), batch, heads, q_len, k_len, p, DEVICE)
+    keep = dropout_keep_mask(fa_launch.dropout_seed(), batch, heads, q_len, k_len, p, DEVICE)
     assert 0 < keep.float().mean() < 1
     torch.manual_seed(11)  # the kernels draw the same seed
     compare_attention(q, k, v, grad_out, keep_mask=keep, causal=causal, dropout_p=p, key_start=key_start)
@@ -501,8 +503,8 @@ def test_left_padded_batch_on_triton_matches_each_prompt_alone():
 @pytest.mark.parametrize("table", fa.ARCHES)
 @pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 64), (torch.float16, 80), (torch.float32, 128)])
 def test_gpu_tables_under_interpreter(monkeypatch, table, dtype, head_dim):
-    monkeypatch.setattr(fa, "_configs_for",
-                        lambda q: fa.tuned_configs(table, fa._head_dim_pad(q.shape[-1]), q.element_size()))
+    monkeypatch.setattr(fa_launch, "configs_for",
+                        lambda q: fa.tuned_configs(table, fa.head_dim_pad(q.shape[-1]), q.element_size()))
     torch.manual_seed(table + head_dim)
     cases = [(1, 1, 200, 200, True), (1, 1, 130, 259, True), (1, 1, 70, 150, False)]
     for batch, heads, q_len, k_len, causal in cases:
@@ -553,7 +555,7 @@ def test_decode_matches_float64_reference(batch, heads, q_len, k_len, head_dim, 
     q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
     bounds = {name: torch.tensor(value, device=DEVICE) for name, value in
               (("key_start", key_start), ("key_end", key_end)) if value is not None}
-    assert fa._decodes(q, 0.0) and fa.cdiv(k_len, fa._decode_chunk(q, k_len)) > (k_len > 40)
+    assert fa_launch.decodes(q, 0.0) and common.cdiv(k_len, fa_launch.decode_chunk(q, k_len)) > (k_len > 40)
     with kernels.use_backend("triton"), torch.no_grad():
         out = kernels.flash_attention(q, k, v, causal=causal, **bounds)
     want = fa.attention_reference(q.double(), k.double(), v.double(), causal=causal, **bounds)
@@ -563,7 +565,7 @@ def test_decode_matches_float64_reference(batch, heads, q_len, k_len, head_dim, 
 def test_decode_is_deterministic_and_its_lse_is_exact():
     torch.manual_seed(5)
     q, k, v = make_inputs(1, 2, 2, 150, 64, torch.float16)
-    runs = [fa._forward(q, k, v, True, 0.0, 0.125, None, None) for _ in range(2)]
+    runs = [fa_launch._forward(q, k, v, True, 0.0, 0.125, None, None) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     scores = (q.double() @ k.double().transpose(-2, -1)) * 0.125
     scores = scores.masked_fill(~fa.causal_mask(2, 150), float("-inf"))
@@ -577,8 +579,9 @@ def test_decode_fills_every_sm_of_a_hopper():
     q = torch.empty(1, 12, 1, 64, device="meta", dtype=torch.bfloat16)
     k = torch.empty(1, 12, 1024, 64, device="meta", dtype=torch.bfloat16)
     with common.targeting(common.GPU(90, 132, 227 * 1024)), common.capture_launches() as launches:
-        fa._forward(q, k, k, True, 0.0, 0.125, None, None)
-    assert [launch.kernel for launch in launches] == [fa._attention_decode_kernel, fa._attention_decode_reduce_kernel]
+        fa_launch._forward(q, k, k, True, 0.0, 0.125, None, None)
+    assert [launch.kernel for launch in launches] == [fa_kernels._attention_decode_kernel,
+                                                      fa_kernels._attention_decode_reduce_kernel]
     assert math.prod(launches[0].grid) >= 132
 
 
@@ -590,3 +593,19 @@ def test_key_end_with_gradients_or_many_queries_is_refused_by_the_kernels():
             kernels.flash_attention(q, k, k, key_end=end)
         with pytest.raises(kernels.BackendError, match="key_end with gradients"):
             kernels.flash_attention(q[:, :, :1], k, k, key_end=end)
+
+
+def opcheck_cases():
+    """(custom operator, arguments) for tests/test_opcheck.py: the forward with and without key_start,
+    causal or not, and both backwards."""
+    q, k, v = (torch.randn(2, 3, 20, 16) for _ in range(3))
+    key_start = torch.tensor([0, 5])
+    out, lse = fa_launch._forward(q, k, v, True, 0.0, 0.25, None, key_start)
+    grad = torch.randn_like(out)
+    return [(fa_launch._forward, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.0, 0.25, None,
+                                  key_start)),
+            (fa_launch._forward, (q.detach(), k.detach(), v.detach(), False, 0.0, 0.25, None, None)),
+            (fa_launch._forward, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.0, 0.25, None,
+                                  None, None, False)),
+            *[(fa_launch._backward, (grad, q.detach(), k.detach(), v.detach(), out, lse, True, 0.0, 0.25, None,
+                                     key_start, deterministic)) for deterministic in (True, False)]]

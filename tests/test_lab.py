@@ -6,6 +6,7 @@ Compilation runs in subprocesses without TRITON_INTERPRET (gptfast.lab.compiler)
 every op at its GPT-2 shape are compiled once for the module.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,14 +17,18 @@ import torch
 
 from gptfast import lab
 from gptfast.kernels import common
+from gptfast.kernels.registry import SPECS
 from gptfast.lab import analysis, baseline, check, ops, sass, targets
+
+layer_norm = importlib.import_module("gptfast.kernels.layer_norm")  # the modules, not the public ops
+flash_attention = importlib.import_module("gptfast.kernels.flash_attention")
 
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 KERNEL_FIELDS = {"name", "config", "registers", "spill_bytes", "shared_memory", "ctas_per_sm", "warps_per_sm",
                  "occupancy_limit", "programs", "sm_count", "serialized_mma", "load_bits", "store_bits", "tma",
                  "main_loop_instructions", "elements_per_iteration", "mufu_per_element", "estimate_us"}
-ROW_OPS = ("layer_norm", "bias_gelu", "cross_entropy")
+ROW_OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "linear_cross_entropy")
 TRITON = tuple(int(part) for part in analysis.triton_version().split(".")[:2])
 # Triton 3.6's interpreter cannot take loop bounds computed from program ids (setup.py's test extra).
 runs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and TRITON < (3, 7),
@@ -38,11 +43,11 @@ def reports() -> dict[tuple[str, int], dict]:
 
 
 def test_inspect_json_schema(reports):
-    assert {op for op, _ in reports} == set(lab.OPS)
+    assert {op for op, _ in reports} == set(SPECS)  # every registered op is inspectable
     for (op, arch), report in reports.items():
         json.dumps(report)  # one JSON document
         assert report["op"] == op and report["arch"] == f"sm_{arch}" and report["dtype"] == "bf16"
-        assert report["shape"] == list(lab.OPS[op].default_shape) and report["triton_version"]
+        assert report["shape"] == list(SPECS[op].shapes.default) and report["triton_version"]
         assert len(report["kernels"]) >= 2  # forward and backward
         for k in report["kernels"]:
             assert KERNEL_FIELDS <= set(k), KERNEL_FIELDS - set(k)
@@ -90,7 +95,7 @@ def test_no_attention_kernel_serialises_wgmma(reports):
 
 def test_memory_floor_counts_each_tensor_once(reports):
     (forward,) = [k for k in reports["cross_entropy", 90]["kernels"] if k["name"] == "cross_entropy_fwd"]
-    rows, cols, _ = lab.OPS["cross_entropy"].default_shape
+    rows, cols, _ = SPECS["cross_entropy"].shapes.default
     logits, targets_, loss, stats = rows * cols * 2, rows * 8, rows * 4, rows * 8
     assert forward["bytes"] == logits + targets_ + loss + stats
     assert forward["estimate_us"]["memory"] == pytest.approx(forward["bytes"] / 4.3e12 * 1e6)
@@ -132,13 +137,12 @@ def test_sass_main_loop_by_backward_branch():
 
 
 def test_capture_records_launches_for_the_target():
-    x = torch.empty(1000, 768, device="meta", dtype=torch.bfloat16)
+    meta = torch.device("meta")
     gpu = common.GPU(arch=90, sm_count=132, shared_memory=227 * 1024)
     with common.capture_launches() as launches, common.targeting(gpu):
-        assert common.sm_count(x.device) == 132 and common.target_gpu() == gpu
-        y, rstd, _ = ops.layer_norm._forward(x, None, None, None, 1e-5, torch.bfloat16)
-        ops.layer_norm._backward(torch.empty_like(y), x, None, False, rstd, None)
-    assert common.target_gpu() is None and common.sm_count(x.device) == 4
+        assert common.sm_count(meta) == 132 and common.target_gpu() == gpu
+        SPECS["layer_norm"].launch_meta((1000, 768), torch.bfloat16, {"weight": False, "bias": False})
+    assert common.target_gpu() is None and common.sm_count(meta) == 4
     assert [ops.kernel_name(launch.kernel) for launch in launches] == ["layer_norm_fwd", "layer_norm_bwd"]
     assert launches[1].grid == (min(2 * 132, 1000 // launches[1].meta["BLOCK_M"]),)
 
@@ -149,14 +153,14 @@ def test_config_overrides_reach_the_launch():
                           ops.parse_config(["layer_norm_bwd:BLOCK_M=1,num_warps=4"]), {})
     (_, forward), (_, backward) = analysis.capture(request)
     assert (backward.meta["BLOCK_M"], backward.meta["num_warps"]) == (1, 4)
-    assert forward.meta["BLOCK_M"] == ops.layer_norm._block_config(768, backward=False)[0]
+    assert forward.meta["BLOCK_M"] == layer_norm.block_config(768, backward=False).block_m
     with pytest.raises(lab.LabError, match="no configurable kernel"):
         analysis.capture(lab.Request(op, op.default_shape, "bf16", lab.ARCHITECTURES[90],
                                      ops.parse_config(["nope:BLOCK_M=1"]), {}))
     with pytest.raises(lab.LabError, match="KERNEL:FIELD=VALUE"):
         ops.parse_config(["layer_norm_fwd:BLOCK_M"])
     with pytest.raises(lab.LabError, match="rows,columns"):
-        lab.get_op("layer_norm").parse_shape("16,a")
+        ops.parse_shape(lab.get_op("layer_norm"), "16,a")
 
 
 def test_options_choose_the_variant():
@@ -171,7 +175,7 @@ def test_options_choose_the_variant():
                           options)
     launches = {ops.kernel_name(launch.kernel): launch for _, launch in analysis.capture(request)}
     assert sorted(launches) == ["attention_bwd_delta", "attention_bwd_kv", "attention_fwd"]
-    table = ops.flash_attention.tuned_configs(90, 64, 2)
+    table = flash_attention.tuned_configs(90, 64, 2)
     assert table.forward.num_warps != table.forward_masked.num_warps
     for option, entry in (([], table.forward), (["key_start=true"], table.forward_masked),
                           (["dropout_p=0.1"], table.forward_masked)):
@@ -180,7 +184,7 @@ def test_options_choose_the_variant():
         assert (forward.meta["BLOCK_M"], forward.meta["num_warps"]) == (entry.block_m, entry.num_warps), option
     assert launches["attention_fwd"].meta["BLOCK_N"] == 32
     kv = launches["attention_bwd_kv"]
-    assert kv.meta["BLOCK_N"] == 32 and kv.meta["BLOCK_M"] == ops.flash_attention.tuned_configs(90, 128, 2)\
+    assert kv.meta["BLOCK_N"] == 32 and kv.meta["BLOCK_M"] == flash_attention.tuned_configs(90, 128, 2)\
         .backward_kv_atomic.block_m and kv.meta["DROPOUT"]
     for bad in ("deterministic=maybe", "nope=1", "dropout_p"):
         with pytest.raises(lab.LabError, match="deterministic \\(bool\\)"):
@@ -195,16 +199,6 @@ def test_dump_writes_every_stage(tmp_path):
         assert {f"{kernel}.{ext}" for ext in ("ttir", "ttgir", "ptx", "sass")} <= names
     assert all(p.stat().st_size > 0 for p in written)
     assert "STG" in (tmp_path / "forward.bias_gelu_fwd.sass").read_text()
-
-
-@runs_kernels
-@pytest.mark.parametrize("op, dtype", [("layer_norm", torch.float32), ("bias_gelu", torch.float16),
-                                       ("cross_entropy", torch.float32), ("flash_attention", torch.float16)])
-def test_check_passes_at_small_shapes(op, dtype):
-    comparisons, deterministic = check.check(op, check.SMALL_SHAPES[op], dtype,
-                                             torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    assert deterministic and comparisons[0].tensor == "output" and len(comparisons) >= 2
-    assert all(c.passed for c in comparisons), comparisons
 
 
 def test_check_can_fail():
@@ -258,9 +252,8 @@ def test_tune_default_candidates_parse():
     """`lab tune flash_attention` without --config tries the shipped table and these variations: each
     names a configurable kernel and its fields."""
     from gptfast.lab import measure
-    from gptfast.lab.ops import configured, get_op
 
-    op = get_op("flash_attention")
-    for candidate in measure.DEFAULT_CANDIDATES["flash_attention"]:
-        with configured(op, measure._overrides(candidate), "forward"):
-            pass
+    op = lab.get_op("flash_attention")
+    assert op.tune_candidates[0] == "shipped" and len(op.tune_candidates) > 1
+    for candidate in op.tune_candidates:
+        ops.check_overrides(op, measure._overrides(candidate))

@@ -66,16 +66,17 @@ def test_block_configs_cut_rows_into_whole_chunks():
     for backward in (False, True):
         layouts = set()
         for n in range(1, MAX_ROW_LENGTH + 1):
-            block_m, block_n, num_warps, chunk = layer_norm._tile(n, backward)
-            assert (block_m, block_n, num_warps) == layer_norm._block_config(n, backward)  # as compiled ahead of time
+            config = layer_norm.block_config(n, backward)
+            block_m, block_n, num_warps, chunk = layer_norm._tile(config, n)
+            assert (block_m, block_n, num_warps) == (config.block_m, config.block_n, config.num_warps)  # as compiled
             assert block_n % chunk == 0 and block_n - chunk < n <= block_n, (n, backward)
             if n > 256:
                 assert block_m * chunk // (32 * num_warps) == 8, (n, backward)
                 assert block_n // chunk <= layer_norm._MOST_CHUNKS[backward], (n, backward)
             if n < block_n:
                 layouts.add(block_n // chunk)
-        odd = {block_n // chunk for n in ODD_WIDTHS for _, block_n, _, chunk in [layer_norm._tile(n, backward)]
-               if n < block_n}
+        odd = {block_n // chunk for n in ODD_WIDTHS
+               for _, block_n, _, chunk in [layer_norm._tile(layer_norm.block_config(n, backward), n)] if n < block_n}
         assert layouts <= odd, backward
 
 
@@ -214,3 +215,16 @@ def test_out_dtype_writes_half_from_float32(out_dtype):
         eager = kernels.layer_norm(x, weight, bias, 1e-5, out_dtype)
     assert eager.dtype == out_dtype
     torch.testing.assert_close(y, eager, **tolerance(out_dtype))
+
+
+def opcheck_cases():
+    """(custom operator, arguments) for tests/test_opcheck.py: the forward with and without weight and bias,
+    in another out_dtype, and the backward."""
+    x, w, b = torch.randn(5, 37), torch.randn(37), torch.randn(37)
+    y, rstd, _ = layer_norm._forward(x, None, w, b, 1e-5, torch.float32)
+    dy = torch.randn_like(y)
+    return [(layer_norm._forward, (x.requires_grad_(), None, w.requires_grad_(), b.requires_grad_(), 1e-5,
+                                   torch.float32)),
+            (layer_norm._forward, (x.detach(), None, None, None, 1e-5, torch.float16)),
+            (layer_norm._backward, (dy, x.detach(), w.detach(), True, rstd, None)),
+            (layer_norm._backward, (dy, x.detach(), None, False, rstd, None))]

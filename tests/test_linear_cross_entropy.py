@@ -159,3 +159,14 @@ def test_float16_mean_gradients_do_not_underflow(backend):
     (1024 * _reference(h64, w64, targets, "mean", 300, 0.0, 0.0)).backward()
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-2, atol=1e-4)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-2, atol=1e-3)
+
+
+def opcheck_cases():
+    """(custom operator, arguments) for tests/test_opcheck.py: each path, with and without gradients."""
+    hidden, weight, targets = torch.randn(100, 8), torch.randn(40, 8), torch.randint(-1, 33, (100,))
+    return [(fused._fused, (hidden.requires_grad_(), weight.requires_grad_(), targets, -1, 33, 0.0, 0.0, True, 64,
+                            torch.float32, use_triton, True))
+            for use_triton in (True, False)] + [
+            (fused._fused, (hidden.detach(), weight.detach(), targets, -1, 40, 0.1, 1e-3, False, 64, torch.float32,
+                            use_triton, need_grad))
+            for use_triton in (True, False) for need_grad in (True, False)]

@@ -14,14 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from gptfast import kernels
+from gptfast.kernels.benchmark import Unavailable
 
 WARMUP_MS, REP_MS = 25.0, 100.0  # default warm-up and timed repeats per kernel case
 QUANTILES = (0.5, 0.2, 0.8)  # the median, then the 20th and 80th percentiles
 OK, UNAVAILABLE, FAILED = "ok", "unavailable", "failed"
-
-
-class Unavailable(Exception):
-    """A provider (a baseline, a kernel, a compiler) cannot run here; the message says why."""
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = WARMUP_MS,

@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import bias_gelu, cross_entropy, end_to_end, flash_attention, layer_norm
+from gptfast.kernels.registry import SPECS
+
+from . import end_to_end
 from .ceilings import Ceilings, measure_ceilings
 from .harness import OK, REP_MS, UNAVAILABLE, WARMUP_MS, Record
 from .kernel_bench import KernelBench, bench_dtype, run_case
 
-KERNELS: dict[str, KernelBench] = {b.name: b for b in (layer_norm.BENCH, bias_gelu.BENCH, flash_attention.BENCH,
-                                                      flash_attention.DECODE_BENCH, cross_entropy.BENCH)}
+# Every op's benchmarks, as their specs declare them (flash attention's training and decode).
+KERNELS: dict[str, KernelBench] = {b.name: b for spec in SPECS.values() for b in spec.benchmarks}
 # Training first: the end-to-end targets matter most if a time budget cuts the run short.
 GROUPS = ("train", "generate", *KERNELS)
 PROVIDERS = tuple(dict.fromkeys([*end_to_end.TRAIN_PROVIDERS, *end_to_end.GENERATE_PROVIDERS,

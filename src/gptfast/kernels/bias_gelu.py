@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backend
-from .common import as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count, tl
+from . import backend, benchmark, spec
+from .common import RowConfig, as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count, tl
 
 APPROXIMATIONS = ("tanh", "none")
 _TILE_ELEMENTS = 4096  # elements per tile: 16 per thread with 8 warps, two 128-bit loads of fp16
@@ -95,30 +95,29 @@ def _bias_gelu_bwd(dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_partial_ptr,
                  tl.sum(dbias_sum, axis=0), mask=col_ok)
 
 
-def _block_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps), the same forward and backward: tiles of _TILE_ELEMENTS, at
-    most 256 columns wide.
+def block_config(n_cols: int) -> RowConfig:
+    """The configuration, the same forward and backward: tiles of _TILE_ELEMENTS, at most 256 columns wide.
 
     256-column blocks divide GPT-2's hidden sizes (3072, 4096, 5120, 6400) without masked waste.
     """
     block_n = min(256, next_power_of_2(n_cols))
-    return _TILE_ELEMENTS // block_n, block_n, 8
+    return RowConfig(_TILE_ELEMENTS // block_n, block_n, 8)
 
 
-def _kernel_configs() -> list[tuple[int, int, int]]:
-    """Every (BLOCK_M, BLOCK_N, num_warps) the kernels may launch with, for ahead-of-time checks."""
-    return sorted({_block_config(2**k) for k in range(9)})
+def every_config() -> dict[str, tuple[RowConfig, ...]]:
+    """Every configuration each kernel may launch with, for ahead-of-time checks."""
+    configs = tuple(sorted({block_config(2**k) for k in range(9)}))
+    return {"bias_gelu_fwd": configs, "bias_gelu_bwd": configs}
 
 
-@kernel_op("bias_gelu_fwd")
-def _forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
-    """Triton GELU(x + bias), in x's dtype (the bias is added in float32)."""
+def launch_forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str, config: RowConfig) -> torch.Tensor:
+    """Triton GELU(x + bias), in x's dtype (the bias is added in float32), launched with ``config``."""
     x2 = as_rows(x)
     bias = bias.contiguous() if bias is not None else None
     n_rows, n_cols = x2.shape
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if y.numel() > 0:
-        block_m, block_n, num_warps = _block_config(n_cols)
+        block_m, block_n, num_warps = config.block_m, config.block_n, config.num_warps
         launch(_bias_gelu_fwd, (cdiv(n_rows, block_m), cdiv(n_cols, block_n)),
                x2, bias, y, n_rows, n_cols, x2.stride(0), y.stride(0),
                HAS_BIAS=bias is not None, TANH=approximate == "tanh",
@@ -126,15 +125,21 @@ def _forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> to
     return y.view(x.shape)
 
 
-@kernel_op("bias_gelu_bwd")
-def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
-              approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton backward: dx in x's dtype, and dbias in bias's dtype (empty without a bias)."""
+@kernel_op("bias_gelu_fwd")
+def _forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """:func:`launch_forward` with the configuration for x's rows."""
+    return launch_forward(x, bias, approximate, block_config(x.shape[-1]))
+
+
+def launch_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
+                    config: RowConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backward, launched with ``config``: dx in x's dtype, and dbias in bias's dtype (empty
+    without a bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
     bias = bias.contiguous() if bias is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    block_m, block_n, num_warps = _block_config(max(n_cols, 1))
+    block_m, block_n, num_warps = config.block_m, config.block_n, config.num_warps
     col_blocks = cdiv(n_cols, block_n)
     # About four programs per SM in all, each owning a band of row tiles of one column block.
     row_programs = max(1, min(cdiv(n_rows, block_m), 4 * sm_count(x.device) // max(col_blocks, 1)))
@@ -148,6 +153,13 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
     dbias_dtype = bias.dtype if bias is not None else x.dtype
     # The partial sums are added in a fixed order: a deterministic bias gradient.
     return dx.view(x.shape), dbias_partial.sum(0).to(dbias_dtype)
+
+
+@kernel_op("bias_gelu_bwd")
+def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+              approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`launch_backward` with the configuration for x's rows."""
+    return launch_backward(dy, x, bias, approximate, block_config(max(x.shape[-1], 1)))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -193,3 +205,73 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "ta
     if bias is not None:
         x = x + bias.to(x.dtype)
     return F.gelu(x, approximate=approximate)
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec (``spec.OpSpec``): inputs, the launchers with explicit configurations, lab hooks and the
+# benchmark: our fused kernel against the bias add then F.gelu, and its torch.compile (Liger-Kernel
+# has no bias + GELU operation to compare with).
+# ---------------------------------------------------------------------------------------------
+
+
+def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dict,
+            generator: torch.Generator | None) -> spec.Inputs:
+    """x, bias and the form; options: ``bias`` (False: None), ``approximate``, ``row_stride``."""
+    rows, cols = shape
+    make = dict(dtype=dtype, device=device, generator=generator)
+    return {"x": spec.row_tensor(rows, cols, row_stride=options.get("row_stride"), **make),
+            "bias": spec.tensor(cols, scale=0.1, **make) if options.get("bias", True) else None,
+            "approximate": options.get("approximate", "tanh")}
+
+
+def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+    x, bias, approximate = inputs["x"], inputs["bias"], inputs["approximate"]
+    with phase("forward"):
+        launch_forward(x, bias, approximate, configure(block_config(x.shape[-1]), "bias_gelu_fwd"))
+    with phase("backward"):
+        launch_backward(torch.empty_like(x), x, bias, approximate,
+                        configure(block_config(max(x.shape[-1], 1)), "bias_gelu_bwd"))
+
+
+def _eager(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "tanh") -> torch.Tensor:
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(size["rows"], size["hidden"], device=device, dtype=dtype, requires_grad=True)
+    bias = (0.1 * torch.randn(size["hidden"], device=device, dtype=dtype)).requires_grad_()
+    return x, bias
+
+
+def _bytes(size: dict, elem: int) -> tuple[float, float]:
+    """The fewest bytes: the forward reads x and bias and writes y; the backward reads x, bias and dy
+    and writes dx and dbias."""
+    rows, hidden = size["rows"], size["hidden"]
+    return (2 * rows * hidden + hidden) * elem, (3 * rows * hidden + 2 * hidden) * elem
+
+
+_ROW_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps")
+
+SPECS = (spec.OpSpec(
+    name="bias_gelu", function=bias_gelu, reference=bias_gelu_reference, shape_names=("rows", "columns"),
+    shapes=spec.Shapes(default=(16384, 3072), small=(64, 300), odd=((33, 3072), (4, 1000), (7, 300))),
+    make_inputs=_inputs, launchers=_launchers, compared=(bias_gelu, bias_gelu_reference, _eager),
+    config_type=RowConfig, every_config=every_config,
+    tunables={"bias_gelu_fwd": spec.Tunable(_ROW_FIELDS), "bias_gelu_bwd": spec.Tunable(_ROW_FIELDS)},
+    options={"bias": bool, "approximate": str, "row_stride": int},
+    models={"bias_gelu_bwd": spec.KernelModel(spec.row_tiles)},
+    benchmarks=(benchmark.KernelBench(
+        name="bias_gelu",
+        unit="GB/s",
+        full=[benchmark.Sweep("rows=16384", "hidden", [dict(rows=16384, hidden=h) for h in (3072, 4096, 5120, 6400)]),
+              benchmark.Sweep("hidden=3072", "rows", [dict(rows=r, hidden=3072)
+                                                      for r in (4096, 8192, 16384, 32768, 65536)])],
+        small=[benchmark.Sweep("rows=24", "hidden", [dict(rows=24, hidden=h) for h in (128, 300)])],
+        headline=dict(rows=16384, hidden=3072),  # GPT-2 124M's MLP: 16 x 1024 tokens, 4 x 768 wide
+        providers={
+            "triton": benchmark.triton_backend(lambda x, b: bias_gelu(x, b, approximate="tanh")),
+            "torch": benchmark.eager(_eager),
+            "torch.compile": benchmark.compiled(_eager),
+        },
+        make_inputs=_bench_inputs, work=_bytes),),
+),)

@@ -1,5 +1,6 @@
 """What every operation's file shares: the Triton import guard, the dtypes the kernels take, row
-views, the SM count, and :func:`kernel_op`, which makes a launcher a PyTorch custom operator.
+views and the row kernels' configuration, the SM count, and :func:`kernel_op`, which makes a launcher
+a PyTorch custom operator.
 
 A launcher allocates its outputs, launches its kernels through :func:`launch` and returns the
 outputs. :func:`kernel_op` registers it as ``gptfast::<name>`` and derives the fake implementation
@@ -67,6 +68,16 @@ class Launch:
     grid: tuple[int, ...]
     args: tuple
     meta: dict
+
+
+@dataclass(frozen=True, order=True)
+class RowConfig:
+    """The launch configuration of a row kernel (LayerNorm, bias + GELU): tiles of ``block_m`` rows by
+    ``block_n`` columns, ``num_warps`` warps per program."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
 
 
 @dataclass(frozen=True)

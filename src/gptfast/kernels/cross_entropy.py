@@ -22,10 +22,12 @@ copy that slicing the logits would cost in the backward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from . import backend
+from . import backend, benchmark, spec
 from .common import LOG2E, as_rows, dtype_problem, jit, kernel_op, launch, next_power_of_2, tl
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -149,53 +151,79 @@ def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_pt
         tl.store(drow_ptr + col, grad.to(dlogits_ptr.dtype.element_ty), mask=col < n_cols)
 
 
-def _block_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): chunks of up to _MAX_BLOCK_V columns, 16 values per thread."""
+@dataclass(frozen=True, order=True)
+class ChunkConfig:
+    """A cross-entropy kernel's launch configuration: rows walked in chunks of ``block_v`` columns by
+    ``num_warps`` warps."""
+
+    block_v: int
+    num_warps: int
+
+
+def block_config(n_cols: int) -> ChunkConfig:
+    """Chunks of up to _MAX_BLOCK_V columns, 16 values per thread, for rows of ``n_cols`` (the forward:
+    the classes; the backward: the whole row)."""
     block_v = min(_MAX_BLOCK_V, next_power_of_2(max(n_cols, 16)))
-    return block_v, max(1, min(8, block_v // 512))
+    return ChunkConfig(block_v, max(1, min(8, block_v // 512)))
 
 
-def _kernel_configs() -> list[tuple[int, int]]:
-    """Every (BLOCK_V, num_warps) the kernels may launch with, for ahead-of-time checks."""
-    return sorted({_block_config(2**k) for k in range(4, _MAX_BLOCK_V.bit_length())})
+def every_config() -> dict[str, tuple[ChunkConfig, ...]]:
+    """Every configuration each kernel may launch with, for ahead-of-time checks."""
+    configs = tuple(sorted({block_config(2**k) for k in range(4, _MAX_BLOCK_V.bit_length())}))
+    return {"cross_entropy_fwd": configs, "cross_entropy_bwd": configs}
+
+
+def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
+                   label_smoothing: float, z_loss: float, config: ChunkConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward on (rows, n) logits, launched with ``config``: float32 per-row losses (0 where
+    ignored), and per row the float32 pair (max, log-sum) the backward recomputes the softmax from."""
+    n_rows = logits.shape[0]
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
+    if n_rows > 0:
+        launch(_cross_entropy_fwd, (n_rows,), logits, targets.contiguous(), loss, stats, num_classes,
+               logits.stride(0), ignore_index, label_smoothing, z_loss, BLOCK_V=config.block_v,
+               SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=config.num_warps)
+    return loss, stats
 
 
 @kernel_op("cross_entropy_fwd")
 def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
              label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward on (rows, n) logits: float32 per-row losses (0 where ignored), and per row the
-    float32 pair (max, log-sum) the backward recomputes the softmax from."""
-    n_rows = logits.shape[0]
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
-    if n_rows > 0:
-        block_v, num_warps = _block_config(num_classes)
-        launch(_cross_entropy_fwd, (n_rows,), logits, targets.contiguous(), loss, stats, num_classes,
-               logits.stride(0), ignore_index, label_smoothing, z_loss, BLOCK_V=block_v,
-               SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=num_warps)
-    return loss, stats
+    """:func:`launch_forward` with the configuration for ``num_classes``."""
+    return launch_forward(logits, targets, ignore_index, num_classes, label_smoothing, z_loss,
+                          block_config(num_classes))
 
 
 def write_gradient(dlogits: torch.Tensor, dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                    stats: torch.Tensor, ignore_index: int, num_classes: int, label_smoothing: float,
-                   z_loss: float) -> None:
-    """Launch the backward kernel into ``dlogits``, which may be ``logits`` itself: each program reads a
-    chunk of its row before it overwrites that chunk (the fused LM head writes in place)."""
+                   z_loss: float, config: ChunkConfig) -> None:
+    """Launch the backward kernel into ``dlogits`` with ``config``; ``dlogits`` may be ``logits`` itself:
+    each program reads a chunk of its row before it overwrites that chunk (the fused LM head writes in
+    place)."""
     n_rows, n_cols = logits.shape
     if dlogits.numel() > 0:
-        block_v, num_warps = _block_config(n_cols)
+        block_v, num_warps = config.block_v, config.num_warps
         launch(_cross_entropy_bwd, (n_rows,), dloss.float().contiguous(), logits, targets.contiguous(), stats,
                dlogits, num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing,
                z_loss, BLOCK_V=block_v, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=num_warps)
 
 
+def launch_backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+                    ignore_index: int, num_classes: int, label_smoothing: float, z_loss: float,
+                    config: ChunkConfig) -> torch.Tensor:
+    """Triton backward, launched with ``config``: the logits' gradient, in their dtype and shape (rows, n)."""
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    write_gradient(dlogits, dloss, logits, targets, stats, ignore_index, num_classes, label_smoothing, z_loss, config)
+    return dlogits
+
+
 @kernel_op("cross_entropy_bwd")
 def _backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
               ignore_index: int, num_classes: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
-    """Triton backward: the logits' gradient, in their dtype and shape (rows, n)."""
-    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    write_gradient(dlogits, dloss, logits, targets, stats, ignore_index, num_classes, label_smoothing, z_loss)
-    return dlogits
+    """:func:`launch_backward` with the configuration for the logits' rows."""
+    return launch_backward(dloss, logits, targets, stats, ignore_index, num_classes, label_smoothing, z_loss,
+                           block_config(logits.shape[1]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -291,3 +319,107 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / (targets1 != ignore_index).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec (``spec.OpSpec``): inputs, the launchers with explicit configurations, lab hooks and the
+# benchmark: our kernels against F.cross_entropy as autocast runs it (on a float32 copy of the
+# logits), its torch.compile, and Liger-Kernel's. Liger computes the gradient inside its forward
+# (overwriting the logits), so its backward is nearly free and its forward does both passes' work:
+# compare forward+backward.
+# ---------------------------------------------------------------------------------------------
+
+
+def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dict,
+            generator: torch.Generator | None) -> spec.Inputs:
+    """logits (rows, columns), targets among the first ``classes`` columns; options:
+    ``label_smoothing``, ``z_loss``, ``row_stride``."""
+    rows, cols, classes = (*shape, shape[1])[:3]
+    if classes > cols:
+        raise ValueError(f"cross_entropy: {classes} classes in rows of {cols} columns")
+    targets = spec.class_ids(rows, classes, device, generator)
+    return {"logits": spec.row_tensor(rows, cols, dtype, device, generator, options.get("row_stride"), scale=2.0),
+            "targets": targets, "num_classes": classes, "label_smoothing": float(options.get("label_smoothing", 0.0)),
+            "z_loss": float(options.get("z_loss", 0.0))}
+
+
+def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+    logits, targets, classes = inputs["logits"], inputs["targets"], inputs["num_classes"]
+    smoothing, z_loss = inputs["label_smoothing"], inputs["z_loss"]
+    with phase("forward"):
+        _, stats = launch_forward(logits, targets, -1, classes, smoothing, z_loss,
+                                  configure(block_config(classes), "cross_entropy_fwd"))
+    with phase("backward"):
+        launch_backward(torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device), logits, targets, stats,
+                        -1, classes, smoothing, z_loss, configure(block_config(logits.shape[1]), "cross_entropy_bwd"))
+
+
+def row_chunks(args: dict, grid: tuple) -> int:
+    """The kernels' main-loop iterations: one row per program, its whole chunks."""
+    return grid[0] * (args["n_classes"] // args["BLOCK_V"])
+
+
+def _compared_kernel(logits, targets, num_classes, label_smoothing, z_loss):
+    return cross_entropy(logits, targets, reduction="none", num_classes=num_classes, label_smoothing=label_smoothing,
+                         z_loss=z_loss)
+
+
+def _compared_reference(logits, targets, num_classes, label_smoothing, z_loss):
+    return cross_entropy_reference(logits[:, :num_classes], targets, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _compared_eager(logits, targets, num_classes, label_smoothing, z_loss):
+    classes = logits[:, :num_classes]
+    losses = F.cross_entropy(classes, targets, reduction="none", label_smoothing=label_smoothing)
+    return losses + z_loss * classes.logsumexp(-1) ** 2 if z_loss else losses
+
+
+def _eager(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
+def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    logits = torch.randn(size["rows"], size["vocab"], device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, size["vocab"], (size["rows"],), device=device)
+    return logits, targets
+
+
+def _bytes(size: dict, elem: int) -> tuple[float, float]:
+    """The fewest bytes: the forward reads the logits (and the targets); the backward reads the
+    logits and writes their gradient."""
+    rows, vocab = size["rows"], size["vocab"]
+    return rows * vocab * elem + rows * 8, 2 * rows * vocab * elem + rows * 8
+
+
+_CHUNK_FIELDS = ("BLOCK_V", "num_warps")
+TUNABLES = {"cross_entropy_fwd": spec.Tunable(_CHUNK_FIELDS), "cross_entropy_bwd": spec.Tunable(_CHUNK_FIELDS)}
+MODELS = {"cross_entropy_fwd": spec.KernelModel(row_chunks), "cross_entropy_bwd": spec.KernelModel(row_chunks)}
+
+SPECS = (spec.OpSpec(
+    name="cross_entropy", function=cross_entropy, reference=cross_entropy_reference,
+    # Rows of 50,304 (GPT-2's padded vocabulary) holding 50,257 classes.
+    shape_names=("rows", "columns", "classes"), optional=1,
+    shapes=spec.Shapes(default=(16384, 50304, 50257), small=(16, 1000, 997),
+                       odd=((33, 1000), (5, 4097), (3, 50304, 50257))),
+    make_inputs=_inputs, launchers=_launchers, compared=(_compared_kernel, _compared_reference, _compared_eager),
+    config_type=ChunkConfig, every_config=every_config, tunables=TUNABLES,
+    options={"label_smoothing": float, "z_loss": float, "row_stride": int}, models=MODELS,
+    benchmarks=(benchmark.KernelBench(
+        name="cross_entropy",
+        unit="GB/s",
+        # Vocabularies padded to a multiple of 64, as the model's LM head pads GPT-2's 50,257 to 50,304.
+        full=[benchmark.Sweep("rows=16384", "vocab",
+                              [dict(rows=16384, vocab=v) for v in (8192, 32768, 50304, 128256)])],
+        small=[benchmark.Sweep("rows=24", "vocab", [dict(rows=24, vocab=v) for v in (96, 300)])],
+        headline=dict(rows=16384, vocab=50304),  # GPT-2 124M: 16 x 1024 tokens, its padded vocabulary
+        providers={
+            # check_targets=False: no host sync, as in the model
+            "triton": benchmark.triton_backend(lambda logits, targets: cross_entropy(logits, targets,
+                                                                                     check_targets=False)),
+            "torch": benchmark.eager(_eager),
+            "torch.compile": benchmark.compiled(_eager),
+            "liger": benchmark.liger("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction", (None, -1),
+                                     output=0),
+        },
+        make_inputs=_bench_inputs, work=_bytes),),
+),)

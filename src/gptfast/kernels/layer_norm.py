@@ -8,7 +8,7 @@ models using them compile with ``torch.compile(fullgraph=True)``.
 * Forward: each program holds ``BLOCK_M`` whole rows in registers, so x is read once and y written
   once; statistics are float32 whatever the input dtype, and 1/std is saved for backward. Rows
   longer than 256 columns are held as a tuple of chunks of 256 columns per warp of the row
-  (``_block_config``), so a row is padded to a multiple of the chunk, not to a power of two (768:
+  (``block_config``), so a row is padded to a multiple of the chunk, not to a power of two (768:
   three chunks of 256, no idle lane), and each row sum adds the chunks in registers before one
   reduction, within the warp when the row has a warp of its own.
 * Backward: a fixed grid of a few programs per SM; each walks its share of the row tiles (in
@@ -25,20 +25,33 @@ models using them compile with ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from . import backend
-from .common import KERNEL_DTYPES, as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count, tl
+from . import backend, benchmark, spec
+from .common import (
+    KERNEL_DTYPES,
+    RowConfig,
+    as_rows,
+    cdiv,
+    dtype_problem,
+    jit,
+    kernel_op,
+    launch,
+    next_power_of_2,
+    sm_count,
+    tl,
+)
 
 # Whole rows live in registers: 8192 float32 values per row tile keep every thread under its
 # register budget without spills (checked ahead of time for sm_80 and sm_90 in tests).
 MAX_ROW_LENGTH = 8192
 _TILE_ELEMENTS = 4096  # short rows are grouped into tiles of at least this many elements
 _WARP_COLUMNS = 256  # a warp's 32 lanes x 8 columns: one 128-bit load of 16-bit values each
-_MOST_CHUNKS = {False: 8, True: 3}  # chunks per thread, forward / backward (see _block_config)
+_MOST_CHUNKS = {False: 8, True: 3}  # chunks per thread, forward / backward (see block_config)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -222,9 +235,8 @@ def _layer_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, ds_ptr, dx_ptr, dw_partial_p
             tl.store(db_partial_ptr + partial, tl.sum(db_sum[c], axis=0), mask=cols < n_cols)
 
 
-def _block_config(n_cols: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols``; the kernels hold the rows in chunks
-    (:func:`_tile`).
+def block_config(n_cols: int, backward: bool) -> RowConfig:
+    """The configuration for rows of ``n_cols``; the kernels hold the rows in chunks (:func:`_tile`).
 
     Rows of up to 256 columns: tiles of _TILE_ELEMENTS (half that in the backward), several rows
     to a warp, in one chunk; 8 warps, so 16 values per thread forward, 8 backward.
@@ -240,19 +252,19 @@ def _block_config(n_cols: int, backward: bool) -> tuple[int, int, int]:
     """
     width = next_power_of_2(n_cols)
     if width <= _WARP_COLUMNS:
-        return (_TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS) // width, width, 8
+        return RowConfig((_TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS) // width, width, 8)
     warps_per_row = next_power_of_2(cdiv(n_cols, _WARP_COLUMNS * _MOST_CHUNKS[backward]))
     chunk = _WARP_COLUMNS * warps_per_row
     num_warps = max(4, warps_per_row)
-    return num_warps // warps_per_row, cdiv(n_cols, chunk) * chunk, num_warps
+    return RowConfig(num_warps // warps_per_row, cdiv(n_cols, chunk) * chunk, num_warps)
 
 
-def _tile(n_cols: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, CHUNK) of a launch: _block_config's tile in chunks of 256
+def _tile(config: RowConfig, n_cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, CHUNK) of a launch: the configuration's tile in chunks of 256
     columns per warp of each row (whole rows when BLOCK_N is no wider). Only the last chunk may
     run past the row's end (_centered masks no other), so a wider BLOCK_N, from the lab's
     ``--config``, is cut to the chunks that reach into the row."""
-    block_m, block_n, num_warps = _block_config(n_cols, backward)
+    block_m, block_n, num_warps = config.block_m, config.block_n, config.num_warps
     chunk = math.gcd(block_n, _WARP_COLUMNS * max(1, num_warps // block_m))
     return block_m, min(block_n, cdiv(n_cols, chunk) * chunk), num_warps, chunk
 
@@ -263,16 +275,17 @@ def _register_budget(num_warps: int) -> int:
     return min(255, 65536 // (32 * num_warps))
 
 
-def _kernel_configs(backward: bool) -> list[tuple[int, int, int]]:
-    """Every (BLOCK_M, BLOCK_N, num_warps) a kernel may launch with, for ahead-of-time checks."""
-    return sorted({_block_config(n, backward) for n in range(1, MAX_ROW_LENGTH + 1)})
+def every_config() -> dict[str, tuple[RowConfig, ...]]:
+    """Every configuration each kernel may launch with, for ahead-of-time checks."""
+    return {kernel: tuple(sorted({block_config(n, backward) for n in range(1, MAX_ROW_LENGTH + 1)}))
+            for kernel, backward in (("layer_norm_fwd", False), ("layer_norm_bwd", True))}
 
 
-@kernel_op("layer_norm_fwd")
-def _forward(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton LayerNorm forward of x, or of x + branch: (y shaped like x in out_dtype, float32 1/std
-    per row, the sum x + branch in their promoted dtype; empty without a branch)."""
+def launch_forward(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype,
+                   config: RowConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm forward of x, or of x + branch, launched with ``config``: (y shaped like x in
+    out_dtype, float32 1/std per row, the sum x + branch in their promoted dtype; empty without a branch)."""
     x2 = as_rows(x)
     r2 = as_rows(branch) if branch is not None else None
     weight, bias = (p.contiguous() if p is not None else None for p in (weight, bias))
@@ -282,7 +295,7 @@ def _forward(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor 
     total = (torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
              if branch is not None else x.new_empty(0))
     if n_rows > 0:
-        block_m, block_n, num_warps, chunk = _tile(n_cols, backward=False)
+        block_m, block_n, num_warps, chunk = _tile(config, n_cols)
         launch(_layer_norm_fwd, (cdiv(n_rows, block_m),),
                x2, r2, total, weight, bias, y, rstd, n_rows, n_cols, x2.stride(0),
                r2.stride(0) if r2 is not None else 0, total.stride(0) if r2 is not None else 0, y.stride(0), eps,
@@ -291,11 +304,19 @@ def _forward(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor 
     return y.view(x.shape), rstd.view(x.shape[:-1]), (total.view(x.shape) if branch is not None else total)
 
 
-@kernel_op("layer_norm_bwd")
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, has_bias: bool, rstd: torch.Tensor,
-              dtotal: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton LayerNorm backward: dx (plus ``dtotal``, the gradient that reaches the normalised rows
-    directly when they are a residual sum), and dweight / dbias (empty without a weight / bias)."""
+@kernel_op("layer_norm_fwd")
+def _forward(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`launch_forward` with the configuration for x's rows."""
+    return launch_forward(x, branch, weight, bias, eps, out_dtype, block_config(x.shape[-1], backward=False))
+
+
+def launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, has_bias: bool,
+                    rstd: torch.Tensor, dtotal: torch.Tensor | None,
+                    config: RowConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LayerNorm backward, launched with ``config``: dx (plus ``dtotal``, the gradient that reaches
+    the normalised rows directly when they are a residual sum), and dweight / dbias (empty without a
+    weight / bias)."""
     x2, dy2 = as_rows(x), as_rows(dy)
     ds2 = as_rows(dtotal) if dtotal is not None else None
     weight = weight.contiguous() if weight is not None else None
@@ -303,7 +324,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, ha
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     has_weight = weight is not None
     param_dtype = weight.dtype if has_weight else x.dtype
-    block_m, block_n, num_warps, chunk = _tile(n_cols, backward=True)
+    block_m, block_n, num_warps, chunk = _tile(config, n_cols)
     programs = max(1, min(2 * sm_count(x.device), cdiv(n_rows, block_m)))
     dw_partial = torch.zeros(programs if has_weight else 0, n_cols, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs if has_bias else 0, n_cols, dtype=torch.float32, device=x.device)
@@ -315,6 +336,13 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, ha
                BLOCK_N=block_n, CHUNK=chunk, num_warps=num_warps, maxnreg=_register_budget(num_warps))
     # The partial sums are added in a fixed order: deterministic dweight and dbias.
     return dx.view(x.shape), dw_partial.sum(0).to(param_dtype), db_partial.sum(0).to(param_dtype)
+
+
+@kernel_op("layer_norm_bwd")
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, has_bias: bool, rstd: torch.Tensor,
+              dtotal: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`launch_backward` with the configuration for x's rows."""
+    return launch_backward(dy, x, weight, has_bias, rstd, dtotal, block_config(x.shape[-1], backward=True))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -402,3 +430,121 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor |
         return total, y
     total = x + branch
     return total, F.layer_norm(total, (x.shape[-1],), weight, bias, eps).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The specs (``spec.OpSpec``): inputs, the launchers with explicit configurations, lab hooks and
+# the benchmarks (our kernel against F.layer_norm, its torch.compile and Liger-Kernel's).
+# ---------------------------------------------------------------------------------------------
+
+EPS = 1e-5
+
+
+def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dict,
+            generator: torch.Generator | None, residual: bool = False) -> spec.Inputs:
+    """x (and the branch), weight and bias; options: ``weight``, ``bias`` (False: None) and
+    ``row_stride`` (rows as a view of wider ones)."""
+    rows, cols = shape
+    make = dict(dtype=dtype, device=device, generator=generator)
+    inputs = {"x": spec.row_tensor(rows, cols, row_stride=options.get("row_stride"), **make)}
+    if residual:
+        inputs["branch"] = spec.row_tensor(rows, cols, row_stride=options.get("row_stride"), **make)
+    inputs["weight"] = spec.tensor(cols, scale=0.1, shift=1.0, **make) if options.get("weight", True) else None
+    inputs["bias"] = spec.tensor(cols, scale=0.1, **make) if options.get("bias", True) else None
+    return inputs
+
+
+def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+    x, branch, weight, bias = (inputs.get(name) for name in ("x", "branch", "weight", "bias"))
+    n_cols = x.shape[-1]
+    with phase("forward"):
+        y, rstd, total = launch_forward(x, branch, weight, bias, EPS, x.dtype,
+                                        configure(block_config(n_cols, False), "layer_norm_fwd"))
+    with phase("backward"):
+        launch_backward(torch.empty_like(y), x if branch is None else total, weight, bias is not None, rstd,
+                        None if branch is None else torch.empty_like(total),
+                        configure(block_config(n_cols, True), "layer_norm_bwd"))
+
+
+def _eager_add(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    total = x + branch
+    return total, F.layer_norm(total, (x.shape[-1],), weight, bias, EPS)
+
+
+def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype,
+                  residual: bool = False) -> tuple[torch.Tensor, ...]:
+    rows, hidden = size["rows"], size["hidden"]
+    rows_ = (torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+             for _ in range(2 if residual else 1))
+    weight = (1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)).requires_grad_()
+    bias = (0.1 * torch.randn(hidden, device=device, dtype=dtype)).requires_grad_()
+    return *rows_, weight, bias
+
+
+def _bytes(size: dict, elem: int, residual: bool = False) -> tuple[float, float]:
+    """The fewest bytes: the forward reads x (and the branch), weight and bias and writes y (and the
+    sum); the backward reads x, dy (and the sum's gradient) and weight and writes dx, dweight and
+    dbias (saved statistics not counted)."""
+    rows, hidden = size["rows"], size["hidden"]
+    extra = rows * hidden if residual else 0
+    return (2 * rows * hidden + 2 * extra + 2 * hidden) * elem, (3 * rows * hidden + extra + 3 * hidden) * elem
+
+
+_ROW_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps")
+_SHAPES = spec.Shapes(default=(16384, 768), small=(64, 300), odd=((33, 768), (4, 1000), (7, 4097)))
+_TUNABLES = {"layer_norm_fwd": spec.Tunable(_ROW_FIELDS), "layer_norm_bwd": spec.Tunable(_ROW_FIELDS)}
+_MODELS = {"layer_norm_bwd": spec.KernelModel(spec.row_tiles)}
+_OPTIONS = {"weight": bool, "bias": bool, "row_stride": int}
+
+LAYER_NORM = spec.OpSpec(
+    name="layer_norm", function=layer_norm, reference=layer_norm_reference, shape_names=("rows", "columns"),
+    shapes=_SHAPES, make_inputs=_inputs, launchers=_launchers,
+    compared=(lambda x, weight, bias: layer_norm(x, weight, bias), layer_norm_reference,
+              lambda x, weight, bias: F.layer_norm(x, (x.shape[-1],), weight, bias)),
+    config_type=RowConfig, every_config=every_config, tunables=_TUNABLES, options=_OPTIONS, models=_MODELS,
+    benchmarks=(benchmark.KernelBench(
+        name="layer_norm",
+        unit="GB/s",
+        full=[benchmark.Sweep("rows=16384", "hidden", [dict(rows=16384, hidden=h) for h in
+                                                        (768, 1024, 1280, 1600, 2048, 3072, 4096, 5120, 6400)]),
+              benchmark.Sweep("hidden=768", "rows", [dict(rows=r, hidden=768)
+                                                     for r in (4096, 8192, 16384, 32768, 65536)])],
+        small=[benchmark.Sweep("rows=24", "hidden", [dict(rows=24, hidden=h) for h in (96, 300)])],
+        headline=dict(rows=16384, hidden=768),  # GPT-2 124M: batch 16 x context 1024 rows
+        providers={
+            "triton": benchmark.triton_backend(lambda x, w, b: layer_norm(x, w, b, EPS)),
+            "torch": benchmark.eager(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS)),
+            "torch.compile": benchmark.compiled(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS)),
+            "liger": benchmark.liger("liger_kernel.ops.layer_norm", "LigerLayerNormFunction", (EPS,)),
+        },
+        make_inputs=_bench_inputs, work=_bytes),),
+)
+
+
+def _add_reference(x, branch, weight, bias):
+    total = x + branch
+    return torch.stack((total, layer_norm_reference(total, weight, bias)))
+
+
+ADD_LAYER_NORM = spec.OpSpec(
+    name="add_layer_norm", function=add_layer_norm, reference=_add_reference, shape_names=("rows", "columns"),
+    shapes=_SHAPES, make_inputs=functools.partial(_inputs, residual=True), launchers=_launchers,
+    # Both outputs compared at once: (x + branch, LayerNorm of it), stacked.
+    compared=(lambda x, branch, weight, bias: torch.stack(add_layer_norm(x, branch, weight, bias)), _add_reference,
+              lambda x, branch, weight, bias: torch.stack(_eager_add(x, branch, weight, bias))),
+    config_type=RowConfig, every_config=every_config, tunables=_TUNABLES, options=_OPTIONS, models=_MODELS,
+    benchmarks=(benchmark.KernelBench(
+        name="add_layer_norm",
+        unit="GB/s",
+        full=[benchmark.Sweep("rows=16384", "hidden", [dict(rows=16384, hidden=h) for h in (768, 1600, 4096)])],
+        small=[benchmark.Sweep("rows=24", "hidden", [dict(rows=24, hidden=h) for h in (96, 300)])],
+        headline=dict(rows=16384, hidden=768),  # GPT-2 124M: a residual add and the next LayerNorm
+        providers={
+            "triton": benchmark.triton_backend(lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)),
+            "torch": benchmark.eager(_eager_add),
+            "torch.compile": benchmark.compiled(_eager_add),
+        },
+        make_inputs=functools.partial(_bench_inputs, residual=True), work=functools.partial(_bytes, residual=True)),),
+)
+
+SPECS = (LAYER_NORM, ADD_LAYER_NORM)

@@ -21,11 +21,23 @@ any device.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from . import backend
+from . import backend, benchmark, spec
 from .common import kernel_op
-from .cross_entropy import _forward as _loss_rows
-from .cross_entropy import check_options, check_target_values, cross_entropy, write_gradient
+from .cross_entropy import (
+    MODELS,
+    TUNABLES,
+    ChunkConfig,
+    block_config,
+    check_options,
+    check_target_values,
+    cross_entropy,
+    cross_entropy_reference,
+    every_config,
+    launch_forward,
+    write_gradient,
+)
 
 CHUNK_BYTES = 256 * 2**20  # default memory budget for one chunk of logits
 
@@ -60,12 +72,13 @@ def _eager_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, dloss: tor
     return losses
 
 
-@kernel_op("linear_cross_entropy")
-def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
-           label_smoothing: float, z_loss: float, mean: bool, rows_per_chunk: int, dtype: torch.dtype,
-           use_triton: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def launch_fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                 num_classes: int, label_smoothing: float, z_loss: float, mean: bool, rows_per_chunk: int,
+                 dtype: torch.dtype, use_triton: bool, need_grad: bool, forward_config: ChunkConfig,
+                 gradient_config: ChunkConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d sum / d hidden, d sum / d weight in float32) of ``cross_entropy(hidden @ weight.T)``,
     the loss its sum or its mean, the matmuls in ``dtype``; hidden (rows, d), weight (vocabulary, d).
+    The cross-entropy kernels launch with ``forward_config`` (losses) and ``gradient_config`` (gradients).
 
     The gradients are those of the *sum* of the row losses: a mean's 1 / counted is applied in the
     backward, in float32 and together with the loss's gradient (under float16 autocast, GradScaler's
@@ -83,19 +96,29 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ig
         rows = slice(start, min(start + rows_per_chunk, n_rows))
         logits = h[rows] @ w.T
         if not need_grad:
-            losses = (_loss_rows(logits, targets[rows], *options)[0] if use_triton
+            losses = (launch_forward(logits, targets[rows], *options, forward_config)[0] if use_triton
                       else _eager_loss_and_grad(logits, targets[rows], None, *options))
             total += losses.sum()
             continue
         if use_triton:
-            losses, stats = _loss_rows(logits, targets[rows], *options)
-            write_gradient(logits, ones[rows], logits, targets[rows], stats, *options)  # in place
+            losses, stats = launch_forward(logits, targets[rows], *options, forward_config)
+            write_gradient(logits, ones[rows], logits, targets[rows], stats, *options, gradient_config)  # in place
         else:
             losses = _eager_loss_and_grad(logits, targets[rows], ones[rows], *options)
         total += losses.sum()
         dhidden[rows] = logits @ w
         dweight += logits.T @ h[rows]
     return (total / (targets != ignore_index).sum() if mean else total), dhidden, dweight
+
+
+@kernel_op("linear_cross_entropy")
+def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
+           label_smoothing: float, z_loss: float, mean: bool, rows_per_chunk: int, dtype: torch.dtype,
+           use_triton: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`launch_fused` with the cross-entropy kernels' configurations for the classes and the rows."""
+    return launch_fused(hidden, weight, targets, ignore_index, num_classes, label_smoothing, z_loss, mean,
+                        rows_per_chunk, dtype, use_triton, need_grad, block_config(num_classes),
+                        block_config(weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -116,6 +139,21 @@ def _gradients(ctx, dloss, _dhidden, _dweight):
 _fused.register_autograd(_gradients, setup_context=_setup_context)
 
 
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The logits' dtype: autocast's where it is on, as ``nn.Linear`` would compute them."""
+    device = hidden.device.type
+    return (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+            else torch.promote_types(hidden.dtype, weight.dtype))
+
+
+def _kernel_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *args, **kwargs) -> str | None:
+    """The chunks' losses run on cross_entropy's kernels, on logits in the matmuls' dtype: its check decides."""
+    logits = torch.empty(0, weight.shape[0], dtype=_matmul_dtype(hidden, weight), device=hidden.device)
+    decision = backend.explain(cross_entropy, logits, targets.reshape(-1))
+    return None if decision.use_triton else decision.reason
+
+
+@backend.routed(_kernel_problem)
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -1, reduction: str = "mean", num_classes: int | None = None,
                          label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_bytes: int = CHUNK_BYTES,
@@ -141,14 +179,95 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     num_classes = weight.shape[0] if num_classes is None else num_classes
     if check_targets and not torch.compiler.is_compiling():
         check_target_values(targets, ignore_index, num_classes)
-    device = hidden.device.type
-    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-             else torch.promote_types(hidden.dtype, weight.dtype))
+    dtype = _matmul_dtype(hidden, weight)
     hidden2, targets1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    # The chunks' losses run on cross_entropy's kernels: its route decides.
-    use_triton = backend.route(cross_entropy, torch.empty(0, weight.shape[0], dtype=dtype, device=hidden.device),
-                               targets1)
+    use_triton = backend.route(linear_cross_entropy, hidden, weight, targets)
     rows = chunk_rows(weight.shape[0], dtype.itemsize, chunk_bytes)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _fused(hidden2, weight, targets1, ignore_index, num_classes, label_smoothing, z_loss,
                   reduction == "mean", rows, dtype, use_triton, need_grad)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec (``spec.OpSpec``): inputs, the launcher with explicit configurations (the cross-entropy
+# kernels', tuned there), lab hooks and the benchmark: the fused head against the logits' matmul then
+# F.cross_entropy as autocast runs it, and its torch.compile. The fused head computes the gradients in
+# its forward and its backward only scales them: compare forward+backward.
+# ---------------------------------------------------------------------------------------------
+
+
+def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dict,
+            generator: torch.Generator | None) -> spec.Inputs:
+    """hidden (rows, d), weight (vocabulary, d), targets among the first ``classes``; options:
+    ``label_smoothing``, ``z_loss``, ``chunk_bytes``."""
+    rows, d, vocab, classes = (*shape, shape[2])[:4]
+    if classes > vocab:
+        raise ValueError(f"linear_cross_entropy: {classes} classes in a vocabulary of {vocab}")
+    make = dict(dtype=dtype, device=device, generator=generator)
+    return {"hidden": spec.tensor(rows, d, **make), "weight": spec.tensor(vocab, d, scale=d**-0.5, **make),
+            "targets": spec.class_ids(rows, classes, device, generator), "num_classes": classes,
+            "label_smoothing": float(options.get("label_smoothing", 0.0)), "z_loss": float(options.get("z_loss", 0.0)),
+            "chunk_bytes": int(options.get("chunk_bytes", CHUNK_BYTES))}
+
+
+def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+    """The chunks' kernels, losses and gradients, all in the forward (the backward launches nothing)."""
+    hidden, weight, classes = inputs["hidden"], inputs["weight"], inputs["num_classes"]
+    rows = chunk_rows(weight.shape[0], hidden.element_size(), inputs["chunk_bytes"])
+    with phase("forward"):
+        launch_fused(hidden, weight, inputs["targets"], -1, classes, inputs["label_smoothing"], inputs["z_loss"], True,
+                     rows, hidden.dtype, True, True, configure(block_config(classes), "cross_entropy_fwd"),
+                     configure(block_config(weight.shape[0]), "cross_entropy_bwd"))
+
+
+def _reference(hidden, weight, targets, num_classes, label_smoothing, z_loss, chunk_bytes=CHUNK_BYTES):
+    logits = (hidden @ weight.T)[:, :num_classes]
+    return cross_entropy_reference(logits, targets, label_smoothing=label_smoothing, z_loss=z_loss).mean()
+
+
+def _compared_eager(hidden, weight, targets, num_classes, label_smoothing, z_loss, chunk_bytes):
+    classes = (hidden @ weight.T)[:, :num_classes]
+    loss = F.cross_entropy(classes, targets, label_smoothing=label_smoothing)
+    return loss + z_loss * (classes.logsumexp(-1) ** 2).mean() if z_loss else loss
+
+
+def _eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((hidden @ weight.T).float(), targets)
+
+
+def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    hidden = torch.randn(size["rows"], size["hidden"], device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(size["vocab"], size["hidden"], device=device, dtype=dtype)
+              * size["hidden"] ** -0.5).requires_grad_()
+    return hidden, weight, torch.randint(0, size["vocab"], (size["rows"],), device=device)
+
+
+def _flops(size: dict, elem: int) -> tuple[float, float]:
+    """The head's matmuls, wherever they run: the logits (forward), d hidden and d weight (backward)."""
+    logits = 2 * size["rows"] * size["hidden"] * size["vocab"]
+    return logits, 2 * logits
+
+
+SPECS = (spec.OpSpec(
+    name="linear_cross_entropy", function=linear_cross_entropy, reference=_reference,
+    shape_names=("rows", "hidden", "vocabulary", "classes"), optional=1,
+    shapes=spec.Shapes(default=(16384, 768, 50304, 50257), small=(96, 32, 300, 297),
+                       odd=((300, 24, 131, 120), (65, 12, 200, 199))),
+    make_inputs=_inputs, launchers=_launchers,
+    compared=(linear_cross_entropy, _reference, _compared_eager),
+    config_type=ChunkConfig, every_config=every_config, tunables=TUNABLES,
+    options={"label_smoothing": float, "z_loss": float, "chunk_bytes": int}, models=MODELS,
+    benchmarks=(benchmark.KernelBench(
+        name="linear_cross_entropy",
+        unit="TFLOP/s",
+        full=[benchmark.Sweep("rows=16384, hidden=768", "vocab", [dict(rows=16384, hidden=768, vocab=v)
+                                                                   for v in (8192, 32768, 50304, 128256)])],
+        small=[benchmark.Sweep("rows=24, hidden=16", "vocab", [dict(rows=24, hidden=16, vocab=v) for v in (96, 300)])],
+        headline=dict(rows=16384, hidden=768, vocab=50304),  # GPT-2 124M's LM head and loss
+        providers={
+            "triton": benchmark.triton_backend(lambda h, w, t: linear_cross_entropy(h, w, t, check_targets=False)),
+            "torch": benchmark.eager(_eager),
+            "torch.compile": benchmark.compiled(_eager),
+        },
+        make_inputs=_bench_inputs, work=_flops),),
+),)

@@ -9,8 +9,10 @@ what the SASS shows (matrix instructions, access widths, the main loop: see ``sa
   over the SMs the grid can occupy, 4 schedulers each issuing one per clock at the boost clock;
 * mufu: the special-function unit's operations (ex2, rcp, rsqrt...) counted the same way, at 16 per
   clock per SM;
-* tensor_core: the matrix products' FLOPs (attention: per score tile, ``ops.KernelModel.matmuls``
+* tensor_core: the matrix products' FLOPs (attention: per score tile, ``KernelModel.matmuls``
   products with the head dim) at the dense bf16 peak.
+
+What a kernel's main loop covers comes from its op's spec (``OpSpec.models``).
 """
 
 from __future__ import annotations
@@ -23,20 +25,22 @@ from pathlib import Path
 import torch
 
 from gptfast.kernels import common
+from gptfast.kernels.spec import OpSpec
+from gptfast.precision import DTYPE_NAMES, SHORT_NAMES, dtype_name
 
 from . import sass
-from .compiler import Build, Compiled, LabError, compile_builds
-from .ops import Op, configured, kernel_name
+from .compiler import Build, Compiled, LabError, compile_builds, describe_arg
+from .ops import check_overrides, kernel_name
 from .targets import Architecture
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {short: DTYPE_NAMES[full] for short, full in SHORT_NAMES.items()}  # the lab's names: bf16, fp16, fp32
 
 
 @dataclass(frozen=True)
 class Request:
     """One op at one shape, dtype, architecture and configuration."""
 
-    op: Op
+    op: OpSpec
     shape: tuple[int, ...]
     dtype: str
     arch: Architecture
@@ -46,46 +50,51 @@ class Request:
 
 
 def parse_dtype(text: str) -> str:
-    if text not in DTYPES:
-        raise LabError(f"unknown dtype {text!r}: choose one of {', '.join(DTYPES)}")
-    return text
+    """The lab's name (bf16, fp16, fp32) of a dtype given by either name (bfloat16 or bf16...)."""
+    try:
+        full = dtype_name(text)
+    except ValueError as error:
+        raise LabError(f"--dtype: {error}") from None
+    return next(short for short, name in SHORT_NAMES.items() if name == full)
 
 
 def capture(request: Request) -> list[tuple[str, common.Launch]]:
     """(phase, launch) for every launch of the op's forward then backward launcher, as they would
-    run on ``request.arch``."""
+    run on ``request.arch``; a launch repeated exactly (the fused LM head's chunks) is listed once."""
     import contextlib
 
+    check_overrides(request.op, request.overrides)
     records: list[tuple[str, common.Launch]] = []
 
     @contextlib.contextmanager
     def phase(name: str):
-        with configured(request.op, request.overrides, name), common.capture_launches() as launches:
+        with common.capture_launches() as launches:
             yield
         records.extend((name, launch) for launch in launches)
 
     with common.targeting(request.arch.gpu()):
         try:
-            request.op.run(request.shape, DTYPES[request.dtype], request.options, phase)
+            request.op.launch_meta(request.shape, DTYPES[request.dtype], request.options, request.overrides, phase)
         except (ValueError, RuntimeError, TypeError) as error:
             raise LabError(f"{request.op.name} {','.join(map(str, request.shape))} {request.dtype}: "
                            f"{str(error).splitlines()[0]}") from error
-    ignored = [launch for _, launch in records if _looks_untargeted(request.op, launch)]
-    if ignored:
-        raise LabError(f"{request.op.name}'s launcher ignores common.target_gpu(): it configured "
-                       f"{kernel_name(ignored[0].kernel)} for the interpreter, not for sm_{request.arch.arch}")
-    return records
+    seen, distinct = set(), []
+    for name, launch in records:
+        key = (name, launch.kernel, launch.grid, repr(_aligned(launch.args)), repr(sorted(launch.meta.items())))
+        if key not in seen:
+            seen.add(key)
+            distinct.append((name, launch))
+    return distinct
 
 
-def _looks_untargeted(op: Op, launch: common.Launch) -> bool:
-    """flash_attention's configurations come from a table per GPU; a launcher that ignores the target
-    gives a "meta" tensor the interpreter's small tiles (INTERPRETER_CONFIGS)."""
-    interpreter = getattr(op.module, "INTERPRETER_CONFIGS", None)
-    if interpreter is None or kernel_name(launch.kernel) != "attention_fwd":
-        return False
-    f = interpreter.forward
-    return tuple(launch.meta.get(k) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")) == (
-        f.block_m, f.block_n, f.num_warps, f.num_stages)
+def _aligned(args: tuple) -> list:
+    """The launch's arguments as they compile: tensors by dtype, shape, strides and their offset's
+    16-byte alignment (the only part of it Triton specialises on)."""
+    described = [describe_arg(a) for a in args]
+    for d, a in zip(described, args):
+        if isinstance(a, torch.Tensor):
+            d["offset"] = d["offset"] * a.element_size() % 16
+    return described
 
 
 def _named_args(launch: common.Launch) -> dict:

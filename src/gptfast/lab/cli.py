@@ -9,20 +9,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gptfast.kernels.registry import SPECS
+
 from .compiler import LabError
-from .ops import OPS, get_op, parse_config, parse_options
+from .ops import get_op, parse_config, parse_options, parse_shape
 from .targets import ARCHITECTURES, parse_arch
 
 CONFIG_HELP = ("try another block configuration: KERNEL:FIELD=VALUE[,FIELD=VALUE...], repeatable, e.g. "
                "attention_bwd_kv:BLOCK_N=64,num_warps=4 (the kernel names and fields are inspect's)")
-SHAPE_HELP = ("the op's sizes, comma-separated: flash_attention batch,heads,seq,head_dim[,keys]; the row ops "
-              "rows,columns (cross_entropy rows,columns[,classes]); default: GPT-2 124M training")
+SHAPE_HELP = ("the op's sizes, comma-separated, default: GPT-2 124M training; " + "; ".join(
+    f"{spec.name} {','.join(spec.shape_names[:len(spec.shape_names) - spec.optional])}"
+    + (f"[,{','.join(spec.shape_names[len(spec.shape_names) - spec.optional:])}]" if spec.optional else "")
+    for spec in SPECS.values()))
+
+
+def _dtype(text: str) -> str:
+    from .analysis import parse_dtype
+
+    try:
+        return parse_dtype(text)
+    except LabError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--dtype: ")) from None
 
 
 def _add_target(p: argparse.ArgumentParser, dtype: str = "bf16") -> None:
-    p.add_argument("op", choices=list(OPS))
+    p.add_argument("op", choices=list(SPECS))
     p.add_argument("--shape", help=SHAPE_HELP)
-    p.add_argument("--dtype", default=dtype, choices=("bf16", "fp16", "fp32"), help=f"default {dtype}")
+    p.add_argument("--dtype", default=dtype, type=_dtype, metavar="{bf16,fp16,fp32}",
+                   help=f"default {dtype} (bfloat16, float16 and float32 too)")
 
 
 def _add_compile(p: argparse.ArgumentParser) -> None:
@@ -66,7 +80,7 @@ def _request(args):
     from .analysis import Request
 
     op = get_op(args.op)
-    return Request(op, op.parse_shape(args.shape), args.dtype, parse_arch(args.arch), parse_config(args.config),
+    return Request(op, parse_shape(op, args.shape), args.dtype, parse_arch(args.arch), parse_config(args.config),
                    parse_options(op, args.option), getattr(args, "bandwidth", None))
 
 
@@ -97,11 +111,11 @@ def _check(args) -> int:
         argv = ["check", args.op, "--dtype", args.dtype] + (["--shape", args.shape] if args.shape else [])
         return subprocess.run([sys.executable, "-m", "gptfast.lab", *argv], env=env).returncode
     from .analysis import DTYPES
-    from .check import SMALL_SHAPES, run_check
+    from .check import run_check
 
     op = get_op(args.op)
-    shape = op.parse_shape(args.shape) if args.shape else SMALL_SHAPES[op.name]
-    text, passed = run_check(op.name, shape, DTYPES[args.dtype])
+    shape = parse_shape(op, args.shape) if args.shape else op.shapes.small
+    text, passed = run_check(op, shape, DTYPES[args.dtype])
     print(text)
     return 0 if passed else 1
 

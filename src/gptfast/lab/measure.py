@@ -1,35 +1,26 @@
 """``lab bench`` and ``lab tune``: measurements, on a GPU only (the CLI refuses without one).
 
-bench: the op's benchmark (``gptfast.bench``'s KernelBench: our kernel, eager, torch.compile, SDPA and
-Liger where installed) at one size, forward, backward and both, timed by ``triton.testing.do_bench``
+bench: the op's benchmark (the first ``KernelBench`` of its spec: our kernel, eager, torch.compile, SDPA
+and Liger where installed) at one size, forward, backward and both, timed by ``triton.testing.do_bench``
 through the bench harness, each with its percentage of the measured copy or matmul ceiling.
 tune: the candidate configurations (``--config``, each one candidate) that ``inspect`` finds
-spill-free and unserialised on this GPU, each timed forward + backward with our kernel; for
-attention the fastest goes into this GPU's table (gptfast/kernels/configs/flash_attention_sm<table>.json, or
-``--write FILE``) with the device, versions and times.
+spill-free and unserialised on this GPU, each timed forward + backward through the op's launchers,
+which take the candidate's configurations; for attention the fastest goes into this GPU's table
+(gptfast/kernels/configs/flash_attention_sm<table>.json, or ``--write FILE``) with the device, versions
+and times.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 
+from gptfast.kernels.spec import OpSpec
+
 from . import analysis
-from .ops import Op, configured, parse_config
+from .ops import check_overrides, parse_config, parse_shape
 from .targets import ARCHITECTURES, Architecture
-
-BENCH_SIZES = {  # shape -> the benchmark's size keys
-    "layer_norm": lambda s: dict(rows=s[0], hidden=s[1]),
-    "bias_gelu": lambda s: dict(rows=s[0], hidden=s[1]),
-    "cross_entropy": lambda s: dict(rows=s[0], vocab=s[1]),
-    "flash_attention": lambda s: dict(batch=s[0], heads=s[1], seq=s[2], head_dim=s[3]),
-}
-
-
-def _benchmark(op: Op):
-    return importlib.import_module(f"gptfast.bench.{op.name}").BENCH
 
 
 def local_architecture() -> Architecture:
@@ -39,13 +30,14 @@ def local_architecture() -> Architecture:
     return Architecture(**{**arch.__dict__, "sm_count": props.multi_processor_count})
 
 
-def bench(op: Op, shape_text: str | None, dtype: str) -> str:
+def bench(op: OpSpec, shape_text: str | None, dtype: str) -> str:
     from gptfast.bench.ceilings import measure_ceilings
     from gptfast.bench.kernel_bench import PASSES, run_case
 
     device = torch.device("cuda")
     ceilings = measure_ceilings(device)
-    benchmark, size = _benchmark(op), BENCH_SIZES[op.name](op.parse_shape(shape_text))
+    benchmark = op.benchmarks[0]
+    size = benchmark.size_for(parse_shape(op, shape_text))
     lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()} (measured, do_bench median; copy "
              f"{ceilings.copy_gbps:.0f} GB/s, matmul {ceilings.matmul_tflops:.0f} TFLOP/s)"]
     for provider in benchmark.providers:
@@ -58,35 +50,30 @@ def bench(op: Op, shape_text: str | None, dtype: str) -> str:
     return "\n".join(lines)
 
 
-# The candidates `lab tune` tries without --config: the shipped table ("shipped", no override) and,
-# one kernel at a time, the tile shapes and warp counts the Hopper and Ampere entries choose among.
-DEFAULT_CANDIDATES = {
-    "flash_attention": ["shipped"] + [f"attention_fwd:BLOCK_M={m},BLOCK_N={n},num_warps={w},num_stages={s}"
-                                      for m, n, w, s in ((128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3),
-                                                         (64, 64, 4, 3), (128, 32, 8, 3))]
-                       + [f"attention_bwd_kv:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
-                          for m, n, w in ((64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 128, 8))]
-                       + [f"attention_bwd_q:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
-                          for m, n, w in ((64, 64, 4), (128, 64, 8), (64, 32, 4))],
-}
-
-
-def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | None,
+def tune(op: OpSpec, shape_text: str | None, dtype: str, candidates: list[str] | None,
          write: Path | None = None) -> str:
-    from gptfast.bench.harness import measure
-    from gptfast.bench.kernel_bench import pass_call, triton_backend
+    """Time each candidate configuration (``--config`` texts; default: the op's ``tune_candidates``)
+    that inspect finds spill-free and unserialised here: the op's launchers, forward then backward, on
+    the benchmark's inputs with the candidate's configurations passed to them. The fastest goes into the
+    op's table (``OpSpec.save_tuned``), if it has one."""
+    import triton
 
-    candidates = candidates or DEFAULT_CANDIDATES.get(op.name)
+    from gptfast.bench.harness import measure
+
+    candidates = candidates or list(op.tune_candidates)
     if not candidates:
         raise ValueError(f"lab tune: {op.name} has no default candidates: give them with --config (one each)")
     variant = [c for c in candidates if any(k.endswith(("_atomic", "_masked")) for k in _overrides(c))]
     if variant:  # tune times the default variant (deterministic, no dropout or key_start): never these entries
         raise ValueError(f"lab tune: {variant[0]!r}: tune times the deterministic backward and the forward "
                          "without dropout or key_start only")
-    arch, shape = local_architecture(), op.parse_shape(shape_text)
+    for candidate in candidates:
+        check_overrides(op, _overrides(candidate))
+    arch, shape, torch_dtype = local_architecture(), parse_shape(op, shape_text), analysis.DTYPES[dtype]
     requests = [analysis.Request(op, shape, dtype, arch, _overrides(c), {}) for c in candidates]
     device = torch.device("cuda")
-    benchmark, size = _benchmark(op), BENCH_SIZES[op.name](shape)
+    size = op.benchmarks[0].size_for(shape)
+    inputs = op.inputs(shape, torch_dtype, device, {}, torch.Generator().manual_seed(0))
     lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()}: forward + backward, measured"]
     times = {}
     for candidate, (report, _) in zip(candidates, analysis.inspect_many(requests)):
@@ -94,47 +81,21 @@ def tune(op: Op, shape_text: str | None, dtype: str, candidates: list[str] | Non
         if bad:
             lines.append(f"{candidate:<50} skipped: spills or serialised wgmma in {', '.join(bad)}")
             continue
-        overrides = _overrides(candidate)
-        with configured(op, overrides, "forward"), configured(op, overrides, "backward"):
-            forward = triton_backend(lambda *a: benchmark.providers["triton"](device)(*a))(device)
-            inputs = benchmark.make_inputs(size, device, analysis.DTYPES[dtype])
-            ms = measure(pass_call(forward, inputs, "forward+backward"), device,
-                         grad_to_none=[t for t in inputs if t.requires_grad])[0]
-        times[candidate] = ms
-        lines.append(f"{candidate:<50} {ms * 1e3:9.1f} us")
+        times[candidate] = measure(lambda c=candidate: op.launch(inputs, {}, _overrides(c)), device)[0]
+        lines.append(f"{candidate:<50} {times[candidate] * 1e3:9.1f} us")
     if not times:
         return "\n".join(lines + ["no candidate ran: nothing to write"])
     best = min(times, key=times.get)
     lines.append(f"fastest: {best} ({times[best] * 1e3:.1f} us)")
-    if op.name == "flash_attention":
-        lines.append(_write_attention_winner(op, shape, dtype, best, times, write))
-    else:  # the row ops derive their blocks from the row length: there is no table to write
+    if op.save_tuned is None:  # the row ops derive their blocks from the row length: there is no table to write
         lines.append(f"{op.name} has no configuration table: its launcher derives the blocks from the row length")
+        return "\n".join(lines)
+    measured = ", ".join(f"{c}: {t * 1e3:.1f} us" for c, t in sorted(times.items(), key=lambda ct: ct[1]))
+    note = (f"measured by gptfast lab tune on {torch.cuda.get_device_name()} (torch {torch.__version__}, triton "
+            f"{triton.__version__}) at shape {','.join(map(str, shape))} {dtype}, forward + backward: {measured}.")
+    lines.append(op.save_tuned(shape, torch_dtype, _overrides(best), note, write))
     return "\n".join(lines)
 
 
 def _overrides(candidate: str) -> dict[str, dict[str, int]]:
     return {} if candidate == "shipped" else parse_config([candidate])
-
-
-def _write_attention_winner(op: Op, shape: tuple[int, ...], dtype: str, best: str, times: dict[str, float],
-                            write: Path | None) -> str:
-    """Put the winner into the attention table of this GPU (its JSON file, or ``write``), with the
-    device, the versions and the times in the table's source note."""
-    import triton
-
-    fa = op.module
-    q = torch.empty(shape[0], shape[1], shape[2], shape[3], dtype=analysis.DTYPES[dtype], device="cuda")
-    with configured(op, _overrides(best), "forward"), configured(op, _overrides(best), "backward"):
-        winner = fa._configs_for(q)
-    props = torch.cuda.get_device_properties(0)
-    table_id = fa.table_for(props.major, props.minor, getattr(props, "shared_memory_per_block_optin", None))
-    table = fa.load_table(fa.table_path(table_id))
-    key = (fa._head_dim_pad(shape[3]), q.element_size())
-    measured = ", ".join(f"{c}: {t * 1e3:.1f} us" for c, t in sorted(times.items(), key=lambda ct: ct[1]))
-    source = (f"{table.source} Entry {key} (head_dim_pad, element_size) measured by gptfast lab tune on "
-              f"{torch.cuda.get_device_name()} (torch {torch.__version__}, triton {triton.__version__}) at shape "
-              f"{','.join(map(str, shape))} {dtype}, forward + backward: {measured}.")
-    path = write or fa.table_path(table_id)
-    fa.write_table(path, fa.ConfigTable(source, {**table.configs, key: winner}))
-    return f"wrote the winner into {path} (entry {key})"

@@ -1,0 +1,173 @@
+"""The launchers: the forward (or, for a few queries, the split-key decode) and the backward, each
+taking its configurations explicitly, and the PyTorch custom operators that choose them
+(``table.configs_for``), so that torch.compile(fullgraph=True) treats the kernels as opaque calls with
+known output shapes and a known backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import common
+from ..common import cdiv, kernel_op, launch, next_power_of_2, tracing
+from .kernels import (
+    _attention_bwd_delta_kernel,
+    _attention_bwd_kv_kernel,
+    _attention_bwd_kv_one_query_kernel,
+    _attention_bwd_q_kernel,
+    _attention_decode_kernel,
+    _attention_decode_reduce_kernel,
+    _attention_fwd_kernel,
+)
+from .table import AttentionConfigs, configs_for, head_dim_pad
+
+
+def _seed_value(seed: torch.Tensor | None) -> int:
+    """The Philox seed the kernels take (0 without dropout, and while tracing: no value then)."""
+    return 0 if seed is None or tracing() else int(seed)
+
+
+def dropout_seed() -> torch.Tensor:
+    """A Philox seed from torch's default CPU generator (so torch.manual_seed fixes dropout)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """(q', scale') with q' k^T * scale' = q k^T * scale exactly and scale' > 0 (or NaN): the forward
+    kernel takes the row maximum of the unscaled scores, which only a positive scale preserves."""
+    if scale > 0 or math.isnan(scale):
+        return q, scale
+    return (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
+
+
+DECODE_ROWS = 16  # at most this many queries take the decode kernel (one 16-row tile)
+DECODE_BLOCK_N = 32  # its key block: a chunk is a whole number of them
+
+
+def decodes(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the forward takes the split-key decode kernels (few queries, no dropout)."""
+    return q.shape[-2] <= DECODE_ROWS and dropout_p == 0
+
+
+def decode_chunk(q: torch.Tensor, k_len: int) -> int:
+    """Keys per decode program: the cache is cut into enough chunks (of whole key blocks) that
+    batch x heads x chunks programs fill every SM, when the cache has that many blocks."""
+    splits = max(1, min(cdiv(common.sm_count(q.device), q.shape[0] * q.shape[1]), cdiv(k_len, DECODE_BLOCK_N)))
+    return cdiv(cdiv(k_len, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+
+
+def _decode(q, k, v, out, lse, causal, scale, key_start, key_end) -> None:
+    """Split-key attention (flash-decoding) into ``out`` and ``lse``: one program per (key chunk,
+    batch x head) writes a partial output and LSE, then a reduction combines the chunks."""
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    chunk = decode_chunk(q, k_len)
+    splits = cdiv(k_len, chunk)
+    part_out = torch.empty((batch * heads, splits, q_len, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch * heads, splits, q_len), dtype=torch.float32, device=q.device)
+    launch(_attention_decode_kernel, (splits, batch * heads), q, k, v, part_out, part_lse, key_start, key_end,
+           *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale, chunk, HEAD_DIM=head_dim,
+           HEAD_DIM_PAD=head_dim_pad(head_dim), BLOCK_M=DECODE_ROWS, BLOCK_N=DECODE_BLOCK_N, CAUSAL=causal,
+           num_warps=4, num_stages=2)
+    launch(_attention_decode_reduce_kernel, (q_len, batch * heads), part_out, part_lse, out, lse, splits, q_len,
+           HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), SPLITS_PAD=next_power_of_2(splits),
+           num_warps=4)
+
+
+def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+                   seed: torch.Tensor | None, key_start: torch.Tensor | None, key_end: torch.Tensor | None,
+                   configs: AttentionConfigs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, LSE): the attention output (contiguous, q's dtype) and the float32 row log-sum-exp (+inf on
+    rows that see no key), the forward kernel launched with ``configs``' entry for it (the decode kernels
+    have fixed tiles). ``key_end`` is taken by the decode kernels only (:func:`decodes`)."""
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
+    config = configs.forward_masked if dropout_p > 0 or key_start is not None else configs.forward
+    q, scale = _positive_scale(q, scale)
+    if decodes(q, dropout_p):
+        _decode(q, k, v, out, lse, causal, scale, key_start, key_end)
+        return out, lse
+    launch(
+        _attention_fwd_kernel, (cdiv(q_len, config.block_m), batch * heads),
+        q, k, v, out, lse, key_start, *q.stride(), *k.stride(), *v.stride(), heads, q_len, k_len, scale,
+        dropout_p, _seed_value(seed), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
+
+
+@kernel_op("flash_attention_forward")
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+             seed: torch.Tensor | None, key_start: torch.Tensor | None, key_end: torch.Tensor | None = None,
+             deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`launch_forward` with the configurations for q's device; ``deterministic`` is the backward's
+    (``_backward``)."""
+    return launch_forward(q, k, v, causal, dropout_p, scale, seed, key_start, key_end, configs_for(q))
+
+
+def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: torch.Tensor | None,
+                    key_start: torch.Tensor | None, deterministic: bool,
+                    configs: AttentionConfigs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV), contiguous, in the inputs' dtype, the kernels launched with ``configs``' entries.
+    ``deterministic``: dQ by its own kernel (bitwise the same run to run); else added up by atomics in
+    the dK/dV kernel (no second pass over the scores)."""
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    dim_pad = head_dim_pad(head_dim)
+    seed_value = _seed_value(seed)
+    delta = torch.empty_like(lse)
+    delta_rows = 64  # query rows per program of the small dot(dO, O) pass
+    launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta,
+           *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
+    dq_sum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
+    config = configs.backward_kv if deterministic else configs.backward_kv_atomic
+    kv_kernel = _attention_bwd_kv_kernel if q_len > 1 else _attention_bwd_kv_one_query_kernel
+    launch(kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
+           dk, dv, key_start, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+           BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+           **shared)
+    if dq_sum is not None:
+        return dq_sum.to(q.dtype), dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    config = configs.backward_q
+    launch(_attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta,
+           dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
+           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, **shared)
+    return dq, dk, dv
+
+
+@kernel_op("flash_attention_backward")
+def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: torch.Tensor | None,
+              key_start: torch.Tensor | None,
+              deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`launch_backward` with the configurations for q's device."""
+    return launch_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed, key_start, deterministic,
+                           configs_for(q))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, dropout_p, scale, seed, key_start, _, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_start)
+    ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, ctx.deterministic = causal, dropout_p, scale, seed, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _gradients(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+    q, k, v, out, lse, key_start = ctx.saved_tensors
+    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, key_start,
+                           ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_setup_context)

@@ -1,0 +1,170 @@
+"""What each op declares about itself, so that every tool iterates ops rather than naming them.
+
+An op's file (or package) ends with ``SPECS = (<OpSpec>, ...)``; ``registry`` finds them. An
+:class:`OpSpec` holds the public function, its float64 reference, an input maker (its inputs named as
+the public function's arguments), the shapes the
+tools use (:class:`Shapes`), the launchers' entry point with an explicit configuration, the
+configuration type and every configuration the launchers may choose, and the lab's hooks: the
+variants (``--option``), the kernels ``--config`` may set (:class:`Tunable`), what each kernel's
+main loop covers (:class:`KernelModel`) and the op's benchmarks (``benchmark.KernelBench``).
+
+The configurations are dataclasses whose fields are the lower-case launch parameters
+(``block_m``, ``num_warps``...): ``--config KERNEL:BLOCK_M=64`` sets ``block_m``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .benchmark import KernelBench
+
+Inputs = dict[str, Any]  # the public function's arguments by name: tensors (None where left out) and values
+Configure = Callable[..., Any]  # configure(config, *kernel names) -> config with the overrides of those kernels
+Phase = Callable[[str], contextlib.AbstractContextManager]  # "forward" / "backward" -> a context around it
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes the tools run an op at, each a tuple in the spec's ``shape_names`` order."""
+
+    default: tuple[int, ...]  # GPT-2 124M training
+    small: tuple[int, ...]  # seconds under the Triton interpreter (``lab check``'s default)
+    odd: tuple[tuple[int, ...], ...]  # sizes no block divides, for a correctness smoke on a GPU
+    bench: tuple[tuple[int, ...], ...] = ()  # the GPU benchmark's full sizes (filled in from the benchmarks)
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """A kernel whose block configuration ``--config`` may set: the fields it takes (launch parameter
+    names, as inspect prints them) and, when one configuration holds several kernels' (attention's
+    ``AttentionConfigs``), the attribute that is this kernel's."""
+
+    fields: tuple[str, ...]
+    attribute: str | None = None
+
+    def applied(self, config, values: dict[str, int]):
+        """``config`` with this kernel's ``values`` (``{"BLOCK_M": 64}``) in place of its own."""
+        fields = {name.lower(): v for name, v in values.items()}
+        if self.attribute is None:
+            return dataclasses.replace(config, **fields)
+        part = dataclasses.replace(getattr(config, self.attribute), **fields)
+        return dataclasses.replace(config, **{self.attribute: part})
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """What one iteration of a kernel's main loop covers, for the lab's static estimates. ``iterations``
+    counts them over the whole launch from the kernel's named arguments and grid (None: the kernel has no
+    loop, one iteration per program). ``elements``: per iteration (None: the product of its BLOCK_*
+    sizes). ``matmuls``: matrix products of (elements x HEAD_DIM_PAD) per iteration, or a function of the
+    named arguments that counts them."""
+
+    iterations: Callable[[dict, tuple], int] | None = None
+    elements: Callable[[dict], int] | None = None
+    matmuls: int | Callable[[dict], int] = 0
+
+    def matmuls_of(self, args: dict) -> int:
+        return self.matmuls(args) if callable(self.matmuls) else self.matmuls
+
+
+def row_tiles(args: dict, grid: tuple) -> int:
+    """A row kernel's main-loop iterations: its tiles of BLOCK_M rows (per column block, if the grid has them)."""
+    return -(-args["n_rows"] // args["BLOCK_M"]) * (grid[1] if len(grid) > 1 else 1)
+
+
+def _no_problem(dtype: torch.dtype, device: torch.device) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op, as every tool sees it (see the module docstring)."""
+
+    name: str
+    function: Callable  # the public op
+    reference: Callable  # the plain-math reference (float64 inputs)
+    shape_names: tuple[str, ...]
+    shapes: Shapes
+    # (shape, dtype, device, options, generator) -> the public function's inputs; no generator: torch.empty
+    make_inputs: Callable[[tuple, torch.dtype, torch.device, dict, torch.Generator | None], Inputs]
+    # (inputs, options, configure, phase): the forward launcher, then the backward one on its outputs
+    launchers: Callable[[Inputs, dict, Configure, Phase], None]
+    # inputs -> (kernel, float64 reference, same-dtype eager PyTorch), each over the floating-point inputs
+    compared: Callable[[Inputs], tuple[Callable, Callable, Callable]]
+    config_type: type  # the configuration dataclass the launchers take
+    every_config: Callable[[], dict[str, tuple]]  # tunable kernel -> every configuration it may launch with
+    tunables: dict[str, Tunable]
+    options: dict[str, type] = field(default_factory=dict)  # the variants make_inputs reads, with their types
+    models: dict[str, KernelModel] = field(default_factory=dict)  # kernel short name -> its main loop's model
+    benchmarks: tuple[KernelBench, ...] = ()  # the first is the lab's (``lab bench``, ``lab tune``)
+    optional: int = 0  # how many trailing shape numbers may be left out
+    check_problem: Callable[[torch.dtype, torch.device], str | None] = _no_problem  # why ``lab check`` cannot run
+    tune_candidates: tuple[str, ...] = ()  # ``lab tune``'s default candidates (``--config`` texts)
+    # (shape, dtype, overrides, note, path or None) -> what it wrote: the winner of ``lab tune`` into the
+    # op's configuration table; None: the launchers derive the configuration, there is no table
+    save_tuned: Callable[[tuple, torch.dtype, dict, str, Path | None], str] | None = None
+
+    def __post_init__(self) -> None:
+        bench = tuple(b.shape_for(size) for b in self.benchmarks for size in b.sizes("full"))
+        object.__setattr__(self, "shapes", dataclasses.replace(self.shapes, bench=bench))
+
+    def inputs(self, shape: tuple, dtype: torch.dtype, device: torch.device | str, options: dict | None = None,
+               generator: torch.Generator | None = None) -> Inputs:
+        """The public function's inputs at ``shape``: random from ``generator``, else without data."""
+        return self.make_inputs(tuple(shape), dtype, torch.device(device), options or {}, generator)
+
+    def launch_meta(self, shape: tuple, dtype: torch.dtype, options: dict | None = None,
+                    overrides: dict[str, dict[str, int]] | None = None, phase: Phase | None = None) -> None:
+        """The forward and backward launchers on device-"meta" tensors, configured for
+        ``common.target_gpu()`` with ``overrides`` ({kernel: {FIELD: value}}) applied; call it inside
+        ``common.capture_launches()`` and ``common.targeting(gpu)``. ``phase(name)``: a context entered
+        around each pass."""
+        options = options or {}
+        self.launch(self.inputs(shape, dtype, "meta", options), options, overrides, phase)
+
+    def launch(self, inputs: Inputs, options: dict | None = None, overrides: dict[str, dict[str, int]] | None = None,
+               phase: Phase | None = None) -> None:
+        """The forward and backward launchers on ``inputs`` (any device), with ``overrides`` applied."""
+        overrides = overrides or {}
+
+        def configure(config, *kernels: str):
+            for kernel in kernels:
+                if kernel in overrides:
+                    config = self.tunables[kernel].applied(config, overrides[kernel])
+            return config
+
+        self.launchers(inputs, options or {}, configure, phase or (lambda name: contextlib.nullcontext()))
+
+    def example(self, device: torch.device | str, dtype: torch.dtype) -> tuple[tuple, dict]:
+        """(args, kwargs) of GPT-2-sized inputs without data, for ``kernels.explain(spec.name, ...)``: the
+        inputs are named as the public function's arguments."""
+        return (), self.inputs(self.shapes.default, dtype, device)
+
+
+def tensor(*size: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None,
+           scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    """A float tensor of ``size``: normal(``shift``, ``scale``) drawn in float64 from ``generator``, then
+    cast; without a generator, one without data (``torch.empty``: GPT-2 sizes cost nothing)."""
+    if generator is None:
+        return torch.empty(size, dtype=dtype, device=device)
+    return (torch.randn(size, generator=generator, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+
+def row_tensor(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device,
+               generator: torch.Generator | None = None, row_stride: int | None = None, **normal) -> torch.Tensor:
+    """(n_rows, n_cols) from :func:`tensor`, a view of rows ``row_stride`` apart when given."""
+    return tensor(n_rows, row_stride or n_cols, dtype=dtype, device=device, generator=generator, **normal)[:, :n_cols]
+
+
+def class_ids(n: int, classes: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n int64 class ids below ``classes``, drawn from ``generator`` (without one: no data)."""
+    if generator is None:
+        return torch.empty(n, dtype=torch.int64, device=device)
+    return torch.randint(0, classes, (n,), generator=generator).to(device)
