@@ -11,6 +11,9 @@ The rules:
 - bash blocks run under ``bash -euo pipefail`` with this Python environment's bin folder first on
   PATH (its ``gptfast``, ``python`` and ``torchrun``); python blocks run with this Python. Neither
   sees ``TRITON_INTERPRET`` or ``GPTFAST_BACKEND`` (a reader's shell has no test-suite settings).
+- The table of training options, between ``<!-- train-options: ... -->`` and ``<!-- /train-options -->``,
+  is ``gptfast.config.option_table()``: regenerate it with ``python -c "from gptfast.config import
+  option_table; print(option_table())"`` and paste it between the markers.
 - Long runs are shortened by exact replacements, the only changes made to the text (SHORTENED):
   the walk-through's 5000 training steps become 4, and the first run stops after 2 of them, as a
   Ctrl-C would stop it, so that ``--resume`` has steps left; ``mini`` becomes ``tiny``.
@@ -118,3 +121,13 @@ def test_the_readme_examples_run(tmp_path):
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
             failures.append(f"README.md:{block.line} ({block.language}) exited {result.returncode}:\n{tail}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_training_option_table_is_the_declarations():
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"<!-- train-options:[^>]*-->\n(.*?)<!-- /train-options -->", text, re.DOTALL)
+    assert found, "README.md has no table of training options between its markers"
+    from gptfast.config import option_table
+
+    assert found.group(1) == option_table(), "README.md's table of training options is out of date: regenerate " \
+        "it with python -c \"from gptfast.config import option_table; print(option_table())\""

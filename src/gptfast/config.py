@@ -3,7 +3,7 @@
 Every field carries its type, default, help, command-line group and flag, choices, checks and
 resume policy; ``gptfast train``'s arguments, the checks of ``TrainConfig(...)``, the resume rules
 (:data:`FIXED_ON_RESUME`, :data:`CHANGEABLE_ON_RESUME`, :data:`DEFAULTS`) and the README's option
-table (``python -m gptfast.config``) are generated from them.
+table (:func:`option_table`) are generated from them.
 """
 
 from __future__ import annotations
@@ -172,9 +172,5 @@ def cli_options() -> Iterator[None]:
 
 
 def option_table() -> str:
-    """The README's table of training options (``python -m gptfast.config`` prints it)."""
+    """The README's table of training options (tests/test_readme.py checks that it is current)."""
     return markdown_table(TrainConfig)
-
-
-if __name__ == "__main__":
-    print(option_table(), end="")
