@@ -102,13 +102,13 @@ def op_check(case: Case, device) -> dict:
 
 
 def model_check(dtype: str, device) -> dict:
-    """One training step of a tiny GPT (a layer of 2 heads of 32, 45 tokens of a 97-word vocabulary: every
-    kernel the model calls) on each backend, in ``dtype`` (float16 or bfloat16: under autocast). The loss and each
-    parameter's gradient of the triton step must lie within :data:`MODEL_ROUNDINGS` roundings of the
-    precision, relative to the tensor's largest entry, of the torch step's. Measured under the
-    interpreter: 6.3 roundings in float32, 1.3 in float16 (the worst tensors); on a GPU in bfloat16 the
-    triton step is within 4% (10 roundings) of the float32 one (tests/test_model.py). A wrong kernel is off by about the
-    entry itself: hundreds of roundings even in bfloat16."""
+    """One training step of a tiny GPT (a layer of 2 heads of 32, 45 tokens of a 97-word vocabulary:
+    every kernel the model calls) on each backend, in ``dtype`` (float16 or bfloat16: under autocast).
+    The loss and each parameter's gradient of the triton step must lie within :data:`MODEL_ROUNDINGS`
+    roundings of the precision, relative to the tensor's largest entry, of the torch step's. Measured
+    under the interpreter: 6.3 roundings in float32, 1.3 in float16 (the worst tensors); on a GPU in
+    bfloat16 the triton step is within 4% (10 roundings) of the float32 one (tests/test_model.py). A
+    wrong kernel is off by about the entry itself: hundreds of roundings even in bfloat16."""
     import torch
 
     import gptfast
@@ -141,7 +141,7 @@ def _model_step(model, idx, backend: str, dtype) -> dict:
     with kernels.use_backend(backend), torch.autocast(idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
         _, loss = model(idx, targets=idx)
     loss.backward()
-    return {"loss": loss.detach().float()} | {name: p.grad.float() for name, p in model.named_parameters()}
+    return {"loss": loss.detach().float()} | {name: p.grad.float().clone() for name, p in model.named_parameters()}
 
 
 def run_case(case: Case, device) -> dict:
