@@ -11,7 +11,7 @@ import textwrap
 import torch
 
 from . import __version__, kernels
-from .cli_inference import add_eval_arguments, add_generate_arguments, cmd_eval, cmd_generate
+from .cli_inference import add_eval_parser, add_generate_parser
 from .config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, OPTIONS, TrainConfig, cli_options
 from .data import prepare
 from .interrupt import exit_code
@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptfast {__version__} (distribution gptfast-triton)")
     parser.add_argument("--backend", choices=kernels.BACKENDS, help=BACKEND_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_prepare_parser, _add_train_parser, add_generate_parser, add_eval_parser, _add_info_parser,
+                        _add_bench_parser, add_lab_parser):
+        add_command(sub)
+    _accept_backend_after_every_command(sub)
+    return parser
+
+
+def _add_prepare_parser(sub) -> None:
     prep = sub.add_parser("prepare", help="tokenize text files or folders into a data folder for training",
                           description="Tokenize text into OUT/tokens.bin (uint16 when the vocabulary fits) "
                           "and OUT/meta.json; the last --val-fraction of the tokens is the validation split.")
@@ -130,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of tokens held out for validation (default: %(default)s)")
     add_arguments(prep, TrainConfig, names=("tiktoken_file", "include", "exclude"))
     prep.set_defaults(func=cmd_prepare)
+
+
+def _add_train_parser(sub) -> None:
+    """gptfast train: TrainConfig's options, as declared, in their groups."""
     trn = sub.add_parser("train", help="train a GPT (also under torchrun for several GPUs)",
                          description="Train a GPT on prepared data or on text. Ctrl-C stops after the current\n"
                          "step and writes the checkpoint; --resume continues exactly. Under `torchrun\n"
@@ -143,17 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(trn, TrainConfig)
     trn.set_defaults(func=cmd_train)
-    gen = sub.add_parser("generate", help="generate text from a training checkpoint or pretrained GPT-2",
-                         description="Generate text with the key/value cache: greedy (--temperature 0) or "
-                         "sampled with temperature, top-k and top-p. Prompts longer than the context keep "
-                         "their last tokens.")
-    add_generate_arguments(gen)
-    gen.set_defaults(func=cmd_generate)
-    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint or pretrained GPT-2 on prepared data",
-                        description="The mean next-token loss (and its exponential, the perplexity) over "
-                        "consecutive windows of a data folder's validation (or training) split.")
-    add_eval_arguments(ev)
-    ev.set_defaults(func=cmd_eval)
+
+
+def _add_info_parser(sub) -> None:
     info = sub.add_parser("info", help="parameter counts and memory per preset, and which backend "
                           "path each operation takes on this machine",
                           description="The versions of torch and Triton, the device, which path (Triton kernel or "
@@ -165,14 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),
                       help="also run one forward pass of this preset")
     info.set_defaults(func=cmd_info)
+
+
+def _add_bench_parser(sub) -> None:
     # Every argument after "bench" goes to the benchmark's own parser: this one reads no options.
     bench = sub.add_parser("bench", add_help=False, prefix_chars="+", help="benchmark the kernels, training "
                            "and generation against their baselines and write a report (gptfast bench --help)")
     bench.add_argument("bench_args", nargs="*")
     bench.set_defaults(func=cmd_bench)
-    add_lab_parser(sub)
-    _accept_backend_after_every_command(sub)
-    return parser
 
 
 def _accept_backend_after_every_command(sub) -> None:

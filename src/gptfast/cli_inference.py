@@ -93,7 +93,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"{'with' if not args.no_cache else 'without'} the key/value cache]", file=sys.stderr)
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a training checkpoint or pretrained GPT-2",
+                       description="Generate text with the key/value cache: greedy (--temperature 0) or "
+                       "sampled with temperature, top-k and top-p. Prompts longer than the context keep "
+                       "their last tokens.")
+    p.set_defaults(func=cmd_generate)
     add_model_arguments(p)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch "
                    "(one prompt streams its text as it arrives; default: a line break)")
@@ -131,7 +136,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint or pretrained GPT-2 on prepared data",
+                       description="The mean next-token loss (and its exponential, the perplexity) over "
+                       "consecutive windows of a data folder's validation (or training) split.")
+    p.set_defaults(func=cmd_eval)
     p.add_argument("data", metavar="DATA", help="a folder made by `gptfast prepare` with the model's tokenizer")
     add_model_arguments(p)
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split (default: %(default)s)")

@@ -24,8 +24,6 @@ from .precision import AMP_DTYPES, autocast_dtype_name
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
 
 FIXED, CHANGEABLE = Resume.FIXED, Resume.CHANGEABLE
-TIKTOKEN_FILE_HELP = "local GPT-2 ranks file for offline use"
-TIKTOKEN_FILE_DEFAULT = f"${TIKTOKEN_FILE_ENV}, else tiktoken downloads it"
 
 
 def positive(value: float) -> str | None:
@@ -63,8 +61,8 @@ class TrainConfig:
     exclude: list[str] | None = option(
         [], help="leave out the files of input folders matching GLOB (repeatable)", group="data", resume=FIXED,
         metavar="GLOB")
-    tiktoken_file: str | None = option(help=TIKTOKEN_FILE_HELP, group="data", metavar="PATH",
-                                       default_help=TIKTOKEN_FILE_DEFAULT)
+    tiktoken_file: str | None = option(help="local GPT-2 ranks file for offline use", group="data", metavar="PATH",
+                                       default_help=f"${TIKTOKEN_FILE_ENV}, else tiktoken downloads it")
     order: str | None = option("random", help="batch order", group="data", resume=FIXED, choices=BatchStream.ORDERS)
     # model
     preset: str | None = option("tiny", help="model size", group="model", resume=FIXED, choices=tuple(PRESETS))

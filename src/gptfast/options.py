@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import os
 import types
 import typing
@@ -101,6 +102,7 @@ def option(default: Any = None, *, help: str, group: str, resume: Resume = Resum
     return dataclasses.field(default=declaration.unset, metadata={METADATA_KEY: declaration})
 
 
+@functools.cache
 def declarations(cls: type) -> dict[str, Option]:
     """The options of a dataclass, by field name in field order, with their names and types filled in."""
     hints = typing.get_type_hints(cls)
@@ -123,12 +125,15 @@ def _without_none(hint: Any) -> Any:
 
 def check_fields(config: Any, named: Callable[[str], str] = str) -> None:
     """Normalise and validate every option of ``config`` in place: a string for a list becomes a
-    one-item list, ``parse`` reads strings, then choices and checks; a ValueError names the first
-    problem (``named`` spells the option's name, as Python or the command line does)."""
+    one-item list (another sequence, a list of its own), ``parse`` reads strings, then choices and
+    checks; a ValueError names the first problem (``named`` spells the option as Python or the
+    command line does)."""
     for name, declared in declarations(type(config)).items():
         value = getattr(config, name)
         if declared.is_list and isinstance(value, (str, os.PathLike)):
             value = [str(value)]
+        elif declared.is_list and value is not None:
+            value = list(value)  # a list of its own, never a shared default
         if declared.parse is not None and isinstance(value, str):
             try:
                 value = declared.parse(value)

@@ -1,6 +1,7 @@
 """Mixed precision: the one policy that training, evaluation and generation share.
 
-``--dtype`` names an autocast dtype (:data:`AMP_DTYPES`); "auto" picks one for the device
+``--dtype`` names an autocast dtype (:data:`AMP_DTYPES`) by its full or short name
+(:func:`autocast_dtype_name`: bf16 is bfloat16); "auto" picks one for the device
 (:func:`amp_dtype_for`). Training autocasts its forward passes to it and, for float16, scales the
 loss (:func:`grad_scaler`) so that small gradients survive; ``eval`` and ``generate`` cast the
 weights to it.
