@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fresh = Path(os.environ.get("TMPDIR", "/tmp")) / "gptfast-fresh-cache"
     choice = choose(fresh, rehearse=False, prepared=args.dir)
-    print(json.dumps({"here": fingerprint(), "choice": {k: str(v) for k, v in choice.items()}}, indent=1))
+    print(json.dumps({"here": fingerprint(), "choice": choice}, indent=1, default=str))
     return 0
 
 
