@@ -7,14 +7,15 @@ chunks are accessed unmasked for that, since the class count is odd. The launche
 launchers' own, captured and compiled by the kernel lab (``gptfast.lab``).
 """
 
-import importlib
+import dataclasses
 
 import pytest
 
 from gptfast import lab
+from gptfast.kernels.registry import SPECS
 from gptfast.lab import sass
 
-cross_entropy = importlib.import_module("gptfast.kernels.cross_entropy")
+CONFIGS = SPECS["cross_entropy"].every_config()  # kernel -> every configuration it may launch with
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 ARCHS = (80, 90)
@@ -33,7 +34,8 @@ def request(shape: tuple, dtype: str, arch: int, aligned: bool) -> lab.Request:
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
     """All launches of this file, compiled in one batch, by group: (inspect's kernel report, compiled)."""
-    chunk_sizes = range(4, cross_entropy._MAX_BLOCK_V.bit_length())  # rows of 2**k give every config
+    widest = max(config.block_v for configs in CONFIGS.values() for config in configs)
+    chunk_sizes = range(4, widest.bit_length())  # rows of 2**k give every config
     groups = {
         "every": [request((8, 2**k), "bf16", arch, False) for k in chunk_sizes for arch in ARCHS],
         "gpt2": [request(GPT2, dtype, arch, True) for dtype in ("bf16", "fp16") for arch in ARCHS],
@@ -49,9 +51,10 @@ def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
 
 def test_every_config_compiles_without_spills_within_shared_memory(compiled):
     every = compiled["every"]
-    assert len(every) == len(KERNELS) * len(cross_entropy._kernel_configs()) * len(ARCHS)
-    launched = {(k["config"]["BLOCK_V"], k["config"]["num_warps"]) for k, _ in every}
-    assert launched == set(cross_entropy._kernel_configs())
+    assert len(every) == sum(map(len, CONFIGS.values())) * len(ARCHS)
+    for kernel in KERNELS:
+        launched = {(k["config"]["BLOCK_V"], k["config"]["num_warps"]) for k, _ in every if k["name"] == kernel}
+        assert launched == set(map(dataclasses.astuple, CONFIGS[kernel]))
     spilling = [str(c) for _, c in every if c.spill_bytes > 0]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
     over = [str(c) for _, c in every if c.shared > lab.ARCHITECTURES[c.build.arch].shared_per_block]

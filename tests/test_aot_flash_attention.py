@@ -101,7 +101,7 @@ def compiled() -> list[tuple[str, lab.Compiled]]:
 
 
 def test_every_table_has_every_entry_the_launcher_asks_for():
-    asked = {(fa._head_dim_pad(head_dim), dtype.itemsize)
+    asked = {(fa.head_dim_pad(head_dim), dtype.itemsize)
              for head_dim in range(2, fa.MAX_HEAD_DIM + 1, 2) for dtype in KERNEL_DTYPES}
     assert asked == set(fa.TABLE_KEYS)
     assert {table: set(entries.configs) for table, entries in TABLES.items()} == {t: asked for t in fa.ARCHES}

@@ -1,6 +1,6 @@
 """LayerNorm and bias + GELU kernels compiled ahead of time for sm_80 (A100) and sm_90 (H100).
 
-Every block configuration the launchers may pick (``_kernel_configs``) must compile without
+Every block configuration the launchers may pick (their specs' ``every_config``) must compile without
 register spills and within the target's shared memory, and the memory-bound kernels must read
 16-bit rows with 128-bit loads when the row length lets them (the pointers, row length and strides
 are multiples of 16, as Triton's launcher specialises them for GPT-2's hidden sizes). The launches
@@ -12,11 +12,10 @@ import importlib
 import pytest
 
 from gptfast import lab
+from gptfast.kernels.registry import SPECS
 from gptfast.lab import sass
 
-# The modules (the package's attributes of these names are the public functions).
-layer_norm = importlib.import_module("gptfast.kernels.layer_norm")
-bias_gelu = importlib.import_module("gptfast.kernels.bias_gelu")
+layer_norm = importlib.import_module("gptfast.kernels.layer_norm")  # the module, not the public function
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 ARCHS = (80, 90)
@@ -33,7 +32,7 @@ def request(op: str, columns: int, dtype: str, arch: int, aligned: bool = True, 
 
 def layer_norm_widths() -> list[int]:
     """A row length for each block configuration of either LayerNorm kernel (the widest it takes)."""
-    widest = {(backward, layer_norm._block_config(n, backward)): n
+    widest = {(backward, layer_norm.block_config(n, backward)): n
               for n in range(1, layer_norm.MAX_ROW_LENGTH + 1) for backward in (False, True)}
     return sorted(set(widest.values()))
 
@@ -72,8 +71,8 @@ def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
 def test_every_config_compiles_without_spills_within_shared_memory(compiled):
     every = compiled["every"]
     configs = {(c.build.kernel, c.build.arch, str(c.constants)) for _, c in every}
-    expected = (len(layer_norm._kernel_configs(backward=False)) + len(layer_norm._kernel_configs(backward=True))
-                + 2 * 2 * len(bias_gelu._kernel_configs())) * len(ARCHS)
+    layer_norm_configs, bias_gelu_configs = SPECS["layer_norm"].every_config(), SPECS["bias_gelu"].every_config()
+    expected = (sum(map(len, layer_norm_configs.values())) + 2 * sum(map(len, bias_gelu_configs.values()))) * len(ARCHS)
     assert len(configs) == expected and len(every) > 100  # configs x kernels x targets, all of them checked
     spilling = [str(c) for _, c in every if c.spill_bytes > 0]
     assert not spilling, "register spills:\n" + "\n".join(spilling)

@@ -155,7 +155,7 @@ def test_config_overrides_reach_the_launch():
     assert (backward.meta["BLOCK_M"], backward.meta["num_warps"]) == (1, 4)
     assert forward.meta["BLOCK_M"] == layer_norm.block_config(768, backward=False).block_m
     with pytest.raises(lab.LabError, match="no configurable kernel"):
-        analysis.capture(lab.Request(op, op.default_shape, "bf16", lab.ARCHITECTURES[90],
+        analysis.capture(lab.Request(op, op.shapes.default, "bf16", lab.ARCHITECTURES[90],
                                      ops.parse_config(["nope:BLOCK_M=1"]), {}))
     with pytest.raises(lab.LabError, match="KERNEL:FIELD=VALUE"):
         ops.parse_config(["layer_norm_fwd:BLOCK_M"])
@@ -246,6 +246,9 @@ def test_main_loops_within_the_baseline(reports):
 def test_baseline_regression_can_fail():
     assert baseline.regressions({"k": 104}, {"k": 100}) and not baseline.regressions({"k": 103}, {"k": 100})
     assert baseline.regressions({"new": 1}, {})
+    recorded = {"op sm_90 k_fwd C": 100}  # a kernel of a recorded op must be recorded; an op added since need not
+    assert baseline.regressions({"op sm_90 k_fwd C": 100, "op sm_90 k_bwd C": 5}, recorded)
+    assert not baseline.regressions({"op sm_90 k_fwd C": 100, "new_op sm_90 k C": 5}, recorded)
 
 
 def test_tune_default_candidates_parse():
@@ -257,3 +260,11 @@ def test_tune_default_candidates_parse():
     assert op.tune_candidates[0] == "shipped" and len(op.tune_candidates) > 1
     for candidate in op.tune_candidates:
         ops.check_overrides(op, measure._overrides(candidate))
+
+
+def test_dtype_takes_either_name():
+    """--dtype bfloat16 or bf16 (float16/fp16, float32/fp32): the lab's reports keep the short names."""
+    names = ("bf16", "bfloat16", "float16", "fp16", "float32")
+    assert [analysis.parse_dtype(name) for name in names] == ["bf16", "bf16", "fp16", "fp16", "fp32"]
+    with pytest.raises(lab.LabError, match="must be one of bfloat16, float16, float32"):
+        analysis.parse_dtype("int8")

@@ -21,7 +21,19 @@ import torch
 import torch.nn.functional as F
 
 from . import backend, benchmark, spec
-from .common import RowConfig, as_rows, cdiv, dtype_problem, jit, kernel_op, launch, next_power_of_2, sm_count, tl
+from .common import (
+    ROW_FIELDS,
+    RowConfig,
+    as_rows,
+    cdiv,
+    dtype_problem,
+    jit,
+    kernel_op,
+    launch,
+    next_power_of_2,
+    sm_count,
+    tl,
+)
 
 APPROXIMATIONS = ("tanh", "none")
 _TILE_ELEMENTS = 4096  # elements per tile: 16 per thread with 8 warps, two 128-bit loads of fp16
@@ -224,7 +236,7 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
             "approximate": options.get("approximate", "tanh")}
 
 
-def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     x, bias, approximate = inputs["x"], inputs["bias"], inputs["approximate"]
     with phase("forward"):
         launch_forward(x, bias, approximate, configure(block_config(x.shape[-1]), "bias_gelu_fwd"))
@@ -250,14 +262,12 @@ def _bytes(size: dict, elem: int) -> tuple[float, float]:
     return (2 * rows * hidden + hidden) * elem, (3 * rows * hidden + 2 * hidden) * elem
 
 
-_ROW_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps")
-
 SPECS = (spec.OpSpec(
     name="bias_gelu", function=bias_gelu, reference=bias_gelu_reference, shape_names=("rows", "columns"),
     shapes=spec.Shapes(default=(16384, 3072), small=(64, 300), odd=((33, 3072), (4, 1000), (7, 300))),
     make_inputs=_inputs, launchers=_launchers, compared=(bias_gelu, bias_gelu_reference, _eager),
     config_type=RowConfig, every_config=every_config,
-    tunables={"bias_gelu_fwd": spec.Tunable(_ROW_FIELDS), "bias_gelu_bwd": spec.Tunable(_ROW_FIELDS)},
+    tunables={"bias_gelu_fwd": spec.Tunable(ROW_FIELDS), "bias_gelu_bwd": spec.Tunable(ROW_FIELDS)},
     options={"bias": bool, "approximate": str, "row_stride": int},
     models={"bias_gelu_bwd": spec.KernelModel(spec.row_tiles)},
     benchmarks=(benchmark.KernelBench(

@@ -80,6 +80,9 @@ class RowConfig:
     num_warps: int
 
 
+ROW_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps")  # RowConfig's fields as launch parameters (the lab's --config)
+
+
 @dataclass(frozen=True)
 class GPU:
     """A GPU to choose launch configurations for without having one (the kernel lab's ``--arch``):

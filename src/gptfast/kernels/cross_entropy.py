@@ -343,7 +343,7 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
             "z_loss": float(options.get("z_loss", 0.0))}
 
 
-def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     logits, targets, classes = inputs["logits"], inputs["targets"], inputs["num_classes"]
     smoothing, z_loss = inputs["label_smoothing"], inputs["z_loss"]
     with phase("forward"):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import backend, benchmark, spec
 from .common import (
     KERNEL_DTYPES,
+    ROW_FIELDS,
     RowConfig,
     as_rows,
     cdiv,
@@ -454,7 +455,7 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
     return inputs
 
 
-def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     x, branch, weight, bias = (inputs.get(name) for name in ("x", "branch", "weight", "bias"))
     n_cols = x.shape[-1]
     with phase("forward"):
@@ -474,8 +475,8 @@ def _eager_add(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias
 def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype,
                   residual: bool = False) -> tuple[torch.Tensor, ...]:
     rows, hidden = size["rows"], size["hidden"]
-    rows_ = (torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
-             for _ in range(2 if residual else 1))
+    rows_ = tuple(torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+                  for _ in range(2 if residual else 1))
     weight = (1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)).requires_grad_()
     bias = (0.1 * torch.randn(hidden, device=device, dtype=dtype)).requires_grad_()
     return *rows_, weight, bias
@@ -490,9 +491,8 @@ def _bytes(size: dict, elem: int, residual: bool = False) -> tuple[float, float]
     return (2 * rows * hidden + 2 * extra + 2 * hidden) * elem, (3 * rows * hidden + extra + 3 * hidden) * elem
 
 
-_ROW_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps")
 _SHAPES = spec.Shapes(default=(16384, 768), small=(64, 300), odd=((33, 768), (4, 1000), (7, 4097)))
-_TUNABLES = {"layer_norm_fwd": spec.Tunable(_ROW_FIELDS), "layer_norm_bwd": spec.Tunable(_ROW_FIELDS)}
+_TUNABLES = {"layer_norm_fwd": spec.Tunable(ROW_FIELDS), "layer_norm_bwd": spec.Tunable(ROW_FIELDS)}
 _MODELS = {"layer_norm_bwd": spec.KernelModel(spec.row_tiles)}
 _OPTIONS = {"weight": bool, "bias": bool, "row_stride": int}
 

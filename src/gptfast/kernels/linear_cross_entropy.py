@@ -210,7 +210,7 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
             "chunk_bytes": int(options.get("chunk_bytes", CHUNK_BYTES))}
 
 
-def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     """The chunks' kernels, losses and gradients, all in the forward (the backward launches nothing)."""
     hidden, weight, classes = inputs["hidden"], inputs["weight"], inputs["num_classes"]
     rows = chunk_rows(weight.shape[0], hidden.element_size(), inputs["chunk_bytes"])

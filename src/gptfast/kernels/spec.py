@@ -94,10 +94,10 @@ class OpSpec:
     shapes: Shapes
     # (shape, dtype, device, options, generator) -> the public function's inputs; no generator: torch.empty
     make_inputs: Callable[[tuple, torch.dtype, torch.device, dict, torch.Generator | None], Inputs]
-    # (inputs, options, configure, phase): the forward launcher, then the backward one on its outputs
-    launchers: Callable[[Inputs, dict, Configure, Phase], None]
-    # inputs -> (kernel, float64 reference, same-dtype eager PyTorch), each over the floating-point inputs
-    compared: Callable[[Inputs], tuple[Callable, Callable, Callable]]
+    # (inputs, configure, phase): the forward launcher, then the backward one on its outputs
+    launchers: Callable[[Inputs, Configure, Phase], None]
+    # (kernel, float64 reference, same-dtype eager PyTorch), each called with the inputs by name
+    compared: tuple[Callable, Callable, Callable]
     config_type: type  # the configuration dataclass the launchers take
     every_config: Callable[[], dict[str, tuple]]  # tunable kernel -> every configuration it may launch with
     tunables: dict[str, Tunable]
@@ -126,10 +126,9 @@ class OpSpec:
         ``common.target_gpu()`` with ``overrides`` ({kernel: {FIELD: value}}) applied; call it inside
         ``common.capture_launches()`` and ``common.targeting(gpu)``. ``phase(name)``: a context entered
         around each pass."""
-        options = options or {}
-        self.launch(self.inputs(shape, dtype, "meta", options), options, overrides, phase)
+        self.launch(self.inputs(shape, dtype, "meta", options), overrides, phase)
 
-    def launch(self, inputs: Inputs, options: dict | None = None, overrides: dict[str, dict[str, int]] | None = None,
+    def launch(self, inputs: Inputs, overrides: dict[str, dict[str, int]] | None = None,
                phase: Phase | None = None) -> None:
         """The forward and backward launchers on ``inputs`` (any device), with ``overrides`` applied."""
         overrides = overrides or {}
@@ -140,7 +139,7 @@ class OpSpec:
                     config = self.tunables[kernel].applied(config, overrides[kernel])
             return config
 
-        self.launchers(inputs, options or {}, configure, phase or (lambda name: contextlib.nullcontext()))
+        self.launchers(inputs, configure, phase or (lambda name: contextlib.nullcontext()))
 
     def example(self, device: torch.device | str, dtype: torch.dtype) -> tuple[tuple, dict]:
         """(args, kwargs) of GPT-2-sized inputs without data, for ``kernels.explain(spec.name, ...)``: the

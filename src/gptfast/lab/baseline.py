@@ -43,12 +43,12 @@ def load(path: Path = BASELINE_FILE) -> dict[str, dict[str, int]]:
 
 
 def regressions(now: dict[str, int], recorded: dict[str, int], tolerance: float = TOLERANCE) -> list[str]:
-    """Entries more than ``tolerance`` longer than recorded, or not recorded at all (entries of an op
-    that ``recorded`` has none of are not compared)."""
+    """Entries more than ``tolerance`` longer than recorded, or not recorded at all; when ``recorded``
+    holds some ops but none of an op's entries (the op came after it), that op's are not compared."""
     problems = []
     recorded_ops = {key.split()[0] for key in recorded}
     for key, n in sorted(now.items()):
-        if key.split()[0] not in recorded_ops:
+        if recorded_ops and key.split()[0] not in recorded_ops:
             continue
         if key not in recorded:
             problems.append(f"{key}: {n} instructions, not in the baseline")

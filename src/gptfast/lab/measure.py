@@ -81,7 +81,7 @@ def tune(op: OpSpec, shape_text: str | None, dtype: str, candidates: list[str] |
         if bad:
             lines.append(f"{candidate:<50} skipped: spills or serialised wgmma in {', '.join(bad)}")
             continue
-        times[candidate] = measure(lambda c=candidate: op.launch(inputs, {}, _overrides(c)), device)[0]
+        times[candidate] = measure(lambda c=candidate: op.launch(inputs, _overrides(c)), device)[0]
         lines.append(f"{candidate:<50} {times[candidate] * 1e3:9.1f} us")
     if not times:
         return "\n".join(lines + ["no candidate ran: nothing to write"])

@@ -60,7 +60,7 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
             "deterministic": bool(options.get("deterministic", True))}
 
 
-def _launchers(inputs: spec.Inputs, options: dict, configure: spec.Configure, phase: spec.Phase) -> None:
+def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     q, k, v, causal, dropout_p = (inputs[name] for name in ("q", "k", "v", "causal", "dropout_p"))
     key_start, deterministic = inputs["key_start"], inputs["deterministic"]
     seed = torch.tensor(1234) if dropout_p > 0 else None  # on the CPU: the launchers read it with int()

@@ -97,7 +97,7 @@ def table_path(table: int) -> Path:
     return CONFIG_DIR / f"flash_attention_sm{table}.json"
 
 
-def _block_config(value, where: str) -> BlockConfig:
+def _parse_block_config(value, where: str) -> BlockConfig:
     if not (isinstance(value, dict) and sorted(value) == sorted(_BLOCK_FIELDS)
             and all(type(v) is int and v > 0 for v in value.values())):
         raise ValueError(f"{where}: needs {', '.join(_BLOCK_FIELDS)} as positive integers, got {value!r}")
@@ -118,7 +118,8 @@ def _parse_table(data, path: Path) -> ConfigTable:
             raise ValueError(f"{where}: (head_dim_pad, element_size) {key} is not one of {TABLE_KEYS}")
         if key in configs:
             raise ValueError(f"{where}: a second entry for (head_dim_pad, element_size) {key}")
-        configs[key] = AttentionConfigs(*(_block_config(entry[name], f"{where}.{name}") for name in _KERNEL_FIELDS))
+        configs[key] = AttentionConfigs(*(_parse_block_config(entry[name], f"{where}.{name}")
+                                          for name in _KERNEL_FIELDS))
     missing = [key for key in TABLE_KEYS if key not in configs]
     if missing:
         raise ValueError(f"{path}: no entry for (head_dim_pad, element_size) {missing}")
