@@ -318,3 +318,13 @@ def test_peak_memory_table(results):
     assert "| size | triton | sdpa-math |" in text
     assert "| batch=16 heads=32 seq=1024 head_dim=64 | 1,536 | 20,480 |" in text
     assert "Peak memory" not in report.markdown(results)  # CPU runs record none
+
+
+def test_a_forward_of_several_outputs_gets_a_gradient_for_each():
+    """add_layer_norm's providers return (x + branch, LayerNorm of it): the backward sends both gradients."""
+    bench = report.KERNELS["add_layer_norm"]
+    size = bench.sizes("small")[0]
+    for provider in ("triton", "torch"):
+        for pass_ in bench.passes:
+            record = run_case(bench, provider, pass_, size, CPU, torch.float32, **FAST)
+            assert record.status == OK, (provider, pass_, record.note)

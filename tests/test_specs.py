@@ -96,3 +96,15 @@ def test_every_op_is_opchecked():
     for op in SPECS:
         assert (TESTS / f"test_{op}.py").exists(), op
         assert callable(getattr(importlib.import_module(f"test_{op}"), "opcheck_cases", None)), op
+
+
+@runs_kernels
+@pytest.mark.parametrize("op", SPECS)
+def test_launchers_run_with_explicit_configurations(op):
+    """What `lab tune` times: the op's launchers, forward then backward, on real inputs, with a
+    configuration given (the first tunable kernel's first block size set to 16)."""
+    spec = SPECS[op]
+    kernel, tunable = next(iter(spec.tunables.items()))
+    field = next(f for f in tunable.fields if f.startswith("BLOCK"))
+    inputs = spec.inputs(spec.shapes.small, torch.float32, DEVICE, generator=torch.Generator().manual_seed(0))
+    spec.launch(inputs, {kernel: {field: 16}})

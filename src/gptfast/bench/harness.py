@@ -61,7 +61,7 @@ class Record:
     or "failed" (an unexpected error, ``note`` holds it: a bug to look at).
     """
 
-    group: str  # "layer_norm", "bias_gelu", "flash_attention", "cross_entropy", "train", "generate"
+    group: str  # a kernel benchmark's name (report.KERNELS), "train" or "generate"
     provider: str  # "triton", "torch", "torch.compile", "liger", "sdpa-flash", ...
     pass_: str  # "forward", "backward", "forward+backward"; "step" (train); "cache", "no cache" (generate)
     size: dict

@@ -1,7 +1,8 @@
 """Triton kernels for GPT training, each with an eager PyTorch path behind one backend switch.
 
 Public operations: :func:`layer_norm`, :func:`add_layer_norm`, :func:`bias_gelu`, :func:`flash_attention`,
-:func:`cross_entropy`, :func:`linear_cross_entropy`. The package is ``gptfast.kernels``.
+:func:`cross_entropy`, :func:`linear_cross_entropy`. The package is ``gptfast.kernels``. What the
+tools (the lab, the benchmarks, the tests) know of each op is its spec: ``registry.SPECS``.
 """
 
 from .backend import BACKENDS, BackendError, Route, explain, get_backend, set_backend, use_backend
