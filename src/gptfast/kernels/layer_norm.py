@@ -499,8 +499,7 @@ _OPTIONS = {"weight": bool, "bias": bool, "row_stride": int}
 LAYER_NORM = spec.OpSpec(
     name="layer_norm", function=layer_norm, reference=layer_norm_reference, shape_names=("rows", "columns"),
     shapes=_SHAPES, make_inputs=_inputs, launchers=_launchers,
-    compared=(lambda x, weight, bias: layer_norm(x, weight, bias), layer_norm_reference,
-              lambda x, weight, bias: F.layer_norm(x, (x.shape[-1],), weight, bias)),
+    compared=(layer_norm, layer_norm_reference, lambda x, weight, bias: F.layer_norm(x, (x.shape[-1],), weight, bias)),
     config_type=RowConfig, every_config=every_config, tunables=_TUNABLES, options=_OPTIONS, models=_MODELS,
     benchmarks=(benchmark.KernelBench(
         name="layer_norm",
