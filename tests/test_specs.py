@@ -108,3 +108,14 @@ def test_launchers_run_with_explicit_configurations(op):
     field = next(f for f in tunable.fields if f.startswith("BLOCK"))
     inputs = spec.inputs(spec.shapes.small, torch.float32, DEVICE, generator=torch.Generator().manual_seed(0))
     spec.launch(inputs, {kernel: {field: 16}})
+
+
+def test_check_floors_a_tf32_op_at_tf32_rounding_on_a_gpu_only():
+    """Attention multiplies float32 in TF32 on a GPU, where eager PyTorch multiplies in float32: its
+    yardstick there is TF32's rounding; every other case keeps float32's."""
+    attention, layer_norm = get_spec("flash_attention"), get_spec("layer_norm")
+    cuda, cpu, eps = torch.device("cuda"), torch.device("cpu"), torch.finfo(torch.float32).eps
+    assert check._rounding(attention, torch.float32, cuda) == 2.0**-10
+    assert check._rounding(attention, torch.float32, cpu) == eps
+    assert check._rounding(attention, torch.float16, cuda) == eps
+    assert check._rounding(layer_norm, torch.float32, cuda) == eps

@@ -16,6 +16,7 @@ from .config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, OPTIONS, TrainConfig,
 from .data import prepare
 from .interrupt import exit_code
 from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
+from .kernels.registry import SPECS
 from .lab import add_lab_parser
 from .model import GPT, PRESETS, GPTConfig
 from .options import add_arguments, from_arguments, positive_int
@@ -47,17 +48,12 @@ def _preset_table(vocab_size: int) -> str:
 
 
 def _backend_report(device: str) -> str:
-    """Which path each operation takes for GPT-2-sized inputs on ``device``, and why."""
-    x = torch.empty(8, 1024, 768, device=device, dtype=torch.bfloat16)
-    w = torch.empty(768, device=device, dtype=torch.bfloat16)
-    h = torch.empty(8, 1024, 3072, device=device, dtype=torch.bfloat16)
-    b = torch.empty(3072, device=device, dtype=torch.bfloat16)
-    q = torch.empty(8, 12, 1024, 64, device=device, dtype=torch.bfloat16)
-    vocab = GPTConfig(vocab_multiple=64).padded_vocab_size
-    logits = torch.empty(8, 1, vocab, device=device, dtype=torch.bfloat16)  # the route depends on the row only
-    targets = torch.empty(8, 1, device=device, dtype=torch.long)
-    routes = [kernels.explain("layer_norm", x, w, w), kernels.explain("bias_gelu", h, b),
-              kernels.explain("flash_attention", q, q, q), kernels.explain("cross_entropy", logits, targets)]
+    """Which path each registered op takes for GPT-2-sized bf16 inputs on ``device``, and why: its
+    default shape with one row (or batch), as the route depends on the widths, not on their count."""
+    routes = []
+    for spec in SPECS.values():
+        shape = (1, *spec.shapes.default[1:])
+        routes.append(kernels.explain(spec.name, **spec.inputs(shape, torch.bfloat16, device)))
     return "\n".join(f"  {r}" for r in routes)
 
 

@@ -106,6 +106,7 @@ class OpSpec:
     benchmarks: tuple[KernelBench, ...] = ()  # the first is the lab's (``lab bench``, ``lab tune``)
     optional: int = 0  # how many trailing shape numbers may be left out
     check_problem: Callable[[torch.dtype, torch.device], str | None] = _no_problem  # why ``lab check`` cannot run
+    tf32: bool = False  # its kernels multiply float32 in TF32 on a GPU (10 mantissa bits, not 23)
     tune_candidates: tuple[str, ...] = ()  # ``lab tune``'s default candidates (``--config`` texts)
     # (shape, dtype, overrides, note, path or None) -> what it wrote: the winner of ``lab tune`` into the
     # op's configuration table; None: the launchers derive the configuration, there is no table

@@ -4,7 +4,9 @@ For the output and every input's gradient: the kernel's largest absolute error f
 reference, the same error of PyTorch's eager op run in the same dtype, and their ratio; it passes
 at most 2x (flash attention's rule). The eager error is floored at 8 float32 roundings of the
 reference's largest value (the kernels compute in float32, in another order and sometimes another
-form, e.g. GELU through a sigmoid), so that a float32 eager result does not demand the same bits.
+form, e.g. GELU through a sigmoid), so that a float32 eager result does not demand the same bits;
+at 8 TF32 roundings for float32 inputs of an op whose kernels multiply them in TF32 on a GPU
+(``OpSpec.tf32``: attention), while eager PyTorch multiplies them in full float32.
 The op then runs again on the same inputs: its results must be bit-identical (determinism).
 Kernels run under the Triton interpreter on a CPU, compiled on a GPU.
 """
@@ -50,6 +52,14 @@ def _run(fn: Callable, inputs: dict, grad: torch.Tensor | None, dtype: torch.dty
     return [out.detach(), *(t.grad for t in leaves.values())]
 
 
+def _rounding(spec: OpSpec, dtype: torch.dtype, device: torch.device) -> float:
+    """The relative rounding of the kernels' float32 arithmetic: TF32's (2**-10) in the matrix products
+    of a ``tf32`` op on float32 inputs on a GPU, float32's otherwise."""
+    if spec.tf32 and dtype == torch.float32 and device.type == "cuda":
+        return 2.0**-10
+    return torch.finfo(torch.float32).eps
+
+
 def check(op: OpSpec | str, shape: tuple, dtype: torch.dtype, device: torch.device,
           options: dict | None = None) -> tuple[list[Comparison], bool]:
     """The comparisons (output, then each gradient) of the op's kernels at ``shape`` (its ``options``
@@ -70,7 +80,7 @@ def check(op: OpSpec | str, shape: tuple, dtype: torch.dtype, device: torch.devi
     comparisons = []
     for name, g, e, w in zip(names, got, eager_got, want):
         error = (g.double() - w).abs().max().item()
-        floor = 8 * torch.finfo(torch.float32).eps * w.abs().max().item()
+        floor = 8 * _rounding(spec, dtype, device) * w.abs().max().item()
         eager_error = max((e.double() - w).abs().max().item(), floor)
         comparisons.append(Comparison(name, error, eager_error, error / eager_error if eager_error else math.inf))
     return comparisons, all(torch.equal(a, b) for a, b in zip(got, again))

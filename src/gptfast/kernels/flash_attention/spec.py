@@ -259,4 +259,5 @@ SPECS = (spec.OpSpec(
     config_type=AttentionConfigs, every_config=every_config, tunables=TUNABLES,
     options={"causal": bool, "dropout_p": float, "key_start": bool, "deterministic": bool}, models=MODELS,
     benchmarks=_benchmarks(), check_problem=_check_problem, tune_candidates=TUNE_CANDIDATES, save_tuned=_save_tuned,
+    tf32=True,
 ),)
