@@ -50,6 +50,9 @@ def jit_variant(kernel, **options):
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Machine epsilon of TF32 (10 mantissa bits), in which tensor cores multiply float32 where a kernel
+# lets them (``OpSpec.tf32``); float32's is torch.finfo(torch.float32).eps.
+TF32_EPS = 2.0**-10
 
 _fake = threading.local()  # .active: the launcher is running as a fake implementation
 _lab = threading.local()  # .launches: the list capture_launches records into; .gpu: the targeted GPU

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from gptfast import kernels
+from gptfast.kernels.common import TF32_EPS
 from gptfast.kernels.registry import get_spec
 from gptfast.kernels.spec import OpSpec
 
@@ -53,10 +54,10 @@ def _run(fn: Callable, inputs: dict, grad: torch.Tensor | None, dtype: torch.dty
 
 
 def _rounding(spec: OpSpec, dtype: torch.dtype, device: torch.device) -> float:
-    """The relative rounding of the kernels' float32 arithmetic: TF32's (2**-10) in the matrix products
-    of a ``tf32`` op on float32 inputs on a GPU, float32's otherwise."""
+    """The machine epsilon of the kernels' float32 arithmetic: TF32's in the matrix products of a
+    ``tf32`` op on float32 inputs on a GPU, float32's otherwise."""
     if spec.tf32 and dtype == torch.float32 and device.type == "cuda":
-        return 2.0**-10
+        return TF32_EPS
     return torch.finfo(torch.float32).eps
 
 
