@@ -2,6 +2,7 @@
 of stage budgets within a 540 s limit; at most 8 files of 16 MiB in $OUT, two folders deep), it is rehearsed on
 a CPU (``--rehearse``), and a run killed mid-way leaves results that read."""
 
+import importlib
 import json
 import os
 import re
@@ -102,6 +103,61 @@ def test_rehearsal_records_every_stage_and_its_results(rehearsal):
     assert {f"{folder}/results.json", f"{folder}/results.md", f"{folder}/smoke.json"} <= set(names)
 
 
+def test_the_rehearsal_skips_no_stage_for_budget(rehearsal):
+    """The rehearsal exists to exercise every stage: each one's process ran, and the tune stage began a
+    `lab tune` for each op with default candidates (at its small shape; on a CPU it says it needs a GPU)."""
+    from gptfast.kernels.registry import SPECS
+
+    out, _ = rehearsal
+    stages = {s["name"]: s for s in json.loads((out / "stages.json").read_text())["stages"]}
+    for stage in stages.values():
+        assert not stage["status"].startswith("skipped") and "result" in stage, stage
+    runs = stages["tune"]["result"]["runs"]
+    assert [(r["op"], r["shape"]) for r in runs] == [(s.name, ",".join(map(str, s.shapes.small)))
+                                                      for s in SPECS.values() if s.tune_candidates]
+    assert runs and not any(r["status"].startswith("skipped") for r in runs), runs
+
+
+def test_the_rehearsal_budgets_leave_the_tune_stage_a_run():
+    """Its own deadline (the budget less the kill grace) less the reserve leaves `lab tune` more than the
+    floor below which it is not started: the stage's process starts in seconds, as does `lab tune`'s."""
+    tune = dict((s.name, s.rehearsal_s) for s in gpu.STAGES)["tune"]
+    assert tune - gpu.KILL_GRACE_S - gpu.RESERVE_S >= 2 * gpu.MIN_STAGE_S + 3
+
+
+def test_the_tune_stage_tunes_each_op_with_candidates_and_restores_the_installed_tables(tmp_path, monkeypatch):
+    """`lab tune` (faked: it rewrites a table) at each tuned op's GPT-2 shape; the tables it changed go into
+    tuned.tar.gz, and the folder the installed package reads them from gets the shipped ones back."""
+    from gptfast.kernels.registry import SPECS
+
+    flash_attention = importlib.import_module("gptfast.kernels.flash_attention")  # the package, not its function
+    tables = tmp_path / "configs"
+    tables.mkdir()
+    (tables / "a.json").write_text('{"shipped": 1}\n')
+    (tables / "b.json").write_text('{"shipped": 2}\n')
+    monkeypatch.setattr(flash_attention, "CONFIG_DIR", tables)
+    commands = []
+
+    def lab_tune(command, **kwargs):
+        commands.append(command[command.index("tune") + 1:])
+        (tables / "a.json").write_text('{"tuned": 1}\n')
+        return subprocess.CompletedProcess(command, 0, "wrote the winner", "")
+
+    monkeypatch.setattr(gpu.subprocess, "run", lab_tune)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "work").mkdir()
+    ctx = gpu.Context(out=tmp_path / "out", work=tmp_path / "work", rehearse=False, deadline=time.time() + 60)
+    found = gpu._tune(ctx)
+    wanted = [s for s in SPECS.values() if s.tune_candidates]
+    assert commands == [[s.name, "--shape", ",".join(map(str, s.shapes.default))] for s in wanted] and wanted
+    assert found["tables_written"] == ["a.json"]
+    assert [r["status"] for r in found["runs"]] == ["ok"] * len(wanted)
+    assert (tables / "a.json").read_text() == '{"shipped": 1}\n'
+    with tarfile.open(ctx.out / "tuned.tar.gz") as tar:
+        assert tar.extractfile("configs/a.json").read() == b'{"tuned": 1}\n'
+        assert "configs/b.json" not in tar.getnames()
+
+
 def _session_processes(session: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -144,6 +200,35 @@ def test_the_smoke_takes_every_registered_op_at_its_odd_shapes():
     assert {(c.op, c.shape, c.dtype) for c in rehearsal} == {(op, shape, dtype) for op, shape in first.items()
                                                             for dtype in ("float32", "bfloat16")}
     assert {c.group for c in rehearsal} == {"ops", gpu_run_smoke.MODEL}
+
+
+def test_the_smoke_starts_the_groups_with_the_most_kernels_first():
+    """The model's step (it calls several ops), then the ops by how many kernels they compile (their
+    tunables), ties in the registry's order: on the GPU the first groups' processes start first."""
+    from gptfast.kernels.registry import SPECS
+
+    order = list(dict.fromkeys(c.op for c in gpu_run_smoke.plan(rehearse=False)))
+    assert order[0] == gpu_run_smoke.MODEL and sorted(order[1:], key=list(SPECS).index) == list(SPECS)
+    for first, then in zip(order[1:], order[2:]):
+        kernels = len(SPECS[first].tunables), len(SPECS[then].tunables)
+        assert kernels[0] > kernels[1] or (kernels[0] == kernels[1] and list(SPECS).index(first) < list(
+            SPECS).index(then)), (first, then)
+
+
+def test_the_model_checks_bound_is_in_each_precisions_machine_epsilon():
+    """float32 on a GPU is TF32's where an op multiplies in it (attention), as the lab's check has it."""
+    import torch
+
+    from gptfast.kernels.common import TF32_EPS
+    from gptfast.kernels.registry import SPECS
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert gpu_run_smoke.epsilon("float32", cpu) == torch.finfo(torch.float32).eps == 2.0**-23
+    assert gpu_run_smoke.epsilon("float32", cuda) == (TF32_EPS if any(s.tf32 for s in SPECS.values()) else 2.0**-23)
+    for dtype in ("float16", "bfloat16"):
+        assert gpu_run_smoke.epsilon(dtype, cuda) == gpu_run_smoke.epsilon(dtype, cpu) == torch.finfo(
+            getattr(torch, dtype)).eps
+    assert gpu_run_smoke.MODEL_EPSILONS * torch.finfo(torch.bfloat16).eps == 2.0**-3  # 32 of its unit roundoffs
 
 
 def test_the_cache_preparation_captures_the_smokes_and_the_benchmarks_launches():

@@ -57,7 +57,7 @@ def test_the_wheel_installs_gptfast_only(wheel):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"gptfast"}
     assert "gptfast/kernels/layer_norm.py" in names and "gptfast/bench/report.py" in names
-    assert {"gptfast/kernels/flash_attention.py", "gptfast/kernels/flash_attention/__init__.py"} & set(names)
+    assert "gptfast/kernels/flash_attention/__init__.py" in names  # a package (the ops registry finds it)
     assert "gptfast/kernels/configs/flash_attention_sm90.json" in names  # the block-size tables
     # Every package of the source tree is in the wheel (a subpackage left out of setup.py would import
     # in an editable install and fail in a real one).
