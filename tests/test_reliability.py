@@ -194,7 +194,8 @@ def test_prepare_never_reads_its_own_output(tmp_path):
 
 def test_a_second_trainer_on_one_out_dir_is_refused_naming_the_holder(data_dir, tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from gptfast.run import out_dir_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
+         "from gptfast.checkpoint import out_dir_lock\n"
          "with out_dir_lock(Path(sys.argv[1]), True):\n    print('locked', flush=True); time.sleep(60)",
          str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -417,6 +418,30 @@ def test_tokens_per_step_is_saved_as_the_accumulation_it_sets(data_dir, tmp_path
     assert load_checkpoint(tmp_path)["train_config"]["grad_accum"] == 2
     straight = train(tiny(data_dir, tmp_path / "straight", grad_accum=2, max_steps=4, eval_interval=2))
     assert train(tiny(data_dir, tmp_path, max_steps=4, eval_interval=2, resume=True))["loss"] == straight["loss"]
+
+
+def test_a_tokens_per_step_checkpoint_of_an_older_version_resumes_at_its_accumulation(data_dir, tmp_path, capsys):
+    """Older versions saved tokens_per_step with grad_accum 1, the accumulation it set kept apart: a
+    plain resume takes the steps it set, and repeating tokens_per_step agrees with it."""
+    tokens = 2 * 8 * 32
+    train(tiny(data_dir, tmp_path / "old", tokens_per_step=tokens, max_steps=4, eval_interval=2, run_steps=2))
+    state = load_checkpoint(tmp_path / "old")
+    old_config = {**state["train_config"], "tokens_per_step": tokens, "grad_accum": 1}  # as the old code wrote it
+    save_checkpoint(tmp_path / "old", {**state, "train_config": old_config})
+    shutil.copytree(tmp_path / "old", tmp_path / "again")
+    straight = train(tiny(data_dir, tmp_path / "straight", grad_accum=2, max_steps=4, eval_interval=2))
+    plain = train(tiny(data_dir, tmp_path / "old", max_steps=4, eval_interval=2, resume=True))
+    repeated = train(tiny(data_dir, tmp_path / "again", tokens_per_step=tokens, max_steps=4, eval_interval=2,
+                          resume=True))
+    assert plain["loss"] == repeated["loss"] == straight["loss"]
+    assert capsys.readouterr().out.count("512 tokens per step = 1 process(es) x 2 micro-batch(es)") == 4  # each run
+    assert main(cli_train_args(data_dir, tmp_path / "again", "--resume", "--max-steps", "4", "--grad-accum", "1")) == 2
+    assert "--grad-accum 1 x 1 process(es) (the checkpoint's: 2 x 1)" in one_error_line(capsys, "train")
+    # A config made for a new run and resumed later takes what it was not given from the checkpoint.
+    later = TrainConfig(out_dir=str(tmp_path / "old"), max_steps=5, sample_tokens=0, progress=False, backend="torch",
+                        device="cpu")
+    later.resume = True
+    assert train(later)["step"] == 5 and "x 2 micro-batch(es) x 8 x 32" in capsys.readouterr().out
 
 
 def test_options_are_declared_once():

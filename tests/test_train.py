@@ -5,6 +5,7 @@ distributed runs can be compared exactly (and two processes cannot share one GPU
 separate test trains on CUDA with bfloat16 autocast when a GPU is present.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -287,6 +288,23 @@ def test_lr_schedule():
     assert lr_at(110, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_a_config_holds_its_defaults_and_records_what_was_given():
+    """Left out, an option is its declared default; which were given survives a later resume=True,
+    dataclasses.replace and an option set afterwards (a resumed run takes the others from the checkpoint)."""
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.max_steps, cfg.dtype, cfg.preset, cfg.tokenizer, cfg.include) == (1e-3, 500, "auto", "tiny",
+                                                                                           "char", [])
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 50) and lr_at(0, TrainConfig(lr=1.0)) == pytest.approx(1 / 50)
+    assert TrainConfig(lr=1e-3, dropout=0.0, device="cpu").given == {"lr", "dropout"} and cfg.given == set()
+    later = TrainConfig(max_steps=7)
+    later.resume, later.warmup_steps = True, 9
+    assert later.given == {"max_steps"} and later.is_given("warmup_steps") and not later.is_given("lr")
+    copy = dataclasses.replace(TrainConfig(lr=1e-3), resume=True, grad_clip=0.5)
+    assert copy.given == {"lr", "grad_clip"} and copy.max_steps == 500 and not copy.is_given("max_steps")
+    assert dataclasses.replace(copy, lr=None).lr == 1e-3 and not dataclasses.replace(copy, lr=None).is_given("lr")
+    assert (TrainConfig(init_from="gpt2").preset, TrainConfig(init_from="gpt2").tokenizer) == (None, None)
 
 
 def test_optimizer_decays_matrices_only():

@@ -7,21 +7,24 @@ the disk and then renamed over the old one (the folder flushed too), so an inter
 disk or a power loss leaves the old checkpoint or the new one, never a broken one. ``torch.load``
 reads it with ``weights_only=True``, which refuses anything but tensors and primitive containers;
 every field is checked, so a damaged or foreign file is one clear error naming the file and field.
+One training run at a time writes to a folder: :func:`out_dir_lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from .config import named
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -219,3 +222,32 @@ def build_model(state: dict, path: Path) -> GPT:
         raise ValueError(f"{str(path)!r} is damaged: field 'model' does not fit its model_config: "
                          f"{details[:300]}") from None
     return model
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: Path, main: bool) -> Iterator[None]:
+    """Hold ``out_dir/.lock`` (an advisory lock: a second run refuses, naming the holder's pid; the
+    lock dies with its process, so a killed run never blocks the next). A no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if not main or fcntl is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise BlockingIOError(f"{str(out_dir)!r} is in use by another training run (pid {holder}): wait for "
+                                  f"it to finish, stop it, or choose another {named('out_dir')}") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

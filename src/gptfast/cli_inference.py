@@ -1,5 +1,5 @@
 """``gptfast generate`` and ``gptfast eval``: the model both load (their shared options, declared
-once in :func:`add_model_arguments`) and the two commands."""
+once on :class:`ModelSource`) and the two commands."""
 
 from __future__ import annotations
 
@@ -7,44 +7,53 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
+from .config import tiktoken_file_option
 from .data import TokenData
 from .evaluate import split_loss
 from .generation import DEFAULT_TEMPERATURE, collect, stream
-from .options import add_arguments, argparse_type, positive_int
-from .precision import AMP_DTYPES, amp_dtype_for, autocast_dtype_name
+from .options import add_arguments, from_arguments, option, positive_int
+from .precision import amp_dtype_for, dtype_option
+
+
+@dataclass
+class ModelSource:
+    """The model generate and eval load (:func:`_load_model`): --checkpoint or --pretrained (one of
+    them, required), the device, the weights' dtype and the tokenizer file."""
+
+    checkpoint: str | None = option(help="a training checkpoint (ckpt.pt or its out_dir)", group="model",
+                                    metavar="PATH")
+    pretrained: str | None = option(help="a Hugging Face GPT-2 checkpoint directory, or gpt2, gpt2-medium, "
+                                    "gpt2-large, gpt2-xl (downloaded; needs huggingface_hub and a network)",
+                                    group="model", metavar="NAME_OR_DIR")
+    device: str | None = option(help="cpu, cuda, cuda:1...", group="model", default_help="cuda if present, else cpu")
+    dtype: str = dtype_option("weights", "float16", group="model")
+    tiktoken_file: str | None = tiktoken_file_option(group="model")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The model to load (_load_model loads it): its source, device, weights dtype and tokenizer file."""
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH", help="a training checkpoint (ckpt.pt or its out_dir)")
-    source.add_argument("--pretrained", metavar="NAME_OR_DIR", help="a Hugging Face GPT-2 checkpoint "
-                        "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded; needs "
-                        "huggingface_hub and a network)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", type=argparse_type(autocast_dtype_name), choices=tuple(AMP_DTYPES), default="auto",
-                   help="weights dtype; bf16, fp16, fp32 for short (default: %(default)s: bfloat16 on GPUs that have "
-                   "it, float16 on older ones, float32 on CPUs)")
-    add_arguments(p, TrainConfig, names=("tiktoken_file",))
+    """ModelSource's options: --checkpoint and --pretrained exclusive, one of them required."""
+    add_arguments(p.add_mutually_exclusive_group(required=True), ModelSource, names=("checkpoint", "pretrained"))
+    add_arguments(p, ModelSource, names=("device", "dtype", "tiktoken_file"))
 
 
 def _load_model(args: argparse.Namespace):
     """The model (eval mode, on --device) and tokenizer named by --checkpoint or --pretrained, and the device."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.checkpoint:
+    source = ModelSource(**from_arguments(ModelSource, args))
+    device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if source.checkpoint:
         from .checkpoint import load_for_inference
 
-        model, tokenizer = load_for_inference(args.checkpoint, device, tiktoken_file=args.tiktoken_file)
+        model, tokenizer = load_for_inference(source.checkpoint, device, tiktoken_file=source.tiktoken_file)
     else:
         from .pretrained import from_pretrained
         from .tokenizer import GPT2Tokenizer
 
-        model, tokenizer = from_pretrained(args.pretrained, device=device), GPT2Tokenizer(args.tiktoken_file)
-    dtype = amp_dtype_for(args.dtype, torch.device(device)) or torch.float32  # as training's autocast picks
+        model, tokenizer = from_pretrained(source.pretrained, device=device), GPT2Tokenizer(source.tiktoken_file)
+    dtype = amp_dtype_for(source.dtype, torch.device(device)) or torch.float32  # as training's autocast picks
     return model.to(dtype), tokenizer, device
 
 

@@ -1,9 +1,9 @@
 """Training's options, each declared once (:func:`gptfast.options.option`) on :class:`TrainConfig`.
 
 Every field carries its type, default, help, command-line group and flag, choices, checks and
-resume policy; ``gptfast train``'s arguments, the checks of ``TrainConfig(...)``, the resume rules
-(:data:`FIXED_ON_RESUME`, :data:`CHANGEABLE_ON_RESUME`, :data:`DEFAULTS`) and the README's option
-table (:func:`option_table`) are generated from them.
+resume policy; ``gptfast train``'s arguments, the checks and defaults of ``TrainConfig(...)``, the
+resume rules (:data:`FIXED_ON_RESUME`, :data:`CHANGEABLE_ON_RESUME`, :data:`DEFAULTS`) and the
+README's option table (:func:`option_table`) are generated from them.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import argparse
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import InitVar, dataclass
+from typing import Any
 
 from . import kernels
 from .data import BatchStream
 from .distributed import DEFAULT_TIMEOUT_S
 from .model import PRESETS
-from .options import Resume, check_fields, declarations, markdown_table, option
-from .precision import AMP_DTYPES, autocast_dtype_name
+from .options import Resume, check_fields, declarations, fill_defaults, given_options, markdown_table, option
+from .precision import dtype_option
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
 
 FIXED, CHANGEABLE = Resume.FIXED, Resume.CHANGEABLE
@@ -38,14 +39,23 @@ def finite_non_negative(value: float) -> str | None:
     return None if 0.0 <= value < math.inf else "must be a finite number >= 0"
 
 
+def tiktoken_file_option(group: str) -> Any:
+    """``--tiktoken-file``, of training, ``prepare``, ``generate`` and ``eval``."""
+    return option(help="local GPT-2 ranks file for offline use", group=group, metavar="PATH",
+                  default_help=f"${TIKTOKEN_FILE_ENV}, else tiktoken downloads it")
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs; ``gptfast train --help`` and the README's table describe each field.
 
-    A field that resuming takes from the checkpoint (``resume=FIXED`` or ``CHANGEABLE``) is None
-    until the run settles it: left out, it is the checkpoint's value when resuming, else its
-    default (:data:`DEFAULTS`). Given, a FIXED one must agree with the checkpoint and a CHANGEABLE
-    one replaces the checkpoint's (the change is printed).
+    An option left out holds its declared default once constructed, except that with ``init_from``
+    the preset and tokenizer left out stay None (they are init_from's, settled by the run). Which of
+    the options that resuming takes from the checkpoint (``resume=FIXED`` or ``CHANGEABLE``) were
+    given is recorded in ``given`` (:func:`~gptfast.options.given_options`; ``dataclasses.replace``
+    passes it on): a resumed run replaces the others with the checkpoint's values, while a given
+    FIXED one must agree with the checkpoint and a given CHANGEABLE one replaces the checkpoint's
+    (the change is printed).
     """
 
     # data
@@ -61,8 +71,7 @@ class TrainConfig:
     exclude: list[str] | None = option(
         [], help="leave out the files of input folders matching GLOB (repeatable)", group="data", resume=FIXED,
         metavar="GLOB")
-    tiktoken_file: str | None = option(help="local GPT-2 ranks file for offline use", group="data", metavar="PATH",
-                                       default_help=f"${TIKTOKEN_FILE_ENV}, else tiktoken downloads it")
+    tiktoken_file: str | None = tiktoken_file_option(group="data")
     order: str | None = option("random", help="batch order", group="data", resume=FIXED, choices=BatchStream.ORDERS)
     # model
     preset: str | None = option("tiny", help="model size", group="model", resume=FIXED, choices=tuple(PRESETS))
@@ -112,10 +121,7 @@ class TrainConfig:
                                       resume=CHANGEABLE, check=positive)
     device: str = option("auto", help="cpu, cuda, cuda:1...", group="run", default_help="auto: the process's GPU "
                          "under torchrun, else cuda if present, else cpu")
-    dtype: str | None = option(
-        "auto", help="autocast dtype; bf16, fp16, fp32 for short", group="run", resume=CHANGEABLE,
-        choices=tuple(AMP_DTYPES), parse=autocast_dtype_name,
-        default_help="auto: bfloat16 on GPUs that have it, float16 with loss scaling on older ones, float32 on CPUs")
+    dtype: str | None = dtype_option("autocast", "float16 with loss scaling", group="run", resume=CHANGEABLE)
     compile: bool = option(False, help="torch.compile the model", group="run")
     deterministic: bool = option(
         True, help="attention's backward adds dQ up with atomics (Triton): faster, but gradients vary in their last "
@@ -133,15 +139,25 @@ class TrainConfig:
                                 "or dead peer before the run ends with an error", group="run", metavar="SECONDS",
                                 check=positive)
 
-    def __post_init__(self) -> None:
+    # Not an option: __post_init__ sets the attribute ``given``, which dataclasses.replace passes back in.
+    given: InitVar[Collection[str] | None] = None
+
+    def __post_init__(self, given: Collection[str] | None) -> None:
         check_fields(self, named)
+        self.given = given_options(self, given)
+        fill_defaults(self, skip=("preset", "tokenizer") if self.init_from else ())
         if self.resume and self.overwrite:
             raise ValueError(f"{named('resume', True)} and {named('overwrite', True)} contradict each other: "
                              "choose one")
 
+    def is_given(self, name: str) -> bool:
+        """Whether option ``name`` holds a value given (:attr:`given`), or set since to another than its default."""
+        value = getattr(self, name)
+        return value is not None and (name in self.given or value != OPTIONS[name].default)
+
 
 OPTIONS = declarations(TrainConfig)
-# What a field left at None becomes when no checkpoint gives it (a new run).
+# The defaults of the options a checkpoint gives (an older checkpoint may lack some).
 DEFAULTS = {name: o.default for name, o in OPTIONS.items() if o.resume is not Resume.RUN and o.default is not None}
 # Options that fix what a run computes: on resume they default to the checkpoint's and may not contradict it.
 FIXED_ON_RESUME = tuple(name for name, o in OPTIONS.items() if o.resume is FIXED)

@@ -6,21 +6,24 @@ field's annotation. From the declarations, :func:`add_arguments` builds a comman
 :func:`check_fields` validates and normalises an instance, :func:`markdown_table` writes the
 README's table, and :mod:`gptfast.resume` settles a resumed run.
 
-A field whose policy is :attr:`Resume.FIXED` or :attr:`Resume.CHANGEABLE` holds None until the run
-settles it, so "left out" is visible both to the command line (a flag not typed) and to Python (a
-field not passed): when resuming it becomes the checkpoint's value, otherwise its declared default.
+A field whose policy is :attr:`Resume.FIXED` or :attr:`Resume.CHANGEABLE` is None in the
+constructor's signature and on the command line, so "left out" means the same to both (a field not
+passed, a flag not typed): :func:`given_options` records the options given, then
+:func:`fill_defaults` sets the others to their declared defaults, which a resumed run replaces with
+the checkpoint's values.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import enum
 import functools
 import os
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +59,8 @@ class Option:
 
     @property
     def unset(self) -> Any:
-        """The field's value when not given: None when a resumed run takes it from the checkpoint."""
+        """The constructor's and command line's value for "not given": None when a resumed run takes it
+        from the checkpoint (construction then sets the default), else the default."""
         return self.default if self.resume is Resume.RUN else None
 
     @property
@@ -147,9 +151,27 @@ def check_fields(config: Any, named: Callable[[str], str] = str) -> None:
         setattr(config, name, value)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None) -> None:
+def given_options(config: Any, carried: Collection[str] | None) -> frozenset[str]:
+    """The options of ``config`` that a checkpoint could give (FIXED, CHANGEABLE) and that were given a
+    value (not None), before :func:`fill_defaults`. At construction (``carried`` None) that is every
+    one passed; in a copy (``dataclasses.replace`` passes every field, and as ``carried`` the names
+    its original was given), those its original was given and those changed from their defaults."""
+    return frozenset(name for name, declared in declarations(type(config)).items()
+                     if declared.resume is not Resume.RUN and getattr(config, name) is not None
+                     and (carried is None or name in carried or getattr(config, name) != declared.default))
+
+
+def fill_defaults(config: Any, skip: Collection[str] = ()) -> None:
+    """Set each option of ``config`` left out (None), but those ``skip`` names, to its declared default."""
+    for name, declared in declarations(type(config)).items():
+        if getattr(config, name) is None and name not in skip:
+            setattr(config, name, copy.copy(declared.default))  # a list of its own
+
+
+def add_arguments(parser: argparse._ActionsContainer, cls: type, names: Sequence[str] | None = None) -> None:
     """Add the options of ``cls`` (or those ``names``) to ``parser``, in argument groups named by
-    their ``group`` (in order of first appearance), unless ``names`` picks some: then to ``parser``."""
+    their ``group`` (in order of first appearance), unless ``names`` picks some: then to ``parser``
+    itself, which may be a group (a mutually exclusive one, say)."""
     groups: dict[str, Any] = {}
     for declared in declarations(cls).values():
         if names is not None and declared.name not in names:

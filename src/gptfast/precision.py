@@ -4,14 +4,17 @@
 (:func:`autocast_dtype_name`: bf16 is bfloat16); "auto" picks one for the device
 (:func:`amp_dtype_for`). Training autocasts its forward passes to it and, for float16, scales the
 loss (:func:`grad_scaler`) so that small gradients survive; ``eval`` and ``generate`` cast the
-weights to it.
+weights to it. Each command declares its ``--dtype`` with :func:`dtype_option`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
+
+from .options import option
 
 # --dtype: the autocast dtype of each choice (None: float32, no autocast; "auto": see amp_dtype_for).
 AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
@@ -35,6 +38,15 @@ def dtype_name(text: str, choices: tuple[str, ...] = tuple(DTYPE_NAMES)) -> str:
 def autocast_dtype_name(text: str) -> str:
     """A ``--dtype`` choice of training, ``eval`` and ``generate`` by either name: "auto", "bf16"..."""
     return dtype_name(text, tuple(AMP_DTYPES))
+
+
+def dtype_option(use: str, older_gpus: str, **declaration: Any) -> Any:
+    """A command's ``--dtype`` (:func:`~gptfast.options.option`): one of :data:`AMP_DTYPES` by either
+    name, "auto" by default. ``use`` is what it sets ("autocast", "weights"), ``older_gpus`` what
+    "auto" picks on GPUs without bfloat16, ``declaration`` the rest (``group``, ``resume``)."""
+    return option("auto", help=f"{use} dtype; bf16, fp16, fp32 for short", choices=tuple(AMP_DTYPES),
+                  parse=autocast_dtype_name, default_help=f"auto: bfloat16 on GPUs that have it, {older_gpus} on "
+                  "older ones, float32 on CPUs", **declaration)
 
 
 def amp_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:

@@ -1,7 +1,8 @@
 """What a run's options become before its first step (:func:`settle`).
 
-A new run takes each option left out (None) from its declared default, and its tokenizer from
-``init_from``'s model. A resumed run takes each option left out from the checkpoint, so a plain
+A new run keeps its options (each left out is its declared default since construction) and takes
+its tokenizer from ``init_from``'s model. A resumed run takes each option left out (not
+:meth:`~gptfast.config.TrainConfig.is_given`) from the checkpoint, so a plain
 ``--resume`` continues the run as it was; of the options given, a FIXED one (what the run
 computes) must agree with the checkpoint, every conflict listed in one error, and a CHANGEABLE one
 (the schedule, optimizer, logging) replaces the checkpoint's, each change printed. Only options
@@ -32,12 +33,11 @@ def _settle_new(cfg: TrainConfig) -> TrainConfig:
     hugging_face = cfg.init_from and not is_gptfast_checkpoint(cfg.init_from)
     if hugging_face and cfg.tokenizer not in (None, "gpt2"):
         require_gpt2_tokens(cfg, cfg.tokenizer)  # before preparing any text
-    values = {name: default for name, default in DEFAULTS.items()
-              if getattr(cfg, name) is None and not (name == "preset" and cfg.init_from)}
-    if cfg.init_from and cfg.tokenizer is None:  # text is tokenized as init_from's model reads it
-        values["tokenizer"] = "gpt2" if hugging_face else \
+    tokenizer = cfg.tokenizer
+    if cfg.init_from and tokenizer is None:  # text is tokenized as init_from's model reads it
+        tokenizer = "gpt2" if hugging_face else \
             load_checkpoint(checkpoint_path(cfg.init_from), require=INFERENCE_FIELDS)["tokenizer"].get("kind")
-    return dataclasses.replace(cfg, data=absolute(cfg.data), **values)
+    return dataclasses.replace(cfg, data=absolute(cfg.data), tokenizer=tokenizer)
 
 
 def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> TrainConfig:
@@ -47,7 +47,7 @@ def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> 
     values, conflicts, changes = {}, [], []
     for name in (n for n in FIXED_ON_RESUME + CHANGEABLE_ON_RESUME if n != "grad_accum"):  # grad_accum: below
         mine = absolute(cfg.data) if name == "data" else getattr(cfg, name)
-        if mine is None:
+        if not cfg.is_given(name):
             values[name] = saved.get(name)
         elif mine != saved.get(name) and name in FIXED_ON_RESUME:
             conflicts.append(f"{named(name, mine)} (the checkpoint's: {saved.get(name)!r})")
@@ -56,13 +56,17 @@ def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> 
             if mine != saved.get(name):
                 changes.append(f"{name} {saved.get(name)!r} -> {mine!r}")
     # grad_accum is compared as micro-batches per step over all processes, which may now be more or fewer.
+    # A checkpoint of an older version holds tokens_per_step with grad_accum 1: the accumulation it set is derived.
     processes = state.get("processes", world.size)
-    micro_batches = saved["grad_accum"] * processes  # per step over all processes
-    mine = cfg.grad_accum if cfg.tokens_per_step is None else \
-        grad_accum_for(cfg.tokens_per_step, cfg.batch_size or saved["batch_size"], saved["context_length"], world.size)
-    if mine is not None and mine * world.size != micro_batches:
-        conflicts.append(f"{named('grad_accum', mine)} x {world.size} process(es) (the checkpoint's: "
-                         f"{saved['grad_accum']} x {processes})")
+    theirs = grad_accum_for(saved["grad_accum"], saved.get("tokens_per_step"), saved["batch_size"],
+                            saved["context_length"], processes)
+    micro_batches = theirs * processes  # per step over all processes
+    if cfg.tokens_per_step is not None or cfg.is_given("grad_accum"):
+        mine = grad_accum_for(cfg.grad_accum, cfg.tokens_per_step, saved["batch_size"], saved["context_length"],
+                              world.size)
+        if mine * world.size != micro_batches:
+            conflicts.append(f"{named('grad_accum', mine)} x {world.size} process(es) (the checkpoint's: "
+                             f"{theirs} x {processes})")
     if conflicts:
         raise ValueError(f"cannot resume {path}: these options contradict the checkpoint: {'; '.join(conflicts)}. "
                          f"Leave them out to use the checkpoint's, or start afresh with {named('overwrite', True)}")
@@ -74,8 +78,12 @@ def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> 
     return dataclasses.replace(cfg, **values, grad_accum=micro_batches // world.size)
 
 
-def grad_accum_for(tokens_per_step: int, batch_size: int, context_length: int, processes: int) -> int:
-    """The micro-batches per step and process that make ``tokens_per_step`` (``--tokens-per-step``)."""
+def grad_accum_for(grad_accum: int, tokens_per_step: int | None, batch_size: int, context_length: int,
+                   processes: int) -> int:
+    """A run's micro-batches per step and process: ``grad_accum``, unless ``tokens_per_step``
+    (``--tokens-per-step``) sets it, for a model of ``context_length`` on ``processes`` processes."""
+    if tokens_per_step is None:
+        return grad_accum
     per_micro = batch_size * context_length * processes
     if tokens_per_step % per_micro:
         raise ValueError(f"tokens_per_step {tokens_per_step} is not a multiple of batch_size x "

@@ -1,18 +1,16 @@
-"""A training run: its setup, its state (the step it is at) and checkpoints, and its out_dir's lock.
+"""A training run: its setup and its state (the step it is at) and checkpoints.
 
 :func:`start_run` checks everything before the first step: the options (settled against the
 checkpoint when resuming, :mod:`gptfast.resume`), the data and tokenizer, the model (a preset or
-``init_from``'s weights), its optimizer, loss scaler and batch stream. :class:`Run` steps, validates
-and writes the checkpoint, which is its :meth:`Run.state_dict`, only when everything in it is finite.
+``init_from``'s weights, :mod:`gptfast.setup_run`), its optimizer, loss scaler and batch stream.
+:class:`Run` steps, validates and writes the checkpoint, which is its :meth:`Run.state_dict`, only
+when everything in it is finite.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,25 +18,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import kernels
-from .checkpoint import (
-    CHECKPOINT_FILE,
-    INFERENCE_FIELDS,
-    TRAINING_FIELDS,
-    build_model,
-    checkpoint_path,
-    load_checkpoint,
-    model_config_from,
-    save_checkpoint,
-)
+from .checkpoint import CHECKPOINT_FILE, TRAINING_FIELDS, load_checkpoint, model_config_from, save_checkpoint
 from .config import TrainConfig, named
-from .data import BatchStream, TokenData, is_prepared, prepare
+from .data import BatchStream, TokenData
 from .distributed import World
 from .evaluate import split_loss
-from .model import GPT, GPTConfig
+from .model import GPT
 from .optim import lr_at, make_optimizer, train_step
 from .precision import amp_dtype_for, grad_scaler
-from .resume import grad_accum_for, is_gptfast_checkpoint, require_gpt2_tokens, settle
+from .resume import grad_accum_for, settle
 from .runlog import require_tensorboard
+from .setup_run import initial_model, open_data
 from .tokenizer import Tokenizer
 
 
@@ -169,7 +159,7 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     _check_out_dir(cfg, path)
     state = load_checkpoint(path, require=TRAINING_FIELDS) if cfg.resume else None
     cfg = settle(cfg, state, path, world)
-    data = _open_data(cfg, world)
+    data = open_data(cfg, world)
     tokenizer = data.tokenizer(cfg.tiktoken_file)
     prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_tokens else []
     if state is not None and state["tokenizer"] != tokenizer.to_dict():
@@ -179,12 +169,13 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     if state is not None:  # its weights are loaded with the rest of the checkpoint
         model = GPT(model_config_from(state["model_config"], f"{path}: field 'model_config'"))
     else:
-        model = _initial_model(cfg, tokenizer)
+        model = initial_model(cfg, tokenizer)
     model.config.deterministic_attention = cfg.deterministic
     model = model.to(device)
     T = model.config.context_length
-    if cfg.tokens_per_step is not None:  # saved as grad_accum, so that a resumed run takes the same steps
-        cfg = dataclasses.replace(cfg, grad_accum=grad_accum_for(cfg.tokens_per_step, cfg.batch_size, T, world.size))
+    # tokens_per_step is saved as the grad_accum it sets, so that a resumed run takes the same steps.
+    cfg = dataclasses.replace(cfg, grad_accum=grad_accum_for(cfg.grad_accum, cfg.tokens_per_step, cfg.batch_size, T,
+                                                             world.size))
     amp_dtype = amp_dtype_for(cfg.dtype, device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     stream = BatchStream(data.train, T, order=cfg.order, seed=cfg.seed)
@@ -215,82 +206,3 @@ def _check_out_dir(cfg: TrainConfig, path: Path) -> None:
                               f"{named('overwrite', True)} to start afresh (or choose another {named('out_dir')})")
     if cfg.tensorboard:
         require_tensorboard()
-
-
-def _open_data(cfg: TrainConfig, world: World) -> TokenData:
-    """The prepared data: ``cfg.data`` itself, or text prepared into ``out_dir/data`` (once per run)."""
-    if cfg.data and len(cfg.data) == 1 and is_prepared(cfg.data[0]):
-        return TokenData(cfg.data[0])
-    data_dir = Path(cfg.out_dir) / "data"
-    if world.main and not (cfg.resume and is_prepared(data_dir)):
-        meta = prepare(cfg.data, data_dir, tokenizer=cfg.tokenizer, tiktoken_file=cfg.tiktoken_file,
-                       include=cfg.include, exclude=cfg.exclude, skip=[cfg.out_dir])
-        print(f"prepared {meta['num_tokens']:,} tokens from {', '.join(meta['sources'])} into {data_dir}")
-    world.barrier()
-    return TokenData(data_dir)
-
-
-def _initial_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
-    """A new run's model (on the CPU): the preset, randomly initialised from the seed, or init_from's
-    weights (a gptfast checkpoint, or Hugging Face GPT-2) with this run's context length and dropout."""
-    if not cfg.init_from:
-        overrides = {"vocab_size": tokenizer.vocab_size, "drop_rate": cfg.dropout}
-        if cfg.context_length:
-            overrides["context_length"] = cfg.context_length
-        return GPT(GPTConfig.from_preset(cfg.preset, **overrides))
-    spelled = named("init_from", cfg.init_from)
-    if is_gptfast_checkpoint(cfg.init_from):
-        path = checkpoint_path(cfg.init_from)
-        state = load_checkpoint(path, require=INFERENCE_FIELDS)
-        if state["tokenizer"] != tokenizer.to_dict():
-            theirs = state["tokenizer"].get("kind")
-            raise ValueError(f"{spelled}: that checkpoint's tokenizer ({theirs}"
-                             f"{', its own character vocabulary' if theirs == 'char' else ''}) is not the data's: "
-                             "train on data tokenized as it was")
-        source = build_model(state, path)
-    else:
-        require_gpt2_tokens(cfg, tokenizer.to_dict()["kind"])
-        from .pretrained import from_pretrained
-
-        source = from_pretrained(cfg.init_from).float()
-        if source.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"{spelled} has a vocabulary of {source.config.vocab_size}, GPT-2's tokenizer "
-                             f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
-    T = cfg.context_length or source.config.context_length
-    if T > source.config.context_length:
-        raise ValueError(f"{named('context_length', T)} is longer than {spelled}'s context of "
-                         f"{source.config.context_length}")
-    model = GPT(dataclasses.replace(source.config, context_length=T, drop_rate=cfg.dropout))
-    weights = source.state_dict()
-    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:T]  # a shorter context: its first positions
-    model.load_state_dict(weights)
-    return model
-
-
-@contextlib.contextmanager
-def out_dir_lock(out_dir: Path, main: bool) -> Iterator[None]:
-    """Hold ``out_dir/.lock`` (an advisory lock: a second run refuses, naming the holder's pid; the
-    lock dies with its process, so a killed run never blocks the next). A no-op without fcntl."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None
-    if not main or fcntl is None:
-        yield
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise BlockingIOError(f"{str(out_dir)!r} is in use by another training run (pid {holder}): wait for "
-                                  f"it to finish, stop it, or choose another {named('out_dir')}") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

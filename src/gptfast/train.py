@@ -19,12 +19,13 @@ checkpoint kept); one run at a time holds ``out_dir`` (an advisory lock a dead p
 
 This module holds the loop. The options are declared in :mod:`gptfast.config` and settled against
 the checkpoint in :mod:`gptfast.resume`; the run's setup, state and checkpoints are in
-:mod:`gptfast.run`, the optimizer and its step in :mod:`gptfast.optim` (what the benchmarks time),
-FLOPs and MFU in :mod:`gptfast.metrics`. Elsewhere, so that ``eval``, ``generate`` and the
-benchmarks import them without importing training: the validation loss (:mod:`gptfast.evaluate`),
-autocast and loss scaling (:mod:`gptfast.precision`), the processes (:mod:`gptfast.distributed`),
-log.jsonl, progress and the loss plot (:mod:`gptfast.runlog`), Ctrl-C (:mod:`gptfast.interrupt`),
-the checkpoint file (:mod:`gptfast.checkpoint`).
+:mod:`gptfast.run`, its data and initial model in :mod:`gptfast.setup_run`, the optimizer and its
+step in :mod:`gptfast.optim` (what the benchmarks time), FLOPs and MFU in :mod:`gptfast.metrics`.
+Elsewhere, so that ``eval``, ``generate`` and the benchmarks import them without importing training:
+the validation loss (:mod:`gptfast.evaluate`), autocast and loss scaling (:mod:`gptfast.precision`),
+the processes (:mod:`gptfast.distributed`), log.jsonl, progress and the loss plot
+(:mod:`gptfast.runlog`), Ctrl-C (:mod:`gptfast.interrupt`), the checkpoint file and out_dir's lock
+(:mod:`gptfast.checkpoint`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from . import kernels
+from .checkpoint import out_dir_lock
 from .config import CHANGEABLE_ON_RESUME, DEFAULTS, FIXED_ON_RESUME, TrainConfig, cli_options, named
 from .distributed import distributed
 from .evaluate import split_loss
@@ -44,7 +46,7 @@ from .metrics import PEAK_BF16_FLOPS, model_flops_per_token, peak_flops
 from .model import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, train_step
 from .precision import AMP_DTYPES, amp_dtype_for
-from .run import Run, out_dir_lock, start_run
+from .run import Run, start_run
 from .runlog import LOG_FILE, PLOT_FILE, RunLog, Throughput, plot_losses
 
 # Importable from here before training was split into modules: kept so.

@@ -1,0 +1,66 @@
+"""What a run starts from: its data (text prepared into ``out_dir/data`` first) and a new run's
+model (a preset, randomly initialised, or ``init_from``'s weights). :func:`gptfast.run.start_run`
+calls both once the options are settled."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .checkpoint import INFERENCE_FIELDS, build_model, checkpoint_path, load_checkpoint
+from .config import TrainConfig, named
+from .data import TokenData, is_prepared, prepare
+from .distributed import World
+from .model import GPT, GPTConfig
+from .resume import is_gptfast_checkpoint, require_gpt2_tokens
+from .tokenizer import Tokenizer
+
+
+def open_data(cfg: TrainConfig, world: World) -> TokenData:
+    """The prepared data: ``cfg.data`` itself, or text prepared into ``out_dir/data`` (once per run)."""
+    if cfg.data and len(cfg.data) == 1 and is_prepared(cfg.data[0]):
+        return TokenData(cfg.data[0])
+    data_dir = Path(cfg.out_dir) / "data"
+    if world.main and not (cfg.resume and is_prepared(data_dir)):
+        meta = prepare(cfg.data, data_dir, tokenizer=cfg.tokenizer, tiktoken_file=cfg.tiktoken_file,
+                       include=cfg.include, exclude=cfg.exclude, skip=[cfg.out_dir])
+        print(f"prepared {meta['num_tokens']:,} tokens from {', '.join(meta['sources'])} into {data_dir}")
+    world.barrier()
+    return TokenData(data_dir)
+
+
+def initial_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
+    """A new run's model (on the CPU): the preset, randomly initialised from the seed, or init_from's
+    weights (a gptfast checkpoint, or Hugging Face GPT-2) with this run's context length and dropout."""
+    if not cfg.init_from:
+        overrides = {"vocab_size": tokenizer.vocab_size, "drop_rate": cfg.dropout}
+        if cfg.context_length:
+            overrides["context_length"] = cfg.context_length
+        return GPT(GPTConfig.from_preset(cfg.preset, **overrides))
+    spelled = named("init_from", cfg.init_from)
+    if is_gptfast_checkpoint(cfg.init_from):
+        path = checkpoint_path(cfg.init_from)
+        state = load_checkpoint(path, require=INFERENCE_FIELDS)
+        if state["tokenizer"] != tokenizer.to_dict():
+            theirs = state["tokenizer"].get("kind")
+            raise ValueError(f"{spelled}: that checkpoint's tokenizer ({theirs}"
+                             f"{', its own character vocabulary' if theirs == 'char' else ''}) is not the data's: "
+                             "train on data tokenized as it was")
+        source = build_model(state, path)
+    else:
+        require_gpt2_tokens(cfg, tokenizer.to_dict()["kind"])
+        from .pretrained import from_pretrained
+
+        source = from_pretrained(cfg.init_from).float()
+        if source.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"{spelled} has a vocabulary of {source.config.vocab_size}, GPT-2's tokenizer "
+                             f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
+    T = cfg.context_length or source.config.context_length
+    if T > source.config.context_length:
+        raise ValueError(f"{named('context_length', T)} is longer than {spelled}'s context of "
+                         f"{source.config.context_length}")
+    model = GPT(dataclasses.replace(source.config, context_length=T, drop_rate=cfg.dropout))
+    weights = source.state_dict()
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:T]  # a shorter context: its first positions
+    model.load_state_dict(weights)
+    return model
