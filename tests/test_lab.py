@@ -28,7 +28,7 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 KERNEL_FIELDS = {"name", "config", "registers", "spill_bytes", "shared_memory", "ctas_per_sm", "warps_per_sm",
                  "occupancy_limit", "programs", "sm_count", "serialized_mma", "load_bits", "store_bits", "tma",
                  "main_loop_instructions", "elements_per_iteration", "mufu_per_element", "estimate_us"}
-ROW_OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "linear_cross_entropy")
+ROW_OPS = tuple(name for name, spec in SPECS.items() if spec.shape_names[0] == "rows")
 TRITON = tuple(int(part) for part in analysis.triton_version().split(".")[:2])
 # Triton 3.6's interpreter cannot take loop bounds computed from program ids (setup.py's test extra).
 runs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and TRITON < (3, 7),
@@ -163,6 +163,18 @@ def test_config_overrides_reach_the_launch():
         ops.parse_shape(lab.get_op("layer_norm"), "16,a")
 
 
+def test_capture_refuses_a_launcher_that_ignores_the_target(monkeypatch):
+    """Attention's configurations come from a table per GPU: a launcher choosing them by the tensors'
+    device ("meta": the interpreter's tiles) instead of common.target_gpu() is refused, not reported."""
+    op = lab.get_op("flash_attention")
+    request = lab.Request(op, op.shapes.default, "bf16", lab.ARCHITECTURES[90], {}, {})
+    assert analysis.capture(request)
+    spec_module = importlib.import_module("gptfast.kernels.flash_attention.spec")
+    monkeypatch.setattr(spec_module, "configs_for", lambda q: flash_attention.INTERPRETER_CONFIGS)
+    with pytest.raises(lab.LabError, match="ignores common.target_gpu\\(\\): it configured attention_fwd .* sm_90"):
+        analysis.capture(request)
+
+
 def test_options_choose_the_variant():
     """--option deterministic=false launches the dK/dV kernel with a float32 dQ and its own table
     entry (attention_bwd_kv_atomic, which --config reaches), and no dQ kernel; dropout or key_start
@@ -235,6 +247,13 @@ def test_cli_check():
     assert result.returncode == 0 and "rerun bit-identical: yes" in result.stdout, result.stdout + result.stderr
 
 
+def test_cli_check_refuses_a_shape_in_one_line():
+    result = _lab("check", "cross_entropy", "--shape", "4,10,20")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "gptfast lab check: error: cross_entropy 4,10,20 float32: 20 classes in rows of 10 columns"]
+
+
 def test_main_loops_within_the_baseline(reports):
     recorded = baseline.load().get(analysis.triton_version())
     if recorded is None:
@@ -246,9 +265,10 @@ def test_main_loops_within_the_baseline(reports):
 def test_baseline_regression_can_fail():
     assert baseline.regressions({"k": 104}, {"k": 100}) and not baseline.regressions({"k": 103}, {"k": 100})
     assert baseline.regressions({"new": 1}, {})
-    recorded = {"op sm_90 k_fwd C": 100}  # a kernel of a recorded op must be recorded; an op added since need not
+    recorded = {"op sm_90 k_fwd C": 100}  # every kernel must be recorded, an op added since too (one line)
     assert baseline.regressions({"op sm_90 k_fwd C": 100, "op sm_90 k_bwd C": 5}, recorded)
-    assert not baseline.regressions({"op sm_90 k_fwd C": 100, "new_op sm_90 k C": 5}, recorded)
+    (missing,) = baseline.regressions({"op sm_90 k_fwd C": 100, "new_op sm_90 k C": 5, "new_op sm_80 k C": 5}, recorded)
+    assert missing.startswith("new_op: no entries for Triton") and "python -m gptfast.lab baseline --write" in missing
 
 
 def test_tune_default_candidates_parse():

@@ -4,6 +4,7 @@ these tests say what is missing."""
 
 import dataclasses
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from gptfast import kernels
 from gptfast.bench import report
+from gptfast.kernels import backend
 from gptfast.kernels.registry import SPECS, get_spec
 from gptfast.lab import analysis, check
 
@@ -23,8 +25,14 @@ runs_kernels = pytest.mark.skipif(DEVICE.type == "cpu" and TRITON < (3, 7),
 
 
 def test_the_registry_finds_every_op():
-    assert set(SPECS) == {"layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "linear_cross_entropy",
-                          "flash_attention"}
+    """Every public function of gptfast.kernels but the backend switch's is a registered op, listed
+    by its spec's order."""
+    public = {name for name in kernels.__all__
+              if inspect.isfunction(getattr(kernels, name)) and getattr(kernels, name).__module__ != backend.__name__}
+    assert set(SPECS) == public and len(public) >= 6
+    orders = [spec.order for spec in SPECS.values()]
+    assert orders == sorted(set(orders))
+    assert list(report.KERNELS)[0] == SPECS[next(iter(SPECS))].benchmarks[0].name
     with pytest.raises(ValueError, match="unknown op 'softmax': choose one of .*flash_attention"):
         get_spec("softmax")
 
@@ -39,8 +47,7 @@ def test_spec_is_complete(op):
     assert 2 <= len(spec.shapes.odd) <= 3 and spec.shapes.bench
     lengths = range(len(spec.shape_names) - spec.optional, len(spec.shape_names) + 1)
     assert all(len(shape) in lengths and min(shape) >= 1 for shape in shapes), shapes
-    args, kwargs = spec.example("cpu", torch.bfloat16)
-    assert kernels.explain(op, *args, **kwargs).op == op
+    assert kernels.explain(op, **spec.example("cpu", torch.bfloat16)).op == op
     every = spec.every_config()
     assert dataclasses.is_dataclass(spec.config_type) and set(every) == set(spec.tunables) and all(every.values())
     for kernel, configs in every.items():  # --config's fields are the configurations' own

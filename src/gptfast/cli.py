@@ -48,12 +48,9 @@ def _preset_table(vocab_size: int) -> str:
 
 
 def _backend_report(device: str) -> str:
-    """Which path each registered op takes for GPT-2-sized bf16 inputs on ``device``, and why: its
-    default shape with one row (or batch), as the route depends on the widths, not on their count."""
-    routes = []
-    for spec in SPECS.values():
-        shape = (1, *spec.shapes.default[1:])
-        routes.append(kernels.explain(spec.name, **spec.inputs(shape, torch.bfloat16, device)))
+    """Which path each registered op takes for GPT-2-sized bf16 inputs on ``device``, and why
+    (``OpSpec.example``)."""
+    routes = [kernels.explain(spec.name, **spec.example(device, torch.bfloat16)) for spec in SPECS.values()]
     return "\n".join(f"  {r}" for r in routes)
 
 

@@ -336,7 +336,7 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
     ``label_smoothing``, ``z_loss``, ``row_stride``."""
     rows, cols, classes = (*shape, shape[1])[:3]
     if classes > cols:
-        raise ValueError(f"cross_entropy: {classes} classes in rows of {cols} columns")
+        raise ValueError(f"{classes} classes in rows of {cols} columns")
     targets = spec.class_ids(rows, classes, device, generator)
     return {"logits": spec.row_tensor(rows, cols, dtype, device, generator, options.get("row_stride"), scale=2.0),
             "targets": targets, "num_classes": classes, "label_smoothing": float(options.get("label_smoothing", 0.0)),
@@ -350,7 +350,7 @@ def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase
         _, stats = launch_forward(logits, targets, -1, classes, smoothing, z_loss,
                                   configure(block_config(classes), "cross_entropy_fwd"))
     with phase("backward"):
-        launch_backward(torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device), logits, targets, stats,
+        launch_backward(torch.randn(logits.shape[0], dtype=torch.float32, device=logits.device), logits, targets, stats,
                         -1, classes, smoothing, z_loss, configure(block_config(logits.shape[1]), "cross_entropy_bwd"))
 
 
@@ -396,7 +396,7 @@ TUNABLES = {"cross_entropy_fwd": spec.Tunable(_CHUNK_FIELDS), "cross_entropy_bwd
 MODELS = {"cross_entropy_fwd": spec.KernelModel(row_chunks), "cross_entropy_bwd": spec.KernelModel(row_chunks)}
 
 SPECS = (spec.OpSpec(
-    name="cross_entropy", function=cross_entropy, reference=cross_entropy_reference,
+    name="cross_entropy", order=50, function=cross_entropy,
     # Rows of 50,304 (GPT-2's padded vocabulary) holding 50,257 classes.
     shape_names=("rows", "columns", "classes"), optional=1,
     shapes=spec.Shapes(default=(16384, 50304, 50257), small=(16, 1000, 997),

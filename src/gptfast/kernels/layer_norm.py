@@ -462,8 +462,8 @@ def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase
         y, rstd, total = launch_forward(x, branch, weight, bias, EPS, x.dtype,
                                         configure(block_config(n_cols, False), "layer_norm_fwd"))
     with phase("backward"):
-        launch_backward(torch.empty_like(y), x if branch is None else total, weight, bias is not None, rstd,
-                        None if branch is None else torch.empty_like(total),
+        launch_backward(torch.randn_like(y), x if branch is None else total, weight, bias is not None, rstd,
+                        None if branch is None else torch.randn_like(total),
                         configure(block_config(n_cols, True), "layer_norm_bwd"))
 
 
@@ -497,7 +497,7 @@ _MODELS = {"layer_norm_bwd": spec.KernelModel(spec.row_tiles)}
 _OPTIONS = {"weight": bool, "bias": bool, "row_stride": int}
 
 LAYER_NORM = spec.OpSpec(
-    name="layer_norm", function=layer_norm, reference=layer_norm_reference, shape_names=("rows", "columns"),
+    name="layer_norm", order=10, function=layer_norm, shape_names=("rows", "columns"),
     shapes=_SHAPES, make_inputs=_inputs, launchers=_launchers,
     compared=(layer_norm, layer_norm_reference, lambda x, weight, bias: F.layer_norm(x, (x.shape[-1],), weight, bias)),
     config_type=RowConfig, every_config=every_config, tunables=_TUNABLES, options=_OPTIONS, models=_MODELS,
@@ -526,7 +526,7 @@ def _add_reference(x, branch, weight, bias):
 
 
 ADD_LAYER_NORM = spec.OpSpec(
-    name="add_layer_norm", function=add_layer_norm, reference=_add_reference, shape_names=("rows", "columns"),
+    name="add_layer_norm", order=20, function=add_layer_norm, shape_names=("rows", "columns"),
     shapes=_SHAPES, make_inputs=functools.partial(_inputs, residual=True), launchers=_launchers,
     # Both outputs compared at once: (x + branch, LayerNorm of it), stacked.
     compared=(lambda x, branch, weight, bias: torch.stack(add_layer_norm(x, branch, weight, bias)), _add_reference,

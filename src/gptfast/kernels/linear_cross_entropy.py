@@ -202,7 +202,7 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
     ``label_smoothing``, ``z_loss``, ``chunk_bytes``."""
     rows, d, vocab, classes = (*shape, shape[2])[:4]
     if classes > vocab:
-        raise ValueError(f"linear_cross_entropy: {classes} classes in a vocabulary of {vocab}")
+        raise ValueError(f"{classes} classes in a vocabulary of {vocab}")
     make = dict(dtype=dtype, device=device, generator=generator)
     return {"hidden": spec.tensor(rows, d, **make), "weight": spec.tensor(vocab, d, scale=d**-0.5, **make),
             "targets": spec.class_ids(rows, classes, device, generator), "num_classes": classes,
@@ -249,7 +249,7 @@ def _flops(size: dict, elem: int) -> tuple[float, float]:
 
 
 SPECS = (spec.OpSpec(
-    name="linear_cross_entropy", function=linear_cross_entropy, reference=_reference,
+    name="linear_cross_entropy", order=60, function=linear_cross_entropy,
     shape_names=("rows", "hidden", "vocabulary", "classes"), optional=1,
     shapes=spec.Shapes(default=(16384, 768, 50304, 50257), small=(96, 32, 300, 297),
                        odd=((300, 24, 131, 120), (65, 12, 200, 199))),

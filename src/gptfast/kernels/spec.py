@@ -1,12 +1,13 @@
 """What each op declares about itself, so that every tool iterates ops rather than naming them.
 
-An op's file (or package) ends with ``SPECS = (<OpSpec>, ...)``; ``registry`` finds them. An
-:class:`OpSpec` holds the public function, its float64 reference, an input maker (its inputs named as
-the public function's arguments), the shapes the
-tools use (:class:`Shapes`), the launchers' entry point with an explicit configuration, the
-configuration type and every configuration the launchers may choose, and the lab's hooks: the
-variants (``--option``), the kernels ``--config`` may set (:class:`Tunable`), what each kernel's
-main loop covers (:class:`KernelModel`) and the op's benchmarks (``benchmark.KernelBench``).
+An op's file (or package) ends with ``SPECS = (<OpSpec>, ...)``; ``registry`` finds them, listed by
+their ``order``. An :class:`OpSpec` holds the public function, an input maker (its inputs named as the
+public function's arguments), the functions ``lab check`` compares (the kernel, its float64 reference,
+eager PyTorch), the shapes the tools use (:class:`Shapes`), the launchers' entry point with an
+explicit configuration, the configuration type and every configuration the launchers may choose, and
+the lab's hooks: the variants (``--option``), the kernels ``--config`` may set (:class:`Tunable`),
+what each kernel's main loop covers (:class:`KernelModel`) and the op's benchmarks
+(``benchmark.KernelBench``).
 
 The configurations are dataclasses whose fields are the lower-case launch parameters
 (``block_m``, ``num_warps``...): ``--config KERNEL:BLOCK_M=64`` sets ``block_m``.
@@ -88,15 +89,18 @@ class OpSpec:
     """One op, as every tool sees it (see the module docstring)."""
 
     name: str
+    # Its place in every listing of the ops (the registry, the benchmark report and its --group, gptfast
+    # info, the lab's choices): ascending, each op its own number.
+    order: int
     function: Callable  # the public op
-    reference: Callable  # the plain-math reference (float64 inputs)
     shape_names: tuple[str, ...]
     shapes: Shapes
     # (shape, dtype, device, options, generator) -> the public function's inputs; no generator: torch.empty
     make_inputs: Callable[[tuple, torch.dtype, torch.device, dict, torch.Generator | None], Inputs]
     # (inputs, configure, phase): the forward launcher, then the backward one on its outputs
     launchers: Callable[[Inputs, Configure, Phase], None]
-    # (kernel, float64 reference, same-dtype eager PyTorch), each called with the inputs by name
+    # (kernel, plain-math reference run on float64 inputs, same-dtype eager PyTorch), each called with
+    # the inputs by name
     compared: tuple[Callable, Callable, Callable]
     config_type: type  # the configuration dataclass the launchers take
     every_config: Callable[[], dict[str, tuple]]  # tunable kernel -> every configuration it may launch with
@@ -107,6 +111,9 @@ class OpSpec:
     optional: int = 0  # how many trailing shape numbers may be left out
     check_problem: Callable[[torch.dtype, torch.device], str | None] = _no_problem  # why ``lab check`` cannot run
     tf32: bool = False  # its kernels multiply float32 in TF32 on a GPU (10 mantissa bits, not 23)
+    # Its launchers choose configurations per GPU (common.target_gpu(): attention's tables); the lab
+    # refuses a capture whose configurations are those chosen with no GPU targeted.
+    per_gpu: bool = False
     tune_candidates: tuple[str, ...] = ()  # ``lab tune``'s default candidates (``--config`` texts)
     # (shape, dtype, overrides, note, path or None) -> what it wrote: the winner of ``lab tune`` into the
     # op's configuration table; None: the launchers derive the configuration, there is no table
@@ -142,10 +149,10 @@ class OpSpec:
 
         self.launchers(inputs, configure, phase or (lambda name: contextlib.nullcontext()))
 
-    def example(self, device: torch.device | str, dtype: torch.dtype) -> tuple[tuple, dict]:
-        """(args, kwargs) of GPT-2-sized inputs without data, for ``kernels.explain(spec.name, ...)``: the
-        inputs are named as the public function's arguments."""
-        return (), self.inputs(self.shapes.default, dtype, device)
+    def example(self, device: torch.device | str, dtype: torch.dtype) -> Inputs:
+        """Inputs without data for ``kernels.explain(spec.name, **inputs)``: the default (GPT-2) shape with
+        one row (or batch), as the route depends on the widths, not on their count."""
+        return self.inputs((1, *self.shapes.default[1:]), dtype, device)
 
 
 def tensor(*size: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None,

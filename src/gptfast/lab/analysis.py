@@ -17,6 +17,7 @@ What a kernel's main loop covers comes from its op's spec (``OpSpec.models``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from gptfast.precision import DTYPE_NAMES, SHORT_NAMES, dtype_name
 
 from . import sass
 from .compiler import Build, Compiled, LabError, compile_builds, describe_arg
-from .ops import check_overrides, kernel_name
+from .ops import check_overrides, kernel_name, refusals_as_lab_errors
 from .targets import Architecture
 
 DTYPES = {short: DTYPE_NAMES[full] for short, full in SHORT_NAMES.items()}  # the lab's names: bf16, fp16, fp32
@@ -61,9 +62,21 @@ def parse_dtype(text: str) -> str:
 def capture(request: Request) -> list[tuple[str, common.Launch]]:
     """(phase, launch) for every launch of the op's forward then backward launcher, as they would
     run on ``request.arch``; a launch repeated exactly (the fused LM head's chunks) is listed once."""
-    import contextlib
-
     check_overrides(request.op, request.overrides)
+    records = _launches(request, request.overrides, request.arch.gpu())
+    _refuse_untargeted(request, records if not request.overrides else _launches(request, {}, request.arch.gpu()))
+    seen, distinct = set(), []
+    for name, launch in records:
+        key = (name, launch.kernel, launch.grid, repr(_aligned(launch.args)), repr(sorted(launch.meta.items())))
+        if key not in seen:
+            seen.add(key)
+            distinct.append((name, launch))
+    return distinct
+
+
+def _launches(request: Request, overrides: dict, gpu: common.GPU | None) -> list[tuple[str, common.Launch]]:
+    """(phase, launch) of the op's launchers on "meta" tensors with ``overrides``, configured for
+    ``gpu`` (None: for no GPU in particular, as the interpreter would be)."""
     records: list[tuple[str, common.Launch]] = []
 
     @contextlib.contextmanager
@@ -72,19 +85,28 @@ def capture(request: Request) -> list[tuple[str, common.Launch]]:
             yield
         records.extend((name, launch) for launch in launches)
 
-    with common.targeting(request.arch.gpu()):
-        try:
-            request.op.launch_meta(request.shape, DTYPES[request.dtype], request.options, request.overrides, phase)
-        except (ValueError, RuntimeError, TypeError) as error:
-            raise LabError(f"{request.op.name} {','.join(map(str, request.shape))} {request.dtype}: "
-                           f"{str(error).splitlines()[0]}") from error
-    seen, distinct = set(), []
-    for name, launch in records:
-        key = (name, launch.kernel, launch.grid, repr(_aligned(launch.args)), repr(sorted(launch.meta.items())))
-        if key not in seen:
-            seen.add(key)
-            distinct.append((name, launch))
-    return distinct
+    targeting = common.targeting(gpu) if gpu is not None else contextlib.nullcontext()
+    with targeting, refusals_as_lab_errors(request.op, request.shape, request.dtype):
+        request.op.launch_meta(request.shape, DTYPES[request.dtype], request.options, overrides, phase)
+    return records
+
+
+def _refuse_untargeted(request: Request, targeted: list[tuple[str, common.Launch]]) -> None:
+    """A LabError when an op whose launchers choose configurations per GPU (``OpSpec.per_gpu``) launched
+    a configurable kernel, without overrides, exactly as it does with no GPU targeted (attention: the
+    interpreter's tiles): its launcher ignores ``common.target_gpu()``."""
+    if not request.op.per_gpu:
+        return
+    for (_, launch), (_, plain) in zip(targeted, _launches(request, {}, None)):
+        name = kernel_name(launch.kernel)
+        if name in request.op.tunables and name == kernel_name(plain.kernel) and _tiles(launch) == _tiles(plain):
+            raise LabError(f"{request.op.name}'s launcher ignores common.target_gpu(): it configured {name} "
+                           f"for no GPU in particular (the interpreter), not for sm_{request.arch.arch}")
+
+
+def _tiles(launch: common.Launch) -> dict:
+    """The launch's block configuration: its BLOCK_* sizes, warps and stages."""
+    return {k: v for k, v in launch.meta.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
 
 
 def _aligned(args: tuple) -> list:

@@ -2,9 +2,9 @@
 
 Each entry is ``main_loop_instructions`` of one kernel at one configuration: every op at its GPT-2
 shape in bf16, on sm_80 and sm_90. A change that makes any of them more than 3% longer, or adds a
-kernel or configuration the baseline lacks, fails ``tests/test_lab.py`` until the baseline is
-regenerated (``python -m gptfast.lab baseline --write``) and the growth is reviewed with it. An op
-that a version's entries lack altogether (added since they were recorded) is not compared.
+kernel, configuration or op the baseline lacks, fails ``tests/test_lab.py`` until the baseline is
+regenerated (``python -m gptfast.lab baseline --write``, with each Triton version it records) and the
+growth is reviewed with it.
 """
 
 from __future__ import annotations
@@ -43,12 +43,15 @@ def load(path: Path = BASELINE_FILE) -> dict[str, dict[str, int]]:
 
 
 def regressions(now: dict[str, int], recorded: dict[str, int], tolerance: float = TOLERANCE) -> list[str]:
-    """Entries more than ``tolerance`` longer than recorded, or not recorded at all; when ``recorded``
-    holds some ops but none of an op's entries (the op came after it), that op's are not compared."""
+    """Entries more than ``tolerance`` longer than recorded, or not recorded at all: one line per op
+    that ``recorded`` lacks altogether (added since), one per entry otherwise."""
     problems = []
     recorded_ops = {key.split()[0] for key in recorded}
+    for op in sorted({key.split()[0] for key in now} - recorded_ops):
+        problems.append(f"{op}: no entries for Triton {triton_version()} in {BASELINE_FILE.name}; record them with "
+                        f"`python -m gptfast.lab baseline --write` under Triton {triton_version()}")
     for key, n in sorted(now.items()):
-        if recorded_ops and key.split()[0] not in recorded_ops:
+        if key.split()[0] not in recorded_ops:
             continue
         if key not in recorded:
             problems.append(f"{key}: {n} instructions, not in the baseline")

@@ -5,6 +5,9 @@ runs, and how, is its spec's (``gptfast.kernels.spec.OpSpec``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from gptfast.kernels.registry import get_spec
 from gptfast.kernels.spec import OpSpec
 
@@ -22,6 +25,19 @@ def get_op(name: str) -> OpSpec:
         return get_spec(name)
     except ValueError as error:
         raise LabError(str(error)) from None
+
+
+@contextlib.contextmanager
+def refusals_as_lab_errors(op: OpSpec, shape: tuple, dtype: str) -> Iterator[None]:
+    """Within the block, the op refusing its inputs (ValueError, RuntimeError, TypeError: a shape it
+    cannot take) raises a LabError of one line naming the op, the shape and ``dtype``."""
+    try:
+        yield
+    except LabError:
+        raise
+    except (ValueError, RuntimeError, TypeError) as error:
+        first_line = str(error).partition("\n")[0]
+        raise LabError(f"{op.name} {','.join(map(str, shape))} {dtype}: {first_line}") from error
 
 
 def parse_shape(op: OpSpec, text: str | None) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ By default three backward kernels, none with atomics, so gradients are identical
 float32 dQ with atomics (FlashAttention-2's 5 matrix products and 1 exponential per score, not 7
 and 2), and the order of those additions, so dQ's last bits, varies from run to run.
 
-Decoding (at most ``DECODE_ROWS`` queries, no dropout) takes a split-key forward instead
+Decoding (at most ``launch.DECODE_ROWS`` queries, no dropout) takes a split-key forward instead
 (flash-decoding): the keys are cut into chunks, enough that batch x heads x chunks programs fill
 every SM, each program writing its chunk's partial output and log-sum-exp, and a small reduction
 combines them in chunk order (no atomics). Only it takes ``key_end``; the backward is the same.
@@ -42,28 +42,27 @@ explicit configurations, and the custom operators), ``op`` (checks and the publi
 ``spec`` (what the lab, the benchmarks and the tests read: ``SPECS``).
 """
 
-
 from .op import MAX_BATCH_HEADS, MAX_HEAD_DIM, flash_attention
 from .reference import attention_reference, causal_mask, visible_mask
 from .spec import SPECS
 from .table import (
-                    ARCHES,
-                    CONFIG_DIR,
-                    ELEMENT_SIZES,
-                    HEAD_DIM_PADS,
-                    INTERPRETER_CONFIGS,
-                    SHARED_MEMORY,
-                    TABLE_KEYS,
-                    AttentionConfigs,
-                    BlockConfig,
-                    ConfigTable,
-                    configs_for,
-                    head_dim_pad,
-                    load_table,
-                    table_for,
-                    table_path,
-                    tuned_configs,
-                    write_table,
+    ARCHES,
+    CONFIG_DIR,
+    ELEMENT_SIZES,
+    HEAD_DIM_PADS,
+    INTERPRETER_CONFIGS,
+    SHARED_MEMORY,
+    TABLE_KEYS,
+    AttentionConfigs,
+    BlockConfig,
+    ConfigTable,
+    configs_for,
+    head_dim_pad,
+    load_table,
+    table_for,
+    table_path,
+    tuned_configs,
+    write_table,
 )
 
 __all__ = ["ARCHES", "CONFIG_DIR", "ELEMENT_SIZES", "HEAD_DIM_PADS", "INTERPRETER_CONFIGS", "MAX_BATCH_HEADS",
