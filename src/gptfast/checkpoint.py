@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import math
 import os
 import re
 import shutil
@@ -68,10 +69,45 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _amount(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.0f} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.1f} KB"
+
+
 def _no_space(path: Path, needed: int) -> OSError:
-    error = OSError(f"no space left writing {path} (needs {needed / 2**20:,.0f} MB, "
+    error = OSError(f"no space left writing {path} (needs {_amount(needed)}, "
                     f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MB free); the previous file is kept")
     error.errno = errno.ENOSPC
+    return error
+
+
+def _file_size_limit() -> float:
+    """The largest file this process may write (``ulimit -f``), in bytes; inf when unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.inf
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return math.inf if limit == resource.RLIM_INFINITY else limit
+
+
+def write_failure(path: Path, needed: int, error: BaseException) -> BaseException:
+    """What a failed write of ``needed`` bytes to ``path`` is reported as: a full disk or a file size limit
+    (``ulimit -f``) below ``needed`` is one line naming the file, another failure that does not name it
+    (torch's C++ writer raises RuntimeError) an OSError naming it; anything else (Ctrl-C) is ``error``."""
+    if not isinstance(error, (OSError, RuntimeError)):
+        return error
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(error) or (
+            path.parent.is_dir() and shutil.disk_usage(path.parent).free < needed):
+        return _no_space(path, needed)
+    limit = _file_size_limit()
+    if limit < needed:
+        too_large = OSError(f"could not write {path}: it needs {_amount(needed)} but this process may write "
+                            f"files of {_amount(limit)} at most (ulimit -f); the previous file is kept")
+        too_large.errno = errno.EFBIG
+        return too_large
+    if isinstance(error, RuntimeError) or error.filename is None:  # torch's writer raises RuntimeError
+        return OSError(f"could not write {path}: {error}; the previous file is kept")
     return error
 
 
@@ -94,13 +130,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or (
-            isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(path.parent).free < needed)
-        if full:
-            raise _no_space(path, needed) from None
-        if isinstance(error, RuntimeError):  # torch's writer reports failed writes as RuntimeError
-            raise OSError(f"could not write {path}: {error}; the previous file is kept") from error
-        raise
+        failure = write_failure(path, needed, error)
+        if failure is error:
+            raise
+        raise failure from None
     _fsync_folder(path.parent)
     return path
 
