@@ -19,6 +19,7 @@ import codecs
 import fnmatch
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +32,10 @@ from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation topics, shipped with every Python
 TOKENS_FILE = "tokens.bin"
 META_FILE = "meta.json"
+META_FORMAT = 1  # the layout of meta.json this version writes and reads
+META_FIELDS = {"format": int, "dtype": str, "num_tokens": int, "num_val_tokens": int, "tokenizer": dict,
+               "sources": list}  # every field of meta.json, and its JSON type
+JSON_KINDS = {int: "an integer", str: "a string", dict: "a JSON object", list: "a list"}
 BLOCK_BYTES = 1 << 20  # files are decoded and encoded one ~1 MiB block at a time
 PROGRESS_MIN_BYTES = 16 << 20  # show a progress bar from this input size on
 
@@ -55,45 +60,115 @@ def _is_data_output(folder: Path) -> bool:
     return (folder / TOKENS_FILE).exists() or (folder / (TOKENS_FILE + ".tmp")).exists()
 
 
+def _run_outputs() -> frozenset[str]:
+    """The names a training run writes into its out-dir (each also as an in-progress ``.tmp``)."""
+    from .checkpoint import CHECKPOINT_FILE
+    from .runlog import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR
+
+    names = (CHECKPOINT_FILE, LOG_FILE, PLOT_FILE, TENSORBOARD_DIR)
+    return frozenset(names) | {name + ".tmp" for name in names}
+
+
+def _special_kind(mode: int) -> str | None:
+    """What a path is when neither a folder nor a regular file (reading it could block or never end)."""
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None if stat.S_ISDIR(mode) or stat.S_ISREG(mode) else "a special file"
+
+
+def _stat_source(source: str | os.PathLike) -> tuple[Path, os.stat_result]:
+    """A named source and its status: an empty name, a missing path or a device/FIFO/socket is an error."""
+    if not os.fspath(source):
+        raise ValueError("an empty name ('') is not a file or folder: name the text to read")
+    path = Path(source).expanduser()
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        target = f" (a symlink to {os.readlink(path)!r}, which does not exist)" if path.is_symlink() else ""
+        raise FileNotFoundError(f"no such file or folder: {str(path)!r}{target}") from None
+    kind = _special_kind(status.st_mode)
+    if kind:
+        raise ValueError(f"{str(path)!r} is {kind}, not a regular file: refused (name text files or folders)")
+    return path, status
+
+
+def _folder_files(path: Path, include: Sequence[str], exclude: Sequence[str], outputs: set[Path]) -> list[Path]:
+    """The files below ``path`` chosen by the globs, sorted, leaving out hidden ones, prepared data
+    folders and ``outputs``."""
+    if (path / TOKENS_FILE).exists():
+        state = "is a prepared data folder" if is_prepared(path) else \
+            f"holds {TOKENS_FILE} but no {META_FILE} (an interrupted `gptfast prepare`?)"
+        raise ValueError(f"folder {str(path)!r} {state}, not text: prepare it again from the text")
+    found = []
+    for root, folders, names in os.walk(path):
+        root = Path(root)
+        folders[:] = [d for d in folders if not d.startswith(".") and not _is_data_output(root / d)
+                      and (root / d).resolve() not in outputs]
+        for name in names:
+            relative = (root / name).relative_to(path)
+            if not name.startswith(".") and (not include or _matches(relative, include)) \
+                    and not _matches(relative, exclude) and (root / name).is_file() \
+                    and (root / name).resolve() not in outputs:
+                found.append(root / name)
+    if not found:
+        chosen = " matching the include/exclude globs" if include or exclude else ""
+        raise ValueError(f"folder {str(path)!r} holds no files{chosen}")
+    return sorted(found)
+
+
 def text_files(sources: Sequence[str | os.PathLike], *, include: Sequence[str] = (), exclude: Sequence[str] = (),
                skip: Sequence[str | os.PathLike] = ()) -> list[tuple[Path, bool]]:
     """The files named by ``sources`` as (path, named): each folder expanded to its files, recursively,
-    leaving out hidden files, prepared data folders, the folders in ``skip`` (where the output goes), and
-    files whose name or relative path matches no ``include`` glob (when given) or an ``exclude`` glob.
-    ``named`` is True for a file named itself rather than found in a folder."""
+    leaving out hidden files, prepared data folders and files whose name or relative path matches no
+    ``include`` glob (when given) or an ``exclude`` glob. ``named`` is True for a file named itself
+    rather than found in a folder.
+
+    ``skip`` are output folders (prepare's, a run's out-dir): never read. One found in a source folder
+    is left out whole; in one that is itself a source folder, what a run writes there (its checkpoint,
+    log, loss plot, TensorBoard files) is left out, and naming one of those is an error. A file reached
+    more than once (named twice, by name and through its folder, or through a link) is read once, with
+    one warning line. Devices, FIFOs and sockets are refused, never opened."""
     if not sources:
         raise ValueError("no input: name at least one text file or folder")
-    skipped = [Path(s).expanduser().resolve() for s in skip]
+    folders = {Path(s).expanduser().resolve() for s in skip}
+    outputs = folders | {folder / name for folder in folders for name in _run_outputs()}
     files: list[tuple[Path, bool]] = []
     for source in sources:
-        path = Path(source).expanduser()
-        if path.is_file():
-            if path.name == TOKENS_FILE:
-                raise ValueError(f"{str(path)!r} holds token ids written by `gptfast prepare`, not text")
-            files.append((path, True))
-        elif path.is_dir():
-            if (path / TOKENS_FILE).exists():
-                state = "is a prepared data folder" if is_prepared(path) else \
-                    f"holds {TOKENS_FILE} but no {META_FILE} (an interrupted `gptfast prepare`?)"
-                raise ValueError(f"folder {str(path)!r} {state}, not text: prepare it again from the text")
-            found = []
-            for root, folders, names in os.walk(path):
-                root = Path(root)
-                folders[:] = [d for d in folders if not d.startswith(".") and not _is_data_output(root / d)
-                              and (root / d).resolve() not in skipped]
-                for name in names:
-                    relative = (root / name).relative_to(path)
-                    if not name.startswith(".") and (not include or _matches(relative, include)) \
-                            and not _matches(relative, exclude) and (root / name).is_file():
-                        found.append((root / name, False))
-            found.sort()
-            if not found:
-                chosen = " matching the include/exclude globs" if include or exclude else ""
-                raise ValueError(f"folder {str(path)!r} holds no files{chosen}")
-            files.extend(found)
+        path, status = _stat_source(source)
+        if path.resolve() in outputs - folders:
+            raise ValueError(f"{str(path)!r} is written by the run into its out-dir, not text: leave it out")
+        if stat.S_ISDIR(status.st_mode):
+            files.extend((found, False) for found in _folder_files(path, include, exclude, outputs))
+        elif path.name == TOKENS_FILE:
+            raise ValueError(f"{str(path)!r} holds token ids written by `gptfast prepare`, not text")
         else:
-            raise FileNotFoundError(f"no such file or folder: {str(path)!r}")
-    return files
+            files.append((path, True))
+    return _read_once(files)
+
+
+def _read_once(files: list[tuple[Path, bool]]) -> list[tuple[Path, bool]]:
+    """Each file once (the same device and inode: a path named twice, a symlink, a hard link), named if
+    any of its paths was; one warning line says what was given more than once."""
+    first: dict[tuple[int, int], int] = {}
+    kept: list[tuple[Path, bool]] = []
+    again: list[tuple[Path, Path]] = []
+    for path, named in files:
+        status = path.stat()
+        key = (status.st_dev, status.st_ino)
+        if key in first:
+            seen, was_named = kept[first[key]]
+            kept[first[key]] = (seen, was_named or named)
+            again.append((path, seen))
+        else:
+            first[key] = len(kept)
+            kept.append((path, named))
+    if again:
+        (path, seen), more = again[0], f" (and {len(again) - 1} more file(s) given twice)" if len(again) > 1 else ""
+        print(f"warning: {str(path)!r} is the same file as {str(seen)!r}{more}: each file is read once",
+              file=sys.stderr)
+    return kept
 
 
 def _whitespace_cut(text: str) -> int:
@@ -182,7 +257,7 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    out = Path(out_dir)
+    out = _output_folder(out_dir)
     files = None if sources is None else text_files(sources, include=include, exclude=exclude, skip=[out, *skip])
     names = [f"<embedded corpus: {DEFAULT_CORPUS}>"] if files is None else [str(p) for p, _ in files]
     skipped: list[Path] = []
@@ -219,10 +294,22 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not UTF-8 text", file=sys.stderr)
     num_val = max(1, round(num_tokens * val_fraction))
-    meta = {"format": 1, "tokenizer": tok.to_dict(), "dtype": np.dtype(dtype).name, "num_tokens": num_tokens,
+    meta = {"format": META_FORMAT, "tokenizer": tok.to_dict(), "dtype": np.dtype(dtype).name, "num_tokens": num_tokens,
             "num_val_tokens": num_val, "sources": [n for n in names if Path(n) not in skipped]}
     _write_json_atomic(out / META_FILE, meta)
     return meta
+
+
+def _output_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` checked before anything is read: a name, and a folder (or nothing yet) there."""
+    if not os.fspath(out_dir):
+        raise ValueError("the output folder's name (--out) is empty: name the folder to write the data to")
+    out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"output folder {str(out)!r} is a symlink to {os.readlink(out)!r}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} is a file, not a folder")
+    return out
 
 
 def _write_tokens(f, files: list[tuple[Path, bool]] | None, tok: Tokenizer, dtype: type,
@@ -280,11 +367,16 @@ def read_meta(data_dir: Path) -> dict:
         raise ValueError(f"{path}: not UTF-8 text; prepare the data again") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: holds a {type(meta).__name__}, expected a JSON object; prepare the data again")
-    for field, kind in (("dtype", str), ("num_tokens", int), ("num_val_tokens", int), ("tokenizer", dict)):
+    for field, kind in META_FIELDS.items():
         if field not in meta:
             raise ValueError(f"{path}: no {field!r} field; prepare the data again")
         if not isinstance(meta[field], kind) or isinstance(meta[field], bool):
-            raise ValueError(f"{path}: field {field!r} is {meta[field]!r}, expected a {kind.__name__}")
+            raise ValueError(f"{path}: field {field!r} is {meta[field]!r}, expected {JSON_KINDS[kind]}")
+    if meta["format"] != META_FORMAT:
+        raise ValueError(f"{path}: field 'format' is {meta['format']}, expected {META_FORMAT} (this version's "
+                         "format); prepare the data again with this version")
+    if not all(isinstance(source, str) for source in meta["sources"]):
+        raise ValueError(f"{path}: field 'sources' is {meta['sources']!r}, expected a list of file names")
     if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{path}: field 'dtype' is {meta['dtype']!r}, expected 'uint16' or 'uint32'")
     if not 0 < meta["num_val_tokens"] < meta["num_tokens"]:

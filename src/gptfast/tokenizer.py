@@ -133,6 +133,12 @@ def vocab_size_of(d: dict, source: str = "the saved tokenizer") -> int:
         chars = d.get("chars")
         if not isinstance(chars, str) or not chars:
             raise ValueError(f"{source}: a char tokenizer needs 'chars', a non-empty string, got {chars!r}")
+        at = next((i for i in range(1, len(chars)) if chars[i] <= chars[i - 1]), None)
+        if at is not None:  # CharTokenizer numbers distinct characters in code-point order: ids would shift
+            c = chars[at]
+            raise ValueError(f"{source}: 'chars' {'repeats' if c in chars[:at] else 'is out of order at'} {c!r} "
+                             f"(U+{ord(c):04X}, index {at}): a char vocabulary is distinct characters in code-point "
+                             "order")
         return len(chars)
     raise ValueError(f"{source}: unknown tokenizer kind {kind!r}: expected one of {', '.join(TOKENIZERS)}")
 
