@@ -8,7 +8,9 @@
 
 Files are read and encoded in blocks that end at a line break (or a space, on a long line), so a
 corpus larger than memory works; GPT-2 BPE separates files with ``<|endoftext|>``. Files found in
-folders that are not UTF-8 text are skipped with a warning. ``meta.json`` is written last, so a
+folders that are not UTF-8 text are skipped with a warning; a file reached twice (named twice, or
+through its folder, a symlink or a hard link) is read once; devices and FIFOs are refused, never
+opened; a run's own output (its out-dir) is never read. ``meta.json`` is written last, so a
 folder without it is an interrupted preparation, which loading refuses. :class:`TokenData` maps the ids back without
 loading them, and :class:`BatchStream` cuts them into (input, target shifted by one) batches.
 """
@@ -62,7 +64,7 @@ def _is_data_output(folder: Path) -> bool:
 
 def _run_outputs() -> frozenset[str]:
     """The names a training run writes into its out-dir (each also as an in-progress ``.tmp``)."""
-    from .checkpoint import CHECKPOINT_FILE
+    from .checkpoint import CHECKPOINT_FILE  # here, not above: checkpoint imports config, which imports data
     from .runlog import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR
 
     names = (CHECKPOINT_FILE, LOG_FILE, PLOT_FILE, TENSORBOARD_DIR)
@@ -251,9 +253,10 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
 
     ``tokenizer`` is "char" (a vocabulary built from this text) or "gpt2" (BPE). Files found in
     folders can be chosen with ``include`` / ``exclude`` globs (on the name or the path below the
-    folder); those that are not UTF-8 text are skipped with a warning. ``out_dir`` and ``skip`` are
-    never read. The folder is valid only once ``meta.json`` is written, last; an interrupted prepare
-    leaves the previous data in place, or a folder that loading refuses.
+    folder); those that are not UTF-8 text are skipped with a warning. ``out_dir`` and ``skip`` (a
+    run's out-dir) are never read (see :func:`text_files`). The folder is valid only once
+    ``meta.json`` is written, last; an interrupted prepare leaves the previous data in place, or a
+    folder that loading refuses.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
