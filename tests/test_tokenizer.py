@@ -111,3 +111,11 @@ def test_bad_names():
         tokenizer_from_dict({"kind": "word"})
     with pytest.raises(ValueError, match="meta.json: a char tokenizer needs 'chars'"):
         tokenizer_from_dict({"kind": "char"}, source="meta.json")
+
+
+@pytest.mark.parametrize("chars, words", [("abca", r"repeats 'a' \(U\+0061, index 3\)"),
+                                          ("acb", r"is out of order at 'b' \(U\+0062, index 2\)")])
+def test_a_saved_char_vocabulary_that_would_shift_ids_is_refused(chars, words):
+    # CharTokenizer numbers the sorted distinct characters: "abca" would give 3 ids for a vocabulary of 4.
+    with pytest.raises(ValueError, match=f"ckpt.pt: 'chars' {words}: a char vocabulary is distinct characters"):
+        tokenizer_from_dict({"kind": "char", "chars": chars}, source="ckpt.pt")
