@@ -538,3 +538,39 @@ def test_cli_generate_compile_flag(monkeypatch, tmp_path):
                                "tokenizer": {"kind": "char", "chars": chars}})
     main(["generate", "--checkpoint", str(tmp_path), "--prompt", "ab", "--compile", "--device", "cpu"])
     assert seen["compile"] is True
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=1.0, seed=0), dict(use_cache=False)])
+def test_nan_weights_stop_generation_with_the_step_and_the_tensor(options):
+    """torch.multinomial failed on the NaN probabilities, and greedy decoding returned tokens of NaN logits."""
+    model = make_model()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    words = (r"^the logits are NaN or inf at step 1 of generation \(prompt 0\): the model's weights hold NaN or inf "
+             r"\(transformer.h.1.mlp.c_fc.weight\)$")
+    with pytest.raises(FloatingPointError, match=words):
+        generate(model, [[1, 2], [3]], 4, **options)
+
+
+def test_the_compiled_step_marks_rows_whose_logits_are_not_finite():
+    """The decode step (here eager: the same code that compiles) returns -1 for such a row, read back with
+    its tokens: no host sync of its own."""
+    model = make_model(dtype=torch.float32)
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+        model.lm_head.weight[5, 0] = float("inf")
+        token = torch.tensor([1, 2])
+        noise = torch.ones(2, VOCAB, dtype=torch.float64)
+        new = generation._decode_step(model, token, cache, None, noise, 1.0, None, None)
+    assert new.tolist() == [generation.NONFINITE] * 2
+
+
+def test_uint8_prompt_tensors_give_int64_where_uint8_cannot_hold_the_vocabulary():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=16, context_length=16))
+    prompt = torch.tensor([[1, 2, 3]], dtype=torch.uint8)
+    out = model.generate(prompt, 4, temperature=0)
+    assert out.dtype == torch.int64 and out.tolist() == model.generate(prompt.long(), 4, temperature=0).tolist()
+    assert model.generate(prompt.int(), 4, temperature=0).dtype == torch.int32  # holds every id: kept
+    assert make_model().generate(prompt, 4, temperature=0).dtype == torch.uint8  # 97 ids: kept

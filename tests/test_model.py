@@ -237,3 +237,45 @@ def test_bfloat16_autocast_training_step_on_triton(interpreter_bf16_dot, monkeyp
     assert loss16.dtype == torch.float32 and abs(loss16.item() - loss32.item()) < 1e-2
     for (name, _), got, want in zip(model.named_parameters(), grads16, grads32):
         assert (got - want).abs().max() <= 0.04 * want.abs().max(), name
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("layer_norm_eps", 0, "a positive finite number"),
+    ("layer_norm_eps", -1, "a positive finite number"),
+    ("layer_norm_eps", math.nan, "a positive finite number"),
+    ("layer_norm_eps", math.inf, "a positive finite number"),
+    ("layer_norm_eps", "1e-5", "int or float"),
+    ("n_layer", True, "int"),
+    ("n_layer", 2.0, "int"),
+    ("attn_dropout", math.nan, r"a dropout rate in \[0, 1\)"),
+    ("bias", 1, "bool"),
+])
+def test_every_config_field_is_validated_in_one_line_naming_it(field, value, expected):
+    with pytest.raises(ValueError, match=rf"^GPTConfig: field '{field}' is .*, expected {expected}$"):
+        GPTConfig(**{field: value})
+
+
+def test_a_model_too_large_for_memory_is_refused_from_its_sizes_before_any_module_is_built():
+    from gptfast.memory import parameter_count
+
+    for config in (GPTConfig.from_preset("tiny"), GPTConfig(vocab_size=50, vocab_multiple=64, n_embd=24, n_head=3,
+                                                           n_layer=2, bias=False, qkv_bias=False)):
+        assert parameter_count(config) == count(config)
+    with pytest.raises(ValueError, match=r"GPT\(config\): .* 1000000 layers .* more than this machine's"):
+        GPT(GPTConfig(n_layer=1_000_000))  # building even its meta model took hours
+    with torch.device("meta"):  # a meta model holds no memory: any size is built
+        assert GPT(GPTConfig(n_layer=2, n_embd=100_000, n_head=1)).transformer.wte.weight.is_meta
+
+
+def test_gpt_of_a_dictionary_says_to_pass_a_config():
+    with pytest.raises(TypeError, match=r"^GPT takes a GPTConfig, or GPTConfig\(\*\*d\) for a dictionary d, got dict$"):
+        GPT({"n_layer": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.uint16])
+def test_other_integer_token_ids_give_the_int64_results(small, dtype):
+    idx = torch.randint(0, 100, (2, 8))
+    assert torch.equal(small(idx, idx)[1], small(idx.to(dtype), idx.to(dtype))[1])
+    assert torch.equal(small(idx)[0], small(idx.to(dtype))[0])
+    with pytest.raises(TypeError, match="targets must hold integer token ids, got dtype torch.float32"):
+        small(idx, idx.float())

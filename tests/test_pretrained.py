@@ -114,6 +114,38 @@ def test_sharded_safetensors_checkpoint(tmp_path):
         relative_close(from_pretrained(tmp_path)(idx)[0], hf(idx).logits, rtol=1e-5)
 
 
+def test_sharded_checkpoint_in_the_hugging_face_cache_whose_shards_link_into_blobs(tmp_path):
+    """The cache's snapshots/<revision>/ holds symlinks into ../../blobs/: the folder's files, loaded;
+    an index naming ../ or an absolute path is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_checkpoint(tmp_path / "saved", 2, 2, 16, 30, 12, False)
+    tensors = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    blobs, snapshot = tmp_path / "cache" / "blobs", tmp_path / "cache" / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    files = {"config.json": (tmp_path / "saved" / "config.json").read_bytes(),
+             "model.safetensors.index.json": json.dumps(
+                 {"weight_map": {k: file for file, part in shards.items() for k in part}}).encode()}
+    for file, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(blobs / file))
+        files[file] = (blobs / file).read_bytes()
+    for i, (file, content) in enumerate(files.items()):
+        (blobs / file).unlink(missing_ok=True)
+        (blobs / f"blob{i}").write_bytes(content)
+        (snapshot / file).symlink_to(f"../../blobs/blob{i}")
+    idx = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        relative_close(from_pretrained(snapshot)(idx)[0], hf(idx).logits, rtol=1e-5)
+    for target in ("../../blobs/blob1", str(blobs / "blob1")):
+        (snapshot / "model.safetensors.index.json").unlink()
+        (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": target}}))
+        with pytest.raises(ValueError, match=f"weight_map names '{target}', outside the checkpoint folder: refused"):
+            from_pretrained(snapshot)
+
+
 class _Exploit:
     ran = False
 
@@ -230,6 +262,9 @@ def test_the_cli_says_offline_and_how_to_pass_a_local_folder(tmp_path, monkeypat
     (lambda c: c.update(attn_pdrop="0.1"), "config.json: field 'attn_pdrop' is '0.1', expected int or float"),
     (lambda c: c.update(layer_norm_epsilon=-1e-5), "field 'layer_norm_epsilon' is -1e-05, expected a positive"),
     (lambda c: c.update(vocab_size=10**11), "more than this machine's"),
+    (lambda c: c.update(layer_norm_epsilon=float("inf")), "field 'layer_norm_epsilon' is inf, expected a positive"),
+    (lambda c: c.update(layer_norm_epsilon=0), "field 'layer_norm_epsilon' is 0.0, expected a positive"),
+    (lambda c: c.update(n_layer=10**9), "1000000000 layers has .* more than this machine's"),  # hung
     (lambda c: [1, 2], "config.json: holds list, expected a JSON object"),
 ])
 def test_a_bad_config_json_names_the_file_and_field(tmp_path, edit, words):

@@ -40,6 +40,7 @@ Step = list[int | None]  # one step: each prompt's new token, None for a prompt 
 
 DEFAULT_TEMPERATURE = 1.0  # of generate, stream, GPT.generate and `gptfast generate`: the model's own distribution
 READ_BACK_EVERY = 8  # compiled decoding syncs with the host (reads its tokens, checks EOS) once per this many
+NONFINITE = -1  # the token read back for a row whose logits held NaN or inf: generation stops with an error
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -106,9 +107,19 @@ def _decode_step(model: GPT, token: torch.Tensor, cache: KVCache, left_pad: torc
                  noise: torch.Tensor | None, temperature: float, top_k: int | None, top_p: float | None
                  ) -> torch.Tensor:
     """The static decode step: each row's next token after ``token`` (batch,), written into the
-    static ``cache`` at its (tensor) length. No shape depends on the position."""
+    static ``cache`` at its (tensor) length, -1 where the logits are not finite (:func:`_finite_rows`).
+    No shape depends on the position."""
     logits, _ = model(token[:, None], cache=cache, left_pad=left_pad, last_only=True)
-    return race_tokens(logits[:, -1], temperature, top_k, top_p, noise)
+    logits, finite = _finite_rows(logits[:, -1])
+    return torch.where(finite, race_tokens(logits, temperature, top_k, top_p, noise), NONFINITE)
+
+
+def _finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``logits`` with every row that holds a NaN or inf set to zeros, so that picking a token from it
+    cannot fail; which rows were finite). The caller marks the others' tokens :data:`NONFINITE`: the
+    check costs no host sync, its result arrives with the tokens."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    return logits.masked_fill(~finite[:, None], 0.0), finite
 
 
 _compiled_steps: dict[str, Callable] = {}
@@ -243,20 +254,21 @@ def _steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, options: d
                 noise = _noise(len(prompts), model.config.vocab_size, options["temperature"], device, generator)
                 torch.compiler.cudagraph_mark_step_begin()
                 with torch.no_grad():
-                    new = decode(model, new, cache, left_pad, noise, **options).clone()
+                    new = decode(model, new.clamp_min(0), cache, left_pad, noise, **options).clone()
             else:
-                logits = _next_token_logits(model, tokens[:, cached:], left_pad, cache)
+                logits, finite = _finite_rows(_next_token_logits(model, tokens[:, cached:], left_pad, cache))
                 if compile:
                     noise = _noise(len(prompts), logits.shape[-1], options["temperature"], device, generator)
                     new = race_tokens(logits, **options, noise=noise)
                 else:
                     new = pick_tokens(logits, **options, generator=generator)
+                new = torch.where(finite, new, NONFINITE)
             cached = tokens.shape[1] if cache is not None else 0
-            tokens = torch.cat([tokens, new[:, None]], dim=1)
+            tokens = torch.cat([tokens, new.clamp_min(0)[:, None]], dim=1)
             pending.append(new)
             if compile and len(pending) < READ_BACK_EVERY and i < max_new_tokens - 1:
                 continue
-            yield from _read_back(pending, stopped, eos_token_id)
+            yield from _read_back(model, pending, i + 1 - len(pending), stopped, eos_token_id)
             pending = []
             if all(stopped):
                 return
@@ -264,15 +276,28 @@ def _steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, options: d
         model.train(was_training)
 
 
-def _read_back(pending: list[torch.Tensor], stopped: list[bool], eos_token_id: int | None) -> Iterator[Step]:
-    """The steps of the ``pending`` tokens (one host sync for all), None for rows that had stopped;
-    marks rows that produce ``eos_token_id`` as stopped."""
-    for new in torch.stack(pending, dim=1).T.tolist():
+def _read_back(model: GPT, pending: list[torch.Tensor], done: int, stopped: list[bool], eos_token_id: int | None
+               ) -> Iterator[Step]:
+    """The steps of the ``pending`` tokens, after the ``done`` steps read before (one host sync for all),
+    None for rows that had stopped; marks rows that produce ``eos_token_id`` as stopped. A
+    :data:`NONFINITE` token of a running row stops generation with an error naming the step."""
+    for n, new in enumerate(torch.stack(pending, dim=1).T.tolist(), start=done + 1):
         step = []
         for i, token in enumerate(new):
+            if token == NONFINITE and not stopped[i]:
+                raise _nonfinite_error(model, n, i)
             step.append(None if stopped[i] else token)
             stopped[i] = stopped[i] or token == eos_token_id
         yield step
+
+
+def _nonfinite_error(model: GPT, step: int, row: int) -> FloatingPointError:
+    """The error for logits holding NaN or inf at ``step`` (from 1) of prompt ``row``: it checks
+    the weights (this failure path only) and names the first tensor that is not finite."""
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    cause = (f"the model's weights hold NaN or inf ({bad})" if bad is not None else
+             f"the weights are finite, so the activations overflowed (weights in {model.transformer.wte.weight.dtype})")
+    return FloatingPointError(f"the logits are NaN or inf at step {step} of generation (prompt {row}): {cause}")
 
 
 @torch.no_grad()
@@ -302,7 +327,8 @@ def generate(model: GPT, prompts: Prompts | torch.Tensor, max_new_tokens: int, *
              seed: int | None = None, eos_token_id: int | None = None, use_cache: bool = True,
              compile: bool = False, on_step: Callable[[Step], None] | None = None) -> list[list[int]] | torch.Tensor:
     """Given a list of prompts, the new tokens of each (lists of token ids, lengths may differ);
-    given a (batch, seq) tensor, a (batch, seq + new) tensor: the prompts, then the new tokens.
+    given a (batch, seq) tensor, a (batch, seq + new) tensor: the prompts, then the new tokens (in the
+    prompts' dtype, or int64 where that cannot hold every token id: uint8 prompts of a larger vocabulary).
 
     Token ids may be Python or numpy integers. ``temperature=0`` is greedy decoding; otherwise
     tokens are sampled from softmax(logits / temperature), restricted to the ``top_k`` most likely
@@ -320,8 +346,11 @@ def generate(model: GPT, prompts: Prompts | torch.Tensor, max_new_tokens: int, *
         return new
     width = max(len(row) for row in new)
     filled = [row + [eos_token_id] * (width - len(row)) for row in new]
-    appended = torch.tensor(filled, dtype=prompts.dtype, device=prompts.device).view(len(new), width)
-    return torch.cat([prompts, appended], dim=1)
+    # The prompts' dtype, unless it cannot hold every token id (uint8 prompts of GPT-2's vocabulary): int64.
+    fits = torch.iinfo(prompts.dtype).max >= model.config.vocab_size - 1
+    dtype = prompts.dtype if fits else torch.long
+    appended = torch.tensor(filled, dtype=dtype, device=prompts.device).view(len(new), width)
+    return torch.cat([prompts.to(dtype), appended], dim=1)
 
 
 def model_generate(self: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,

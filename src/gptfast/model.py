@@ -16,13 +16,14 @@ Batches of prompts of different lengths are left-padded; ``left_pad`` masks the 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, memory
 
 
 @dataclass
@@ -45,18 +46,15 @@ class GPTConfig:
     deterministic_attention: bool = True  # False: attention's dQ by atomics, faster, last bits vary run to run
 
     def __post_init__(self) -> None:
+        for field in fields(self):  # every field has its rule in FIELD_RULES; drop_rate may be None
+            value = getattr(self, field.name)
+            if not (field.name == "drop_rate" and value is None):
+                _check_field(field.name, value)
         if self.drop_rate is not None:
             self.embd_dropout = self.attn_dropout = self.resid_dropout = self.drop_rate
             self.drop_rate = None
-        for name in ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "vocab_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +92,40 @@ class GPTConfig:
         d = asdict(self)
         del d["drop_rate"], d["deterministic_attention"]  # a run's choice, not the model's: not saved
         return d
+
+
+class ConfigFieldError(ValueError):
+    """A GPTConfig field holding a value it cannot take; ``problem`` says so without naming GPTConfig,
+    for a caller that names the file it came from (and may spell ``field`` as that file does)."""
+
+    def __init__(self, field: str, value: object, expected: str):
+        self.field, self.value, self.expected = field, value, expected
+        self.problem = f"field {field!r} is {value!r}, expected {expected}"
+        super().__init__(f"GPTConfig: {self.problem}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# Each validated field: (its type test, the type's name, the value test, what a valid value is).
+_SIZE = (lambda v: isinstance(v, int) and not isinstance(v, bool), "int", lambda v: v >= 1, "a positive int")
+_RATE = (_is_real, "int or float", lambda v: 0.0 <= v < 1.0, "a dropout rate in [0, 1)")
+_FLAG = (lambda v: isinstance(v, bool), "bool", lambda v: True, "bool")
+FIELD_RULES = {
+    **dict.fromkeys(("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "vocab_multiple"), _SIZE),
+    **dict.fromkeys(("embd_dropout", "attn_dropout", "resid_dropout", "drop_rate"), _RATE),
+    **dict.fromkeys(("qkv_bias", "bias", "tie_weights", "fused_lm_head", "deterministic_attention"), _FLAG),
+    "layer_norm_eps": (_is_real, "int or float", lambda v: 0 < v < math.inf, "a positive finite number"),
+}
+
+
+def _check_field(name: str, value: object) -> None:
+    is_type, type_name, is_valid, valid = FIELD_RULES[name]
+    if not is_type(value):
+        raise ConfigFieldError(name, value, type_name)
+    if not is_valid(value):  # NaN fails every comparison
+        raise ConfigFieldError(name, value, valid)
 
 
 PRESETS: dict[str, dict] = {
@@ -260,8 +292,28 @@ class Block(nn.Module):
         return x, self.mlp(h)
 
 
+ID_DTYPES = (torch.long, torch.int32)  # the embedding's index dtypes: other integer ids are widened to long
+
+
+def _as_ids(ids: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """Token ids as the embedding takes them: int64 or int32 kept, other integer dtypes (uint8...)
+    widened to int64 (a negative or too large id is then refused by its value); a float, complex or
+    bool tensor refused by its dtype."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype in ID_DTYPES:
+        return ids
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    return ids.long()
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
+        """The model of ``config``, refused before anything is built when its weights would not fit the
+        memory of the device it is built on (``torch.get_default_device()``; meta: no limit)."""
+        if not isinstance(config, GPTConfig):
+            hint = ", or GPTConfig(**d) for a dictionary d" if isinstance(config, dict) else ""
+            raise TypeError(f"GPT takes a GPTConfig{hint}, got {type(config).__name__}")
+        memory.check_model_fits(config, torch.get_default_device(), "GPT(config)")
         super().__init__()
         self.config = config
         vocab = config.padded_vocab_size
@@ -307,8 +359,6 @@ class GPT(nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"idx must be a 2-D (batch, seq) tensor of token ids, got {shape}")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         B, T = idx.shape
         if not 1 <= T <= self.config.context_length:
             raise ValueError(f"sequence length {T} must be between 1 and the context length "
@@ -359,6 +409,7 @@ class GPT(nn.Module):
         """
         if last_only and targets is not None:
             raise ValueError("last_only gives the last position's logits only: it cannot compute a loss")
+        idx, targets = (_as_ids(t, name) for t, name in ((idx, "idx"), (targets, "targets")))
         self._check_input(idx, targets, cache, left_pad)
         T = idx.shape[1]
         start = cache.length if cache is not None else 0

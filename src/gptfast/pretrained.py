@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_fits_in_memory, torch_load
-from .model import GPT, GPTConfig
+from .checkpoint import torch_load
+from .memory import check_model_fits
+from .model import GPT, ConfigFieldError, GPTConfig
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_OWNER = "openai-community"
@@ -28,6 +29,10 @@ HUB_OWNER = "openai-community"
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Buffers that old GPT-2 checkpoints store (the causal mask), not parameters: skipped on load.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# config.json's names of our GPTConfig fields, where they differ.
+HF_NAMES = {"context_length": "n_positions", "embd_dropout": "embd_pdrop", "attn_dropout": "attn_pdrop",
+            "resid_dropout": "resid_pdrop", "layer_norm_eps": "layer_norm_epsilon",
+            "tie_weights": "tie_word_embeddings"}
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast")
 LOCAL_FOLDER_HINT = (" instead of the name (a folder with config.json and model.safetensors, as "
                      "save_pretrained writes, transformers' or gptfast's)")
@@ -78,11 +83,9 @@ def _config_from_hf(hf: object, source: Path) -> GPTConfig:
         raise ValueError(f"{source}: describes a {hf['model_type']!r} model, not GPT-2")
     sizes = {name: _config_field(hf, name, (int,), source) for name in
              ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")}
-    rates = {ours: _config_field(hf, theirs, (int, float), source, 0.0) for ours, theirs in
-             (("embd_dropout", "embd_pdrop"), ("attn_dropout", "attn_pdrop"), ("resid_dropout", "resid_pdrop"))}
+    rates = {ours: _config_field(hf, HF_NAMES[ours], (int, float), source, 0.0)
+             for ours in ("embd_dropout", "attn_dropout", "resid_dropout")}
     eps = _config_field(hf, "layer_norm_epsilon", (int, float), source, 1e-5)
-    if not eps > 0:
-        raise ValueError(f"{source}: field 'layer_norm_epsilon' is {eps}, expected a positive number")
     tie = _config_field(hf, "tie_word_embeddings", (bool,), source, True)
     unsupported = []
     if hf.get("activation_function", "gelu_new") not in GELU_TANH:
@@ -99,9 +102,12 @@ def _config_from_hf(hf: object, source: Path) -> GPTConfig:
         config = GPTConfig(vocab_size=sizes["vocab_size"], context_length=sizes["n_positions"],
                            n_embd=sizes["n_embd"], n_head=sizes["n_head"], n_layer=sizes["n_layer"],
                            layer_norm_eps=float(eps), tie_weights=tie, **{k: float(v) for k, v in rates.items()})
+    except ConfigFieldError as error:  # named as config.json spells it
+        raise ValueError(f"{source}: field {HF_NAMES.get(error.field, error.field)!r} is {error.value!r}, "
+                         f"expected {error.expected}") from None
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
-    check_fits_in_memory(config, str(source))
+    check_model_fits(config, torch.device("cpu"), str(source))
     return config
 
 
@@ -124,16 +130,17 @@ def _json(path: Path):
 
 
 def _shard_files(directory: Path, index: Path) -> list[Path]:
-    """The files a sharded checkpoint's index names, each inside ``directory`` (an index that points
-    elsewhere, ``../x`` or ``/etc/passwd``, is refused)."""
+    """The files a sharded checkpoint's index names, each by its path inside ``directory``: a name that
+    leaves it (``../x``, ``/etc/passwd``) is refused, while a symlink the folder holds is the folder's
+    file wherever it points (the Hugging Face cache links each snapshot's shards into ``../../blobs/``)."""
     content = _json(index)
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise ValueError(f"{index}: no 'weight_map' object of tensor names to file names")
-    root, files = directory.resolve(), []
+    files = []
     for name in sorted(set(weight_map.values())):
-        file = (directory / name).resolve()
-        if Path(name).is_absolute() or root not in file.parents:
+        file = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(f"{index}: weight_map names {name!r}, outside the checkpoint folder: refused")
         if not file.is_file():
             raise FileNotFoundError(f"{index}: weight_map names {name!r}, which does not exist")

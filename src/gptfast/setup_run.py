@@ -1,17 +1,21 @@
 """What a run starts from: its data (text prepared into ``out_dir/data`` first) and a new run's
-model (a preset, randomly initialised, or ``init_from``'s weights). :func:`gptfast.run.start_run`
-calls both once the options are settled."""
+model (a preset, randomly initialised, or ``init_from``'s weights), and the check that training it
+fits the device's memory. :func:`gptfast.run.start_run` calls them once the options are settled."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from .checkpoint import INFERENCE_FIELDS, build_model, checkpoint_path, load_checkpoint
 from .config import TrainConfig, named
 from .data import TokenData, is_prepared, prepare
 from .distributed import World
+from .memory import available_bytes, gigabytes, training_estimate
 from .model import GPT, GPTConfig
+from .precision import amp_dtype_for
 from .resume import is_gptfast_checkpoint, require_gpt2_tokens
 from .tokenizer import Tokenizer
 
@@ -64,3 +68,20 @@ def initial_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:T]  # a shorter context: its first positions
     model.load_state_dict(weights)
     return model
+
+
+def check_memory(cfg: TrainConfig, model: GPT, device: torch.device) -> None:
+    """Refuse, before the first step allocates it, a run whose parameters, gradients, optimizer state and
+    activations (:func:`~gptfast.memory.training_estimate`) exceed what ``device`` has free. ``model``
+    is still on the CPU, so on the CPU its weights count as free: they are already allocated."""
+    estimate = training_estimate(model.config, cfg.batch_size, amp_dtype_for(cfg.dtype, device))
+    free = available_bytes(device)
+    if free is None:
+        return
+    free += estimate.parameters if device.type == "cpu" else 0
+    if estimate.total > free:
+        T = model.config.context_length
+        raise ValueError(f"{named('batch_size', cfg.batch_size)}: training needs about {gigabytes(estimate.total)} "
+                         f"on {device} ({estimate.describe()} for {cfg.batch_size} x {T} tokens), but "
+                         f"{gigabytes(free)} is available: lower {named('batch_size')} or "
+                         f"{named('context_length')}, or choose a smaller model")
