@@ -3,19 +3,17 @@
 A checkpoint is a dictionary of tensors and plain Python values (no classes): the model and
 optimizer state dicts, the step, the model and training configurations, the tokenizer, the data
 stream's position and RNG state. ``torch.save`` writes it to a temporary file, which is flushed to
-the disk and then renamed over the old one (the folder flushed too), so an interrupted write, a full
-disk or a power loss leaves the old checkpoint or the new one, never a broken one. ``torch.load``
-reads it with ``weights_only=True``, which refuses anything but tensors and primitive containers;
-every field is checked, so a damaged or foreign file is one clear error naming the file and field.
-One training run at a time writes to a folder: :func:`out_dir_lock`.
+the disk and then renamed over the old one, the folder flushed too (:mod:`gptfast.durable`), so an
+interrupted write, a full disk or a power loss leaves the old checkpoint or the new one, never a
+broken one. ``torch.load`` reads it with ``weights_only=True``, which refuses anything but tensors
+and primitive containers; every field is checked, so a damaged or foreign file is one clear error
+naming the file and field. One training run at a time writes to a folder: :func:`out_dir_lock`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import math
 import os
 import re
 import shutil
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import named
+from .durable import no_space, replace_atomically
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -55,62 +54,6 @@ def _nbytes(value) -> int:
     return 0
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename) to the disk; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _amount(nbytes: float) -> str:
-    return f"{nbytes / 2**20:,.0f} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.1f} KB"
-
-
-def _no_space(path: Path, needed: int) -> OSError:
-    error = OSError(f"no space left writing {path} (needs {_amount(needed)}, "
-                    f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MB free); the previous file is kept")
-    error.errno = errno.ENOSPC
-    return error
-
-
-def _file_size_limit() -> float:
-    """The largest file this process may write (``ulimit -f``), in bytes; inf when unlimited or unknown."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return math.inf
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return math.inf if limit == resource.RLIM_INFINITY else limit
-
-
-def write_failure(path: Path, needed: int, error: BaseException) -> BaseException:
-    """What a failed write of ``needed`` bytes to ``path`` is reported as: a full disk or a file size limit
-    (``ulimit -f``) below ``needed`` is one line naming the file, another failure that does not name it
-    (torch's C++ writer raises RuntimeError) an OSError naming it; anything else (Ctrl-C) is ``error``."""
-    if not isinstance(error, (OSError, RuntimeError)):
-        return error
-    code = getattr(error, "errno", None)
-    if code == errno.ENOSPC or "No space left" in str(error) or (
-            path.parent.is_dir() and shutil.disk_usage(path.parent).free < needed):
-        return _no_space(path, needed)
-    limit = _file_size_limit()
-    if limit < needed:
-        too_large = OSError(f"could not write {path}: it needs {_amount(needed)} but this process may write "
-                            f"files of {_amount(limit)} at most (ulimit -f); the previous file is kept")
-        too_large.errno = errno.EFBIG
-        return too_large
-    if isinstance(error, RuntimeError) or error.filename is None:  # torch's writer raises RuntimeError
-        return OSError(f"could not write {path}: {error}; the previous file is kept")
-    return error
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """Write ``state`` to ``path`` (a file, or a folder to hold ``ckpt.pt``) atomically and durably.
 
@@ -120,21 +63,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     needed = _nbytes(state) + (1 << 20)  # the tensors, and room for the zip directory and plain values
     if shutil.disk_usage(path.parent).free < needed:
-        raise _no_space(path, needed)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        failure = write_failure(path, needed, error)
-        if failure is error:
-            raise
-        raise failure from None
-    _fsync_folder(path.parent)
+        raise no_space(path, needed)
+    replace_atomically(path, needed, lambda f: torch.save({"format": FORMAT, **state}, f))
     return path
 
 

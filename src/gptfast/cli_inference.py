@@ -13,6 +13,7 @@ import torch
 
 from .config import tiktoken_file_option
 from .data import TokenData
+from .distributed import resolve_device
 from .evaluate import split_loss
 from .generation import DEFAULT_TEMPERATURE, collect, stream
 from .options import add_arguments, from_arguments, option, positive_int
@@ -43,7 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     """The model (eval mode, on --device) and tokenizer named by --checkpoint or --pretrained, and the device."""
     source = ModelSource(**from_arguments(ModelSource, args))
-    device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(source.device or "auto", option="--device")
     if source.checkpoint:
         from .checkpoint import load_for_inference
 
@@ -53,7 +54,7 @@ def _load_model(args: argparse.Namespace):
         from .tokenizer import GPT2Tokenizer
 
         model, tokenizer = from_pretrained(source.pretrained, device=device), GPT2Tokenizer(source.tiktoken_file)
-    dtype = amp_dtype_for(source.dtype, torch.device(device)) or torch.float32  # as training's autocast picks
+    dtype = amp_dtype_for(source.dtype, device) or torch.float32  # as training's autocast picks
     return model.to(dtype), tokenizer, device
 
 

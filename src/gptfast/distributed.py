@@ -63,38 +63,52 @@ class PeerFailure(ConnectionError):
     """A collective failed: another training process stopped, died or did not answer in time."""
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """The device ``device`` names ("auto": the process's GPU if there is one, else cpu), checked:
-    a CUDA device without a usable GPU (a CPU-only build of torch, no GPU visible) is one clear error."""
+def resolve_device(device: str, local_rank: int = 0, option: str = "device") -> torch.device:
+    """The device ``device`` names ("auto": the process's GPU if there is one, else cpu), checked to run
+    a model: an unknown name, ``meta`` (shapes without data), a CUDA device without a usable GPU (a
+    CPU-only build of torch, no GPU visible) or another kind this torch cannot place tensors on is one
+    clear error naming the option as ``option`` spells it ("--device" in the CLI)."""
     if device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    given, cpu = f"{option} {device!r}", f"{option} cpu"
     try:
         chosen = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+        raise ValueError(f"{given}: unknown device: use cpu, cuda or cuda:N") from None
+    if chosen.type == "meta":
+        raise ValueError(f"{given} cannot run a model: meta tensors hold shapes without data; use cpu or cuda")
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             if torch.version.cuda is None:
-                raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; "
-                                 "install a CUDA build of torch, or use device cpu")
-            raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} "
-                             "(check the driver and CUDA_VISIBLE_DEVICES), or use device cpu")
+                raise ValueError(f"{given}: this torch has no CUDA (CPU build {torch.__version__}); install a "
+                                 f"CUDA build of torch, or use {cpu}")
+            raise ValueError(f"{given}: no CUDA GPU is visible to torch {torch.__version__} "
+                             f"(check the driver and CUDA_VISIBLE_DEVICES), or use {cpu}")
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+            raise ValueError(f"{given}: this machine has {torch.cuda.device_count()} GPU(s), "
                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif chosen.type != "cpu":
+        try:
+            torch.empty(0, device=chosen)
+        except Exception as error:  # each kind fails its own way: NotImplementedError, AssertionError, ...
+            reason = (str(error).strip() or type(error).__name__).split(". ")[0].splitlines()[0][:150]
+            raise ValueError(f"{given}: this torch ({torch.__version__}) cannot place tensors on {chosen.type} "
+                             f"({reason}); use cpu or cuda") from None
     return chosen
 
 
-def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[World, torch.device]:
+def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
+                     device_option: str = "device") -> tuple[World, torch.device]:
     """This process's :class:`World` (from torchrun's environment) and device, joining the process group.
 
-    ``device`` "auto" is the process's GPU under torchrun, else cuda if present, else cpu.
+    ``device`` "auto" is the process's GPU under torchrun, else cuda if present, else cpu; errors name
+    it as ``device_option`` spells it.
     """
     if timeout_s <= 0:
         raise ValueError(f"the collective timeout must be positive, got {timeout_s} s")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     world = World(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), size)
-    chosen = resolve_device(device, world.local_rank)
+    chosen = resolve_device(device, world.local_rank, device_option)
     if chosen.type == "cuda":
         if chosen.index is None:  # plain "cuda": the current GPU, named by index for set_device and DDP
             chosen = torch.device("cuda", torch.cuda.current_device())
@@ -126,9 +140,10 @@ def peers_watched(world: World, timeout_s: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[tuple[World, torch.device]]:
+def distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
+                device_option: str = "device") -> Iterator[tuple[World, torch.device]]:
     """:func:`init_distributed` for a ``with`` block, leaving the process group when it ends."""
-    world, chosen = init_distributed(device, timeout_s)
+    world, chosen = init_distributed(device, timeout_s, device_option)
     try:
         with peers_watched(world, timeout_s):
             yield world, chosen

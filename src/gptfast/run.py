@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -195,6 +196,20 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     if world.main:
         print(run.describe())
     return run
+
+
+def check_out_dir_is_a_folder(out_dir: Path) -> None:
+    """``out_dir`` and the first of its parents that exists are folders (or links to folders), checked
+    before anything is written: a file or a symbolic link to nothing in the way is one clear error."""
+    for path in (out_dir, *out_dir.parents):
+        where = named("out_dir", str(out_dir)) + ("" if path == out_dir else f": {path}")
+        if path.is_symlink() and not path.exists():
+            raise FileNotFoundError(f"{where} is a symbolic link to {os.readlink(path)}, which does not exist: "
+                                    f"create that folder or choose another {named('out_dir')}")
+        if path.exists():
+            if not path.is_dir():
+                raise NotADirectoryError(f"{where} is a file, not a folder: choose another {named('out_dir')}")
+            return
 
 
 def _check_out_dir(cfg: TrainConfig, path: Path) -> None:

@@ -2,25 +2,29 @@
 
 ``log.jsonl`` holds one JSON object per line: ``{"step", "loss", "lr", "tokens_per_sec",
 "grad_norm"[, "mfu"]}`` every ``log_interval`` steps and ``{"step", "val_loss"}`` at each
-validation; a value that is not finite is written as null, so every line is valid JSON. A resumed
-run first cuts it back to the checkpoint's step, so every step appears once; the cut copy replaces
-the file by a rename, so a run killed meanwhile leaves the old log or the new one. A last line cut
-short (a run killed mid-write) is dropped with a warning. The console shows a progress bar on a
-terminal, else (and with ``progress=False``) one line every ``log_interval`` steps. Only the main
-process writes and prints.
+validation; a value that is not finite is written as null, so every line is valid JSON (and is read
+as null from a log that holds one, an older one or a hand-edited one). A resumed run first cuts it
+back to the checkpoint's step, so every step appears once; the cut copy replaces the file by a
+rename, the file and its folder flushed to the disk, so a run killed meanwhile leaves the old log or
+the new one. A last line cut short (a run killed mid-write) is dropped with a warning. A write the
+disk or the file size limit refuses is one error naming the file; ``loss.png`` is written the same
+way. The console shows a progress bar on a terminal, else (and with ``progress=False``) one line
+every ``log_interval`` steps. Only the main process writes and prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+
+from .durable import write_atomic, write_failure
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
@@ -28,8 +32,9 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl. A last line that is not a whole record (a write cut short) is
-    dropped with a warning; a bad line elsewhere is an error naming the file and the line."""
+    """The records of a log.jsonl, a value that is not finite (NaN, Infinity, 1e999) read as None. A last
+    line that is not a whole record (a write cut short) is dropped with a warning; a bad line elsewhere
+    is an error naming the file and the line."""
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []
@@ -37,7 +42,8 @@ def read_log(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=lambda name: None,
+                                parse_float=lambda text: _finite_or_none(float(text)))
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("not an object with an integer step")
         except ValueError as error:
@@ -50,20 +56,6 @@ def read_log(path: Path) -> list[dict]:
                              "delete the line or the file") from None
         records.append(record)
     return records
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` through a flushed temporary file and a rename: old or new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def open_log(path: Path, resume_step: int | None) -> TextIO:
@@ -129,7 +121,8 @@ class RunLog:
 
         self._main, self._max_steps = main, max_steps
         self._tensorboard = _tensorboard_writer(out_dir, resume_step) if main and tensorboard else None
-        self._file = open_log(out_dir / LOG_FILE, resume_step) if main else None
+        self._path = out_dir / LOG_FILE
+        self._file = open_log(self._path, resume_step) if main else None
         # A bar redraws itself with carriage returns: only on a terminal, never into a log file.
         self._lines = main and not (progress and sys.stderr.isatty())
         self._bar = tqdm(total=max_steps, initial=step, desc="training", dynamic_ncols=True,
@@ -175,8 +168,12 @@ class RunLog:
     def _record(self, entry: dict) -> None:
         entry = {key: _finite_or_none(value) for key, value in entry.items()}
         if self._file is not None:
-            self._file.write(json.dumps(entry, allow_nan=False) + "\n")
-            self._file.flush()
+            line = json.dumps(entry, allow_nan=False) + "\n"
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as error:
+                raise write_failure(self._path, len(line), error) from None
         if self._tensorboard is not None:
             for key, value in entry.items():
                 if key != "step" and value is not None:
@@ -184,7 +181,8 @@ class RunLog:
 
 
 def plot_losses(log_path: Path, png_path: Path) -> Path | None:
-    """A loss-curve PNG from the JSON-lines log (None when matplotlib is missing)."""
+    """A loss-curve PNG from the JSON-lines log, written by :func:`~gptfast.durable.write_atomic` (None
+    when matplotlib is missing)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -203,6 +201,8 @@ def plot_losses(log_path: Path, png_path: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(png_path, png.getvalue())
     return png_path

@@ -31,6 +31,7 @@ the processes (:mod:`gptfast.distributed`), log.jsonl, progress and the loss plo
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ from .metrics import PEAK_BF16_FLOPS, model_flops_per_token, peak_flops
 from .model import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, train_step
 from .precision import AMP_DTYPES, amp_dtype_for
-from .run import Run, start_run
+from .run import Run, check_out_dir_is_a_folder, start_run
 from .runlog import LOG_FILE, PLOT_FILE, RunLog, Throughput, plot_losses
 
 # Importable from here before training was split into modules: kept so.
@@ -63,8 +64,10 @@ def train(cfg: TrainConfig) -> dict:
     the run early), ``signal`` (the number of the signal that stopped it, or None) and ``sample``
     (generated text, or None). It seeds torch's global generator and selects ``cfg.backend`` while it runs.
     """
-    with kernels.use_backend(cfg.backend), distributed(cfg.device, cfg.ddp_timeout) as (world, device), \
-            out_dir_lock(Path(cfg.out_dir), world.main):
+    out_dir = Path(cfg.out_dir)
+    check_out_dir_is_a_folder(out_dir)
+    processes = distributed(cfg.device, cfg.ddp_timeout, named("device"))
+    with kernels.use_backend(cfg.backend), processes as (world, device), out_dir_lock(out_dir, world.main):
         run = start_run(cfg, world, device)
         try:
             summary = _train(run)
@@ -110,17 +113,26 @@ def _train(run: Run) -> dict:
             "stopped": stopped, "signal": stop.signum, "sample": None}
 
 
+def _plot(out: Path) -> None:
+    """loss.png, a nicety: when it cannot be written (no matplotlib, a full disk) the run goes on with a warning."""
+    try:
+        png = plot_losses(out / LOG_FILE, out / PLOT_FILE)
+    except (OSError, ValueError) as error:
+        print(f"warning: no loss plot: {error}; the checkpoint and {out / LOG_FILE} are complete", file=sys.stderr)
+        return
+    if png:
+        print(f"loss curve: {png}")
+    else:
+        print(f"no loss plot: matplotlib is not installed (pip install matplotlib); the losses are in {out / LOG_FILE}")
+
+
 def _finish(run: Run, summary: dict) -> dict:
     """The main process's end of a run: how to continue a stopped one, the loss curve, the sample."""
     cfg, out = run.cfg, Path(run.cfg.out_dir)
     if summary["stopped"]:
         print(f"stopped at step {summary['step']}; checkpoint {run.checkpoint_path} "
               f"(continue with {named('resume', True)})")
-    png = plot_losses(out / LOG_FILE, out / PLOT_FILE)
-    if png:
-        print(f"loss curve: {png}")
-    else:
-        print(f"no loss plot: matplotlib is not installed (pip install matplotlib); the losses are in {out / LOG_FILE}")
+    _plot(out)
     if not summary["stopped"] and cfg.sample_tokens > 0:
         run.model.eval()
         eot = run.tokenizer.eot_token_id
