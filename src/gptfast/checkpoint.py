@@ -13,7 +13,6 @@ naming the file and field. One training run at a time writes to a folder: :func:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import shutil
@@ -25,7 +24,8 @@ import torch
 
 from .config import named
 from .durable import no_space, replace_atomically
-from .model import GPT, GPTConfig
+from .memory import check_model_fits
+from .model import GPT, ConfigFieldError, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_FILE = "ckpt.pt"
@@ -123,45 +123,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def _field_kind(field: dataclasses.Field) -> tuple[type, ...]:
-    """The Python types a GPTConfig field accepts, from its default (None: optional float)."""
-    default = field.default
-    if isinstance(default, bool):
-        return (bool,)
-    if isinstance(default, int):
-        return (int,)
-    return (int, float) if isinstance(default, float) else (int, float, type(None))
-
-
-def check_fits_in_memory(config: GPTConfig, source: str) -> None:
-    """Refuse, before allocating, a model whose float32 weights exceed this machine's memory."""
-    with torch.device("meta"):
-        n = GPT(config).num_parameters()
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit known
-        return
-    if n * 4 > memory:
-        raise ValueError(f"{source}: a model of vocab_size {config.vocab_size}, n_embd {config.n_embd}, "
-                         f"{config.n_layer} layers has {n:,} parameters, {n * 4 / 2**30:,.1f} GB in float32, "
-                         f"more than this machine's {memory / 2**30:,.1f} GB of memory")
-
-
 def model_config_from(d: object, source: str) -> GPTConfig:
-    """A :class:`GPTConfig` from a saved dictionary, each bad field one error naming ``source``."""
+    """A :class:`GPTConfig` from a saved dictionary, each bad field one error naming ``source``; a model too
+    large for this machine's memory is refused from its sizes, before anything is built."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: the model configuration is a {type(d).__name__}, expected a dictionary")
-    kinds = {f.name: _field_kind(f) for f in dataclasses.fields(GPTConfig)}
-    for name, value in d.items():
-        if name in kinds and (not isinstance(value, kinds[name]) or (bool not in kinds[name]
-                                                                     and isinstance(value, bool))):
-            raise ValueError(f"{source}: field {name!r} is {value!r}, expected "
-                             f"{' or '.join(k.__name__ for k in kinds[name] if k is not type(None))}")
     try:
         config = GPTConfig.from_dict(d)
+    except ConfigFieldError as error:
+        raise ValueError(f"{source}: {error.problem}") from None
     except (ValueError, TypeError) as error:
         raise ValueError(f"{source}: {error}") from None
-    check_fits_in_memory(config, source)
+    check_model_fits(config, torch.device("cpu"), source)
     return config
 
 

@@ -29,7 +29,7 @@ from .optim import lr_at, make_optimizer, train_step
 from .precision import amp_dtype_for, grad_scaler
 from .resume import grad_accum_for, settle
 from .runlog import require_tensorboard
-from .setup_run import initial_model, open_data
+from .setup_run import check_memory, initial_model, open_data
 from .tokenizer import Tokenizer
 
 
@@ -172,6 +172,7 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     else:
         model = initial_model(cfg, tokenizer)
     model.config.deterministic_attention = cfg.deterministic
+    check_memory(cfg, model, device)  # before the model moves to the device and trains
     model = model.to(device)
     T = model.config.context_length
     # tokens_per_step is saved as the grad_accum it sets, so that a resumed run takes the same steps.
