@@ -273,7 +273,7 @@ def test_streaming_waits_for_whole_characters(capsys):
 
 
 def test_cli_generate_from_training_checkpoint(tmp_path, capsys):
-    chars = "abcdefgh \n"
+    chars = "\n abcdefgh"  # code-point order, as a saved char vocabulary is
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=len(chars), n_layer=1, n_head=2, n_embd=16, context_length=16)
     save_checkpoint(tmp_path, {"model_config": config.to_dict(), "model": GPT(config).state_dict(),
@@ -388,7 +388,7 @@ def test_one_default_temperature_for_the_api_and_the_cli():
 
 
 def test_cli_generate_checks_arguments_before_printing(tmp_path, capsys):
-    chars = "abc\n"
+    chars = "\nabc"  # code-point order, as a saved char vocabulary is
     config = GPTConfig(vocab_size=len(chars), n_layer=1, n_head=1, n_embd=8, context_length=8)
     save_checkpoint(tmp_path, {"model_config": config.to_dict(), "model": GPT(config).state_dict(),
                                "tokenizer": {"kind": "char", "chars": chars}})
