@@ -84,3 +84,59 @@ def test_info_refuses_a_vocabulary_below_one(capsys):
         main(["info", "--vocab-size", "0"])
     assert exit.value.code == 2
     assert "--vocab-size: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def train_parser() -> argparse.ArgumentParser:
+    return commands()["train"]
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--context-length", "0", "must be positive, got 0"),
+    ("--tokens-per-step", "0", "must be positive, got 0"),
+    ("--seed", "1e20", "must be an integer from -2**63 to 2**63 - 1, got 1e20"),
+    ("--seed", "x", "must be an integer, got 'x'"),
+    ("--max-steps", "2.5", "must be an integer, got '2.5'"),
+    ("--lr", "nan", "must be a finite number, got nan"),
+    ("--lr", "-1e-3", "must be a finite number >= 0, got -1e-3"),
+    ("--warmup-steps", "-1", "must be >= 0, got -1"),
+    ("--grad-clip", "-1", "must be a finite number >= 0, got -1"),
+    ("--beta2", "1", "must be in [0, 1), got 1"),
+    ("--dropout", "1.5", "must be in [0, 1], got 1.5"),
+    ("--sample-tokens", "-5", "must be >= 0, got -5"),
+    ("--ddp-timeout", "1e20", "must be positive and at most 1e+09 seconds, got 1e20"),
+])
+def test_a_numeric_option_out_of_its_range_is_refused_at_parse_time(capsys, flag, value, words):
+    """Each option's type and range come from its declaration and are checked as the command line is
+    read, before anything runs (issue 30): one line naming the option, after a one-line usage."""
+    with pytest.raises(SystemExit) as exit:
+        train_parser().parse_args([f"{flag}={value}"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"usage: gptfast train [DATA ...] [options]\ngptfast train: error: argument {flag}: {words}\n"
+
+
+def test_every_numeric_train_option_reads_its_type_from_its_declaration(capsys):
+    from gptfast.config import OPTIONS
+
+    numeric = [o for o in OPTIONS.values() if o.type in (int, float)]
+    assert len(numeric) >= 20
+    for declared in numeric:
+        with pytest.raises(SystemExit):
+            train_parser().parse_args([declared.spelling, "many"])
+        kind = "an integer" if declared.type is int else "a number"
+        assert f"argument {declared.spelling}: must be {kind}, got 'many'" in capsys.readouterr().err
+
+
+def test_zero_means_zero(monkeypatch):
+    """A value of 0 is that value, never "not given" (issue 30: --context-length 0 used to train at 128)."""
+    from gptfast.config import TrainConfig
+
+    seen = []
+    monkeypatch.setattr("gptfast.cli.train", lambda cfg: seen.append(cfg) or {})
+    assert main(["train", "--dropout", "0", "--grad-clip", "0", "--lr", "0", "--warmup-steps", "0",
+                 "--sample-tokens", "0", "--z-loss", "0", "--max-steps", "1e4"]) == 0
+    cfg = seen[0]
+    assert (cfg.dropout, cfg.grad_clip, cfg.lr, cfg.warmup_steps, cfg.sample_tokens, cfg.z_loss) == (0, 0, 0, 0, 0, 0)
+    assert cfg.max_steps == 10_000 and isinstance(cfg.max_steps, int)
+    assert {"dropout", "grad_clip", "lr", "warmup_steps"} <= cfg.given
+    assert TrainConfig(min_lr=0.0).min_lr == 0.0

@@ -444,6 +444,65 @@ def test_a_tokens_per_step_checkpoint_of_an_older_version_resumes_at_its_accumul
     assert train(later)["step"] == 5 and "x 2 micro-batch(es) x 8 x 32" in capsys.readouterr().out
 
 
+def damage_optimizer_moment(state: dict) -> None:
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(3, 5)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (damage_optimizer_moment, "the optimizer's exp_avg of transformer.wte.weight has shape (3, 5), the parameter ("),
+    (lambda s: s["train_config"].update(batch_size="8"), "train_config field 'batch_size' must be an integer, got '8'"),
+    (lambda s: s["train_config"].update(data=5), "train_config field 'data' must be a list of strings, got 5"),
+    (lambda s: s["train_config"].update(seed="x"), "train_config field 'seed' must be an integer, got 'x'"),
+    (lambda s: s["train_config"].update(max_steps=-1), "train_config field 'max_steps' must be positive, got -1"),
+    (lambda s: s["train_config"].update(lr=float("nan")), "train_config field 'lr' must be a finite number"),
+    (lambda s: s["train_config"].update(order="zigzag"), "field 'order' must be one of random, sequential"),
+    (lambda s: s["train_config"].update(grad_accum=None), "field 'grad_accum' must be an integer, got None"),
+    (lambda s: s["model_config"].update(context_length=0), "model_config field 'context_length' must be positive"),
+    (lambda s: s.update(processes=0), "field 'processes' must be positive, got 0"),
+    (lambda s: s.update(data_meta=[1]), "field 'data_meta' is list, expected dict"),
+])
+def test_a_damaged_training_state_is_one_line_naming_the_checkpoint(trained, data_dir, tmp_path, capsys, edit,
+                                                                     words):
+    """Every train_config field a resumed run reads is checked against its option's declaration, and
+    the optimizer's moments against the parameters' shapes, before anything is loaded (issue 30)."""
+    state = torch.load(trained / "ckpt.pt", weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "ckpt.pt")
+    argv = cli_train_args(data_dir, tmp_path, "--resume", "--max-steps", "4")
+    if "data_meta" in words:  # read only to check a data folder given in place of the checkpoint's
+        argv[1] = str(tmp_path / "moved")
+        shutil.copytree(data_dir, argv[1])
+    assert main(argv) == 2
+    line = one_error_line(capsys, "train")
+    assert f"{tmp_path / 'ckpt.pt'} is damaged: " in line and words in line, line
+
+
+def test_a_moved_data_folder_resumes_when_named_and_other_data_is_refused(data_dir, tmp_path, capsys):
+    """A data folder moved since the checkpoint resumes when given as DATA, checked against the
+    meta.json the checkpoint records (so its tokens' count and size); other data is refused naming both."""
+    first = tmp_path / "first"
+    shutil.copytree(data_dir, first)
+    assert main(cli_train_args(first, tmp_path / "run", "--max-steps", "4", "--eval-interval", "2",
+                               "--run-steps", "2")) == 0
+    shutil.copytree(tmp_path / "run", tmp_path / "older")
+    moved = first.rename(tmp_path / "moved")
+    other = tmp_path / "other"
+    prepare([__file__], other)
+    assert main(cli_train_args(other, tmp_path / "run", "--resume", "--max-steps", "4")) == 2
+    line = one_error_line(capsys, "train")
+    assert f"DATA ['{other}'] (the checkpoint's: ['{first}']: other data, {other}'s meta.json differs in" in line
+    assert main(cli_train_args(moved, tmp_path / "run", "--resume", "--max-steps", "4")) == 0
+    assert f"resuming with changed options: data ['{first}'] -> ['{moved}'], eval_interval" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run")["train_config"]["data"] == [str(moved)]
+    # A checkpoint of an older version records no meta.json: the old folder, gone, cannot vouch for the new one.
+    state = load_checkpoint(tmp_path / "older")
+    del state["data_meta"]
+    save_checkpoint(tmp_path / "older", state)
+    assert main(cli_train_args(moved, tmp_path / "older", "--resume", "--max-steps", "4")) == 2
+    assert "records no meta.json of its data" in one_error_line(capsys, "train")
+
+
 def test_options_are_declared_once():
     """The command line, the resume lists and the defaults come from TrainConfig's field declarations."""
     from gptfast.cli import build_parser

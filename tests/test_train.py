@@ -281,6 +281,27 @@ def test_config_errors():
         TrainConfig(batch_size=0)
 
 
+def test_python_values_are_checked_by_their_declarations():
+    """TrainConfig(...) checks each value as the command line does, from the same declarations: a
+    wrong type or range is one ValueError naming the field; a path, numpy integer or whole float is
+    normalised (issue 30)."""
+    import numpy as np
+
+    for fields, words in ((dict(batch_size="8"), "batch_size must be an integer, got '8'"),
+                          (dict(data=5), "data must be a list of strings, got 5"),
+                          (dict(seed=2**70), "seed must be an integer from -2**63 to 2**63 - 1"),
+                          (dict(lr=math.nan), "lr must be a finite number, got nan"),
+                          (dict(beta1=1.0), "beta1 must be in [0, 1), got 1.0"),
+                          (dict(max_steps=2.5), "max_steps must be an integer, got 2.5"),
+                          (dict(progress="no"), "progress must be true or false, got 'no'")):
+        with pytest.raises(ValueError) as error:
+            TrainConfig(**fields)
+        assert str(error.value) == words or str(error.value).startswith(words), error.value
+    cfg = TrainConfig(out_dir=Path("runs/a"), data=[Path("d")], batch_size=np.int64(4), max_steps=1e4)
+    assert (cfg.out_dir, cfg.data, cfg.batch_size, cfg.max_steps) == ("runs/a", ["d"], 4, 10_000)
+    assert type(cfg.batch_size) is int and type(cfg.max_steps) is int
+
+
 def test_lr_schedule():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

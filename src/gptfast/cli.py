@@ -101,7 +101,8 @@ def _resume_rule() -> str:
     fixed, changeable = (", ".join(OPTIONS[name].spelling for name in names)
                          for names in (FIXED_ON_RESUME, CHANGEABLE_ON_RESUME))
     text = (f"On --resume, an option left out is the checkpoint's. Given, one of {fixed} must agree with it; "
-            f"one of {changeable} replaces it (and the change is printed).")
+            f"one of {changeable} replaces it (and the change is printed). A prepared data folder that has "
+            "moved is given as DATA: it must hold the data the checkpoint records.")
     return textwrap.fill(text, 100, break_on_hyphens=False) + "\n"
 
 
@@ -136,6 +137,7 @@ def _add_prepare_parser(sub) -> None:
 def _add_train_parser(sub) -> None:
     """gptfast train: TrainConfig's options, as declared, in their groups."""
     trn = sub.add_parser("train", help="train a GPT (also under torchrun for several GPUs)",
+                         usage="%(prog)s [DATA ...] [options]",  # a bad option's error then fits on two lines
                          description="Train a GPT on prepared data or on text. Ctrl-C stops after the current\n"
                          "step and writes the checkpoint; --resume continues exactly. Under `torchrun\n"
                          "--nproc_per_node N` the same command trains with DistributedDataParallel.",

@@ -25,6 +25,8 @@ from .precision import dtype_option
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
 
 FIXED, CHANGEABLE = Resume.FIXED, Resume.CHANGEABLE
+# Options that init_from's model decides when left out: they stay None (and a checkpoint may hold None).
+INIT_FROM_DECIDES = ("preset", "tokenizer")
 
 
 def positive(value: float) -> str | None:
@@ -37,6 +39,26 @@ def probability(value: float) -> str | None:
 
 def finite_non_negative(value: float) -> str | None:
     return None if 0.0 <= value < math.inf else "must be a finite number >= 0"
+
+
+def non_negative(value: int) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def beta(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def seed_range(value: int) -> str | None:
+    """A seed torch's 64-bit generators take, with room for the run's per-step seeds above it."""
+    return None if -(2**63) <= value < 2**63 else "must be an integer from -2**63 to 2**63 - 1"
+
+
+MAX_TIMEOUT_S = 10**9  # about 31 years, well inside what a timedelta holds
+
+
+def timeout(value: float) -> str | None:
+    return None if 0 < value <= MAX_TIMEOUT_S else f"must be positive and at most {MAX_TIMEOUT_S:.0e} seconds"
 
 
 def tiktoken_file_option(group: str) -> Any:
@@ -94,21 +116,23 @@ class TrainConfig:
                                    resume=CHANGEABLE, check=positive)
     run_steps: int | None = option(help="stop after N steps in this run, with a checkpoint to --resume from",
                                    group="optimization", metavar="N", check=positive)
-    lr: float | None = option(1e-3, help="peak learning rate", group="optimization", resume=CHANGEABLE)
+    lr: float | None = option(1e-3, help="peak learning rate", group="optimization", resume=CHANGEABLE,
+                              check=finite_non_negative)
     min_lr: float | None = option(help="learning rate at the end of the cosine decay", group="optimization",
-                                  resume=CHANGEABLE, default_help="lr/10")
-    warmup_steps: int | None = option(50, help="steps of linear warm-up", group="optimization", resume=CHANGEABLE)
+                                  resume=CHANGEABLE, default_help="lr/10", check=finite_non_negative)
+    warmup_steps: int | None = option(50, help="steps of linear warm-up", group="optimization", resume=CHANGEABLE,
+                                      check=non_negative)
     weight_decay: float | None = option(0.1, help="AdamW weight decay, matrices only", group="optimization",
-                                        resume=CHANGEABLE)
-    beta1: float | None = option(0.9, help="AdamW beta1", group="optimization", resume=CHANGEABLE)
-    beta2: float | None = option(0.95, help="AdamW beta2", group="optimization", resume=CHANGEABLE)
+                                        resume=CHANGEABLE, check=finite_non_negative)
+    beta1: float | None = option(0.9, help="AdamW beta1", group="optimization", resume=CHANGEABLE, check=beta)
+    beta2: float | None = option(0.95, help="AdamW beta2", group="optimization", resume=CHANGEABLE, check=beta)
     grad_clip: float | None = option(1.0, help="clip the gradient norm to this; 0: no clipping",
-                                     group="optimization", resume=CHANGEABLE)
+                                     group="optimization", resume=CHANGEABLE, check=finite_non_negative)
     label_smoothing: float | None = option(0.0, help="label smoothing of the loss, as torch's cross_entropy",
                                            group="optimization", resume=CHANGEABLE, check=probability)
     z_loss: float | None = option(0.0, help="weight of the z-loss, z * logsumexp(logits)^2 per position",
                                   group="optimization", resume=CHANGEABLE, check=finite_non_negative)
-    seed: int | None = option(1337, help="random seed", group="optimization", resume=FIXED)
+    seed: int | None = option(1337, help="random seed", group="optimization", resume=FIXED, check=seed_range)
     # run
     out_dir: str = option("out", help="checkpoint, log.jsonl and loss.png go here", group="run")
     resume: bool = option(False, help="continue from OUT_DIR/ckpt.pt", group="run")
@@ -126,7 +150,7 @@ class TrainConfig:
     deterministic: bool = option(
         True, help="attention's backward adds dQ up with atomics (Triton): faster, but gradients vary in their last "
         "bits run to run, so a resumed run is no longer bitwise the same", group="run", flag="--nondeterministic")
-    sample_tokens: int = option(300, help="tokens to generate at the end; 0: none", group="run")
+    sample_tokens: int = option(300, help="tokens to generate at the end; 0: none", group="run", check=non_negative)
     sample_prompt: str = option("\n", help="prompt of the final sample", group="run", default_help="a line break")
     backend: str = option("auto", help="kernel backend, as `gptfast --backend`", group="run",
                           choices=kernels.BACKENDS, cli_default=argparse.SUPPRESS,
@@ -137,7 +161,7 @@ class TrainConfig:
                                "tensorboard package)", group="run")
     ddp_timeout: float = option(DEFAULT_TIMEOUT_S, help="under torchrun, how long a collective waits for a stopped "
                                 "or dead peer before the run ends with an error", group="run", metavar="SECONDS",
-                                check=positive)
+                                check=timeout)
 
     # Not an option: __post_init__ sets the attribute ``given``, which dataclasses.replace passes back in.
     given: InitVar[Collection[str] | None] = None
@@ -145,7 +169,7 @@ class TrainConfig:
     def __post_init__(self, given: Collection[str] | None) -> None:
         check_fields(self, named)
         self.given = given_options(self, given)
-        fill_defaults(self, skip=("preset", "tokenizer") if self.init_from else ())
+        fill_defaults(self, skip=INIT_FROM_DECIDES if self.init_from else ())
         if self.resume and self.overwrite:
             raise ValueError(f"{named('resume', True)} and {named('overwrite', True)} contradict each other: "
                              "choose one")

@@ -1,4 +1,5 @@
-"""The optimizer and its step: AdamW, the learning-rate schedule, and one step over micro-batches.
+"""The optimizer and its step: AdamW, the learning-rate schedule, and one step over micro-batches;
+the check of a saved optimizer state against the model (:func:`check_optimizer_state`).
 
 :func:`make_optimizer` and :func:`train_step` are what the benchmarks time, so they measure the
 code that trains.
@@ -24,6 +25,27 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def check_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict,
+                          source: object) -> None:
+    """Refuse, before loading, a saved optimizer state (from ``source``, a checkpoint) holding a
+    tensor that is not its parameter's shape: torch would load it and fail at the first step. The
+    error names the parameter, both shapes and ``source``; other mismatches are torch's to report."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups, states = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(states, dict):
+        return
+    for group, saved_group in zip(optimizer.param_groups, groups):
+        keys = saved_group.get("params") if isinstance(saved_group, dict) else None
+        if not isinstance(keys, list) or len(keys) != len(group["params"]):
+            return
+        for param, key in zip(group["params"], keys):
+            entry = states.get(key)
+            for moment, tensor in entry.items() if isinstance(entry, dict) else ():
+                if moment != "step" and isinstance(tensor, torch.Tensor) and tensor.shape != param.shape:
+                    raise ValueError(f"{source} is damaged: the optimizer's {moment} of {names.get(id(param))} "
+                                     f"has shape {tuple(tensor.shape)}, the parameter {tuple(param.shape)}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -20,10 +20,12 @@ import copy
 import dataclasses
 import enum
 import functools
+import math
+import numbers
 import os
 import types
 import typing
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,15 +131,11 @@ def _without_none(hint: Any) -> Any:
 
 def check_fields(config: Any, named: Callable[[str], str] = str) -> None:
     """Normalise and validate every option of ``config`` in place: a string for a list becomes a
-    one-item list (another sequence, a list of its own), ``parse`` reads strings, then choices and
-    checks; a ValueError names the first problem (``named`` spells the option as Python or the
-    command line does)."""
+    one-item list (another sequence, a list of its own), a path a string, ``parse`` reads strings, a
+    whole number an integer; then :func:`problem_with`. A ValueError names the first
+    problem (``named`` spells the option as Python or the command line does)."""
     for name, declared in declarations(type(config)).items():
-        value = getattr(config, name)
-        if declared.is_list and isinstance(value, (str, os.PathLike)):
-            value = [str(value)]
-        elif declared.is_list and value is not None:
-            value = list(value)  # a list of its own, never a shared default
+        value = _normalised(declared, getattr(config, name))
         if declared.parse is not None and isinstance(value, str):
             try:
                 value = declared.parse(value)
@@ -145,10 +143,48 @@ def check_fields(config: Any, named: Callable[[str], str] = str) -> None:
                 raise ValueError(f"{named(name)} {error}") from None
         if value is not None and declared.choices is not None and value not in declared.choices:
             raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(declared.choices)}")
-        problem = None if value is None or declared.check is None else declared.check(value)
+        problem = None if value is None else problem_with(declared, value)
         if problem:
-            raise ValueError(f"{named(name)} {problem}, got {value}")
+            raise ValueError(f"{named(name)} {problem}, got {value!r}")
         setattr(config, name, value)
+
+
+def _normalised(declared: Option, value: Any) -> Any:
+    if declared.is_list and isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    if declared.is_list and isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
+        return [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]  # a list of its own
+    if declared.type is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    if declared.type is int and (isinstance(value, numbers.Integral) or float(value).is_integer()):
+        return int(value)  # numpy's integers, 1e6
+    return float(value) if declared.type is float and not isinstance(value, (int, float)) else value
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def problem_with(declared: Option, value: Any) -> str | None:
+    """What is wrong with ``value`` (not None) as the option's value, or None: its type, its choices,
+    a float not finite, its declared ``check``. The one test of a value, whether it comes from the
+    command line, Python or a checkpoint."""
+    if declared.is_list:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return "must be a list of strings"
+    elif not isinstance(value, (int, float) if declared.type is float else declared.type) or (
+            isinstance(value, bool) and declared.type is not bool):
+        return f"must be {TYPE_NAMES[declared.type]}"
+    if declared.choices is not None and value not in declared.choices:
+        return f"must be one of {', '.join(declared.choices)}"
+    return _range_problem(declared, value)
+
+
+def _range_problem(declared: Option, value: Any) -> str | None:
+    if declared.type is float and not math.isfinite(value):
+        return "must be a finite number"
+    return None if declared.check is None else declared.check(value)
 
 
 def given_options(config: Any, carried: Collection[str] | None) -> frozenset[str]:
@@ -185,7 +221,7 @@ def add_arguments(parser: argparse._ActionsContainer, cls: type, names: Sequence
             target.add_argument(declared.spelling, dest=declared.name, **kwargs,
                                 action="store_false" if declared.default else "store_true")
             continue
-        kwargs.update(type=argparse_type(declared.parse or declared.type), choices=declared.choices)
+        kwargs.update(type=argparse_type(declared), choices=declared.choices)
         if declared.positional:
             target.add_argument(declared.name, nargs="*" if declared.is_list else None, metavar=declared.flag,
                                 **kwargs)
@@ -194,18 +230,43 @@ def add_arguments(parser: argparse._ActionsContainer, cls: type, names: Sequence
                                 metavar=declared.metavar, **kwargs)
 
 
-def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``parse`` as argparse's ``type=``: its ValueError becomes the one-line usage error."""
-    if parse in (str, int, float):
-        return parse
+def read(declared: Option, text: str) -> Any:
+    """A command-line string as the option's value: ``parse``'s, or of its type (an integer may be
+    written as a whole float, 1e6); a ValueError says what it must be."""
+    if declared.parse is not None:
+        return declared.parse(text)
+    if declared.type is int:
+        try:
+            return int(text)
+        except ValueError:
+            number = _float(text, "an integer")
+            if not number.is_integer():
+                raise ValueError(f"must be an integer, got {text!r}") from None
+            return int(number)
+    return _float(text, "a number") if declared.type is float else text
+
+
+def _float(text: str, kind: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be {kind}, got {text!r}") from None
+
+
+def argparse_type(declared: Option) -> Callable[[str], Any]:
+    """argparse's ``type=`` for an option: :func:`read`, then its range (a float's finiteness, its
+    ``check``), each problem the one-line usage error naming the option (argparse checks choices)."""
 
     def parsed(text: str) -> Any:
         try:
-            return parse(text)
+            value = read(declared, text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
+        problem = _range_problem(declared, value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
 
-    parsed.__name__ = getattr(parse, "__name__", "value")
     return parsed
 
 

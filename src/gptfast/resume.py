@@ -16,8 +16,14 @@ import os
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_FILE, INFERENCE_FIELDS, checkpoint_path, load_checkpoint
-from .config import CHANGEABLE_ON_RESUME, DEFAULTS, FIXED_ON_RESUME, TrainConfig, named
+from .config import CHANGEABLE_ON_RESUME, DEFAULTS, FIXED_ON_RESUME, INIT_FROM_DECIDES, OPTIONS, TrainConfig, named
+from .data import is_prepared, read_meta
 from .distributed import World
+from .options import problem_with
+
+# What a resumed run reads of the checkpoint's train_config: the options it keeps, and the
+# tokens_per_step an older version saved apart from the accumulation it set.
+READ_ON_RESUME = (*FIXED_ON_RESUME, *CHANGEABLE_ON_RESUME, "tokens_per_step")
 
 
 def settle(cfg: TrainConfig, state: dict | None, path: Path, world: World) -> TrainConfig:
@@ -41,16 +47,19 @@ def _settle_new(cfg: TrainConfig) -> TrainConfig:
 
 
 def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> TrainConfig:
-    saved = {**DEFAULTS, **state["train_config"], "data": absolute(state["train_config"].get("data")),
-             "tokenizer": state["tokenizer"].get("kind", state["train_config"].get("tokenizer")),
-             "context_length": state["model_config"].get("context_length")}
+    saved = saved_options(state, path)
     values, conflicts, changes = {}, [], []
     for name in (n for n in FIXED_ON_RESUME + CHANGEABLE_ON_RESUME if n != "grad_accum"):  # grad_accum: below
         mine = absolute(cfg.data) if name == "data" else getattr(cfg, name)
         if not cfg.is_given(name):
             values[name] = saved.get(name)
         elif mine != saved.get(name) and name in FIXED_ON_RESUME:
-            conflicts.append(f"{named(name, mine)} (the checkpoint's: {saved.get(name)!r})")
+            why = moved_data_problem(mine, state, path) if name == "data" else ""
+            if why is None:  # the checkpoint's data folder, moved: a change
+                values[name] = mine
+                changes.append(f"{name} {saved.get(name)!r} -> {mine!r}")
+            else:
+                conflicts.append(f"{named(name, mine)} (the checkpoint's: {saved.get(name)!r}{why})")
         else:
             values[name] = mine
             if mine != saved.get(name):
@@ -58,6 +67,8 @@ def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> 
     # grad_accum is compared as micro-batches per step over all processes, which may now be more or fewer.
     # A checkpoint of an older version holds tokens_per_step with grad_accum 1: the accumulation it set is derived.
     processes = state.get("processes", world.size)
+    if processes < 1:
+        raise ValueError(f"{path} is damaged: field 'processes' must be positive, got {processes}")
     theirs = grad_accum_for(saved["grad_accum"], saved.get("tokens_per_step"), saved["batch_size"],
                             saved["context_length"], processes)
     micro_batches = theirs * processes  # per step over all processes
@@ -76,6 +87,44 @@ def _settle_resumed(cfg: TrainConfig, state: dict, path: Path, world: World) -> 
     if changes and world.main:
         print(f"resuming with changed options: {', '.join(changes)}")
     return dataclasses.replace(cfg, **values, grad_accum=micro_batches // world.size)
+
+
+def saved_options(state: dict, path: Path) -> dict:
+    """The options the checkpoint ``state`` (read from ``path``) gives a resumed run, each checked
+    against its declaration (a bad one is an error naming the file and field); an older checkpoint
+    lacks some: their defaults. The tokenizer and context length are the model's."""
+    config = state["train_config"]
+    found = {name: (f"train_config field {name!r}", config[name]) for name in READ_ON_RESUME if name in config}
+    found["tokenizer"] = ("tokenizer field 'kind'", state["tokenizer"].get("kind", config.get("tokenizer")))
+    found["context_length"] = ("model_config field 'context_length'", state["model_config"].get("context_length"))
+    for name, (field, value) in found.items():
+        unset = value is None and (OPTIONS[name].default is None or
+                                   (name in INIT_FROM_DECIDES and bool(config.get("init_from"))))
+        problem = None if unset else problem_with(OPTIONS[name], value)
+        if problem:
+            raise ValueError(f"{path} is damaged: {field} {problem}, got {value!r}")
+    return {**DEFAULTS, **{name: value for name, (_, value) in found.items()}, "data": absolute(config.get("data"))}
+
+
+def moved_data_problem(data: list[str] | None, state: dict, path: Path) -> str | None:
+    """None when ``data``, given on resume, is the checkpoint's prepared data folder moved: a folder
+    with the meta.json the checkpoint records (its tokenizer, dtype and token counts, so tokens.bin's
+    size; an older checkpoint records none: the old folder's, if still there). Else why not, to
+    follow the conflict (empty when ``data`` is no prepared folder)."""
+    if not data or len(data) != 1 or not is_prepared(data[0]):
+        return ""
+    recorded = state.get("data_meta")  # written since issue 30
+    if recorded is not None and not isinstance(recorded, dict):
+        raise ValueError(f"{path} is damaged: field 'data_meta' is {type(recorded).__name__}, expected dict")
+    if recorded is None:
+        old = state["train_config"].get("data") or []
+        if len(old) != 1 or not is_prepared(old[0]):
+            return (f": {path} records no meta.json of its data (an older version wrote it), so {data[0]} "
+                    "cannot be checked to hold the same; move the data back")
+        recorded = read_meta(Path(old[0]))
+    mine = read_meta(Path(data[0]))
+    differ = sorted(key for key in set(mine) | set(recorded) if mine.get(key) != recorded.get(key))
+    return f": other data, {data[0]}'s meta.json differs in {', '.join(differ)}" if differ else None
 
 
 def grad_accum_for(grad_accum: int, tokens_per_step: int | None, batch_size: int, context_length: int,

@@ -25,7 +25,7 @@ from .data import BatchStream, TokenData
 from .distributed import World
 from .evaluate import split_loss
 from .model import GPT
-from .optim import lr_at, make_optimizer, train_step
+from .optim import check_optimizer_state, lr_at, make_optimizer, train_step
 from .precision import amp_dtype_for, grad_scaler
 from .resume import grad_accum_for, settle
 from .runlog import require_tensorboard
@@ -93,11 +93,13 @@ class Run:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "model_config": self.model.config.to_dict(), "train_config": asdict(self.cfg),
                 "tokenizer": self.tokenizer.to_dict(), "data": self.stream.state_dict(), "processes": self.world.size,
+                "data_meta": self.data.meta,  # what a resumed run checks a moved data folder against
                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint; a field that does not fit is an error naming it. This run's AdamW
         hyperparameters replace the saved ones (the learning rate is set at every step)."""
+        check_optimizer_state(self.model, self.optimizer, state["optimizer"], self.checkpoint_path)
         parts = [("model", self.model), ("optimizer", self.optimizer), ("data", self.stream)]
         if self.scaler is not None and "scaler" in state:
             parts.append(("scaler", self.scaler))
