@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .model import GPTConfig
+
+class GPTConfig(Protocol):
+    """The sizes of a :class:`gptfast.model.GPTConfig` that the estimates read (model.py imports this
+    module, so it is described here rather than imported)."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    context_length: int
+    n_embd: int
+    n_layer: int
+    bias: bool
+    qkv_bias: bool
+    tie_weights: bool
+    fused_lm_head: bool
 
 # The Python objects of one Block's eleven modules (their dicts, hooks, parameters' wrappers), measured
 # with tracemalloc on a meta-device model: 60 KB a layer, whatever its width.
