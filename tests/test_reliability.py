@@ -478,6 +478,16 @@ def test_a_damaged_training_state_is_one_line_naming_the_checkpoint(trained, dat
     assert f"{tmp_path / 'ckpt.pt'} is damaged: " in line and words in line, line
 
 
+def test_a_checkpoint_s_options_are_read_as_the_constructor_reads_them(trained, data_dir):
+    """Normalised as TrainConfig(...) does before they are checked: an older "bf16", a path as a string."""
+    from gptfast.resume import saved_options
+
+    state = load_checkpoint(trained)
+    state["train_config"].update(dtype="bf16", data=str(data_dir))
+    saved = saved_options(state, trained / "ckpt.pt")
+    assert (saved["dtype"], saved["data"], saved["batch_size"]) == ("bfloat16", [str(data_dir)], 8)
+
+
 def test_a_moved_data_folder_resumes_when_named_and_other_data_is_refused(data_dir, tmp_path, capsys):
     """A data folder moved since the checkpoint resumes when given as DATA, checked against the
     meta.json the checkpoint records (so its tokens' count and size); other data is refused naming both."""

@@ -130,17 +130,14 @@ def _without_none(hint: Any) -> Any:
 
 
 def check_fields(config: Any, named: Callable[[str], str] = str) -> None:
-    """Normalise and validate every option of ``config`` in place: a string for a list becomes a
-    one-item list (another sequence, a list of its own), a path a string, ``parse`` reads strings, a
-    whole number an integer; then :func:`problem_with`. A ValueError names the first
-    problem (``named`` spells the option as Python or the command line does)."""
+    """Normalise (:func:`normalised`) and validate (:func:`problem_with`) every option of ``config``
+    in place; a ValueError names the first problem (``named`` spells the option as Python or the
+    command line does)."""
     for name, declared in declarations(type(config)).items():
-        value = _normalised(declared, getattr(config, name))
-        if declared.parse is not None and isinstance(value, str):
-            try:
-                value = declared.parse(value)
-            except ValueError as error:
-                raise ValueError(f"{named(name)} {error}") from None
+        try:
+            value = normalised(declared, getattr(config, name))
+        except ValueError as error:
+            raise ValueError(f"{named(name)} {error}") from None
         if value is not None and declared.choices is not None and value not in declared.choices:
             raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(declared.choices)}")
         problem = None if value is None else problem_with(declared, value)
@@ -149,7 +146,12 @@ def check_fields(config: Any, named: Callable[[str], str] = str) -> None:
         setattr(config, name, value)
 
 
-def _normalised(declared: Option, value: Any) -> Any:
+def normalised(declared: Option, value: Any) -> Any:
+    """``value`` as the option holds it: a string or path for a list a one-item list, another
+    sequence a list of its own, a path a string, a string read by ``parse`` (whose ValueError says
+    what is wrong), a whole number an integer. Anything else as it is, for :func:`problem_with`."""
+    if declared.parse is not None and isinstance(value, str):
+        return declared.parse(value)
     if declared.is_list and isinstance(value, (str, os.PathLike)):
         return [os.fspath(value)]
     if declared.is_list and isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):

@@ -19,7 +19,7 @@ from .checkpoint import CHECKPOINT_FILE, INFERENCE_FIELDS, checkpoint_path, load
 from .config import CHANGEABLE_ON_RESUME, DEFAULTS, FIXED_ON_RESUME, INIT_FROM_DECIDES, OPTIONS, TrainConfig, named
 from .data import is_prepared, read_meta
 from .distributed import World
-from .options import problem_with
+from .options import normalised, problem_with
 
 # What a resumed run reads of the checkpoint's train_config: the options it keeps, and the
 # tokens_per_step an older version saved apart from the accumulation it set.
@@ -97,13 +97,18 @@ def saved_options(state: dict, path: Path) -> dict:
     found = {name: (f"train_config field {name!r}", config[name]) for name in READ_ON_RESUME if name in config}
     found["tokenizer"] = ("tokenizer field 'kind'", state["tokenizer"].get("kind", config.get("tokenizer")))
     found["context_length"] = ("model_config field 'context_length'", state["model_config"].get("context_length"))
+    options = {}
     for name, (field, value) in found.items():
         unset = value is None and (OPTIONS[name].default is None or
                                    (name in INIT_FROM_DECIDES and bool(config.get("init_from"))))
-        problem = None if unset else problem_with(OPTIONS[name], value)
+        try:
+            options[name] = None if unset else normalised(OPTIONS[name], value)  # an older "bf16": bfloat16
+        except ValueError as error:
+            raise ValueError(f"{path} is damaged: {field} {error}") from None
+        problem = None if unset else problem_with(OPTIONS[name], options[name])
         if problem:
             raise ValueError(f"{path} is damaged: {field} {problem}, got {value!r}")
-    return {**DEFAULTS, **{name: value for name, (_, value) in found.items()}, "data": absolute(config.get("data"))}
+    return {**DEFAULTS, **options, "data": absolute(options.get("data"))}
 
 
 def moved_data_problem(data: list[str] | None, state: dict, path: Path) -> str | None:
