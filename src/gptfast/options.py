@@ -2,9 +2,11 @@
 
 ``option(...)`` is a ``dataclasses.field`` whose metadata (an :class:`Option`) holds the field's
 default, help, command-line group and flag, choices, checks and resume policy; its type is the
-field's annotation. From the declarations, :func:`add_arguments` builds a command's arguments,
-:func:`check_fields` validates and normalises an instance, :func:`markdown_table` writes the
-README's table, and :mod:`gptfast.resume` settles a resumed run.
+field's annotation. From the declarations, :func:`add_arguments` builds a command's arguments
+(each value read and range-checked as the command line is parsed), :func:`check_fields` normalises
+and validates an instance, :func:`markdown_table` writes the README's table, and
+:mod:`gptfast.resume` settles a resumed run, checking the checkpoint's values the same way.
+:func:`problem_with` is the one test of a value wherever it comes from.
 
 A field whose policy is :attr:`Resume.FIXED` or :attr:`Resume.CHANGEABLE` is None in the
 constructor's signature and on the command line, so "left out" means the same to both (a field not
