@@ -132,19 +132,17 @@ def test_the_file_size_limit_is_one_line_naming_the_file(tmp_path, file_size_lim
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda p: p.write_text(""), "--out-dir {out} is a file, not a folder"),
-    (lambda p: p.symlink_to(p.parent / "gone"), "--out-dir {out} is a symbolic link to {parent}/gone, which does "
-                                                "not exist"),
+@pytest.mark.parametrize("make, what", [
+    (lambda p: p.write_text(""), "is a file, not a folder"),
+    (lambda p: p.symlink_to(p.parent / "gone"), "is a symbolic link to {parent}/gone, which does not exist"),
 ])
-def test_an_out_dir_that_is_not_a_folder_is_one_line(make, expected, data_dir, tmp_path, capsys):
+def test_an_out_dir_that_is_not_a_folder_is_one_line(make, what, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     make(out)
-    for target in (out, out / "sub"):
+    for target, where in ((out, f"--out-dir {out}"), (out / "sub", f"--out-dir {out / 'sub'}: {out}")):
         assert main(["train", str(data_dir), "--out-dir", str(target), "--device", "cpu"]) == 2
         line = one_error_line(capsys, "train")
-        assert expected.format(out=target, parent=tmp_path) in line or f": {out} is a" in line, line
-        assert "Errno" not in line
+        assert f"{where} {what.format(parent=tmp_path)}" in line and "Errno" not in line, line
 
 
 # --- item 18: log.jsonl's rename is flushed with its folder --------------------------------------

@@ -25,7 +25,7 @@ Elsewhere, so that ``eval``, ``generate`` and the benchmarks import them without
 the validation loss (:mod:`gptfast.evaluate`), autocast and loss scaling (:mod:`gptfast.precision`),
 the processes (:mod:`gptfast.distributed`), log.jsonl, progress and the loss plot
 (:mod:`gptfast.runlog`), Ctrl-C (:mod:`gptfast.interrupt`), the checkpoint file and out_dir's lock
-(:mod:`gptfast.checkpoint`).
+(:mod:`gptfast.checkpoint`), files written whole or not at all (:mod:`gptfast.durable`).
 """
 
 from __future__ import annotations
