@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 
-from gptfast.checkpoint import CHECKPOINT_FILE
 from gptfast.cli import main
 from gptfast.config import TrainConfig
 from gptfast.data import TokenData, prepare
 from gptfast.distributed import World
-from gptfast.runlog import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR
+from gptfast.outputs import CHECKPOINT_FILE, LOG_FILE, PLOT_FILE, TENSORBOARD_DIR
 from gptfast.setup_run import open_data
 
 TEXT = "plain training text\n" * 20

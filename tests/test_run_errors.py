@@ -13,7 +13,8 @@ import torch
 from gptfast.checkpoint import load_checkpoint, save_checkpoint
 from gptfast.cli import main
 from gptfast.data import prepare
-from gptfast.runlog import LOG_FILE, PLOT_FILE, open_log, read_log, write_atomic
+from gptfast.outputs import LOG_FILE, PLOT_FILE
+from gptfast.runlog import open_log, read_log, write_atomic
 from gptfast.train import TrainConfig, train
 
 

@@ -26,9 +26,9 @@ from .config import named
 from .durable import no_space, replace_atomically
 from .memory import check_model_fits
 from .model import GPT, ConfigFieldError, GPTConfig
+from .outputs import CHECKPOINT_FILE
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
-CHECKPOINT_FILE = "ckpt.pt"
 FORMAT = "gptfast-checkpoint-1"
 # The fields a checkpoint may hold and their types; inference needs the first three, resuming all but the scaler.
 FIELD_TYPES = {"model": dict, "model_config": dict, "tokenizer": dict, "step": int, "optimizer": dict,

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .outputs import RUN_OUTPUTS
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, vocab_size_of
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation topics, shipped with every Python
@@ -64,11 +65,7 @@ def _is_data_output(folder: Path) -> bool:
 
 def _run_outputs() -> frozenset[str]:
     """The names a training run writes into its out-dir (each also as an in-progress ``.tmp``)."""
-    from .checkpoint import CHECKPOINT_FILE  # here, not above: checkpoint imports config, which imports data
-    from .runlog import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR
-
-    names = (CHECKPOINT_FILE, LOG_FILE, PLOT_FILE, TENSORBOARD_DIR)
-    return frozenset(names) | {name + ".tmp" for name in names}
+    return frozenset(RUN_OUTPUTS) | {name + ".tmp" for name in RUN_OUTPUTS}
 
 
 def _special_kind(mode: int) -> str | None:

@@ -25,10 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .durable import write_atomic, write_failure
-
-LOG_FILE = "log.jsonl"
-PLOT_FILE = "loss.png"
-TENSORBOARD_DIR = "tensorboard"
+from .outputs import LOG_FILE, TENSORBOARD_DIR
 
 
 def read_log(path: Path) -> list[dict]:

@@ -46,9 +46,10 @@ from .interrupt import StopRequest
 from .metrics import PEAK_BF16_FLOPS, model_flops_per_token, peak_flops
 from .model import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, train_step
+from .outputs import LOG_FILE, PLOT_FILE
 from .precision import AMP_DTYPES, amp_dtype_for
 from .run import Run, check_out_dir_is_a_folder, start_run
-from .runlog import LOG_FILE, PLOT_FILE, RunLog, Throughput, plot_losses
+from .runlog import RunLog, Throughput, plot_losses
 
 # Importable from here before training was split into modules: kept so.
 __all__ = ["TrainConfig", "train", "DEFAULTS", "FIXED_ON_RESUME", "CHANGEABLE_ON_RESUME", "cli_options",
