@@ -115,6 +115,14 @@ def test_a_numeric_option_out_of_its_range_is_refused_at_parse_time(capsys, flag
     assert err == f"usage: gptfast train [DATA ...] [options]\ngptfast train: error: argument {flag}: {words}\n"
 
 
+@pytest.mark.parametrize("value", ["1e20", "x"])
+def test_generate_takes_a_seed_as_train_does(capsys, value):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["generate", "--checkpoint", "ckpt.pt", "--seed", value])
+    assert exit.value.code == 2
+    assert "argument --seed: must be an integer" in capsys.readouterr().err
+
+
 def test_every_numeric_train_option_reads_its_type_from_its_declaration(capsys):
     from gptfast.config import OPTIONS
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import tiktoken_file_option
+from .config import TrainConfig, tiktoken_file_option
 from .data import TokenData
 from .distributed import resolve_device
 from .evaluate import split_loss
 from .generation import DEFAULT_TEMPERATURE, collect, stream
-from .options import add_arguments, from_arguments, option, positive_int
+from .options import add_arguments, argparse_type, declarations, from_arguments, option, positive_int
 from .precision import amp_dtype_for, dtype_option
 
 
@@ -119,7 +119,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much "
                    "probability only (nucleus sampling)")
-    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=argparse_type(declarations(TrainConfig)["seed"]),  # a seed, as train takes
+                   help="random seed for reproducible sampling")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole context for every token "
                    "(slow; for comparison)")
