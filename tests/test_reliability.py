@@ -497,6 +497,9 @@ def test_a_moved_data_folder_resumes_when_named_and_other_data_is_refused(data_d
                                "--run-steps", "2")) == 0
     shutil.copytree(tmp_path / "run", tmp_path / "older")
     moved = first.rename(tmp_path / "moved")
+    plain_resume = ["train", "--out-dir", str(tmp_path / "run"), "--resume", "--no-progress", "--device", "cpu"]
+    assert main(plain_resume) == 2  # without DATA: a line saying where to give the moved folder
+    assert f"data {first} is gone: if it moved, give its new place as DATA" in one_error_line(capsys, "train")
     other = tmp_path / "other"
     prepare([__file__], other)
     assert main(cli_train_args(other, tmp_path / "run", "--resume", "--max-steps", "4")) == 2

@@ -25,6 +25,10 @@ def open_data(cfg: TrainConfig, world: World) -> TokenData:
     if cfg.data and len(cfg.data) == 1 and is_prepared(cfg.data[0]):
         return TokenData(cfg.data[0])
     data_dir = Path(cfg.out_dir) / "data"
+    missing = [source for source in cfg.data or () if not Path(source).exists()]
+    if cfg.resume and missing and not is_prepared(data_dir):
+        raise ValueError(f"this run's data {missing[0]} is gone: if it moved, give its new place as DATA with "
+                         "--resume (it is checked to be the same data)")
     if world.main and not (cfg.resume and is_prepared(data_dir)):
         meta = prepare(cfg.data, data_dir, tokenizer=cfg.tokenizer, tiktoken_file=cfg.tiktoken_file,
                        include=cfg.include, exclude=cfg.exclude, skip=[cfg.out_dir])
