@@ -1,4 +1,5 @@
-"""The backend switch: each way of setting it, explain(), and "triton" refusing what it cannot run."""
+"""The backend switch: each way of setting it, explain(), "triton" refusing what it cannot run, and
+`gptfast info`'s report of it (and of its --vocab-size)."""
 
 import subprocess
 import sys
@@ -7,8 +8,11 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import kernels
+from gptfast import cli, kernels
+from gptfast.cli import main
 from gptfast.kernels import backend
+from gptfast.kernels.registry import SPECS
+from gptfast.model import GPTConfig
 
 
 def test_set_get_and_context_manager():
@@ -38,9 +42,62 @@ def test_environment_variable(value, expected):
 
 
 def test_bad_environment_variable():
-    result = subprocess.run([sys.executable, "-c", "import gptfast.kernels"], env={"GPTFAST_BACKEND": "fast"},
+    """Refused when the backend is first needed (not at import: `gptfast --version` must still work)."""
+    code = "import gptfast.kernels; gptfast.kernels.get_backend()"
+    result = subprocess.run([sys.executable, "-c", code], env={"GPTFAST_BACKEND": "fast"},
                             capture_output=True, text=True)
     assert result.returncode != 0 and "unknown backend 'fast'" in result.stderr
+
+
+def test_bad_environment_variable_is_one_line_and_version_help_still_work(monkeypatch, capsys):
+    monkeypatch.setattr(backend, "_ENVIRONMENT", "bogus")
+    monkeypatch.setattr(backend, "_backend", None)
+    for argv in (["--version"], ["--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+    capsys.readouterr()
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "gptfast info: error: GPTFAST_BACKEND: unknown backend 'bogus': choose one of auto, triton, torch"]
+    with kernels.use_backend("torch"):  # a backend set in code (or by --backend) is not refused for it
+        assert kernels.get_backend() == "torch"
+
+
+def test_info_says_triton_is_refused_where_it_cannot_run(monkeypatch, capsys):
+    """On a machine without a GPU (or the interpreter) info reports what training does: the "triton"
+    backend refuses every op (it used to list them as running on torch)."""
+    monkeypatch.setattr(backend, "TRITON_INTERPRET", False)
+    with kernels.use_backend("triton"):
+        route = kernels.explain("layer_norm", torch.randn(4, 8), None, None)
+        assert route.refused and str(route).startswith("layer_norm: refused, the 'triton' backend cannot run it")
+        with pytest.raises(kernels.BackendError, match="CUDA"):
+            kernels.layer_norm(torch.randn(4, 8), None, None)
+        report = cli._backend_report("cpu").splitlines()
+    assert [line.split(":")[0].strip() for line in report[:-1]] == list(SPECS)
+    assert all(": refused, the 'triton' backend cannot run it (tensors on cpu" in line for line in report[:-1])
+    assert "stop at the first refused op" in report[-1]
+    for name in ("auto", "torch"):
+        with kernels.use_backend(name):
+            route = kernels.explain("layer_norm", torch.randn(4, 8), None, None)
+        assert not route.refused and str(route).startswith("layer_norm: torch (")
+
+
+@pytest.mark.parametrize("argv", [["--vocab-size", "99999999999999999999999999"],
+                                  ["--vocab-size", "10000000000", "--forward", "tiny"]])
+def test_info_refuses_an_absurd_vocabulary_before_building(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["info", *argv])
+    assert done.value.code == 2
+    assert "argument --vocab-size: must be at most 4,294,967,296 (token ids are stored as uint32)" in \
+        capsys.readouterr().err
+
+
+def test_info_forward_refuses_a_model_over_the_memory():
+    config = GPTConfig.from_preset("tiny", vocab_size=2**32)
+    message = "--forward tiny with a vocabulary of 4,294,967,296: .* more than this machine"
+    with pytest.raises(ValueError, match=message):
+        cli._check_forward_fits("tiny", config, "cpu")
 
 
 def test_torch_backend_always_eager():

@@ -288,3 +288,52 @@ def test_dtype_takes_either_name():
     assert [analysis.parse_dtype(name) for name in names] == ["bf16", "bf16", "fp16", "fp16", "fp32"]
     with pytest.raises(lab.LabError, match="must be one of bfloat16, float16, float32"):
         analysis.parse_dtype("int8")
+
+
+@pytest.mark.parametrize("op, shape, options, message", [
+    ("layer_norm", (1, 99999999999), {}, "layer_norm 1,99999999999 bf16: row length 99999999999 is outside the "
+     "kernel's range 1..8192"),
+    ("bias_gelu", (1, 99999999999), {}, "bias_gelu 1,99999999999 bf16: bias_gelu_fwd's grid (1, 390625000) is over "
+     "CUDA's limits (x 2,147,483,647, y 65,535, z 65,535)"),
+    ("flash_attention", (99999999999, 12, 1024, 64), {}, "batch x heads = 1199999999988 is over 65535"),
+    ("flash_attention", (16, 12, 1024, 99999999999), {}, "head_dim 99999999999 (the kernel takes even head dims"),
+    ("flash_attention", (16, 12, 1024, 64), {"dropout_p": -1.0}, "dropout_p must be in [0, 1), got -1.0"),
+    ("cross_entropy", (64, 100, 100), {"z_loss": float("nan")}, "z_loss must be a finite number >= 0, got nan"),
+    ("bias_gelu", (64, 100), {"approximate": "bogus"}, "approximate must be one of ('tanh', 'none')"),
+])
+def test_inspect_refuses_what_the_op_or_cuda_would_in_one_line(op, shape, options, message):
+    """Before compiling: the op's own checks, its kernel's limits and CUDA's grid (a 69-line Triton
+    traceback inside the error, or a report of a kernel that could never launch, before)."""
+    request = lab.Request(lab.get_op(op), shape, "bf16", lab.ARCHITECTURES[90], {}, options)
+    with pytest.raises(lab.LabError) as refused:
+        analysis.capture(request)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("config, rule", [("layer_norm_fwd:BLOCK_M=3", "a power of two from 1 to 1,048,576"),
+                                          ("layer_norm_fwd:BLOCK_N=0", "a power of two"),
+                                          ("layer_norm_bwd:num_warps=0", "a power of two from 1 to 32"),
+                                          ("layer_norm_bwd:num_warps=64", "a power of two from 1 to 32")])
+def test_config_values_are_checked(config, rule):
+    with pytest.raises(lab.LabError, match=f"--config {config.partition(':')[0]}: .* must be {rule}"):
+        ops.check_overrides(lab.get_op("layer_norm"), ops.parse_config([config]))
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "fast"])
+def test_bandwidth_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as refused:
+        lab.cli.main(["inspect", "layer_norm", "--bandwidth", value])
+    assert refused.value.code == 2
+    assert f"argument --bandwidth: must be a positive number of bytes/s, e.g. 3.35e12, got '{value}'" in \
+        capsys.readouterr().err
+
+
+def test_a_failed_compilation_is_one_line():
+    """Triton wraps the cause in the kernel's source, over dozens of lines: the lab reports the cause."""
+    try:
+        try:
+            raise ValueError("arange must fit in int32")
+        except ValueError as cause:
+            raise RuntimeError("at 4:11:\ndef _load_chunk(...):\n    cols = tl.arange(0, CHUNK)\n") from cause
+    except RuntimeError as error:
+        assert lab.compiler._root_cause(error) == "ValueError: arange must fit in int32"

@@ -10,7 +10,7 @@ import textwrap
 
 import torch
 
-from . import __version__, kernels
+from . import __version__, kernels, memory
 from .cli_inference import add_eval_parser, add_generate_parser
 from .config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, OPTIONS, TrainConfig, cli_options
 from .data import prepare
@@ -49,22 +49,39 @@ def _preset_table(vocab_size: int) -> str:
 
 def _backend_report(device: str) -> str:
     """Which path each registered op takes for GPT-2-sized bf16 inputs on ``device``, and why
-    (``OpSpec.example``)."""
+    (``OpSpec.example``), as ``kernels.explain`` decides it: on the "triton" backend, an op its kernel
+    cannot run here is refused, as it would be in training."""
     routes = [kernels.explain(spec.name, **spec.example(device, torch.bfloat16)) for spec in SPECS.values()]
-    return "\n".join(f"  {r}" for r in routes)
+    lines = [f"  {r}" for r in routes]
+    if any(r.refused for r in routes):
+        lines.append("  train, generate and eval stop at the first refused op on this backend: choose auto or torch")
+    return "\n".join(lines)
+
+
+def _check_forward_fits(preset: str, config: GPTConfig, device: str) -> None:
+    """Refuse ``info --forward`` before building a model whose float32 weights and logits (2 x 2 windows)
+    exceed the device's memory (``gptfast.memory``)."""
+    needed = memory.model_bytes(config) + 4 * config.context_length * config.padded_vocab_size * 4
+    total = memory.total_bytes(torch.device(device))
+    if total is not None and needed > total:
+        holder = "the GPU's" if device == "cuda" else "this machine's"
+        raise ValueError(f"--forward {preset} with a vocabulary of {config.vocab_size:,}: its float32 weights and "
+                         f"logits need {memory.gigabytes(needed)}, more than {holder} {memory.gigabytes(total)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = kernels.get_backend()  # first: a bad $GPTFAST_BACKEND is refused before anything is printed
     print(f"torch {torch.__version__}, triton {'installed' if HAS_TRITON else 'not installed'}"
           f"{' (interpreter)' if TRITON_INTERPRET else ''}, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
-    print(f"backend: {kernels.get_backend()}; paths for bf16 GPT-2-sized inputs on {device}:")
+    print(f"backend: {backend}; paths for bf16 GPT-2-sized inputs on {device}:")
     print(_backend_report(device))
     print()
     print(_preset_table(args.vocab_size))
     if args.forward:
         config = GPTConfig.from_preset(args.forward, vocab_size=args.vocab_size)
+        _check_forward_fits(args.forward, config, device)
         model = GPT(config).to(device).eval()
         idx, targets = torch.randint(0, config.vocab_size, (2, 2, config.context_length), device=device)
         with torch.no_grad():
@@ -152,15 +169,28 @@ def _add_train_parser(sub) -> None:
     trn.set_defaults(func=cmd_train)
 
 
+# The largest vocabulary a data folder can hold: its token ids are stored as uint32 (data.py).
+MAX_VOCAB_SIZE = 2**32
+
+
+def _vocab_size(text: str) -> int:
+    """argparse's ``type=`` of ``info --vocab-size``: 1 to MAX_VOCAB_SIZE, checked before anything is built."""
+    value = positive_int(text)
+    if value > MAX_VOCAB_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_VOCAB_SIZE:,} (token ids are stored as uint32), "
+                                         f"got {value:,}")
+    return value
+
+
 def _add_info_parser(sub) -> None:
     info = sub.add_parser("info", help="parameter counts and memory per preset, and which backend "
                           "path each operation takes on this machine",
                           description="The versions of torch and Triton, the device, which path (Triton kernel or "
                           "eager PyTorch) each operation takes there for GPT-2-sized inputs, and each preset's "
                           "parameter count and memory for a vocabulary size (GPT-2's unless --vocab-size).")
-    info.add_argument("--vocab-size", type=positive_int, default=GPT2_VOCAB_SIZE, metavar="N",
+    info.add_argument("--vocab-size", type=_vocab_size, default=GPT2_VOCAB_SIZE, metavar="N",
                       help="vocabulary size for the parameter counts (default: GPT-2's, %(default)s; char-level data "
-                      "has one token per distinct character)")
+                      f"has one token per distinct character; at most {MAX_VOCAB_SIZE:,})")
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),
                       help="also run one forward pass of this preset")
     info.set_defaults(func=cmd_info)
@@ -183,9 +213,8 @@ def _accept_backend_after_every_command(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.backend:
-        kernels.set_backend(args.backend)
     try:
+        kernels.set_backend(args.backend or kernels.get_backend())  # a bad $GPTFAST_BACKEND: one line
         args.func(args)
     except (ValueError, OSError, ImportError, FloatingPointError, kernels.BackendError) as error:
         print(f"gptfast {args.command}: error: {error}", file=sys.stderr)  # expected: the message, no traceback

@@ -9,8 +9,11 @@ Three backends:
 * ``"torch"``: always eager PyTorch.
 
 Set it with :func:`set_backend`, the context manager :func:`use_backend`, or the environment
-variable ``GPTFAST_BACKEND``. :func:`explain` tells which path an operation takes for given inputs
-and why. Each operation registers a check that names what its kernel cannot take (:func:`routed`).
+variable ``GPTFAST_BACKEND`` (read at import, checked when first needed, so that a bad value names
+itself in one ValueError rather than breaking ``import gptfast``). :func:`explain` tells which path an
+operation takes for given inputs and why, :class:`Route` whether that path runs or is refused. Each
+operation registers a check that names what its kernel cannot take (:func:`routed`,
+:func:`kernel_problem`).
 """
 
 from __future__ import annotations
@@ -34,17 +37,23 @@ class BackendError(RuntimeError):
     """The "triton" backend was asked to run an input its kernel cannot take."""
 
 
-def _validate(name: str) -> str:
+def _validate(name: str, source: str = "") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"{source}unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     return name
 
 
-_backend = _validate(os.environ.get("GPTFAST_BACKEND", "auto").strip().lower() or "auto")
+ENVIRONMENT_VARIABLE = "GPTFAST_BACKEND"
+_ENVIRONMENT = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower() or "auto"
+_backend: str | None = None  # None: $GPTFAST_BACKEND's, checked by the first get_backend()
 
 
 def get_backend() -> str:
-    """The backend in force: "auto", "triton" or "torch"."""
+    """The backend in force: "auto", "triton" or "torch"; a ValueError naming $GPTFAST_BACKEND when it
+    holds none of them and no backend was set."""
+    global _backend
+    if _backend is None:
+        _backend = _validate(_ENVIRONMENT, f"{ENVIRONMENT_VARIABLE}: ")
     return _backend
 
 
@@ -57,12 +66,13 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Select a backend inside a ``with`` block, restoring the previous one afterwards."""
-    previous = get_backend()
+    global _backend
+    previous = _backend
     set_backend(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _backend = previous
 
 
 @dataclass(frozen=True)
@@ -74,9 +84,15 @@ class Route:
     use_triton: bool
     reason: str
 
+    @property
+    def refused(self) -> bool:
+        """The "triton" backend cannot run these inputs: the operation raises :class:`BackendError`."""
+        return self.backend == "triton" and not self.use_triton
+
     def __str__(self) -> str:
-        path = "triton" if self.use_triton else "torch"
-        return f"{self.op}: {path} ({self.reason})"
+        if self.refused:
+            return f"{self.op}: refused, the 'triton' backend cannot run it ({self.reason})"
+        return f"{self.op}: {'triton' if self.use_triton else 'torch'} ({self.reason})"
 
 
 _CHECKS: dict[Callable, Callable[..., str | None]] = {}
@@ -119,6 +135,12 @@ def _device_problem(tensors: list[torch.Tensor]) -> str | None:
     return f"tensors on {device.type} (Triton kernels need CUDA, or TRITON_INTERPRET=1 for CPU tensors)"
 
 
+def kernel_problem(op: Callable | str, *args, **kwargs) -> str | None:
+    """What ``op``'s Triton kernel cannot take in these arguments (its registered check), whatever the
+    backend and the tensors' device; None when it takes them."""
+    return _CHECKS[_operation(op)](*args, **kwargs)
+
+
 def explain(op: Callable | str, *args, **kwargs) -> Route:
     """Which path ``op`` takes for these arguments under the current backend, and why.
 
@@ -134,7 +156,7 @@ def explain(op: Callable | str, *args, **kwargs) -> Route:
     off_cuda = sorted({t.device.type for t in tensors if t.device.type != "cuda"})
     if backend == "auto" and off_cuda:
         return Route(name, backend, False, f"tensors on {', '.join(off_cuda)}: auto runs kernels on CUDA only")
-    problem = _device_problem(tensors) or _CHECKS[op](*args, **kwargs)
+    problem = _device_problem(tensors) or kernel_problem(op, *args, **kwargs)
     if problem is None:
         return Route(name, backend, True, "the Triton kernel supports these inputs")
     return Route(name, backend, False, problem)
@@ -143,7 +165,7 @@ def explain(op: Callable | str, *args, **kwargs) -> Route:
 def route(op: Callable, *args, **kwargs) -> bool:
     """True when ``op`` should run its Triton kernel; raises BackendError on "triton" if it cannot."""
     decision = explain(op, *args, **kwargs)
-    if decision.backend == "triton" and not decision.use_triton:
+    if decision.refused:
         raise BackendError(
             f"{decision.op}: the 'triton' backend cannot run this input: {decision.reason}. "
             "Use backend 'auto' to fall back to eager PyTorch for such inputs."

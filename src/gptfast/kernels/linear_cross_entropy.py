@@ -140,17 +140,18 @@ _fused.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The logits' dtype: autocast's where it is on, as ``nn.Linear`` would compute them."""
+    """The logits' dtype: autocast's where it is on, as ``nn.Linear`` would compute them (a device
+    without autocast, "meta", has none)."""
     device = hidden.device.type
-    return (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+    return (torch.get_autocast_dtype(device) if torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)
             else torch.promote_types(hidden.dtype, weight.dtype))
 
 
 def _kernel_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *args, **kwargs) -> str | None:
     """The chunks' losses run on cross_entropy's kernels, on logits in the matmuls' dtype: its check decides."""
     logits = torch.empty(0, weight.shape[0], dtype=_matmul_dtype(hidden, weight), device=hidden.device)
-    decision = backend.explain(cross_entropy, logits, targets.reshape(-1))
-    return None if decision.use_triton else decision.reason
+    return backend.kernel_problem(cross_entropy, logits, targets.reshape(-1))
 
 
 @backend.routed(_kernel_problem)

@@ -31,7 +31,7 @@ from gptfast.precision import DTYPE_NAMES, SHORT_NAMES, dtype_name
 
 from . import sass
 from .compiler import Build, Compiled, LabError, compile_builds, describe_arg
-from .ops import check_overrides, kernel_name, refusals_as_lab_errors
+from .ops import check_inputs, check_overrides, kernel_name, refusals_as_lab_errors
 from .targets import Architecture
 
 DTYPES = {short: DTYPE_NAMES[full] for short, full in SHORT_NAMES.items()}  # the lab's names: bf16, fp16, fp32
@@ -63,7 +63,9 @@ def capture(request: Request) -> list[tuple[str, common.Launch]]:
     """(phase, launch) for every launch of the op's forward then backward launcher, as they would
     run on ``request.arch``; a launch repeated exactly (the fused LM head's chunks) is listed once."""
     check_overrides(request.op, request.overrides)
+    check_inputs(request.op, request.shape, request.dtype, request.options)
     records = _launches(request, request.overrides, request.arch.gpu())
+    _check_grids(request, records)
     _refuse_untargeted(request, records if not request.overrides else _launches(request, {}, request.arch.gpu()))
     seen, distinct = set(), []
     for name, launch in records:
@@ -89,6 +91,18 @@ def _launches(request: Request, overrides: dict, gpu: common.GPU | None) -> list
     with targeting, refusals_as_lab_errors(request.op, request.shape, request.dtype):
         request.op.launch_meta(request.shape, DTYPES[request.dtype], request.options, overrides, phase)
     return records
+
+
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's largest grid, x, y and z
+
+
+def _check_grids(request: Request, records: list[tuple[str, common.Launch]]) -> None:
+    """A LabError naming the shape when a launch's grid is over CUDA's limits (it could not run)."""
+    for _, launch in records:
+        if any(n > limit for n, limit in zip(launch.grid, GRID_LIMITS)):
+            raise LabError(f"{request.op.name} {','.join(map(str, request.shape))} {request.dtype}: "
+                           f"{kernel_name(launch.kernel)}'s grid {tuple(launch.grid)} is over CUDA's limits "
+                           f"({', '.join(f'{a} {n:,}' for a, n in zip('xyz', GRID_LIMITS))})")
 
 
 def _refuse_untargeted(request: Request, targeted: list[tuple[str, common.Launch]]) -> None:

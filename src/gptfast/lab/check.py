@@ -25,7 +25,7 @@ from gptfast.kernels.registry import get_spec
 from gptfast.kernels.spec import OpSpec
 
 from .compiler import LabError
-from .ops import refusals_as_lab_errors
+from .ops import check_inputs, refusals_as_lab_errors
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ def check(op: OpSpec | str, shape: tuple, dtype: torch.dtype, device: torch.devi
     """The comparisons (output, then each gradient) of the op's kernels at ``shape`` against its float64
     reference, and whether a rerun was bit-identical; a LabError when the op refuses the shape."""
     spec = _spec(op)
-    with refusals_as_lab_errors(spec, shape, str(dtype).removeprefix("torch.")):
+    name = str(dtype).removeprefix("torch.")
+    check_inputs(spec, shape, name, {})
+    with refusals_as_lab_errors(spec, shape, name):
         return _compare(spec, shape, dtype, device)
 
 

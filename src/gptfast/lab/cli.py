@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,17 @@ def _dtype(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error).removeprefix("--dtype: ")) from None
 
 
+def _bandwidth(text: str) -> float:
+    """argparse's ``type=`` of ``--bandwidth``: a positive, finite number of bytes/s."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of bytes/s, e.g. 3.35e12, got {text!r}")
+    return value
+
+
 def _add_target(p: argparse.ArgumentParser, dtype: str = "bf16") -> None:
     p.add_argument("op", choices=list(SPECS))
     p.add_argument("--shape", help=SHAPE_HELP)
@@ -54,7 +66,7 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="compile an op's kernels for a GPU (none needed) and report registers, "
                        "occupancy, instructions and static estimates")
     _add_compile(p)
-    p.add_argument("--bandwidth", type=float, help="bytes/s of the memory floor (default: the architecture's; "
+    p.add_argument("--bandwidth", type=_bandwidth, help="bytes/s of the memory floor (default: the architecture's; "
                    "sm_90: 4.3e12, measured on an H200)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p = sub.add_parser("dump", help="write each kernel's TTIR, TTGIR, PTX and SASS to a folder")

@@ -122,8 +122,13 @@ def _compile_in_subprocess(builds: list[Build], timeout: float) -> list[Compiled
     result = subprocess.run([sys.executable, "-m", "gptfast.lab.compiler"], input=request, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise LabError(f"ahead-of-time compilation failed:\n{result.stderr[-4000:]}")
-    return [Compiled(build=b, **r) for b, r in zip(builds, json.loads(result.stdout))]
+        last = [line for line in result.stderr.splitlines() if line.strip()][-1:] or [f"exit {result.returncode}"]
+        raise LabError(f"ahead-of-time compilation failed: {last[0]}")
+    compiled = json.loads(result.stdout)
+    for build, r in zip(builds, compiled):
+        if "error" in r:
+            raise LabError(f"ahead-of-time compilation of {build.kernel} for sm_{build.arch} failed: {r['error']}")
+    return [Compiled(build=b, **r) for b, r in zip(builds, compiled)]
 
 
 # ---- the subprocess side: runs with the real (compiling) Triton ----
@@ -196,7 +201,22 @@ def _compile(build: dict) -> dict:
                      "sass": _sass(compiled.asm["cubin"], build["arch"])})
 
 
+def _root_cause(error: BaseException) -> str:
+    """The first cause of a failed compilation in one line (Triton's errors wrap it in the kernel's source)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def _compile_or_error(build: dict) -> dict:
+    try:
+        return _compile(build)
+    except Exception as error:  # reported to the parent in one line, with the build it belongs to
+        return {"error": _root_cause(error)}
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("gptfast.lab.compiler compiles kernels: run it without TRITON_INTERPRET=1")
-    json.dump([_compile(b) for b in json.load(sys.stdin)], sys.stdout)
+    json.dump([_compile_or_error(b) for b in json.load(sys.stdin)], sys.stdout)

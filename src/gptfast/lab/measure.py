@@ -19,7 +19,7 @@ import torch
 from gptfast.kernels.spec import OpSpec
 
 from . import analysis
-from .ops import check_overrides, parse_config, parse_shape
+from .ops import check_inputs, check_overrides, parse_config, parse_shape
 from .targets import ARCHITECTURES, Architecture
 
 
@@ -37,7 +37,9 @@ def bench(op: OpSpec, shape_text: str | None, dtype: str) -> str:
     device = torch.device("cuda")
     ceilings = measure_ceilings(device)
     benchmark = op.benchmarks[0]
-    size = benchmark.size_for(parse_shape(op, shape_text))
+    shape = parse_shape(op, shape_text)
+    check_inputs(op, shape, dtype, {})
+    size = benchmark.size_for(shape)
     lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()} (measured, do_bench median; copy "
              f"{ceilings.copy_gbps:.0f} GB/s, matmul {ceilings.matmul_tflops:.0f} TFLOP/s)"]
     for provider in benchmark.providers:

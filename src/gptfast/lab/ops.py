@@ -6,10 +6,13 @@ runs, and how, is its spec's (``gptfast.kernels.spec.OpSpec``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
+from gptfast.kernels import backend
 from gptfast.kernels.registry import get_spec
 from gptfast.kernels.spec import OpSpec
+from gptfast.precision import DTYPE_NAMES, dtype_name
 
 from .compiler import LabError
 
@@ -38,6 +41,22 @@ def refusals_as_lab_errors(op: OpSpec, shape: tuple, dtype: str) -> Iterator[Non
     except (ValueError, RuntimeError, TypeError) as error:
         first_line = str(error).partition("\n")[0]
         raise LabError(f"{op.name} {','.join(map(str, shape))} {dtype}: {first_line}") from error
+
+
+def check_inputs(op: OpSpec, shape: tuple, dtype: str, options: dict) -> None:
+    """A LabError of one line naming the op and ``shape`` unless the op takes these inputs as a caller's
+    would be taken: its public function's own checks (run by eager PyTorch on tensors without data, of
+    one row or batch: they depend on the widths) and its kernel's limits (``backend.kernel_problem``).
+    ``dtype``: by either name (bf16, bfloat16...), as the message gives it."""
+    torch_dtype = DTYPE_NAMES[dtype_name(dtype)]
+    with refusals_as_lab_errors(op, shape, dtype):
+        one_row = op.inputs((1, *shape[1:]), torch_dtype, "meta", options)
+        no_data = {"check_targets": False} if "check_targets" in inspect.signature(op.function).parameters else {}
+        with backend.use_backend("torch"):
+            op.function(**one_row, **no_data)
+        problem = backend.kernel_problem(op.function, **op.inputs(shape, torch_dtype, "meta", options))
+    if problem:
+        raise LabError(f"{op.name} {','.join(map(str, shape))} {dtype}: {problem}")
 
 
 def parse_shape(op: OpSpec, text: str | None) -> tuple[int, ...]:
@@ -81,6 +100,30 @@ def check_overrides(op: OpSpec, overrides: dict[str, dict[str, int]]) -> None:
         if unknown:
             raise LabError(f"--config {kernel}: unknown field(s) {', '.join(sorted(unknown))} "
                            f"(it takes {', '.join(fields)})")
+        for field, value in values.items():
+            rule = _field_rule(field, value)
+            if rule:
+                raise LabError(f"--config {kernel}: {field}={value} must be {rule}")
+
+
+MAX_WARPS = 32  # a block's 1024 threads
+
+
+def _field_rule(field: str, value: int) -> str | None:
+    """What a launch parameter must be, when ``value`` is not that: BLOCK_* sizes are powers of two up to
+    Triton's largest tensor, num_warps powers of two up to a block's 1024 threads, num_stages at least 1."""
+    from triton.language import TRITON_MAX_TENSOR_NUMEL
+
+    def power_of_two(n: int, limit: int) -> bool:
+        return 1 <= n <= limit and n & (n - 1) == 0
+
+    if field.startswith("BLOCK") and not power_of_two(value, TRITON_MAX_TENSOR_NUMEL):
+        return f"a power of two from 1 to {TRITON_MAX_TENSOR_NUMEL:,} (Triton's largest block)"
+    if field == "num_warps" and not power_of_two(value, MAX_WARPS):
+        return f"a power of two from 1 to {MAX_WARPS}"
+    if field == "num_stages" and value < 1:
+        return "at least 1"
+    return None
 
 
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
