@@ -79,11 +79,13 @@ def test_info_counts_parameters_for_the_vocabulary_it_names(capsys):
     assert tiny.split()[5] == tiny_parameters(50257)
 
 
-def test_info_refuses_a_vocabulary_below_one(capsys):
+@pytest.mark.parametrize(("text", "shown"), [("0", "0"), ("1e10", "'1e10'")])
+def test_info_refuses_a_vocabulary_that_is_not_a_positive_integer(capsys, text, shown):
     with pytest.raises(SystemExit) as exit:
-        main(["info", "--vocab-size", "0"])
+        main(["info", "--vocab-size", text, "--forward", "tiny"])
     assert exit.value.code == 2
-    assert "--vocab-size: must be a positive integer, got 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--vocab-size: must be a positive integer, got {shown}" in err and "invalid" not in err
 
 
 def train_parser() -> argparse.ArgumentParser:

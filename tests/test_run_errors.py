@@ -157,3 +157,18 @@ def test_the_log_rewrite_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
     (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     open_log(tmp_path / LOG_FILE, resume_step=1).close()
     assert synced == [str(tmp_path / (LOG_FILE + ".tmp")), str(tmp_path)]
+
+
+def test_a_loss_plot_of_a_run_with_no_logged_loss_warns_of_nothing(tmp_path):
+    """A run shorter than its log interval has no points: the plot is still written, without matplotlib's
+    "No artists with labels" warning."""
+    import warnings
+
+    from gptfast.runlog import plot_losses
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "lr": 0.001}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_losses(log, tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")

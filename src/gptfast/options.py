@@ -275,8 +275,12 @@ def argparse_type(declared: Option) -> Callable[[str], Any]:
 
 
 def positive_int(text: str) -> int:
-    """argparse's ``type=`` for a count of at least 1."""
-    value = int(text)
+    """argparse's ``type=`` for a count of at least 1 (a bad number is the one-line usage error, not
+    argparse's "invalid positive_int value")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
