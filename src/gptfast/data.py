@@ -292,13 +292,13 @@ def _skip(error: NotText, path: Path, named: bool, skipped: list[Path]) -> None:
     tqdm.write(f"warning: skipping {error}", file=sys.stderr)
 
 
-def _alphabet(files: list[tuple[Path, bool]] | None, skipped: list[Path], text_field: str, strict: bool) -> set[str]:
+def _alphabet(files: list[tuple[Path, bool]] | None, skipped: list[Path], text_field: str, bad: BadRecords) -> set[str]:
     """The characters of the input (a first pass, for the char tokenizer), files that are not text left out."""
     chars: set[str] = set()
     found: set[str] = set()
     current = None
     with _progress(_input_bytes(files), "reading") as bar:
-        for piece in _pieces(files, skipped, text_field, BadRecords(strict), bar):
+        for piece in _pieces(files, skipped, text_field, bad, bar):
             if isinstance(piece, _Cut):
                 found = set() if piece.file == current else found
                 continue
@@ -338,8 +338,9 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
     skipped: list[Path] = []
     bad = BadRecords(strict)
     if tokenizer == "char":  # a first pass collects the alphabet
-        chars = _alphabet(files, skipped, text_field, strict)
+        chars = _alphabet(files, skipped, text_field, bad)
         _check_some_text(chars, names, skipped, bad)
+        bad = BadRecords(strict)  # counted again as they are read again
         tok: Tokenizer = CharTokenizer(chars)
     else:
         tok = load_tokenizer(tokenizer, tiktoken_file=tiktoken_file)

@@ -15,6 +15,8 @@ import itertools
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
@@ -38,10 +40,18 @@ def encode_texts(texts: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> lis
     return [np.asarray(tokenizer.encode(text), dtype=dtype) for text in texts]
 
 
-def _start_worker(tokenizer: dict, tiktoken_file: str | None, dtype: str) -> None:
+def _start_worker(tokenizer: dict, tiktoken_file: str | None, dtype: str, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which ends the workers
+    threading.Thread(target=_exit_without, args=(parent,), daemon=True).start()
     global _worker_tokenizer
     _worker_tokenizer = tokenizer_from_dict(tokenizer, tiktoken_file=tiktoken_file), np.dtype(dtype)
+
+
+def _exit_without(parent: int) -> None:
+    """A worker's watch: once its main process is gone (killed with -9, say), it ends too."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
@@ -63,8 +73,8 @@ class OrderedEncoder:
     def _pool(self) -> ProcessPoolExecutor:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)  # fork: no re-import
-        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                   initargs=(self.tokenizer.to_dict(), self.tiktoken_file, self.dtype.name))
+        arguments = (self.tokenizer.to_dict(), self.tiktoken_file, self.dtype.name, os.getpid())
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker, initargs=arguments)
 
     def map(self, jobs: Iterable[Any]) -> Iterator[Any]:
         jobs = iter(jobs)

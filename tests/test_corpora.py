@@ -1,0 +1,224 @@
+"""Corpora people have: JSONL (plain, gzip, zstandard), Parquet and Arrow records; parallel preparation
+(the same bytes for any number of workers, memory bounded, an interrupted run leaves nothing that looks
+prepared); llm.c's .bin shards read and written."""
+
+import gzip
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+import gptfast.data as data
+import gptfast.encoding as encoding
+from gptfast.cli import main
+from gptfast.data import TokenData, prepare
+from gptfast.tokenizer import TIKTOKEN_FILE_ENV
+
+DOCS = ["First document.\nWith two lines.", "Second: naïve café, 東京 🙂", "third", "Fourth and last document\n"]
+RECORDS = [{"id": i, "text": text} for i, text in enumerate(DOCS)]
+
+
+def one_error_line(capsys, command: str = "prepare") -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gptfast {command}: error: "), err
+    return err
+
+
+def write_jsonl(path, records, opener=open) -> str:
+    with opener(path, "wb") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    return str(path)
+
+
+def write_zst(path, records) -> str:
+    raw = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    return str(path)
+
+
+def write_parquet(path, records, row_group_size=2) -> str:
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
+    return str(path)
+
+
+def write_arrow_stream(path, records) -> str:
+    table = pa.Table.from_pylist(records)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=3)
+    return str(path)
+
+
+def tokens(folder) -> np.ndarray:
+    d = TokenData(folder)
+    return np.concatenate([d.train, d.val])
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow"])
+def test_each_record_format_gives_the_same_documents(tmp_path, kind):
+    path = tmp_path / f"corpus.{kind}"
+    {"jsonl": lambda: write_jsonl(path, RECORDS), "jsonl.gz": lambda: write_jsonl(path, RECORDS, gzip.open),
+     "jsonl.zst": lambda: write_zst(path, RECORDS), "parquet": lambda: write_parquet(path, RECORDS),
+     "arrow": lambda: write_arrow_stream(path, RECORDS)}[kind]()
+    meta = prepare([path], tmp_path / "out", val_fraction=0.2)
+    assert TokenData(tmp_path / "out").tokenizer().decode(tokens(tmp_path / "out").tolist()) == "".join(DOCS)
+    assert meta["sources"] == [str(path)]
+
+
+def test_a_datasets_folder_reads_its_arrow_files_only(tmp_path):
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    write_arrow_stream(folder / "data-00000-of-00002.arrow", RECORDS[:2])
+    write_arrow_stream(folder / "data-00001-of-00002.arrow", RECORDS[2:])
+    (folder / "dataset_info.json").write_text('{"features": {}}')
+    (folder / "state.json").write_text('{"_data_files": []}')
+    meta = prepare([folder], tmp_path / "out")
+    assert len(meta["sources"]) == 2
+    assert TokenData(tmp_path / "out").tokenizer().decode(tokens(tmp_path / "out").tolist()) == "".join(DOCS)
+
+
+@pytest.mark.skipif(not os.environ.get(TIKTOKEN_FILE_ENV), reason=f"no local GPT-2 ranks file (${TIKTOKEN_FILE_ENV})")
+def test_gpt2_separates_records_with_endoftext_and_reads_another_field(tmp_path):
+    records = [{"content": text} for text in DOCS]
+    prepare([write_jsonl(tmp_path / "a.jsonl", records)], tmp_path / "out", tokenizer="gpt2", text_field="content")
+    tok = TokenData(tmp_path / "out").tokenizer()
+    assert tok.decode(tokens(tmp_path / "out").tolist()) == "<|endoftext|>".join(DOCS)
+
+
+BAD_LINES = ['{"text": "good one"}', "{not json", '{"txt": "no field"}', '{"text": 7}', "[1]", "", '{"text": "ok"}']
+
+
+def test_bad_records_are_skipped_and_counted_or_refused_with_strict(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(BAD_LINES) + "\n")
+    assert main(["prepare", str(path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 4 bad record(s) (--strict refuses them); the first: {path}:2: not valid JSON" in err
+    assert TokenData(tmp_path / "out").tokenizer().decode(tokens(tmp_path / "out").tolist()) == "good oneok"
+    assert main(["prepare", str(path), "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert f"{path}:2: not valid JSON (column 2: Expecting property name" in one_error_line(capsys)
+    table = [{"text": "fine"}, {"text": None}]
+    write_parquet(tmp_path / "nulls.parquet", table)
+    assert main(["prepare", str(tmp_path / "nulls.parquet"), "--out", str(tmp_path / "p"), "--strict"]) == 2
+    assert f"{tmp_path / 'nulls.parquet'}: record 2: field 'text' is NoneType, not a string" in one_error_line(capsys)
+    (tmp_path / "all_bad.jsonl").write_text('{"x": 1}\n')
+    assert main(["prepare", str(tmp_path / "all_bad.jsonl"), "--out", str(tmp_path / "b")]) == 2
+    assert "every record of" in one_error_line(capsys) and not (tmp_path / "b" / "meta.json").exists()
+
+
+def test_format_errors_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    write_parquet(tmp_path / "c.parquet", [{"body": "x"}])
+    assert main(["prepare", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'c.parquet'}: no 'text' column (it has body): choose the text with --text-field" in \
+        one_error_line(capsys)
+    damaged = gzip.compress(("\n".join(json.dumps({"text": "w" * 50}) for _ in range(200))).encode())
+    (tmp_path / "d.jsonl.gz").write_bytes(damaged[: len(damaged) // 2])
+    assert main(["prepare", str(tmp_path / "d.jsonl.gz"), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'd.jsonl.gz'}: cannot decompress after line" in one_error_line(capsys)
+    (tmp_path / "e.parquet").write_bytes(b"PAR1 not really")
+    assert main(["prepare", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'e.parquet'}: not a readable parquet file" in one_error_line(capsys)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if the extra were not installed
+    assert main(["prepare", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert "reading .parquet files needs pyarrow: pip install 'gptfast-triton[data]'" in one_error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory):
+    """Text files (one not text, found only after some blocks), JSONL and Parquet: about 300 KB."""
+    folder = tmp_path_factory.mktemp("mixed")
+    topics = data.default_corpus()[:200_000]
+    (folder / "a.txt").write_text(topics[:90_000])
+    (folder / "b_binary.txt").write_bytes(topics[:30_000].encode() + b"\0 binary tail")
+    write_jsonl(folder / "c.jsonl", [{"text": topics[i: i + 700]} for i in range(90_000, 160_000, 700)])
+    write_parquet(folder / "d.parquet", [{"text": topics[i: i + 900]} for i in range(160_000, 200_000, 900)], 10)
+    return folder
+
+
+def test_the_output_is_the_same_bytes_for_any_number_of_workers(mixed_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)  # many jobs
+    outputs = []
+    for workers in (1, 2, 3):
+        prepare([mixed_corpus], tmp_path / str(workers), workers=workers)
+        outputs.append((tmp_path / str(workers) / "tokens.bin").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > 300_000
+    meta = json.loads((tmp_path / "2" / "meta.json").read_text())
+    assert [os.path.basename(s) for s in meta["sources"]] == ["a.txt", "c.jsonl", "d.parquet"]
+
+
+def test_memory_stays_bounded_whatever_the_input_size(tmp_path, monkeypatch):
+    """More text than the cap goes through while at most JOBS_PER_WORKER jobs per worker are held (a job
+    being under two blocks and a line)."""
+    monkeypatch.setattr(data, "BLOCK_BYTES", 8192)
+    encoders = []
+    monkeypatch.setattr(data, "OrderedEncoder",
+                        lambda *args: encoders.append(encoding.OrderedEncoder(*args)) or encoders[-1])
+    line = "a line of text that repeats, the corpus many times larger than the cap\n"
+    (tmp_path / "big.txt").write_text(line * 30_000)  # 2.2 MB, 30 times the cap
+    cap = encoding.JOBS_PER_WORKER * 2 * 2 * (8192 + len(line))
+    prepare([tmp_path / "big.txt"], tmp_path / "out", workers=2)
+    assert 0 < encoders[-1].peak_pending_chars <= cap and (tmp_path / "big.txt").stat().st_size > 20 * cap
+
+
+def test_ctrl_c_during_a_parallel_prepare_keeps_the_old_data_and_stops_the_workers(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("first text\n" * 50)
+    prepare([tmp_path / "a.txt"], tmp_path / "out")
+    before = (tmp_path / "out" / "tokens.bin").read_bytes()
+    (tmp_path / "a.txt").write_text("other words on many lines\n" * 5000)
+    monkeypatch.setattr(data, "BLOCK_BYTES", 4096)
+    write = data._write_tokens
+
+    def interrupted(f, results, *args):
+        return write(f, (r if i < 5 else (_ for _ in ()).throw(KeyboardInterrupt()) for i, r in enumerate(results)),
+                     *args)
+
+    monkeypatch.setattr(data, "_write_tokens", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([tmp_path / "a.txt"], tmp_path / "out", workers=2)
+    assert (tmp_path / "out" / "tokens.bin").read_bytes() == before and TokenData(tmp_path / "out").meta
+    assert not (tmp_path / "out" / "tokens.bin.tmp").exists() and not multiprocessing.active_children()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
+def test_kill_9_during_a_parallel_prepare_leaves_no_prepared_folder(tmp_path):
+    (tmp_path / "big.txt").write_text("words and more words on a line\n" * 250_000)  # 8 MB
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "gptfast", "prepare", str(tmp_path / "big.txt"), "--out",
+                                str(tmp_path / "out"), "--workers", "2"], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "tokens.bin.tmp").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    workers = []
+    while not workers and time.time() < deadline:
+        workers = children(process.pid)
+    process.kill()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, err.decode()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert workers and not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a worker outlived its main"
+    assert not (tmp_path / "out" / "meta.json").exists() and not (tmp_path / "out" / "tokens.bin").exists()
+    with pytest.raises(FileNotFoundError, match="not a prepared data folder"):
+        TokenData(tmp_path / "out")
