@@ -24,6 +24,7 @@ import codecs
 import fnmatch
 import json
 import os
+import shutil
 import stat
 import sys
 import time
@@ -37,12 +38,16 @@ import torch
 from .corpora import DEFAULT_TEXT_FIELD, BadRecords, is_records, read_records
 from .encoding import OrderedEncoder, default_workers
 from .outputs import RUN_OUTPUTS
+from .shards import HEADER_BYTES, ShardedTokens, read_shard, shard_files, split_shards, write_shards
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, vocab_size_of
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation topics, shipped with every Python
 TOKENS_FILE = "tokens.bin"
 META_FILE = "meta.json"
 META_FORMAT = 1  # the layout of meta.json this version writes and reads
+SHARDS_FORMAT = "llmc"  # the "format" of a folder of llm.c shards (it has no meta.json)
+FORMATS = ("tokens", SHARDS_FORMAT)  # what prepare writes: tokens.bin and meta.json, or llm.c shards
+DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's shard size
 META_FIELDS = {"format": int, "dtype": str, "num_tokens": int, "num_val_tokens": int, "tokenizer": dict,
                "sources": list}  # every field of meta.json, and its JSON type
 JSON_KINDS = {int: "an integer", str: "a string", dict: "a JSON object", list: "a list"}
@@ -316,7 +321,8 @@ def _input_bytes(files: list[tuple[Path, bool]] | None) -> int:
 def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathLike, *,
             tokenizer: str = "char", val_fraction: float = 0.1, tiktoken_file: str | os.PathLike | None = None,
             include: Sequence[str] = (), exclude: Sequence[str] = (), skip: Sequence[str | os.PathLike] = (),
-            text_field: str = DEFAULT_TEXT_FIELD, strict: bool = False, workers: int | None = None) -> dict:
+            text_field: str = DEFAULT_TEXT_FIELD, strict: bool = False, workers: int | None = None,
+            format: str = "tokens", shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
     """Tokenize text files, record files or folders (None: the embedded corpus) into ``out_dir``;
     returns the metadata.
 
@@ -326,13 +332,17 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
     ``.zst``), ``.parquet`` and ``.arrow`` files hold one document per record, its text in
     ``text_field``; a bad record is skipped and counted, or with ``strict`` refused. ``workers``
     processes encode (default: one per core); the result is the same for any number. ``out_dir``
-    and ``skip`` (a run's out-dir) are never read (see :func:`text_files`). The folder is valid only
-    once ``meta.json`` is written, last; an interrupted prepare leaves the previous data in place, or
-    a folder that loading refuses.
+    and ``skip`` (a run's out-dir) are never read (see :func:`text_files`).
+
+    ``format="tokens"`` writes tokens.bin and meta.json; the folder is valid only once ``meta.json``
+    is written, last, so an interrupted prepare leaves the previous data in place, or a folder that
+    loading refuses. ``format="llmc"`` (GPT-2 tokens) writes llm.c shards of ``shard_tokens`` each
+    (:mod:`gptfast.shards`) into a new or empty ``out_dir``, built in a hidden folder beside it and
+    renamed into place when complete.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    out = _output_folder(out_dir)
+    out = _output_folder(out_dir, format, tokenizer, shard_tokens)
     files = None if sources is None else text_files(sources, include=include, exclude=exclude, skip=[out, *skip])
     names = [f"<embedded corpus: {DEFAULT_CORPUS}>"] if files is None else [str(p) for p, _ in files]
     skipped: list[Path] = []
@@ -347,9 +357,11 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     encoder = OrderedEncoder(tok, dtype, workers or default_workers(),
                              None if tiktoken_file is None else os.fspath(tiktoken_file))
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (TOKENS_FILE + ".tmp")
+    folder = out.parent / f".{out.name}.partial" if format == SHARDS_FORMAT else out
+    if folder != out and folder.exists():
+        shutil.rmtree(folder)  # what an interrupted prepare of shards left
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (TOKENS_FILE + ".tmp")
     try:
         with open(tmp, "wb") as f, _progress(_input_bytes(files), "tokenizing") as bar:
             results = encoder.map(_jobs(_pieces(files, skipped, text_field, bad, bar)))
@@ -357,24 +369,34 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
             f.flush()
             os.fsync(f.fileno())
         _check_some_text(num_tokens, names, skipped, bad)
-        (out / META_FILE).unlink(missing_ok=True)  # the folder is not prepared until the new meta.json is in
-        os.replace(tmp, out / TOKENS_FILE)
+        num_val = max(1, round(num_tokens * val_fraction))
+        if folder != out:
+            write_shards(np.memmap(tmp, dtype=dtype, mode="r"), num_val, folder, shard_tokens)
+            tmp.unlink()
+            folder.replace(out)  # out is new or empty: one rename puts every shard in place
+        else:
+            (out / META_FILE).unlink(missing_ok=True)  # the folder is not prepared until the new meta.json is in
+            os.replace(tmp, out / TOKENS_FILE)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if folder != out:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not UTF-8 text", file=sys.stderr)
     if bad.count:
         print(bad.summary(), file=sys.stderr)
-    num_val = max(1, round(num_tokens * val_fraction))
+    if folder != out:
+        return read_meta(out)
     meta = {"format": META_FORMAT, "tokenizer": tok.to_dict(), "dtype": dtype.name, "num_tokens": num_tokens,
             "num_val_tokens": num_val, "sources": [n for n in names if Path(n) not in skipped]}
     _write_json_atomic(out / META_FILE, meta)
     return meta
 
 
-def _output_folder(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` checked before anything is read: a name, and a folder (or nothing yet) there."""
+def _output_folder(out_dir: str | os.PathLike, format: str, tokenizer: str, shard_tokens: int) -> Path:
+    """``out_dir`` checked before anything is read: a name, and a folder (or nothing yet) there; for
+    llm.c shards, GPT-2 tokens and a new or empty folder (shards are never mixed with other files)."""
     if not os.fspath(out_dir):
         raise ValueError("the output folder's name (--out) is empty: name the folder to write the data to")
     out = Path(out_dir)
@@ -382,6 +404,16 @@ def _output_folder(out_dir: str | os.PathLike) -> Path:
         raise ValueError(f"output folder {str(out)!r} is a symlink to {os.readlink(out)!r}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {str(out)!r} is a file, not a folder")
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format == SHARDS_FORMAT:
+        if tokenizer != "gpt2":
+            raise ValueError("llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2")
+        if shard_tokens < 1:
+            raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"output folder {str(out)!r} is not empty: llm.c shards go into a new or empty folder "
+                             "(nothing there is overwritten)")
     return out
 
 
@@ -434,12 +466,25 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    """A folder ``prepare`` finished (it holds meta.json), or one of llm.c shards."""
+    return (Path(path) / META_FILE).is_file() or bool(shard_files(Path(path)))
+
+
+def _shard_meta(data_dir: Path) -> dict:
+    """What meta.json would say of a folder of llm.c shards (GPT-2 tokens, ``*_val_*`` the validation split)."""
+    train, val = split_shards(data_dir)
+    num_val = sum(len(read_shard(p)) for p in val)
+    return {"format": SHARDS_FORMAT, "tokenizer": {"kind": "gpt2"}, "dtype": "uint16",
+            "num_tokens": num_val + sum(len(read_shard(p)) for p in train), "num_val_tokens": num_val,
+            "sources": [p.name for p in train + val]}
 
 
 def read_meta(data_dir: Path) -> dict:
-    """A prepared folder's meta.json, every field checked: a bad one is an error naming the file and field."""
+    """A prepared folder's meta.json, every field checked: a bad one is an error naming the file and
+    field. A folder of llm.c shards gets the same fields from their headers."""
     path = data_dir / META_FILE
+    if not path.is_file() and shard_files(data_dir):
+        return _shard_meta(data_dir)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -469,13 +514,18 @@ def read_meta(data_dir: Path) -> dict:
 
 
 class TokenData:
-    """A prepared data folder, memory-mapped: ``train`` and ``val`` are views on ``tokens.bin``.
+    """A prepared data folder, memory-mapped: ``train`` and ``val`` are views on ``tokens.bin``, or
+    for a folder of llm.c shards (:mod:`gptfast.shards`) its training and ``*_val_*`` shards.
 
-    Opening it checks meta.json, the size of tokens.bin and that every id is inside the vocabulary.
+    Opening it checks meta.json (or each shard's header), the size of the token files and that every
+    id is inside the vocabulary.
     """
 
     def __init__(self, data_dir: str | os.PathLike):
         self.dir = Path(data_dir)
+        if not (self.dir / META_FILE).is_file() and shard_files(self.dir):
+            self._open_shards()
+            return
         if not is_prepared(self.dir):
             if (self.dir / TOKENS_FILE).exists():
                 raise ValueError(f"{str(self.dir)!r} holds {TOKENS_FILE} but no {META_FILE}: an interrupted "
@@ -510,6 +560,21 @@ class TokenData:
                 raise ValueError(f"{self.dir / TOKENS_FILE}: token id {tokens[bad]} at offset {bad} ({where}) is "
                                  f"outside the vocabulary of {vocab} ({self.meta['tokenizer']['kind']} tokenizer "
                                  f"in {META_FILE}); prepare the data again")
+
+    def _open_shards(self) -> None:
+        """A folder of llm.c shards, each checked: its header against its size, its ids against GPT-2's vocabulary."""
+        self.meta = _shard_meta(self.dir)
+        train, val = split_shards(self.dir)
+        self.train, self.val = ShardedTokens(train), ShardedTokens(val)
+        vocab = vocab_size_of(self.meta["tokenizer"])
+        for path, tokens in zip(train + val, self.train.parts + self.val.parts):
+            chunk = 1 << 24
+            for start in range(0, len(tokens), chunk):
+                part = tokens[start: start + chunk]
+                if len(part) and part.max() >= vocab:
+                    bad = start + int(np.argmax(part >= vocab))
+                    raise ValueError(f"{path}: token id {tokens[bad]} at byte offset {HEADER_BYTES + 2 * bad} (token "
+                                     f"{bad}) is outside GPT-2's vocabulary of {vocab}: not GPT-2 tokens")
 
     def tokenizer(self, tiktoken_file: str | os.PathLike | None = None) -> Tokenizer:
         return tokenizer_from_dict(self.meta["tokenizer"], tiktoken_file=tiktoken_file)
