@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import zstandard
 
 import gptfast.data as data
@@ -222,3 +223,106 @@ def test_kill_9_during_a_parallel_prepare_leaves_no_prepared_folder(tmp_path):
     assert not (tmp_path / "out" / "meta.json").exists() and not (tmp_path / "out" / "tokens.bin").exists()
     with pytest.raises(FileNotFoundError, match="not a prepared data folder"):
         TokenData(tmp_path / "out")
+
+
+# --- llm.c shards ----------------------------------------------------------------------------------
+
+
+def llmc_shard(path, tokens, magic=20240520, version=1) -> None:
+    """A shard in llm.c's layout, written here by hand: 256 int32 (magic, version, count), uint16 tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def read_llmc(path) -> np.ndarray:
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[0] == 20240520 and header[1] == 1
+    tokens = np.fromfile(path, dtype="<u2", offset=1024)
+    assert len(tokens) == header[2]
+    return tokens
+
+
+@pytest.fixture
+def llmc_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fineweb10B"
+    folder.mkdir()
+    val, train = rng.integers(0, 50257, 3000), [rng.integers(0, 50257, 5000), rng.integers(0, 50257, 4000)]
+    llmc_shard(folder / "fineweb_val_000000.bin", val)
+    llmc_shard(folder / "fineweb_train_000001.bin", train[0])
+    llmc_shard(folder / "fineweb_train_000002.bin", train[1])
+    return folder, val, np.concatenate(train)
+
+
+def test_a_folder_of_llmc_shards_is_read_in_place(llmc_folder):
+    folder, val, train = llmc_folder
+    d = TokenData(folder)
+    assert (len(d.train), len(d.val)) == (9000, 3000) and d.meta["tokenizer"] == {"kind": "gpt2"}
+    assert (d.train[4990:5010] == train[4990:5010]).all() and (d.val[0:3000] == val).all()  # across two shards
+    stream = data.BatchStream(d.train, 64, order="sequential")
+    x, y = stream.batch(torch.tensor([4950, 0]))
+    assert (x[0].numpy() == train[4950:5014]).all() and (y[0].numpy() == train[4951:5015]).all()
+    assert d.meta["sources"] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin"]
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-7]), "truncated: the header (byte offset 8) counts 4,000 tokens, "
+     "9,024 bytes in all, but the file ends at byte offset 9,017"),
+    (lambda p: llmc_shard(p, [5, 50257, 7]), "token id 50257 at byte offset 1026 (token 1) is outside GPT-2's"),
+    (lambda p: llmc_shard(p, [5], version=2), "byte offset 4: version 2; only version 1"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "truncated at byte offset 100"),
+])
+def test_a_damaged_shard_is_one_line_naming_file_and_offset(llmc_folder, tmp_path, capsys, damage, words):
+    folder = llmc_folder[0]
+    damage(folder / "fineweb_train_000002.bin")
+    argv = ["train", str(folder), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(argv) == 2
+    err = one_error_line(capsys, "train")
+    assert f"{folder / 'fineweb_train_000002.bin'}: " in err and words in err
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        TokenData(folder)
+
+
+@pytest.mark.skipif(not os.environ.get(TIKTOKEN_FILE_ENV), reason="llm.c shards are GPT-2 tokens: needs the ranks file")
+def test_training_on_llmc_shards_resumes_exactly(llmc_folder, tmp_path):
+    base = dict(data=[str(llmc_folder[0])], preset="tiny", context_length=16, batch_size=2, max_steps=2,
+                eval_interval=2, eval_batches=1, sample_tokens=0, progress=False, backend="torch", device="cpu")
+    from gptfast.train import TrainConfig, train
+
+    straight = train(TrainConfig(out_dir=str(tmp_path / "a"), **base))
+    train(TrainConfig(out_dir=str(tmp_path / "b"), run_steps=1, **base))
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
+    assert (resumed["step"], resumed["loss"], resumed["val_loss"]) == (2, straight["loss"], straight["val_loss"])
+
+
+@pytest.mark.skipif(not os.environ.get(TIKTOKEN_FILE_ENV), reason=f"no local GPT-2 ranks file (${TIKTOKEN_FILE_ENV})")
+def test_prepare_writes_llmc_shards_that_hold_the_same_tokens(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "a.txt"
+    text.write_text(data.default_corpus()[:20_000])
+    prepare([text], tmp_path / "ours", tokenizer="gpt2")
+    ours = TokenData(tmp_path / "ours")
+    argv = ["prepare", str(text), "--out", str(tmp_path / "llmc"), "--tokenizer", "gpt2", "--format", "llmc",
+            "--shard-tokens", "1000"]
+    assert main(argv) == 0
+    names = sorted(os.listdir(tmp_path / "llmc"))
+    assert names[0] == "data_train_000001.bin" and names[-1] == "data_val_000000.bin"
+    shards = {name: read_llmc(tmp_path / "llmc" / name) for name in names}
+    assert max(len(t) for t in shards.values()) == 1000
+    assert (np.concatenate([shards[n] for n in names[:-1]]) == ours.train).all()
+    assert (shards[names[-1]] == ours.val).all()
+    theirs = TokenData(tmp_path / "llmc")  # and back: read as llm.c's
+    assert (theirs.train[0:len(ours.train)] == ours.train).all() and (theirs.val[0:len(ours.val)] == ours.val).all()
+    assert theirs.meta["num_tokens"] == ours.meta["num_tokens"]
+    capsys.readouterr()
+    assert main(argv) == 2  # a folder of shards is never overwritten
+    assert "is not empty: llm.c shards go into a new or empty folder" in one_error_line(capsys)
+
+    def interrupted(tokens, num_val, folder, shard_tokens):
+        llmc_shard(folder / "data_val_000000.bin", tokens[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([text], tmp_path / "new", tokenizer="gpt2", format="llmc")
+    assert not (tmp_path / "new").exists() and not (tmp_path / ".new.partial").exists()

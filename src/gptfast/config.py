@@ -151,9 +151,9 @@ class TrainConfig:
                                       check=positive)
     hellaswag: str | None = option(help="also score this HellaSwag-format JSONL file (acc, acc_norm) every "
                                    "--hellaswag-every steps, logged beside the validation loss", group="run",
-                                   resume=CHANGEABLE, metavar="FILE")
-    hellaswag_every: int | None = option(help="score --hellaswag every N steps", group="run", resume=CHANGEABLE,
-                                         metavar="N", check=positive, default_help="--eval-interval")
+                                   metavar="FILE")
+    hellaswag_every: int | None = option(help="score --hellaswag every N steps", group="run", metavar="N",
+                                         check=positive, default_help="--eval-interval")
     log_interval: int | None = option(10, help="log to the console and log.jsonl every N steps", group="run",
                                       resume=CHANGEABLE, check=positive)
     device: str = option("auto", help="cpu, cuda, cuda:1...", group="run", default_help="auto: the process's GPU "
