@@ -317,6 +317,8 @@ def test_prepare_writes_llmc_shards_that_hold_the_same_tokens(tmp_path, capsys, 
     capsys.readouterr()
     assert main(argv) == 2  # a folder of shards is never overwritten
     assert "is not empty: llm.c shards go into a new or empty folder" in one_error_line(capsys)
+    assert main(["prepare", str(tmp_path / "llmc"), "--out", str(tmp_path / "again")]) == 2
+    assert "holds llm.c shards (token ids), not text: train on it as it is" in one_error_line(capsys)
 
     def interrupted(tokens, num_val, folder, shard_tokens):
         llmc_shard(folder / "data_val_000000.bin", tokens[:5])

@@ -113,6 +113,8 @@ def _folder_files(path: Path, include: Sequence[str], exclude: Sequence[str], ou
         state = "is a prepared data folder" if is_prepared(path) else \
             f"holds {TOKENS_FILE} but no {META_FILE} (an interrupted `gptfast prepare`?)"
         raise ValueError(f"folder {str(path)!r} {state}, not text: prepare it again from the text")
+    if shard_files(path):
+        raise ValueError(f"folder {str(path)!r} holds llm.c shards (token ids), not text: train on it as it is")
     found = []
     for root, folders, names in os.walk(path):
         root = Path(root)
@@ -346,14 +348,8 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
     files = None if sources is None else text_files(sources, include=include, exclude=exclude, skip=[out, *skip])
     names = [f"<embedded corpus: {DEFAULT_CORPUS}>"] if files is None else [str(p) for p, _ in files]
     skipped: list[Path] = []
+    tok = _tokenizer_for(tokenizer, files, names, skipped, text_field, strict, tiktoken_file)
     bad = BadRecords(strict)
-    if tokenizer == "char":  # a first pass collects the alphabet
-        chars = _alphabet(files, skipped, text_field, bad)
-        _check_some_text(chars, names, skipped, bad)
-        bad = BadRecords(strict)  # counted again as they are read again
-        tok: Tokenizer = CharTokenizer(chars)
-    else:
-        tok = load_tokenizer(tokenizer, tiktoken_file=tiktoken_file)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     encoder = OrderedEncoder(tok, dtype, workers or default_workers(),
                              None if tiktoken_file is None else os.fspath(tiktoken_file))
@@ -370,13 +366,7 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
             os.fsync(f.fileno())
         _check_some_text(num_tokens, names, skipped, bad)
         num_val = max(1, round(num_tokens * val_fraction))
-        if folder != out:
-            write_shards(np.memmap(tmp, dtype=dtype, mode="r"), num_val, folder, shard_tokens)
-            tmp.unlink()
-            folder.replace(out)  # out is new or empty: one rename puts every shard in place
-        else:
-            (out / META_FILE).unlink(missing_ok=True)  # the folder is not prepared until the new meta.json is in
-            os.replace(tmp, out / TOKENS_FILE)
+        _put_in_place(tmp, out, dtype, num_val, shard_tokens)
     except BaseException:
         tmp.unlink(missing_ok=True)
         if folder != out:
@@ -392,6 +382,30 @@ def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathL
             "num_val_tokens": num_val, "sources": [n for n in names if Path(n) not in skipped]}
     _write_json_atomic(out / META_FILE, meta)
     return meta
+
+
+def _tokenizer_for(name: str, files: list[tuple[Path, bool]] | None, names: list[str], skipped: list[Path],
+                   text_field: str, strict: bool, tiktoken_file: str | os.PathLike | None) -> Tokenizer:
+    """GPT-2's BPE, or a char vocabulary from a first pass over the input (leaving out, in ``skipped``,
+    the files found not to be text)."""
+    if name != "char":
+        return load_tokenizer(name, tiktoken_file=tiktoken_file)
+    bad = BadRecords(strict)
+    chars = _alphabet(files, skipped, text_field, bad)
+    _check_some_text(chars, names, skipped, bad)
+    return CharTokenizer(chars)
+
+
+def _put_in_place(tmp: Path, out: Path, dtype: np.dtype, num_val: int, shard_tokens: int) -> None:
+    """The finished token file ``tmp`` into ``out``: as tokens.bin (meta.json, removed here, comes
+    after), or cut into llm.c shards beside it in its hidden folder, renamed to ``out`` whole."""
+    if tmp.parent == out:
+        (out / META_FILE).unlink(missing_ok=True)  # the folder is not prepared until the new meta.json is in
+        os.replace(tmp, out / TOKENS_FILE)
+        return
+    write_shards(np.memmap(tmp, dtype=dtype, mode="r"), num_val, tmp.parent, shard_tokens)
+    tmp.unlink()
+    tmp.parent.replace(out)  # out is new or empty: one rename puts every shard in place
 
 
 def _output_folder(out_dir: str | os.PathLike, format: str, tokenizer: str, shard_tokens: int) -> Path:
