@@ -123,9 +123,11 @@ def _ending_losses(model: torch.nn.Module, rows: list[tuple[list[int], int]], am
     idx, targets = idx.to(device), targets.to(device)
     with autocast(device.type, amp_dtype):
         logits, _ = model(idx)
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-    summed = losses.view(len(rows), width).double().sum(dim=1)
-    counts = (targets != -1).sum(dim=1)
+    scored = targets != -1  # only the endings' positions are taken to float32: the logits are the widest tensor
+    losses = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none").double()
+    row = torch.arange(len(rows), device=device)[:, None].expand(-1, width)[scored]
+    summed = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row, losses)
+    counts = scored.sum(dim=1)
     return list(zip(summed.tolist(), (summed / counts).tolist()))
 
 

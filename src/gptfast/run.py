@@ -97,7 +97,7 @@ class Run:
 
     def hellaswag_score(self) -> Score:
         """--hellaswag's accuracy, the examples dealt out by rank (the model unwrapped: the rows vary in length)."""
-        return score(self.model, self.hellaswag, self.cfg.batch_size, self.amp_dtype, self.world)
+        return score(self.model, self.hellaswag, amp_dtype=self.amp_dtype, ctx=self.world)
 
     def state_dict(self) -> dict:
         """The checkpoint: everything a resumed run needs, tensors and plain values only."""
