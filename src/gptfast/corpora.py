@@ -55,8 +55,9 @@ class BadRecords:
         return f"skipped {self.count:,} bad record(s) (--strict refuses them); the first: {self.first}"
 
 
-def read_records(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
-    """(text, input bytes read since the last record) of each good record of ``path``, in order."""
+def read_records(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[str | None, int]]:
+    """(text, input bytes read since the last record) of each good record of ``path``, in order; a
+    last (None, bytes) for what follows the last good one."""
     if path.name.endswith((".parquet", ".arrow")):
         yield from _arrow_records(path, text_field, bad)
     else:
@@ -75,7 +76,7 @@ def _open_lines(path: Path, raw: io.BufferedReader) -> tuple[io.BufferedIOBase, 
     return raw, ()
 
 
-def _json_lines(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
+def _json_lines(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[str | None, int]]:
     with open(path, "rb") as raw:
         stream, damaged = _open_lines(path, raw)
         read, offset, number = 0, 0, 0
@@ -87,6 +88,7 @@ def _json_lines(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[
                     position = raw.tell()
                     yield text, position - read
                     read = position
+            yield None, raw.tell() - read
         except damaged as error:
             raise ValueError(f"{path}: cannot decompress after line {number} (uncompressed byte offset "
                              f"{offset}): {error}") from None
@@ -124,8 +126,9 @@ def _arrow_batches(path: Path, text_field: str) -> Iterator[tuple[list, int]]:
             _check_column(path, text_field, reader.schema_arrow.names)
             size, groups = path.stat().st_size, reader.num_row_groups
             for group in range(groups):
-                yield reader.read_row_group(group, columns=[text_field]).column(0).to_pylist(), \
-                    size * (group + 1) // groups
+                for batch in reader.iter_batches(ROWS_PER_BATCH, row_groups=[group], columns=[text_field]):
+                    yield batch.column(0).to_pylist(), size * group // groups
+            yield [], size  # the last row group read
             return
         with pa.memory_map(str(path)) as source:
             try:
@@ -149,8 +152,8 @@ def _check_column(path: Path, text_field: str, columns: list[str]) -> None:
                          "with --text-field")
 
 
-def _arrow_records(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
-    number, read = 0, 0
+def _arrow_records(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[str | None, int]]:
+    number, read, position = 0, 0, 0
     for values, position in _arrow_batches(path, text_field):
         for value in values:
             number += 1
@@ -159,3 +162,4 @@ def _arrow_records(path: Path, text_field: str, bad: BadRecords) -> Iterator[tup
                 read = position
             else:
                 bad.add(f"{path}: record {number}", f"field {text_field!r} is {type(value).__name__}, not a string")
+    yield None, position - read

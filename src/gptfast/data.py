@@ -237,8 +237,8 @@ class _Cut(NamedTuple):
     file: int
 
 
-# A piece of the input: (its text, (starts a document, index of its file, input bytes it took)).
-Piece = tuple[str, tuple[bool, int, int]]
+# A piece of the input: (its text, (whether it starts a document, the index of its file)).
+Piece = tuple[str, tuple[bool, int]]
 
 
 def _pieces(files: list[tuple[Path, bool]] | None, skipped: list[Path], text_field: str, bad: BadRecords,
@@ -249,7 +249,7 @@ def _pieces(files: list[tuple[Path, bool]] | None, skipped: list[Path], text_fie
     if files is None:
         text = default_corpus()
         bar.update(len(text))
-        yield text, (True, 0, len(text))
+        yield text, (True, 0)
         return
     for index, (path, named) in enumerate(files):
         if path in skipped:
@@ -258,12 +258,12 @@ def _pieces(files: list[tuple[Path, bool]] | None, skipped: list[Path], text_fie
             if is_records(path):
                 for text, nbytes in read_records(path, text_field, bad):
                     bar.update(nbytes)
-                    yield text, (True, index, nbytes)
+                    if text is not None:
+                        yield text, (True, index)
             else:
                 for j, block in enumerate(_read_blocks(path)):
-                    nbytes = len(block.encode("utf-8"))
-                    bar.update(nbytes)
-                    yield block, (j == 0, index, nbytes)
+                    bar.update(len(block.encode("utf-8")))
+                    yield block, (j == 0, index)
         except NotText as error:
             _skip(error, path, named, skipped)
             yield _Cut(index)
@@ -447,7 +447,7 @@ def _write_tokens(f, results: Iterator[tuple[list[Piece], list[np.ndarray]] | _C
             continue
         job, encoded = result
         parts = []
-        for (_, (starts, index, _)), ids in zip(job, encoded):
+        for (_, (starts, index)), ids in zip(job, encoded):
             if index != current[0]:
                 current = (index, num_tokens)
             if starts and len(ids) and num_tokens and separator is not None:
