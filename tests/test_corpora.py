@@ -335,3 +335,17 @@ def test_prepare_writes_llmc_shards_that_hold_the_same_tokens(tmp_path, capsys, 
     with pytest.raises(KeyboardInterrupt):
         prepare([text], tmp_path / "new", tokenizer="gpt2", format="llmc")
     assert not (tmp_path / "new").exists() and not (tmp_path / ".new.partial").exists()
+
+
+@pytest.mark.skipif(not os.environ.get(TIKTOKEN_FILE_ENV), reason=f"no local GPT-2 ranks file (${TIKTOKEN_FILE_ENV})")
+def test_eval_reads_llmc_shards_and_prepare_writes_them_from_gpt2_tokens_only(llmc_folder, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from gptfast import GPT, GPTConfig
+
+    GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, context_length=32, vocab_size=50257)).save_pretrained(tmp_path / "hf")
+    argv = ["eval", str(llmc_folder[0]), "--pretrained", str(tmp_path / "hf"), "--device", "cpu", "--max-windows", "3"]
+    assert main(argv) == 0
+    assert f"val split of {llmc_folder[0]}: 96 tokens in windows of 32: loss " in capsys.readouterr().out
+    (tmp_path / "a.txt").write_text("some text\n")
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"), "--format", "llmc"]) == 2
+    assert "llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2" in one_error_line(capsys)
