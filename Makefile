@@ -31,7 +31,7 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	$(call pins_without,$(VENV)/constraints.txt,$(LIFTED))
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt $(call torch_from,$(TORCH))
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt setuptools
-	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt --no-build-isolation -e ".[test,bench,data]"
 	touch $@
 
 # The main job: the tiny preset, character-level, on the embedded corpus; a few minutes on a CPU.
@@ -55,7 +55,7 @@ test-latest:
 	$(PYTHON) -m venv $(VENV_LATEST)
 	$(VENV_LATEST)/bin/python -m pip install --quiet --upgrade setuptools
 	$(VENV_LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation \
-		$(call torch_from,$(TORCH_LATEST)) -e ".[test,bench]"
+		$(call torch_from,$(TORCH_LATEST)) -e ".[test,bench,data]"
 	$(VENV_LATEST)/bin/python -m pip list --format=freeze | grep -i -e '^torch=' -e '^triton=' -e '^transformers=' -e '^kernels='
 	$(VENV_LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 	touch $(VENV_LATEST)/.passed

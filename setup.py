@@ -31,6 +31,8 @@ setup(
         "bench": ["matplotlib"],
         # GPT.from_pretrained / save_pretrained; huggingface_hub downloads gpt2, gpt2-medium, ...
         "pretrained": ["safetensors", "huggingface_hub"],
+        # gptfast prepare's record files: .parquet and .arrow (pyarrow), .jsonl.zst (zstandard)
+        "data": ["pyarrow", "zstandard"],
     },
     entry_points={"console_scripts": ["gptfast = gptfast.cli:main"]},
 )

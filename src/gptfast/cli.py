@@ -13,7 +13,8 @@ import torch
 from . import __version__, kernels, memory
 from .cli_inference import add_eval_parser, add_generate_parser
 from .config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, OPTIONS, TrainConfig, cli_options
-from .data import prepare
+from .corpora import DEFAULT_TEXT_FIELD
+from .data import DEFAULT_SHARD_TOKENS, FORMATS, SHARDS_FORMAT, prepare
 from .interrupt import exit_code
 from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
 from .kernels.registry import SPECS
@@ -92,9 +93,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                   tiktoken_file=args.tiktoken_file, include=args.include or (), exclude=args.exclude or ())
+                   tiktoken_file=args.tiktoken_file, include=args.include or (), exclude=args.exclude or (),
+                   text_field=args.text_field or DEFAULT_TEXT_FIELD, strict=args.strict, workers=args.workers,
+                   format=args.format, shard_tokens=args.shard_tokens)
+    shards = f" in {len(meta['sources'])} llm.c shards" if meta["format"] == SHARDS_FORMAT else ""
     print(f"{meta['num_tokens']:,} tokens ({meta['num_val_tokens']:,} for validation), {meta['dtype']}, "
-          f"vocabulary {meta['tokenizer']['kind']} -> {args.out}")
+          f"vocabulary {meta['tokenizer']['kind']} -> {args.out}{shards}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -141,13 +145,19 @@ def _add_prepare_parser(sub) -> None:
                           description="Tokenize text into OUT/tokens.bin (uint16 when the vocabulary fits) "
                           "and OUT/meta.json; the last --val-fraction of the tokens is the validation split.")
     prep.add_argument("inputs", nargs="*", metavar="INPUT",
-                      help="UTF-8 text files or folders (read recursively); none: the embedded corpus")
+                      help="UTF-8 text files, .jsonl(.gz/.zst), .parquet or .arrow record files, or folders of "
+                      "them (read recursively); none: the embedded corpus")
     prep.add_argument("--out", required=True, help="data folder to write")
     prep.add_argument("--tokenizer", choices=TOKENIZERS, default="char",
                       help="char: a vocabulary of the text's characters; gpt2: GPT-2 BPE (default: %(default)s)")
     prep.add_argument("--val-fraction", type=float, default=0.1,
                       help="fraction of tokens held out for validation (default: %(default)s)")
-    add_arguments(prep, TrainConfig, names=("tiktoken_file", "include", "exclude"))
+    prep.add_argument("--format", choices=FORMATS, default="tokens", help="tokens: OUT/tokens.bin and OUT/meta.json; "
+                      "llmc: llm.c's .bin shards (GPT-2 tokens, the validation split in *_val_* shards) in a new "
+                      "or empty OUT (default: %(default)s)")
+    prep.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                      help="tokens per llm.c shard (default: %(default)s, llm.c's)")
+    add_arguments(prep, TrainConfig, names=("tiktoken_file", "include", "exclude", "text_field", "strict", "workers"))
     prep.set_defaults(func=cmd_prepare)
 
 

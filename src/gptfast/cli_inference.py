@@ -16,6 +16,7 @@ from .data import TokenData
 from .distributed import resolve_device
 from .evaluate import split_loss
 from .generation import DEFAULT_TEMPERATURE, collect, stream
+from .hellaswag import read_examples, score
 from .options import add_arguments, argparse_type, declarations, from_arguments, option, positive_int
 from .precision import amp_dtype_for, dtype_option
 
@@ -129,7 +130,20 @@ def add_generate_parser(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.data is None and args.hellaswag is None:
+        raise ValueError("nothing to evaluate: name a prepared data folder (DATA), --hellaswag FILE, or both")
     model, tokenizer, device = _load_model(args)
+    if args.data is not None:
+        _eval_loss(args, model, tokenizer)
+    if args.hellaswag is not None:
+        examples = read_examples(args.hellaswag, tokenizer, model.config.context_length)
+        result = score(model, examples, args.batch_size)
+        print(f"{args.hellaswag}: {result.examples:,} examples: acc {result.acc:.4f} (summed ending loss), "
+              f"acc_norm {result.acc_norm:.4f} (mean ending loss per token)")
+
+
+def _eval_loss(args: argparse.Namespace, model, tokenizer) -> None:
+    """The loss and perplexity over a split of the data folder ``args.data``."""
     data = TokenData(args.data)
     data_kind, model_kind = data.meta["tokenizer"]["kind"], tokenizer.to_dict()["kind"]
     if data_kind != model_kind:
@@ -148,14 +162,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint or pretrained GPT-2 on prepared data",
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint or pretrained GPT-2 on prepared data, "
+                       "and HellaSwag accuracy",
                        description="The mean next-token loss (and its exponential, the perplexity) over "
-                       "consecutive windows of a data folder's validation (or training) split.")
+                       "consecutive windows of a data folder's validation (or training) split; with --hellaswag, "
+                       "the accuracy on a multiple-choice set in HellaSwag's JSONL format.")
     p.set_defaults(func=cmd_eval)
-    p.add_argument("data", metavar="DATA", help="a folder made by `gptfast prepare` with the model's tokenizer")
+    p.add_argument("data", metavar="DATA", nargs="?", help="a folder made by `gptfast prepare` with the model's "
+                   "tokenizer (or of llm.c .bin shards)")
     add_model_arguments(p)
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split (default: %(default)s)")
     p.add_argument("--context-length", type=int, metavar="T", help="window length (default: the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=16,
-                   help="windows per forward pass (default: %(default)s)")
+                   help="windows (or --hellaswag examples, all their endings) per forward pass (default: %(default)s)")
     p.add_argument("--max-windows", type=positive_int, metavar="N", help="evaluate the first N windows only")
+    p.add_argument("--hellaswag", metavar="FILE", help="also (or only) score a HellaSwag-format JSONL file: acc by "
+                   "each ending's summed loss, acc_norm by its mean loss per token")

@@ -17,6 +17,7 @@ from dataclasses import InitVar, dataclass
 from typing import Any
 
 from . import kernels
+from .corpora import DEFAULT_TEXT_FIELD
 from .data import BatchStream
 from .distributed import DEFAULT_TIMEOUT_S
 from .model import PRESETS
@@ -94,6 +95,13 @@ class TrainConfig:
         [], help="leave out the files of input folders matching GLOB (repeatable)", group="data", resume=FIXED,
         metavar="GLOB")
     tiktoken_file: str | None = tiktoken_file_option(group="data")
+    text_field: str | None = option(
+        DEFAULT_TEXT_FIELD, help="the field of .jsonl(.gz/.zst), .parquet and .arrow records that holds the text",
+        group="data", resume=FIXED, metavar="NAME")
+    strict: bool = option(False, help="refuse a bad record (invalid JSON, a missing or non-string text field) "
+                          "instead of skipping and counting it", group="data")
+    workers: int | None = option(help="processes that tokenize text being prepared; the data is the same for any N",
+                                 group="data", metavar="N", check=positive, default_help="one per core")
     order: str | None = option("random", help="batch order", group="data", resume=FIXED, choices=BatchStream.ORDERS)
     # model
     preset: str | None = option("tiny", help="model size", group="model", resume=FIXED, choices=tuple(PRESETS))
@@ -141,6 +149,11 @@ class TrainConfig:
                                        group="run", resume=CHANGEABLE, check=positive)
     eval_batches: int | None = option(10, help="batches per validation", group="run", resume=CHANGEABLE,
                                       check=positive)
+    hellaswag: str | None = option(help="also score this HellaSwag-format JSONL file (acc, acc_norm) every "
+                                   "--hellaswag-every steps, logged beside the validation loss", group="run",
+                                   metavar="FILE")
+    hellaswag_every: int | None = option(help="score --hellaswag every N steps", group="run", metavar="N",
+                                         check=positive, default_help="--eval-interval")
     log_interval: int | None = option(10, help="log to the console and log.jsonl every N steps", group="run",
                                       resume=CHANGEABLE, check=positive)
     device: str = option("auto", help="cpu, cuda, cuda:1...", group="run", default_help="auto: the process's GPU "

@@ -7,12 +7,15 @@
 * ``meta.json``: the dtype, the split and the tokenizer (a character vocabulary is saved here).
 
 Files are read and encoded in blocks that end at a line break (or a space, on a long line), so a
-corpus larger than memory works; GPT-2 BPE separates files with ``<|endoftext|>``. Files found in
-folders that are not UTF-8 text are skipped with a warning; a file reached twice (named twice, or
-through its folder, a symlink or a hard link) is read once; devices and FIFOs are refused, never
-opened; a run's own output (its out-dir) is never read. ``meta.json`` is written last, so a
-folder without it is an interrupted preparation, which loading refuses. :class:`TokenData` maps the ids back without
-loading them, and :class:`BatchStream` cuts them into (input, target shifted by one) batches.
+corpus larger than memory works; record files (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``,
+``.parquet``, ``.arrow``: :mod:`gptfast.corpora`) give one document per record. GPT-2 BPE
+separates documents (files, records) with ``<|endoftext|>``. Worker processes encode
+(:mod:`gptfast.encoding`), the output the same for any number of them. Files found in folders
+that are not UTF-8 text are skipped with a warning; a file reached twice (named twice, or through
+its folder, a symlink or a hard link) is read once; devices and FIFOs are refused, never opened; a
+run's own output (its out-dir) is never read. ``meta.json`` is written last, so a folder without
+it is an interrupted preparation, which loading refuses. :class:`TokenData` maps the ids back
+without loading them, and :class:`BatchStream` cuts them into (input, target shifted by one) batches.
 """
 
 from __future__ import annotations
@@ -21,26 +24,36 @@ import codecs
 import fnmatch
 import json
 import os
+import shutil
 import stat
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .corpora import DEFAULT_TEXT_FIELD, BadRecords, is_records, read_records
+from .encoding import OrderedEncoder, default_workers
 from .outputs import RUN_OUTPUTS
+from .shards import HEADER_BYTES, ShardedTokens, read_shard, shard_files, split_shards, write_shards
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, vocab_size_of
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation topics, shipped with every Python
 TOKENS_FILE = "tokens.bin"
 META_FILE = "meta.json"
 META_FORMAT = 1  # the layout of meta.json this version writes and reads
+SHARDS_FORMAT = "llmc"  # the "format" of a folder of llm.c shards (it has no meta.json)
+FORMATS = ("tokens", SHARDS_FORMAT)  # what prepare writes: tokens.bin and meta.json, or llm.c shards
+DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's shard size
 META_FIELDS = {"format": int, "dtype": str, "num_tokens": int, "num_val_tokens": int, "tokenizer": dict,
                "sources": list}  # every field of meta.json, and its JSON type
 JSON_KINDS = {int: "an integer", str: "a string", dict: "a JSON object", list: "a list"}
 BLOCK_BYTES = 1 << 20  # files are decoded and encoded one ~1 MiB block at a time
 PROGRESS_MIN_BYTES = 16 << 20  # show a progress bar from this input size on
+HF_DATASET_FILES = {"dataset_info.json", "state.json"}  # beside the Arrow files of datasets' save_to_disk
 
 
 def default_corpus() -> str:
@@ -100,9 +113,13 @@ def _folder_files(path: Path, include: Sequence[str], exclude: Sequence[str], ou
         state = "is a prepared data folder" if is_prepared(path) else \
             f"holds {TOKENS_FILE} but no {META_FILE} (an interrupted `gptfast prepare`?)"
         raise ValueError(f"folder {str(path)!r} {state}, not text: prepare it again from the text")
+    if shard_files(path):
+        raise ValueError(f"folder {str(path)!r} holds llm.c shards (token ids), not text: train on it as it is")
     found = []
     for root, folders, names in os.walk(path):
         root = Path(root)
+        if HF_DATASET_FILES <= set(names):  # a `datasets` folder saved with save_to_disk: its Arrow files only
+            names = [name for name in names if name.endswith(".arrow")]
         folders[:] = [d for d in folders if not d.startswith(".") and not _is_data_output(root / d)
                       and (root / d).resolve() not in outputs]
         for name in names:
@@ -214,16 +231,62 @@ def _progress(total_bytes: int, desc: str):
                 disable=total_bytes < PROGRESS_MIN_BYTES)
 
 
-def _documents(files: list[tuple[Path, bool]] | None, desc: str, skipped: list[Path]
-               ) -> Iterator[tuple[Path | None, bool, Iterator[str]]]:
-    """(path, named, its text blocks) for each document not in ``skipped``, with a progress bar on large inputs."""
+class _Cut(NamedTuple):
+    """A marker after the pieces of file ``file``, found not to be text: what was read of it is taken back."""
+
+    file: int
+
+
+# A piece of the input: (its text, (whether it starts a document, the index of its file)).
+Piece = tuple[str, tuple[bool, int]]
+
+
+def _pieces(files: list[tuple[Path, bool]] | None, skipped: list[Path], text_field: str, bad: BadRecords,
+            bar) -> Iterator[Piece | _Cut]:
+    """The input in order, leaving out ``skipped`` files: each text file in blocks (its first starts a
+    document), each record of a record file a document (:mod:`gptfast.corpora`). A file found in a
+    folder that is not text is added to ``skipped``, with a :class:`_Cut` after what was read of it."""
     if files is None:
-        yield None, True, iter([default_corpus()])
+        text = default_corpus()
+        bar.update(len(text))
+        yield text, (True, 0)
         return
-    with _progress(sum(p.stat().st_size for p, _ in files), desc) as bar:
-        for path, named in files:
-            if path not in skipped:
-                yield path, named, _counted(_read_blocks(path), bar)
+    for index, (path, named) in enumerate(files):
+        if path in skipped:
+            continue
+        try:
+            if is_records(path):
+                for text, nbytes in read_records(path, text_field, bad):
+                    bar.update(nbytes)
+                    if text is not None:
+                        yield text, (True, index)
+            else:
+                for j, block in enumerate(_read_blocks(path)):
+                    bar.update(len(block.encode("utf-8")))
+                    yield block, (j == 0, index)
+        except NotText as error:
+            _skip(error, path, named, skipped)
+            yield _Cut(index)
+
+
+def _jobs(pieces: Iterator[Piece | _Cut]) -> Iterator[list[Piece] | _Cut]:
+    """Consecutive pieces in jobs of about BLOCK_BYTES characters (cut the same for any number of workers)."""
+    job: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        if isinstance(piece, _Cut):
+            if job:
+                yield job
+            job, size = [], 0
+            yield piece
+            continue
+        job.append(piece)
+        size += len(piece[0])
+        if size >= BLOCK_BYTES:
+            yield job
+            job, size = [], 0
+    if job:
+        yield job
 
 
 def _skip(error: NotText, path: Path, named: bool, skipped: list[Path]) -> None:
@@ -236,72 +299,118 @@ def _skip(error: NotText, path: Path, named: bool, skipped: list[Path]) -> None:
     tqdm.write(f"warning: skipping {error}", file=sys.stderr)
 
 
-def _counted(blocks: Iterator[str], bar) -> Iterator[str]:
-    for block in blocks:
-        yield block
-        bar.update(len(block.encode("utf-8")))
+def _alphabet(files: list[tuple[Path, bool]] | None, skipped: list[Path], text_field: str, bad: BadRecords) -> set[str]:
+    """The characters of the input (a first pass, for the char tokenizer), files that are not text left out."""
+    chars: set[str] = set()
+    found: set[str] = set()
+    current = None
+    with _progress(_input_bytes(files), "reading") as bar:
+        for piece in _pieces(files, skipped, text_field, bad, bar):
+            if isinstance(piece, _Cut):
+                found = set() if piece.file == current else found
+                continue
+            if piece[1][1] != current:
+                chars |= found
+                found, current = set(), piece[1][1]
+            found.update(piece[0])
+    return chars | found
+
+
+def _input_bytes(files: list[tuple[Path, bool]] | None) -> int:
+    return len(default_corpus()) if files is None else sum(p.stat().st_size for p, _ in files)
 
 
 def prepare(sources: Sequence[str | os.PathLike] | None, out_dir: str | os.PathLike, *,
             tokenizer: str = "char", val_fraction: float = 0.1, tiktoken_file: str | os.PathLike | None = None,
-            include: Sequence[str] = (), exclude: Sequence[str] = (),
-            skip: Sequence[str | os.PathLike] = ()) -> dict:
-    """Tokenize text files or folders (None: the embedded corpus) into ``out_dir``; returns the metadata.
+            include: Sequence[str] = (), exclude: Sequence[str] = (), skip: Sequence[str | os.PathLike] = (),
+            text_field: str = DEFAULT_TEXT_FIELD, strict: bool = False, workers: int | None = None,
+            format: str = "tokens", shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
+    """Tokenize text files, record files or folders (None: the embedded corpus) into ``out_dir``;
+    returns the metadata.
 
     ``tokenizer`` is "char" (a vocabulary built from this text) or "gpt2" (BPE). Files found in
     folders can be chosen with ``include`` / ``exclude`` globs (on the name or the path below the
-    folder); those that are not UTF-8 text are skipped with a warning. ``out_dir`` and ``skip`` (a
-    run's out-dir) are never read (see :func:`text_files`). The folder is valid only once
-    ``meta.json`` is written, last; an interrupted prepare leaves the previous data in place, or a
-    folder that loading refuses.
+    folder); those that are not UTF-8 text are skipped with a warning. ``.jsonl`` (``.gz``,
+    ``.zst``), ``.parquet`` and ``.arrow`` files hold one document per record, its text in
+    ``text_field``; a bad record is skipped and counted, or with ``strict`` refused. ``workers``
+    processes encode (default: one per core); the result is the same for any number. ``out_dir``
+    and ``skip`` (a run's out-dir) are never read (see :func:`text_files`).
+
+    ``format="tokens"`` writes tokens.bin and meta.json; the folder is valid only once ``meta.json``
+    is written, last, so an interrupted prepare leaves the previous data in place, or a folder that
+    loading refuses. ``format="llmc"`` (GPT-2 tokens) writes llm.c shards of ``shard_tokens`` each
+    (:mod:`gptfast.shards`) into a new or empty ``out_dir``, built in a hidden folder beside it and
+    renamed into place when complete.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    out = _output_folder(out_dir)
+    out = _output_folder(out_dir, format, tokenizer, shard_tokens)
     files = None if sources is None else text_files(sources, include=include, exclude=exclude, skip=[out, *skip])
     names = [f"<embedded corpus: {DEFAULT_CORPUS}>"] if files is None else [str(p) for p, _ in files]
     skipped: list[Path] = []
-    if tokenizer == "char":  # a first pass collects the alphabet
-        chars: set[str] = set()
-        for path, named, blocks in _documents(files, "reading", skipped):
-            found: set[str] = set()
-            try:
-                for block in blocks:
-                    found.update(block)
-            except NotText as error:
-                _skip(error, path, named, skipped)
-            else:
-                chars |= found
-        _check_some_text(chars, names, skipped)
-        tok: Tokenizer = CharTokenizer(chars)
-    else:
-        tok = load_tokenizer(tokenizer, tiktoken_file=tiktoken_file)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (TOKENS_FILE + ".tmp")
+    tok = _tokenizer_for(tokenizer, files, names, skipped, text_field, strict, tiktoken_file)
+    bad = BadRecords(strict)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    encoder = OrderedEncoder(tok, dtype, workers or default_workers(),
+                             None if tiktoken_file is None else os.fspath(tiktoken_file))
+    folder = out.parent / f".{out.name}.partial" if format == SHARDS_FORMAT else out
+    if folder != out and folder.exists():
+        shutil.rmtree(folder)  # what an interrupted prepare of shards left
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (TOKENS_FILE + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            num_tokens = _write_tokens(f, files, tok, dtype, skipped)
+        with open(tmp, "wb") as f, _progress(_input_bytes(files), "tokenizing") as bar:
+            results = encoder.map(_jobs(_pieces(files, skipped, text_field, bad, bar)))
+            num_tokens = _write_tokens(f, results, tok.eot_token_id, dtype, bar)
             f.flush()
             os.fsync(f.fileno())
-        _check_some_text(num_tokens, names, skipped)
-        (out / META_FILE).unlink(missing_ok=True)  # the folder is not prepared until the new meta.json is in
-        os.replace(tmp, out / TOKENS_FILE)
+        _check_some_text(num_tokens, names, skipped, bad)
+        num_val = max(1, round(num_tokens * val_fraction))
+        _put_in_place(tmp, out, dtype, num_val, shard_tokens)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if folder != out:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not UTF-8 text", file=sys.stderr)
-    num_val = max(1, round(num_tokens * val_fraction))
-    meta = {"format": META_FORMAT, "tokenizer": tok.to_dict(), "dtype": np.dtype(dtype).name, "num_tokens": num_tokens,
+    if bad.count:
+        print(bad.summary(), file=sys.stderr)
+    if folder != out:
+        return read_meta(out)
+    meta = {"format": META_FORMAT, "tokenizer": tok.to_dict(), "dtype": dtype.name, "num_tokens": num_tokens,
             "num_val_tokens": num_val, "sources": [n for n in names if Path(n) not in skipped]}
     _write_json_atomic(out / META_FILE, meta)
     return meta
 
 
-def _output_folder(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` checked before anything is read: a name, and a folder (or nothing yet) there."""
+def _tokenizer_for(name: str, files: list[tuple[Path, bool]] | None, names: list[str], skipped: list[Path],
+                   text_field: str, strict: bool, tiktoken_file: str | os.PathLike | None) -> Tokenizer:
+    """GPT-2's BPE, or a char vocabulary from a first pass over the input (leaving out, in ``skipped``,
+    the files found not to be text)."""
+    if name != "char":
+        return load_tokenizer(name, tiktoken_file=tiktoken_file)
+    bad = BadRecords(strict)
+    chars = _alphabet(files, skipped, text_field, bad)
+    _check_some_text(chars, names, skipped, bad)
+    return CharTokenizer(chars)
+
+
+def _put_in_place(tmp: Path, out: Path, dtype: np.dtype, num_val: int, shard_tokens: int) -> None:
+    """The finished token file ``tmp`` into ``out``: as tokens.bin (meta.json, removed here, comes
+    after), or cut into llm.c shards beside it in its hidden folder, renamed to ``out`` whole."""
+    if tmp.parent == out:
+        (out / META_FILE).unlink(missing_ok=True)  # the folder is not prepared until the new meta.json is in
+        os.replace(tmp, out / TOKENS_FILE)
+        return
+    write_shards(np.memmap(tmp, dtype=dtype, mode="r"), num_val, tmp.parent, shard_tokens)
+    tmp.unlink()
+    tmp.parent.replace(out)  # out is new or empty: one rename puts every shard in place
+
+
+def _output_folder(out_dir: str | os.PathLike, format: str, tokenizer: str, shard_tokens: int) -> Path:
+    """``out_dir`` checked before anything is read: a name, and a folder (or nothing yet) there; for
+    llm.c shards, GPT-2 tokens and a new or empty folder (shards are never mixed with other files)."""
     if not os.fspath(out_dir):
         raise ValueError("the output folder's name (--out) is empty: name the folder to write the data to")
     out = Path(out_dir)
@@ -309,36 +418,55 @@ def _output_folder(out_dir: str | os.PathLike) -> Path:
         raise ValueError(f"output folder {str(out)!r} is a symlink to {os.readlink(out)!r}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {str(out)!r} is a file, not a folder")
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format == SHARDS_FORMAT:
+        if tokenizer != "gpt2":
+            raise ValueError("llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2")
+        if shard_tokens < 1:
+            raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"output folder {str(out)!r} is not empty: llm.c shards go into a new or empty folder "
+                             "(nothing there is overwritten)")
     return out
 
 
-def _write_tokens(f, files: list[tuple[Path, bool]] | None, tok: Tokenizer, dtype: type,
-                  skipped: list[Path]) -> int:
-    """Encode every document into ``f``; a document found not to be text is cut back out. Returns the count."""
-    num_tokens, kept = 0, 0
-    for path, named, blocks in _documents(files, "tokenizing", skipped):
-        position, before = f.tell(), num_tokens
-        try:
-            for j, block in enumerate(blocks):
-                ids = tok.encode(block)
-                if j == 0 and kept and tok.eot_token_id is not None:
-                    ids.insert(0, tok.eot_token_id)  # separate documents
-                np.asarray(ids, dtype=dtype).tofile(f)
-                num_tokens += len(ids)
-        except NotText as error:  # found only now (GPT-2 BPE reads each file once): cut it back out
-            f.seek(position)
-            f.truncate()
-            num_tokens = before
-            _skip(error, path, named, skipped)
-        kept += num_tokens > before
+def _write_tokens(f, results: Iterator[tuple[list[Piece], list[np.ndarray]] | _Cut], eot: int | None,
+                  dtype: np.dtype, bar) -> int:
+    """Write the encoded jobs in order, ``eot`` between documents; a file cut (:class:`_Cut`) is taken
+    back out. Returns the number of tokens written."""
+    num_tokens, start = 0, time.perf_counter()
+    current = (-1, 0)  # the file being written, and the tokens written before it
+    separator = None if eot is None else np.asarray([eot], dtype=dtype)
+    for result in results:
+        if isinstance(result, _Cut):
+            if current[0] == result.file:
+                num_tokens = current[1]
+                f.seek(num_tokens * dtype.itemsize)
+                f.truncate()
+            continue
+        job, encoded = result
+        parts = []
+        for (_, (starts, index)), ids in zip(job, encoded):
+            if index != current[0]:
+                current = (index, num_tokens)
+            if starts and len(ids) and num_tokens and separator is not None:
+                parts.append(separator)  # separate documents
+                num_tokens += 1
+            parts.append(ids)
+            num_tokens += len(ids)
+        f.write(np.concatenate(parts).tobytes())
+        bar.set_postfix_str(f"{num_tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
     return num_tokens
 
 
-def _check_some_text(found, names: list[str], skipped: list[Path]) -> None:
+def _check_some_text(found, names: list[str], skipped: list[Path], bad: BadRecords) -> None:
     if found:
         return
     if skipped and len(skipped) == len(names):
         raise ValueError(f"no text to train on: none of the {len(names)} file(s) is UTF-8 text")
+    if bad.count:
+        raise ValueError(f"no text to train on: every record of {', '.join(names)} is bad; the first: {bad.first}")
     raise ValueError(f"no text to train on: {', '.join(names)} is empty")
 
 
@@ -352,12 +480,25 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    """A folder ``prepare`` finished (it holds meta.json), or one of llm.c shards."""
+    return (Path(path) / META_FILE).is_file() or bool(shard_files(Path(path)))
+
+
+def _shard_meta(data_dir: Path) -> dict:
+    """What meta.json would say of a folder of llm.c shards (GPT-2 tokens, ``*_val_*`` the validation split)."""
+    train, val = split_shards(data_dir)
+    num_val = sum(len(read_shard(p)) for p in val)
+    return {"format": SHARDS_FORMAT, "tokenizer": {"kind": "gpt2"}, "dtype": "uint16",
+            "num_tokens": num_val + sum(len(read_shard(p)) for p in train), "num_val_tokens": num_val,
+            "sources": [p.name for p in train + val]}
 
 
 def read_meta(data_dir: Path) -> dict:
-    """A prepared folder's meta.json, every field checked: a bad one is an error naming the file and field."""
+    """A prepared folder's meta.json, every field checked: a bad one is an error naming the file and
+    field. A folder of llm.c shards gets the same fields from their headers."""
     path = data_dir / META_FILE
+    if not path.is_file() and shard_files(data_dir):
+        return _shard_meta(data_dir)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -387,13 +528,18 @@ def read_meta(data_dir: Path) -> dict:
 
 
 class TokenData:
-    """A prepared data folder, memory-mapped: ``train`` and ``val`` are views on ``tokens.bin``.
+    """A prepared data folder, memory-mapped: ``train`` and ``val`` are views on ``tokens.bin``, or
+    for a folder of llm.c shards (:mod:`gptfast.shards`) its training and ``*_val_*`` shards.
 
-    Opening it checks meta.json, the size of tokens.bin and that every id is inside the vocabulary.
+    Opening it checks meta.json (or each shard's header), the size of the token files and that every
+    id is inside the vocabulary.
     """
 
     def __init__(self, data_dir: str | os.PathLike):
         self.dir = Path(data_dir)
+        if not (self.dir / META_FILE).is_file() and shard_files(self.dir):
+            self._open_shards()
+            return
         if not is_prepared(self.dir):
             if (self.dir / TOKENS_FILE).exists():
                 raise ValueError(f"{str(self.dir)!r} holds {TOKENS_FILE} but no {META_FILE}: an interrupted "
@@ -428,6 +574,21 @@ class TokenData:
                 raise ValueError(f"{self.dir / TOKENS_FILE}: token id {tokens[bad]} at offset {bad} ({where}) is "
                                  f"outside the vocabulary of {vocab} ({self.meta['tokenizer']['kind']} tokenizer "
                                  f"in {META_FILE}); prepare the data again")
+
+    def _open_shards(self) -> None:
+        """A folder of llm.c shards, each checked: its header against its size, its ids against GPT-2's vocabulary."""
+        self.meta = _shard_meta(self.dir)
+        train, val = split_shards(self.dir)
+        self.train, self.val = ShardedTokens(train), ShardedTokens(val)
+        vocab = vocab_size_of(self.meta["tokenizer"])
+        for path, tokens in zip(train + val, self.train.parts + self.val.parts):
+            chunk = 1 << 24
+            for start in range(0, len(tokens), chunk):
+                part = tokens[start: start + chunk]
+                if len(part) and part.max() >= vocab:
+                    bad = start + int(np.argmax(part >= vocab))
+                    raise ValueError(f"{path}: token id {tokens[bad]} at byte offset {HEADER_BYTES + 2 * bad} (token "
+                                     f"{bad}) is outside GPT-2's vocabulary of {vocab}: not GPT-2 tokens")
 
     def tokenizer(self, tiktoken_file: str | os.PathLike | None = None) -> Tokenizer:
         return tokenizer_from_dict(self.meta["tokenizer"], tiktoken_file=tiktoken_file)

@@ -24,6 +24,7 @@ from .config import TrainConfig, named
 from .data import BatchStream, TokenData
 from .distributed import World
 from .evaluate import split_loss
+from .hellaswag import Example, Score, read_examples, score
 from .model import GPT
 from .optim import check_optimizer_state, lr_at, make_optimizer, train_step
 from .precision import amp_dtype_for, grad_scaler
@@ -52,6 +53,7 @@ class Run:
     stream: BatchStream
     amp_dtype: torch.dtype | None
     runner: torch.nn.Module | None = None
+    hellaswag: list[Example] | None = None  # --hellaswag's examples, tokenized
     step: int = 0
     saved_step: int | None = None  # the step ckpt.pt holds
 
@@ -87,6 +89,15 @@ class Run:
         loss, _ = split_loss(self.runner, self.data.val, self.model.config.context_length, cfg.batch_size,
                              cfg.eval_batches * cfg.batch_size, self.amp_dtype, self.world)
         return loss
+
+    def hellaswag_due(self) -> bool:
+        """Whether this step scores --hellaswag: every --hellaswag-every steps (else --eval-interval), and the last."""
+        every = self.cfg.hellaswag_every or self.cfg.eval_interval
+        return self.hellaswag is not None and (self.step % every == 0 or self.step == self.cfg.max_steps)
+
+    def hellaswag_score(self) -> Score:
+        """--hellaswag's accuracy, the examples dealt out by rank (the model unwrapped: the rows vary in length)."""
+        return score(self.model, self.hellaswag, amp_dtype=self.amp_dtype, ctx=self.world)
 
     def state_dict(self) -> dict:
         """The checkpoint: everything a resumed run needs, tensors and plain values only."""
@@ -185,7 +196,7 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     stream = BatchStream(data.train, T, order=cfg.order, seed=cfg.seed)
     BatchStream(data.val, T, split="validation")  # fail now, not at the first validation
     run = Run(cfg, world, device, data, tokenizer, prompt, model, optimizer, grad_scaler(amp_dtype, device), stream,
-              amp_dtype)
+              amp_dtype, hellaswag=_hellaswag_examples(cfg, tokenizer, T))
     if state is not None:
         run.load_state_dict(state)
         if run.step >= cfg.max_steps:
@@ -199,6 +210,16 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     if world.main:
         print(run.describe())
     return run
+
+
+def _hellaswag_examples(cfg: TrainConfig, tokenizer: Tokenizer, context_length: int) -> list[Example] | None:
+    """--hellaswag's examples, read and tokenized before the first step (a bad line fails now)."""
+    if cfg.hellaswag is None:
+        if cfg.hellaswag_every is not None:
+            raise ValueError(f"{named('hellaswag_every', cfg.hellaswag_every)} needs {named('hellaswag')}: "
+                             "name the HellaSwag file to score")
+        return None
+    return read_examples(cfg.hellaswag, tokenizer, context_length)
 
 
 def check_out_dir_is_a_folder(out_dir: Path) -> None:

@@ -1,15 +1,16 @@
 """What a training run reports: ``log.jsonl``, the console, TensorBoard, and ``loss.png``.
 
 ``log.jsonl`` holds one JSON object per line: ``{"step", "loss", "lr", "tokens_per_sec",
-"grad_norm"[, "mfu"]}`` every ``log_interval`` steps and ``{"step", "val_loss"}`` at each
-validation; a value that is not finite is written as null, so every line is valid JSON (and is read
-as null from a log that holds one, an older one or a hand-edited one). A resumed run first cuts it
-back to the checkpoint's step, so every step appears once; the cut copy replaces the file by a
-rename, the file and its folder flushed to the disk, so a run killed meanwhile leaves the old log or
-the new one. A last line cut short (a run killed mid-write) is dropped with a warning. A write the
-disk or the file size limit refuses is one error naming the file; ``loss.png`` is written the same
-way. The console shows a progress bar on a terminal, else (and with ``progress=False``) one line
-every ``log_interval`` steps. Only the main process writes and prints.
+"grad_norm"[, "mfu"]}`` every ``log_interval`` steps, ``{"step", "val_loss"}`` at each validation
+and ``{"step", "hellaswag_acc", "hellaswag_acc_norm"}`` at each HellaSwag scoring; a value that is
+not finite is written as null, so every line is valid JSON (and is read as null from a log that
+holds one, an older one or a hand-edited one). A resumed run first cuts it back to the checkpoint's
+step, so every step appears once; the cut copy replaces the file by a rename, the file and its
+folder flushed to the disk, so a run killed meanwhile leaves the old log or the new one. A last line
+cut short (a run killed mid-write) is dropped with a warning. A write the disk or the file size
+limit refuses is one error naming the file; ``loss.png`` is written the same way. The console shows
+a progress bar on a terminal, else (and with ``progress=False``) one line every ``log_interval``
+steps. Only the main process writes and prints.
 """
 
 from __future__ import annotations
@@ -161,6 +162,14 @@ class RunLog:
         if self._main:
             train_text = f"train loss {train_loss:.4f}, " if train_loss is not None else ""
             self._bar.write(f"step {step}: {train_text}val loss {val_loss:.4f} ({self._speed})")
+
+    def hellaswag(self, step: int, result) -> None:
+        """A HellaSwag line (a :class:`~gptfast.hellaswag.Score`), and its report on the console."""
+        self._record({"step": step, "hellaswag_acc": round(result.acc, 6),
+                      "hellaswag_acc_norm": round(result.acc_norm, 6)})
+        if self._main:
+            self._bar.write(f"step {step}: HellaSwag acc {result.acc:.4f}, acc_norm {result.acc_norm:.4f} "
+                            f"({result.examples:,} examples)")
 
     def _record(self, entry: dict) -> None:
         entry = {key: _finite_or_none(value) for key, value in entry.items()}

@@ -31,7 +31,8 @@ def open_data(cfg: TrainConfig, world: World) -> TokenData:
                          "--resume (it is checked to be the same data)")
     if world.main and not (cfg.resume and is_prepared(data_dir)):
         meta = prepare(cfg.data, data_dir, tokenizer=cfg.tokenizer, tiktoken_file=cfg.tiktoken_file,
-                       include=cfg.include, exclude=cfg.exclude, skip=[cfg.out_dir])
+                       include=cfg.include, exclude=cfg.exclude, skip=[cfg.out_dir], text_field=cfg.text_field,
+                       strict=cfg.strict, workers=cfg.workers)
         print(f"prepared {meta['num_tokens']:,} tokens from {', '.join(meta['sources'])} into {data_dir}")
     world.barrier()
     return TokenData(data_dir)

@@ -103,6 +103,9 @@ def _train(run: Run) -> dict:
                     val_loss = run.validation_loss()
                     log.validation(run.step, val_loss, loss)
                     run.save(val_loss)
+            if run.hellaswag_due():
+                with meter.paused():
+                    log.hellaswag(run.step, run.hellaswag_score())
             ran_out = cfg.run_steps is not None and run.step - start_step >= cfg.run_steps
             if world.any(stop.requested, run.device) or (ran_out and run.step < cfg.max_steps):
                 stopped = True
