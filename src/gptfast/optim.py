@@ -66,9 +66,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """One optimizer step over micro-batches ``[(x, y), ...]``; returns (mean loss, gradient norm).
 
     The loss and norm stay on the device (no host sync). Under DDP, gradients are averaged
-    across processes once, on the last micro-batch; under FSDP, reduce-scattered once, on the last. ``scaler`` (float16 autocast) scales the loss
-    so small gradients survive float16; the gradients are unscaled before clipping, and a step
-    whose gradients overflowed is skipped (the scale then halves).
+    across processes once, on the last micro-batch; under FSDP, reduce-scattered once, on the last.
+    ``scaler`` (float16 autocast) scales the loss so small gradients survive float16; the gradients
+    are unscaled before clipping, and a step whose gradients overflowed is skipped (the scale then halves).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr

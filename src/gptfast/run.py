@@ -31,8 +31,15 @@ from .precision import amp_dtype_for, grad_scaler
 from .resume import grad_accum_for, settle
 from .runlog import require_tensorboard
 from .setup_run import check_memory, initial_model, open_data, preset_config
-from .sharded_checkpoint import (SHARDED_DIR, is_sharded_checkpoint, load_sharded, read_sharded_state, remove_sharded,
-                                 save_sharded, tensors_of)
+from .sharded_checkpoint import (
+    SHARDED_DIR,
+    is_sharded_checkpoint,
+    load_sharded,
+    read_sharded_state,
+    remove_sharded,
+    save_sharded,
+    tensors_of,
+)
 from .tokenizer import Tokenizer
 
 
@@ -149,7 +156,8 @@ class Run:
         finite = torch.stack([torch.isfinite(t).all() for t in weights + moments]).tolist()
         weights_finite, all_finite = all(finite[: len(weights)]), all(finite)
         if self.sharded:
-            weights_finite, all_finite = (not self.world.any(not ok, self.device) for ok in (weights_finite, all_finite))
+            weights_finite, all_finite = (not self.world.any(not ok, self.device)
+                                          for ok in (weights_finite, all_finite))
         if not weights_finite:
             return "the weights hold NaN or Inf"
         return None if all_finite else "the optimizer state holds NaN or Inf"
