@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,11 +34,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .checkpoint import FIELD_TYPES, torch_load
+from .checkpoint import FIELD_TYPES, TRAINING_FIELDS, model_config_from, torch_load
 from .distributed import World
 from .durable import fsync_folder, replace_atomically
+from .model import GPT
+from .optim import make_optimizer
+from .outputs import SHARDED_CHECKPOINT_DIR as SHARDED_DIR
+from .outputs import SHARDED_MARKER
 
-SHARDED_DIR = "ckpt"  # out_dir/ckpt: the link to the latest complete sharded save
 STATE_FILE = "train_state.pt"  # the plain values, beside DCP's files
 SHARDED_FORMAT = "gptfast-sharded-checkpoint-1"
 TENSOR_FIELDS = ("model", "optimizer")  # what DCP holds; train_state.pt holds the rest
@@ -46,13 +50,13 @@ TENSOR_FIELDS = ("model", "optimizer")  # what DCP holds; train_state.pt holds t
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a sharded checkpoint folder (or a training run's out_dir holding one)."""
     path = Path(path).expanduser()
-    return (path / ".metadata").is_file() or (path / SHARDED_DIR / ".metadata").is_file()
+    return (path / SHARDED_MARKER).is_file() or (path / SHARDED_DIR / SHARDED_MARKER).is_file()
 
 
 def sharded_folder(path: str | os.PathLike) -> Path:
     """``path`` itself, or ``path/ckpt`` when ``path`` is a training run's out_dir."""
     path = Path(path).expanduser()
-    return path / SHARDED_DIR if (path / SHARDED_DIR / ".metadata").is_file() else path
+    return path / SHARDED_DIR if (path / SHARDED_DIR / SHARDED_MARKER).is_file() else path
 
 
 def tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -142,6 +146,21 @@ def _check_shard_files(folder: Path) -> None:
                              f"({shard.stat().st_size:,} of {end:,} bytes)")
 
 
+def consolidate(path: str | os.PathLike) -> dict:
+    """The sharded checkpoint at ``path`` as one single-file checkpoint's state (:mod:`gptfast.checkpoint`'s,
+    which generate, eval and a DDP ``--resume`` read), its tensors gathered whole in this process's memory."""
+    folder = sharded_folder(path)
+    if not is_sharded_checkpoint(folder):
+        what = "a single-file checkpoint, which generate and eval take as it is" if folder.is_file() else \
+            "not a sharded checkpoint (a folder written by train --parallel fsdp, or its out_dir)"
+        raise ValueError(f"{str(folder)!r} is {what}")
+    state = read_sharded_state(folder, require=TRAINING_FIELDS)
+    model = GPT(model_config_from(state["model_config"], f"{folder / STATE_FILE}: field 'model_config'"))
+    optimizer = make_optimizer(model, lr=0.0)
+    load_sharded(folder, model, optimizer)
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}
+
+
 def load_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  world: World | None = None) -> None:
     """Load the sharded checkpoint at ``path`` into ``model`` (and ``optimizer``): sharded or whole, at
@@ -149,7 +168,10 @@ def load_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: tor
     folder = sharded_folder(path)
     tensors = tensors_of(model, optimizer) if optimizer is not None else {"model": get_model_state_dict(model)}
     try:
-        dcp.load(tensors, checkpoint_id=folder, process_group=world.group if world is not None else None)
+        with warnings.catch_warnings():  # one process, no process group: DCP's warning says so, as intended
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(tensors, checkpoint_id=folder, process_group=world.group if world is not None else None,
+                     no_dist=not torch.distributed.is_initialized())
     except Exception as error:  # DCP gathers each process's failure into one CheckpointException
         details = " ".join(str(error).split())[-300:]
         raise ValueError(f"{str(folder)!r} does not fit this model (another size or a damaged checkpoint): "
