@@ -16,6 +16,8 @@ at every world size, sharded or not (one parameter at a time is whole in memory)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -48,6 +50,8 @@ def sharded_model(config: GPTConfig, world: World, device: torch.device, amp_dty
                   reshard_after_forward: bool = False, compile: bool = False) -> GPT:
     """A GPT built on the meta device and sharded over ``world``'s processes, its local shards allocated
     on ``device`` but not yet initialised (:func:`init_gpt2_weights`, or a checkpoint's weights)."""
+    # Each block returns its stream as a view; nothing changes it in place after, which the warning is about.
+    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor", UserWarning)
     with torch.device("meta"):
         model = GPT(config)
     # Activation checkpointing (issue 27, item 3) is applied here: to the blocks, before they are compiled and sharded.

@@ -172,7 +172,7 @@ def load_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: tor
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load(tensors, checkpoint_id=folder, process_group=world.group if world is not None else None,
                      no_dist=not torch.distributed.is_initialized())
-    except Exception as error:  # DCP gathers each process's failure into one CheckpointException
+    except (Exception, dcp.CheckpointException) as error:  # DCP's gathers each process's failure (a BaseException)
         details = " ".join(str(error).split())[-300:]
         raise ValueError(f"{str(folder)!r} does not fit this model (another size or a damaged checkpoint): "
                          f"{details}") from None
