@@ -77,9 +77,9 @@ def chain(data_dir, tmp_path_factory):
     train(tiny(data_dir, straight, grad_accum=MICRO_BATCHES, **SHARED))
     out = root / "chain"
     torchrun(data_dir, out, 2, "--parallel", "fsdp", "--grad-accum", str(MICRO_BATCHES // 2))
-    weights = []
-    kernels_seen = _spy_on_the_lm_head(weights)
-    with kernels_seen:
+    weights, real = [], kernels.linear_cross_entropy  # what the fused LM head + loss receives
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "linear_cross_entropy", lambda x, w, *a, **k: weights.append(w) or real(x, w, *a, **k))
         train(tiny(data_dir, out, parallel="fsdp", resume=True, run_steps=LEG, **SHARED))  # 2 -> 1
     torchrun(data_dir, out, 3, "--parallel", "fsdp", "--resume")  # 1 -> 3
     shard_bytes = bytes_per_shard_file(out / "ckpt")
@@ -87,22 +87,6 @@ def chain(data_dir, tmp_path_factory):
     assert (out / "ckpt.pt").is_file() and not (out / "ckpt").exists() and not list(out.glob("ckpt.step-*"))
     train(tiny(data_dir, out, parallel="fsdp", resume=True, **SHARED))  # DDP -> FSDP
     return {"straight": straight, "out": out, "weights": weights, "shard_bytes": shard_bytes}
-
-
-class _spy_on_the_lm_head:
-    """Record the weight the fused LM head + loss receives (kernels.linear_cross_entropy)."""
-
-    def __init__(self, seen: list):
-        self.seen, self.real = seen, kernels.linear_cross_entropy
-
-    def __enter__(self):
-        def spy(x, weight, *args, **kwargs):
-            self.seen.append(weight)
-            return self.real(x, weight, *args, **kwargs)
-        kernels.linear_cross_entropy = spy
-
-    def __exit__(self, *exc):
-        kernels.linear_cross_entropy = self.real
 
 
 def test_fsdp_across_world_sizes_and_ddp_equals_one_process(chain):
@@ -160,7 +144,7 @@ def test_export_then_generate_equals_the_sharded_model(chain, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
-def test_meta_initialisation_equals_a_whole_model_s(chain):
+def test_meta_initialisation_equals_a_whole_model_s():
     config = GPTConfig(vocab_size=50, context_length=8, n_embd=16, n_head=2, n_layer=2)
     whole = init_gpt2_weights(GPT(config), seed=5)
     with distributed("cpu", group_of_one=True) as (world, device):
@@ -169,6 +153,20 @@ def test_meta_initialisation_equals_a_whole_model_s(chain):
     assert weights.keys() == dict(whole.named_parameters()).keys()
     assert all(torch.equal(weights[name], p) for name, p in whole.named_parameters())
     assert whole.transformer.h[0].attn.c_proj.weight.std() < 0.02 / 1.5  # the scaled residual projections
+
+
+def test_the_bf16_policy_computes_in_bf16_on_float32_master_weights(monkeypatch):
+    config = GPTConfig(vocab_size=50, context_length=8, n_embd=16, n_head=2, n_layer=1)
+    seen, real = [], kernels.linear_cross_entropy
+    monkeypatch.setattr(kernels, "linear_cross_entropy",
+                        lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or real(x, w, *a, **k))
+    with kernels.use_backend("torch"), distributed("cpu", group_of_one=True) as (world, device):
+        model = init_gpt2_weights(sharded_model(config, world, device, torch.bfloat16), seed=1)
+        idx = torch.randint(0, 50, (2, 8))
+        _, loss = model(idx, idx)
+        loss.backward()
+        assert seen == [(torch.bfloat16, torch.bfloat16)] and loss.isfinite()
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
 
 
 def one_error_line(capsys, argv) -> str:

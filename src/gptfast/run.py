@@ -177,7 +177,8 @@ class Run:
             raise self.diverged(problem)
         out_dir = Path(self.cfg.out_dir)
         if self.sharded:
-            save_sharded(out_dir, self.step, tensors_of(self.model, self.optimizer), self.plain_state(), self.world)
+            save_sharded(out_dir, self.step, tensors_of(self.model, self.optimizer), self.plain_state(), self.world,
+                         self.device)
         elif self.world.main:
             save_checkpoint(self.checkpoint_path, self.state_dict())
         if self.world.main and self.sharded:  # the other parallelism's checkpoint (resumed from) is older

@@ -66,14 +66,18 @@ def tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_sharded(out_dir: Path, step: int, tensors: dict, plain: dict, world: World) -> Path:
-    """Write a sharded checkpoint of ``step`` (every process calls it) and make it ``out_dir/ckpt``."""
+def save_sharded(out_dir: Path, step: int, tensors: dict, plain: dict, world: World, device: torch.device) -> Path:
+    """Write a sharded checkpoint of ``step`` (every process calls it, its collectives on ``device``) and
+    make it ``out_dir/ckpt``."""
     final = out_dir / f"{SHARDED_DIR}.step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
+    if world.any(not tmp.is_dir(), device):
+        raise OSError(f"rank {world.rank}: {tmp} is not there: on several nodes --out-dir must be on a file system "
+                      "every node shares")
     dcp.save(tensors, checkpoint_id=tmp, process_group=world.group)  # each process's file flushed to the disk
     if world.main:
         state = {"format": SHARDED_FORMAT, **plain}
