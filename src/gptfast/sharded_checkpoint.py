@@ -33,10 +33,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from .checkpoint import FIELD_TYPES, TRAINING_FIELDS, model_config_from, torch_load
 from .distributed import World
-from .durable import fsync_folder, replace_atomically
+from .durable import fsync_folder, no_space, replace_atomically, write_failure
 from .model import GPT
 from .optim import make_optimizer
 from .outputs import SHARDED_CHECKPOINT_DIR as SHARDED_DIR
@@ -68,7 +69,7 @@ def tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 def save_sharded(out_dir: Path, step: int, tensors: dict, plain: dict, world: World, device: torch.device) -> Path:
     """Write a sharded checkpoint of ``step`` (every process calls it, its collectives on ``device``) and
-    make it ``out_dir/ckpt``."""
+    make it ``out_dir/ckpt``; a failed write keeps the previous one."""
     final = out_dir / f"{SHARDED_DIR}.step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if world.main:
@@ -78,25 +79,45 @@ def save_sharded(out_dir: Path, step: int, tensors: dict, plain: dict, world: Wo
     if world.any(not tmp.is_dir(), device):
         raise OSError(f"rank {world.rank}: {tmp} is not there: on several nodes --out-dir must be on a file system "
                       "every node shares")
-    dcp.save(tensors, checkpoint_id=tmp, process_group=world.group)  # each process's file flushed to the disk
+    needed = _local_bytes(tensors) + (1 << 20)
+    if world.any(shutil.disk_usage(tmp).free < needed, device):
+        raise no_space(tmp, needed)
+    try:
+        dcp.save(tensors, checkpoint_id=tmp, process_group=world.group)  # each process's file flushed to the disk
+    except dcp.CheckpointException as error:  # DCP's gathers every process's failure (a BaseException)
+        raise write_failure(tmp, needed, OSError(" ".join(str(error).split())[-300:])) from None
     if world.main:
-        state = {"format": SHARDED_FORMAT, **plain}
-        replace_atomically(tmp / STATE_FILE, 1 << 20, lambda f: torch.save(state, f))
-        link = out_dir / SHARDED_DIR
-        if final.exists() and not (link.is_symlink() and os.readlink(link) == final.name):
-            shutil.rmtree(final)  # an unlinked leftover of another run of this out_dir
-        os.replace(tmp, final)
-        fsync_folder(out_dir)
-        new_link = out_dir / f"{SHARDED_DIR}.link.tmp"
-        new_link.unlink(missing_ok=True)
-        os.symlink(final.name, new_link)
-        os.replace(new_link, link)  # the one step that makes the new checkpoint the one to load
-        fsync_folder(out_dir)
-        for old in out_dir.glob(f"{SHARDED_DIR}.step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        replace_atomically(tmp / STATE_FILE, 1 << 20, lambda f: torch.save({"format": SHARDED_FORMAT, **plain}, f))
+        _make_current(out_dir, tmp, final)
     world.barrier()
     return out_dir / SHARDED_DIR
+
+
+def _local_bytes(tree: object) -> int:
+    """The bytes of this process's part of the tensors in a state dict (its shards under FSDP)."""
+    if isinstance(tree, torch.Tensor):
+        part = tree.to_local() if isinstance(tree, DTensor) else tree
+        return part.numel() * part.element_size()
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(_local_bytes(value) for value in values)
+
+
+def _make_current(out_dir: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``, point ``out_dir/ckpt`` at it by one atomic rename of a new
+    link, then delete the previous save and any leftover of an interrupted one."""
+    link = out_dir / SHARDED_DIR
+    if final.exists() and not (link.is_symlink() and os.readlink(link) == final.name):
+        shutil.rmtree(final)  # an unlinked leftover of another run of this out_dir
+    os.replace(tmp, final)
+    fsync_folder(out_dir)
+    new_link = out_dir / f"{SHARDED_DIR}.link.tmp"
+    new_link.unlink(missing_ok=True)
+    os.symlink(final.name, new_link)
+    os.replace(new_link, link)  # the one step that makes the new checkpoint the one to load
+    fsync_folder(out_dir)
+    for old in out_dir.glob(f"{SHARDED_DIR}.step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_sharded(out_dir: Path) -> None:
