@@ -94,9 +94,14 @@ def test_fsdp_across_world_sizes_and_ddp_equals_one_process(chain):
     assert [r["step"] for r in chained] == [r["step"] for r in straight] and chained[-1]["step"] == 5 * LEG
     for a, b in zip(chained, straight):
         key = "loss" if "loss" in b else "val_loss"
-        # Float32 sums in another order (2 or 3 processes' reduce-scatter, the micro-batches' split): not bitwise.
-        assert a[key] == pytest.approx(b[key], abs=1e-4), (a, b)
+        # Float32 sums in another order (2 or 3 processes' reduce-scatter, the micro-batches' split): not bitwise
+        # (measured: 1e-6, the log's last digit).
+        assert a[key] == pytest.approx(b[key], abs=2e-5), (a, b)
     assert chained[0]["loss"] == pytest.approx(straight[0]["loss"], abs=2e-6)  # the same initial weights
+    sharded, whole = GPT(load_for_inference(chain["straight"])[0].config), load_for_inference(chain["straight"])[0]
+    load_sharded(chain["out"], sharded, None)
+    for name, tensor in whole.state_dict().items():  # measured: 3.4e-6 at most
+        torch.testing.assert_close(sharded.state_dict()[name], tensor, rtol=1e-4, atol=2e-5)
 
 
 def test_the_tied_head_reaches_the_kernel_as_a_plain_whole_tensor(chain):
