@@ -185,8 +185,8 @@ def test_bad_input_is_one_line(chain, data_dir, tmp_path, capsys):
     out = chain["out"]
     assert "is a sharded checkpoint" in one_error_line(capsys, ["generate", "--checkpoint", str(out),
                                                                 "--max-new-tokens", "2"])
-    assert "is a sharded checkpoint" in one_error_line(capsys, ["train", str(data_dir), "--out-dir", str(tmp_path / "i"),
-                                                                "--init-from", str(out), "--device", "cpu"])
+    init_from = ["train", str(data_dir), "--out-dir", str(tmp_path / "i"), "--init-from", str(out), "--device", "cpu"]
+    assert "is a sharded checkpoint" in one_error_line(capsys, init_from)
     assert "single-file checkpoint" in one_error_line(capsys, ["export", str(chain["straight"] / "ckpt.pt"),
                                                                "--out", str(tmp_path / "x.pt")])
     damaged = tmp_path / "damaged"
