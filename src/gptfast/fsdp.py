@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import TrainConfig, named
@@ -110,7 +110,3 @@ def whole_model(model: GPT, world: World) -> GPT | None:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this process holds: its shard if it is sharded, else itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
