@@ -1,10 +1,10 @@
 """Sharded training (--parallel fsdp) on CPUs with gloo: equal to one process, resumable across world sizes and
 parallelisms, its checkpoint safe from kills, exportable to one file.
 
-One chain of runs covers the resume matrix: FSDP on 2 processes (torchrun), on 1 (in this process), on 3
-(torchrun), then one process without FSDP (DDP's path) and FSDP on 1 again, 2 steps each, compared step by
-step with one uninterrupted process. Every step is 6 micro-batches, which 1, 2 and 3 processes share evenly.
-DDP on 2 processes equals one process (test_train.py), so FSDP equals DDP.
+One chain of runs covers the resume matrix: FSDP on 2 processes (torchrun, resharding after forward),
+on 1 (in this process), on 3 (torchrun), then one process without FSDP (DDP's path) and FSDP on 1 again,
+2 steps each, compared step by step with one uninterrupted process. Every step is 6 micro-batches, which
+1, 2 and 3 processes share evenly. DDP on 2 processes equals one process (test_train.py), so FSDP equals DDP.
 """
 
 import math
@@ -76,7 +76,7 @@ def chain(data_dir, tmp_path_factory):
     straight = root / "straight"
     train(tiny(data_dir, straight, grad_accum=MICRO_BATCHES, **SHARED))
     out = root / "chain"
-    torchrun(data_dir, out, 2, "--parallel", "fsdp", "--grad-accum", str(MICRO_BATCHES // 2))
+    torchrun(data_dir, out, 2, "--parallel", "fsdp", "--grad-accum", str(MICRO_BATCHES // 2), "--reshard-after-forward")
     weights, real = [], kernels.linear_cross_entropy  # what the fused LM head + loss receives
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "linear_cross_entropy", lambda x, w, *a, **k: weights.append(w) or real(x, w, *a, **k))
