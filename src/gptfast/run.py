@@ -256,7 +256,7 @@ def _model(cfg: TrainConfig, state: dict | None, path: Path, tokenizer: Tokenize
         load_whole(model, None, source, None)
     elif source is None and state is None:
         init_gpt2_weights(model, cfg.seed)
-    if cfg.parallel == "ddp":
+    if cfg.parallel == "ddp":  # the whole model's estimate; a sharded run's per process is issue 27's item 5
         check_memory(cfg, model, device)  # before the model moves to the device and trains
     return model.to(device)
 
