@@ -26,7 +26,7 @@ from .config import named
 from .durable import no_space, replace_atomically
 from .memory import check_model_fits
 from .model import GPT, ConfigFieldError, GPTConfig
-from .outputs import CHECKPOINT_FILE
+from .outputs import CHECKPOINT_FILE, SHARDED_CHECKPOINT_DIR, SHARDED_MARKER
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "gptfast-checkpoint-1"
@@ -101,6 +101,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = checkpoint_path(path)
     if not path.is_file():
+        for folder in (path.parent, path.parent / SHARDED_CHECKPOINT_DIR):
+            if (folder / SHARDED_MARKER).is_file():
+                raise ValueError(f"{str(folder)!r} is a sharded checkpoint (train --parallel fsdp), not one file: "
+                                 f"make it one with `gptfast export {folder} --out FILE.pt`")
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     state = torch_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
 from . import __version__, kernels, memory
+from .checkpoint import FORMAT, build_model, save_checkpoint
 from .cli_inference import add_eval_parser, add_generate_parser
 from .config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, OPTIONS, TrainConfig, cli_options
 from .corpora import DEFAULT_TEXT_FIELD
@@ -21,6 +23,7 @@ from .kernels.registry import SPECS
 from .lab import add_lab_parser
 from .model import GPT, PRESETS, GPTConfig
 from .options import add_arguments, from_arguments, positive_int
+from .sharded_checkpoint import consolidate
 from .tokenizer import GPT2_VOCAB_SIZE, TOKENIZERS
 from .train import train
 
@@ -110,6 +113,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(exit_code(summary["signal"]))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    out = Path(args.out).expanduser()
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"--out {str(out)!r} exists: export never overwrites; choose another path")
+    state = consolidate(args.checkpoint)
+    if out.suffix == ".pt":
+        save_checkpoint(out, {key: value for key, value in state.items() if key != "format"} | {"format": FORMAT})
+        print(f"step {state['step']} of {args.checkpoint} -> {out}: generate, eval and train --resume read it")
+    else:
+        from .pretrained import save_pretrained
+
+        save_pretrained(build_model(state, out), out)
+        print(f"step {state['step']} of {args.checkpoint} -> {out}: a Hugging Face GPT-2 folder "
+              "(GPT2LMHeadModel.from_pretrained, generate --pretrained)")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     # The benchmarks import the package, never the reverse: they run as their own module.
     code = subprocess.call([sys.executable, "-m", "gptfast.bench", *args.bench_args])
@@ -133,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptfast {__version__} (distribution gptfast-triton)")
     parser.add_argument("--backend", choices=kernels.BACKENDS, help=BACKEND_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add_command in (_add_prepare_parser, _add_train_parser, add_generate_parser, add_eval_parser, _add_info_parser,
-                        _add_bench_parser, add_lab_parser):
+    for add_command in (_add_prepare_parser, _add_train_parser, add_generate_parser, add_eval_parser,
+                        _add_export_parser, _add_info_parser, _add_bench_parser, add_lab_parser):
         add_command(sub)
     _accept_backend_after_every_command(sub)
     return parser
@@ -177,6 +196,18 @@ def _add_train_parser(sub) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(trn, TrainConfig)
     trn.set_defaults(func=cmd_train)
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="make a sharded checkpoint (train --parallel fsdp) one file, or a "
+                            "Hugging Face folder", description="Gather a sharded checkpoint's model and optimizer "
+                            "state whole, into one gptfast checkpoint file (OUT ending in .pt: generate, eval and "
+                            "train --resume read it) or a Hugging Face GPT-2 folder (any other OUT). Needs the "
+                            "memory of the whole model and its optimizer state.")
+    export.add_argument("checkpoint", metavar="CKPT", help="a sharded checkpoint folder, or the out_dir holding it")
+    export.add_argument("--out", required=True, metavar="FILE_OR_FOLDER",
+                        help="FILE.pt: a gptfast checkpoint; otherwise a Hugging Face folder (never overwritten)")
+    export.set_defaults(func=cmd_export)
 
 
 # The largest vocabulary a data folder can hold: its token ids are stored as uint32 (data.py).

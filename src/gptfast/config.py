@@ -26,6 +26,7 @@ from .precision import dtype_option
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
 
 FIXED, CHANGEABLE = Resume.FIXED, Resume.CHANGEABLE
+PARALLELISMS = ("ddp", "fsdp")  # how training spreads over its processes: --parallel
 # Options that init_from's model decides when left out: they stay None (and a checkpoint may hold None).
 INIT_FROM_DECIDES = ("preset", "tokenizer")
 
@@ -159,7 +160,13 @@ class TrainConfig:
     device: str = option("auto", help="cpu, cuda, cuda:1...", group="run", default_help="auto: the process's GPU "
                          "under torchrun, else cuda if present, else cpu")
     dtype: str | None = dtype_option("autocast", "float16 with loss scaling", group="run", resume=CHANGEABLE)
-    compile: bool = option(False, help="torch.compile the model", group="run")
+    compile: bool = option(False, help="torch.compile the model (each block under --parallel fsdp)", group="run")
+    parallel: str = option("ddp", help="ddp: every process holds the whole model; fsdp: parameters, gradients and "
+                           "optimizer state sharded over the processes (FSDP2), checkpoints sharded", group="run",
+                           choices=PARALLELISMS)
+    reshard_after_forward: bool = option(False, help="under --parallel fsdp, free each block's gathered weights "
+                                         "after its forward and gather them again for the backward: less memory, "
+                                         "one more all-gather per block", group="run")
     deterministic: bool = option(
         True, help="attention's backward adds dQ up with atomics (Triton): faster, but gradients vary in their last "
         "bits run to run, so a resumed run is no longer bitwise the same", group="run", flag="--nondeterministic")

@@ -98,11 +98,12 @@ def resolve_device(device: str, local_rank: int = 0, option: str = "device") -> 
 
 
 def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
-                     device_option: str = "device") -> tuple[World, torch.device]:
+                     device_option: str = "device", group_of_one: bool = False) -> tuple[World, torch.device]:
     """This process's :class:`World` (from torchrun's environment) and device, joining the process group.
 
     ``device`` "auto" is the process's GPU under torchrun, else cuda if present, else cpu; errors name
-    it as ``device_option`` spells it.
+    it as ``device_option`` spells it. ``group_of_one``: a world of one gets a process group too (of
+    itself alone, in memory), as FSDP's sharding needs one.
     """
     if timeout_s <= 0:
         raise ValueError(f"the collective timeout must be positive, got {timeout_s} s")
@@ -113,9 +114,11 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
         if chosen.index is None:  # plain "cuda": the current GPU, named by index for set_device and DDP
             chosen = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(chosen)
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or group_of_one) and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=max(timeout_s, PREPARE_TIMEOUT_S)))
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if size == 1 else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=max(timeout_s, PREPARE_TIMEOUT_S)),
+                                **alone)
         world.group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return world, chosen
 
@@ -140,14 +143,14 @@ def peers_watched(world: World, timeout_s: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
-                device_option: str = "device") -> Iterator[tuple[World, torch.device]]:
+def distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, device_option: str = "device",
+                group_of_one: bool = False) -> Iterator[tuple[World, torch.device]]:
     """:func:`init_distributed` for a ``with`` block, leaving the process group when it ends."""
-    world, chosen = init_distributed(device, timeout_s, device_option)
+    world, chosen = init_distributed(device, timeout_s, device_option, group_of_one)
     try:
         with peers_watched(world, timeout_s):
             yield world, chosen
     finally:
-        if world.size > 1 and dist.is_initialized():
+        if (world.size > 1 or world.group is not None) and dist.is_initialized():
             with contextlib.suppress(RuntimeError):  # after a lost peer, leaving the group can fail too
                 dist.destroy_process_group()

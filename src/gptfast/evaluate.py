@@ -20,7 +20,9 @@ def split_loss(model: torch.nn.Module, tokens: np.ndarray, context_length: int, 
                ctx: World | None = None) -> tuple[float, int]:
     """Mean next-token loss of ``model`` over ``tokens`` cut into consecutive windows of
     ``context_length`` (every whole window, or the first ``max_windows``), and how many tokens that is.
-    Under several processes (``ctx``) the batches are dealt out by rank and the sums combined.
+    Under several processes (``ctx``) the batches are dealt out by rank and the sums combined; every
+    process runs as many forward passes (FSDP's gather each block's weights together), one left without
+    a batch of its own running the first again, uncounted.
     """
     if batch_size < 1 or (max_windows is not None and max_windows < 1):
         raise ValueError(f"batch_size ({batch_size}) and max_windows ({max_windows}) must be positive")
@@ -34,11 +36,12 @@ def split_loss(model: torch.nn.Module, tokens: np.ndarray, context_length: int, 
     was_training = model.training
     model.eval()
     try:
-        for batch_starts in starts[ctx.rank::ctx.size]:
-            x, y = stream.batch(batch_starts, device)
+        mine = starts[ctx.rank::ctx.size]
+        for i in range(-(-len(starts) // ctx.size)):
+            x, y = stream.batch(mine[i] if i < len(mine) else starts[0], device)
             with autocast(device.type, amp_dtype):
                 _, loss = model(x, y)
-            total += loss.double() * y.numel()
+            total += loss.double() * y.numel() * (i < len(mine))
     finally:
         model.train(was_training)
     return (ctx.mean(total) * ctx.size / (windows * context_length)).item(), windows * context_length

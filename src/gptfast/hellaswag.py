@@ -142,13 +142,16 @@ def score(model: torch.nn.Module, examples: list[Example], batch_size: int = 8,
     device = next(model.parameters()).device
     context_length = model.config.context_length
     mine = examples[ctx.rank::ctx.size]
+    # every process runs as many forward passes as the first (a sharded model gathers its weights in
+    # each, with all processes): one with fewer examples scores its first again and drops the result
+    passes = -(-len(examples[::ctx.size]) // batch_size)
     losses: list[list[tuple[float, float]]] = []
     was_training = model.training
     model.eval()
     try:
-        for first in range(0, len(mine), batch_size):
+        for first in range(0, passes * batch_size, batch_size):
             batch = mine[first: first + batch_size]
-            rows = [row for example in batch for row in _rows(example, context_length)]
+            rows = [row for example in batch or examples[:1] for row in _rows(example, context_length)]
             flat = iter(_ending_losses(model, rows, amp_dtype, device))
             losses.extend([next(flat) for _ in example.endings] for example in batch)
     finally:

@@ -138,6 +138,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+INIT_STD = 0.02  # GPT-2's initial weights: normal with this std, the residual projections scaled down
+
+
+def initial_std(name: str, config: GPTConfig) -> float | None:
+    """GPT-2's initialisation of parameter ``name``: normal with this std for a matrix (linear layers,
+    embeddings), the residual projections (``c_proj``) by 1/sqrt(2 n_layer) as two per block add to the
+    stream; None for a vector: a bias is zero, a LayerNorm's weight one."""
+    if not name.endswith("weight") or ".ln_" in name:
+        return None
+    return INIT_STD / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else INIT_STD
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias, computed by ``kernels.layer_norm``; given a residual branch,
     by ``kernels.add_layer_norm``, which fuses the residual add before the norm into it."""
@@ -328,16 +340,14 @@ class GPT(nn.Module):
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 n_layer): two per block add to the stream.
-        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+                nn.init.normal_(p, mean=0.0, std=initial_std(name, config))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 

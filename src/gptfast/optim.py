@@ -11,6 +11,8 @@ import contextlib
 import math
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig
@@ -64,9 +66,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """One optimizer step over micro-batches ``[(x, y), ...]``; returns (mean loss, gradient norm).
 
     The loss and norm stay on the device (no host sync). Under DDP, gradients are averaged
-    across processes once, on the last micro-batch. ``scaler`` (float16 autocast) scales the loss
-    so small gradients survive float16; the gradients are unscaled before clipping, and a step
-    whose gradients overflowed is skipped (the scale then halves).
+    across processes once, on the last micro-batch; under FSDP, reduce-scattered once, on the last.
+    ``scaler`` (float16 autocast) scales the loss so small gradients survive float16; the gradients
+    are unscaled before clipping, and a step whose gradients overflowed is skipped (the scale then halves).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -76,6 +78,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         last = i == len(batches) - 1
         no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last \
             else contextlib.nullcontext()
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
         with no_sync:
             with autocast(device_type, amp_dtype):
                 _, loss = model(x, y, label_smoothing=label_smoothing, z_loss=z_loss)
@@ -85,6 +89,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    if isinstance(norm, DTensor):  # FSDP: the norm over every process's shards, on each
+        norm = norm.full_tensor()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -20,6 +20,7 @@ from .config import CHANGEABLE_ON_RESUME, DEFAULTS, FIXED_ON_RESUME, INIT_FROM_D
 from .data import is_prepared, read_meta
 from .distributed import World
 from .options import normalised, problem_with
+from .outputs import SHARDED_CHECKPOINT_DIR, SHARDED_MARKER
 
 # What a resumed run reads of the checkpoint's train_config: the options it keeps, and the
 # tokens_per_step an older version saved apart from the accumulation it set.
@@ -153,9 +154,11 @@ def require_gpt2_tokens(cfg: TrainConfig, kind: str) -> None:
 
 
 def is_gptfast_checkpoint(source: str) -> bool:
-    """Whether ``init_from`` names a gptfast checkpoint (a file, or a folder holding ckpt.pt)."""
+    """Whether ``init_from`` names a gptfast checkpoint (a file, or a folder holding ckpt.pt), or a sharded
+    one (which reading then refuses, naming ``gptfast export``)."""
     path = Path(source).expanduser()
-    return path.is_file() or (path / CHECKPOINT_FILE).is_file()
+    sharded = (path / SHARDED_MARKER).is_file() or (path / SHARDED_CHECKPOINT_DIR / SHARDED_MARKER).is_file()
+    return path.is_file() or (path / CHECKPOINT_FILE).is_file() or sharded
 
 
 def absolute(paths: list[str] | None) -> list[str] | None:

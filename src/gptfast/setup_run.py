@@ -38,14 +38,17 @@ def open_data(cfg: TrainConfig, world: World) -> TokenData:
     return TokenData(data_dir)
 
 
+def preset_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTConfig:
+    """A new run's model configuration when it starts from a preset (not ``init_from``)."""
+    overrides = {"vocab_size": tokenizer.vocab_size, "drop_rate": cfg.dropout}
+    if cfg.context_length:
+        overrides["context_length"] = cfg.context_length
+    return GPTConfig.from_preset(cfg.preset, **overrides)
+
+
 def initial_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
-    """A new run's model (on the CPU): the preset, randomly initialised from the seed, or init_from's
-    weights (a gptfast checkpoint, or Hugging Face GPT-2) with this run's context length and dropout."""
-    if not cfg.init_from:
-        overrides = {"vocab_size": tokenizer.vocab_size, "drop_rate": cfg.dropout}
-        if cfg.context_length:
-            overrides["context_length"] = cfg.context_length
-        return GPT(GPTConfig.from_preset(cfg.preset, **overrides))
+    """init_from's model (on the CPU): a gptfast checkpoint's or Hugging Face GPT-2's weights, with this
+    run's context length and dropout."""
     spelled = named("init_from", cfg.init_from)
     if is_gptfast_checkpoint(cfg.init_from):
         path = checkpoint_path(cfg.init_from)

@@ -3,7 +3,9 @@
 One optimizer step reads ``grad_accum`` micro-batches on each of ``world_size`` processes; the
 micro-batches of a step are drawn together and dealt out by rank, so two processes with
 accumulation 1 see exactly the batches one process with accumulation 2 sees. Under ``torchrun``
-(``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel, NCCL on GPUs, gloo on CPUs.
+(``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel, NCCL on GPUs, gloo on CPUs;
+with ``parallel="fsdp"`` it is sharded instead (:mod:`gptfast.fsdp`), its checkpoint too
+(:mod:`gptfast.sharded_checkpoint`).
 
 Stopping and resuming: the first Ctrl-C (or SIGTERM) finishes the current step, writes the
 checkpoint and returns; a second one interrupts at once. ``resume=True`` continues from the
@@ -67,12 +69,13 @@ def train(cfg: TrainConfig) -> dict:
     """
     out_dir = Path(cfg.out_dir)
     check_out_dir_is_a_folder(out_dir)
-    processes = distributed(cfg.device, cfg.ddp_timeout, named("device"))
+    processes = distributed(cfg.device, cfg.ddp_timeout, named("device"), group_of_one=cfg.parallel == "fsdp")
     with kernels.use_backend(cfg.backend), processes as (world, device), out_dir_lock(out_dir, world.main):
         run = start_run(cfg, world, device)
         try:
             summary = _train(run)
-            return _finish(run, summary) if world.main else summary
+            sampled = run.inference_model() if not summary["stopped"] and cfg.sample_tokens > 0 else None
+            return _finish(run, summary, sampled) if world.main else summary
         finally:
             # DDP's reducer lets go of the process group first: freed last through the reducer, the gloo
             # group's destructor joins its worker threads holding the GIL, which a worker may be waiting
@@ -84,7 +87,7 @@ def _train(run: Run) -> dict:
     """The loop: step; log, validate and checkpoint when due; stop at max_steps, after run_steps, or when asked."""
     cfg, world = run.cfg, run.world
     start_step, loss, val_loss, stopped = run.step, None, None, False
-    peak = peak_flops(run.device) if run.amp_dtype == torch.bfloat16 else None
+    peak = peak_flops(run.device) if amp_dtype_for(cfg.dtype, run.device) == torch.bfloat16 else None
     flops_per_step = model_flops_per_token(run.model.config) * run.tokens_per_step
     meter = Throughput(run.step, run.tokens_per_step, flops_per_step, None if peak is None else peak * world.size)
     log = RunLog(Path(cfg.out_dir), main=world.main, resume_step=run.step if cfg.resume else None,
@@ -130,17 +133,18 @@ def _plot(out: Path) -> None:
         print(f"no loss plot: matplotlib is not installed (pip install matplotlib); the losses are in {out / LOG_FILE}")
 
 
-def _finish(run: Run, summary: dict) -> dict:
-    """The main process's end of a run: how to continue a stopped one, the loss curve, the sample."""
+def _finish(run: Run, summary: dict, sampled: GPT | None) -> dict:
+    """The main process's end of a run: how to continue a stopped one, the loss curve, the sample of
+    ``sampled`` (the trained model, whole)."""
     cfg, out = run.cfg, Path(run.cfg.out_dir)
     if summary["stopped"]:
         print(f"stopped at step {summary['step']}; checkpoint {run.checkpoint_path} "
               f"(continue with {named('resume', True)})")
     _plot(out)
-    if not summary["stopped"] and cfg.sample_tokens > 0:
-        run.model.eval()
+    if sampled is not None:
+        sampled.eval()
         eot = run.tokenizer.eot_token_id
-        new = generate(run.model, [run.prompt or [eot or 0]], cfg.sample_tokens, temperature=0.8, top_k=50,
+        new = generate(sampled, [run.prompt or [eot or 0]], cfg.sample_tokens, temperature=0.8, top_k=50,
                        seed=cfg.seed, eos_token_id=eot)[0]
         summary["sample"] = run.tokenizer.decode(new)
         print(f"\nsample ({cfg.sample_tokens} tokens after {cfg.sample_prompt!r}):\n"
