@@ -17,6 +17,7 @@ from dataclasses import InitVar, dataclass
 from typing import Any
 
 from . import kernels
+from .activation_checkpointing import MODES as ACTIVATION_CHECKPOINTING_MODES
 from .data import BatchStream
 from .distributed import DEFAULT_TIMEOUT_S
 from .model import PRESETS
@@ -147,6 +148,10 @@ class TrainConfig:
                          "under torchrun, else cuda if present, else cpu")
     dtype: str | None = dtype_option("autocast", "float16 with loss scaling", group="run", resume=CHANGEABLE)
     compile: bool = option(False, help="torch.compile the model", group="run")
+    activation_checkpointing: str = option(
+        "none", help="keep less of each block's forward for the backward pass and recompute the rest: full (only "
+        "the block's input), selective (the matmul and attention outputs); same gradients, less memory, more "
+        "compute", group="run", choices=ACTIVATION_CHECKPOINTING_MODES)
     deterministic: bool = option(
         True, help="attention's backward adds dQ up with atomics (Triton): faster, but gradients vary in their last "
         "bits run to run, so a resumed run is no longer bitwise the same", group="run", flag="--nondeterministic")

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import kernels
+from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import CHECKPOINT_FILE, TRAINING_FIELDS, load_checkpoint, model_config_from, save_checkpoint
 from .config import TrainConfig, named
 from .data import BatchStream, TokenData
@@ -191,6 +192,7 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
         if run.step >= cfg.max_steps:
             raise ValueError(f"the checkpoint is at step {run.step}, already at max_steps {cfg.max_steps}: "
                              f"raise {named('max_steps')} to train further")
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)  # before compile and DDP wrap the blocks
     run.runner = torch.compile(model) if cfg.compile else model
     if world.size > 1:
         run.runner = DistributedDataParallel(run.runner, device_ids=[device.index] if device.type == "cuda" else None,
