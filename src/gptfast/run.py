@@ -30,7 +30,8 @@ from .optim import check_optimizer_state, lr_at, make_optimizer, train_step
 from .precision import amp_dtype_for, grad_scaler
 from .resume import grad_accum_for, settle
 from .runlog import require_tensorboard
-from .setup_run import check_memory, initial_model, open_data
+from .memory import gigabytes
+from .setup_run import check_memory, initial_model, memory_estimate, open_data
 from .tokenizer import Tokenizer
 
 
@@ -118,13 +119,17 @@ class Run:
         self.step = self.saved_step = state["step"]
 
     def describe(self) -> str:
-        """The line a run starts with: the model, the tokens per step and how they are made, where it runs."""
+        """The lines a run starts with: the model, the tokens per step and how they are made, where it
+        runs; then the memory estimate per process (GPU)."""
         cfg, world, T = self.cfg, self.world, self.model.config.context_length
+        estimate = memory_estimate(cfg, self.model.config, self.amp_dtype, world.size)
         return (f"model: {cfg.preset or f'from {cfg.init_from}'} ({self.model.num_parameters():,} parameters, "
                 f"vocabulary {self.model.config.vocab_size}, context {T}); {self.tokens_per_step:,} tokens per "
                 f"step = {world.size} process(es) x {cfg.grad_accum} micro-batch(es) x {cfg.batch_size} x {T}; "
                 f"device {self.device}, backend {kernels.get_backend()}"
-                + (f"; resuming at step {self.step}" if cfg.resume else ""))
+                + (f"; resuming at step {self.step}" if cfg.resume else "")
+                + f"\nmemory per process (estimate): {estimate.describe()}; total {gigabytes(estimate.total)} "
+                f"(activation checkpointing {cfg.activation_checkpointing})")
 
     def nonfinite(self, val_loss: float | None) -> str | None:
         """What is not finite (NaN or Inf), of the weights, the optimizer state and ``val_loss``; None if all is."""
@@ -175,7 +180,7 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     else:
         model = initial_model(cfg, tokenizer)
     model.config.deterministic_attention = cfg.deterministic
-    check_memory(cfg, model, device)  # before the model moves to the device and trains
+    check_memory(cfg, model, device, world.size)  # before the model moves to the device and trains
     model = model.to(device)
     T = model.config.context_length
     # tokens_per_step is saved as the grad_accum it sets, so that a resumed run takes the same steps.

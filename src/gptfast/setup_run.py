@@ -13,7 +13,7 @@ from .checkpoint import INFERENCE_FIELDS, build_model, checkpoint_path, load_che
 from .config import TrainConfig, named
 from .data import TokenData, is_prepared, prepare
 from .distributed import World
-from .memory import available_bytes, gigabytes, training_estimate
+from .memory import MemoryEstimate, available_bytes, gigabytes, training_estimate
 from .model import GPT, GPTConfig
 from .precision import amp_dtype_for
 from .resume import is_gptfast_checkpoint, require_gpt2_tokens
@@ -74,11 +74,19 @@ def initial_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     return model
 
 
-def check_memory(cfg: TrainConfig, model: GPT, device: torch.device) -> None:
+def memory_estimate(cfg: TrainConfig, config: GPTConfig, amp_dtype: torch.dtype | None,
+                    world_size: int) -> MemoryEstimate:
+    """What one process of this run needs (:func:`~gptfast.memory.training_estimate`): the check below
+    and the banner print the same figures."""
+    return training_estimate(config, cfg.batch_size, amp_dtype, world_size=world_size,
+                             activation_checkpointing=cfg.activation_checkpointing)
+
+
+def check_memory(cfg: TrainConfig, model: GPT, device: torch.device, world_size: int = 1) -> None:
     """Refuse, before the first step allocates it, a run whose parameters, gradients, optimizer state and
-    activations (:func:`~gptfast.memory.training_estimate`) exceed what ``device`` has free. ``model``
-    is still on the CPU, so on the CPU its weights count as free: they are already allocated."""
-    estimate = training_estimate(model.config, cfg.batch_size, amp_dtype_for(cfg.dtype, device))
+    activations (:func:`memory_estimate`) exceed what ``device`` has free. ``model`` is still on the
+    CPU, so on the CPU its weights count as free: they are already allocated."""
+    estimate = memory_estimate(cfg, model.config, amp_dtype_for(cfg.dtype, device), world_size)
     free = available_bytes(device)
     if free is None:
         return
