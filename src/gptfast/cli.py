@@ -15,12 +15,12 @@ from .cli_inference import add_eval_parser, add_generate_parser
 from .config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, OPTIONS, TrainConfig, cli_options
 from .data import prepare
 from .interrupt import exit_code
-from .precision import AMP_DTYPES
 from .kernels.backend import HAS_TRITON, TRITON_INTERPRET
 from .kernels.registry import SPECS
 from .lab import add_lab_parser
 from .model import GPT, PRESETS, GPTConfig
 from .options import add_arguments, from_arguments, positive_int
+from .precision import AMP_DTYPES
 from .tokenizer import GPT2_VOCAB_SIZE, TOKENIZERS
 from .train import train
 

@@ -6,7 +6,8 @@ even a meta-device model of a million layers takes hours), :func:`sharded_parame
 one FSDP rank. :func:`model_bytes` adds the Python objects of its modules; :func:`training_estimate`
 splits what one GPU needs to train, for a world size, a parallelism (DDP or FSDP) and an activation
 checkpointing mode, into parameters, gradients, optimizer state and activations (:class:`MemoryEstimate`);
-``gptfast info`` and the training banner print it. :func:`available_bytes` is what a device has free, :func:`total_bytes` all it has.
+``gptfast info`` and the training banner print it. :func:`available_bytes` is what a device has free,
+:func:`total_bytes` all it has.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class GPTConfig(Protocol):
 # with tracemalloc on a meta-device model: 60 KB a layer, whatever its width.
 MODULE_BYTES_PER_LAYER = 60_000
 # Values per token and per n_embd that one block keeps for the backward pass: its LayerNorms' inputs and
-# outputs, q, k, v, the attention output, the MLP's 4 * n_embd before and after the GELU. A floor: a step's
-# measured peak (tiny, CPU) is 1.3 times the estimate, with the backward's transients, so a refusal is sure.
+# outputs, q, k, v, the attention output, the MLP's 4 * n_embd before and after the GELU. A CPU step's
+# measured peak (tiny models, float32, tests/test_memory.py) is 0.85 to 1.16 times the estimated gradients and
+# activations, in every activation checkpointing mode.
 ACTIVATIONS_PER_LAYER = 16
 # What each activation checkpointing mode (gptfast.activation_checkpointing) keeps of a block, in the same
 # values per token and n_embd: "selective" keeps the outputs of the four projections (3 + 1 + 4 + 1) and of

@@ -25,12 +25,12 @@ from .config import TrainConfig, named
 from .data import BatchStream, TokenData
 from .distributed import World
 from .evaluate import split_loss
+from .memory import gigabytes
 from .model import GPT
 from .optim import check_optimizer_state, lr_at, make_optimizer, train_step
 from .precision import amp_dtype_for, grad_scaler
 from .resume import grad_accum_for, settle
 from .runlog import require_tensorboard
-from .memory import gigabytes
 from .setup_run import check_memory, initial_model, memory_estimate, open_data
 from .tokenizer import Tokenizer
 
