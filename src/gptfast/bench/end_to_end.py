@@ -95,7 +95,7 @@ GENERATE_SIZES = {"full": (GenerateSize(_GPT2, 1, 64, 256), GenerateSize(_GPT2, 
 AC_GROUP = "train-ac"
 AC_PROVIDERS = ("triton", "triton/ac-selective", "triton/ac-full")
 AC_SIZES = {"full": (_GPT2, TrainSize("gpt2-xl", batch=8, context=1024, vocab_multiple=64)),
-            "small": (_CPU_MODEL,)}
+            "small": (TrainSize("tiny", batch=1, context=16, n_layer=1, vocab_size=64),)}  # three interpreted steps
 
 # The targets for GPT-2 124M training on one H100 (full sizes only).
 SPEEDUP_TARGETS = (("triton", "torch", 1.5), ("triton", "torch+compile", 1.1))
