@@ -110,3 +110,18 @@ def test_training_losses_are_unchanged_and_the_option_is_checked(tmp_path, capsy
     assert len(losses["none"]) == 3 and losses["full"] == losses["none"]
     with pytest.raises(ValueError, match="unknown activation_checkpointing 'half'"):
         TrainConfig(activation_checkpointing="half")
+
+
+def test_the_gpu_runs_report_compares_each_mode_with_none():
+    """The report's table of the GPU run's train-ac stage: tokens/s and peak memory against "triton" (none)."""
+    from gptfast.bench import end_to_end, report
+    from gptfast.bench.harness import UNAVAILABLE, Record
+
+    size = end_to_end.AC_SIZES["full"][1].as_dict()
+    records = [Record(end_to_end.AC_GROUP, provider, "step", size, value=value, unit="tokens/s", peak_mb=peak)
+               for provider, value, peak in zip(end_to_end.AC_PROVIDERS, (1000.0, 900.0), (40960.0, 30720.0))]
+    records.append(Record(end_to_end.AC_GROUP, "triton/ac-full", "step", size, status=UNAVAILABLE, note="skipped"))
+    table = report._activation_checkpointing_table(records)
+    assert table[0] == "## Activation checkpointing"
+    assert "| gpt2-xl | 8 x 1024 | triton/ac-selective | 900 | 0.90x | 30.0 GiB | 0.75x |" in table
+    assert "| gpt2-xl | 8 x 1024 | triton/ac-full | n/a |  |  |  |" in table
