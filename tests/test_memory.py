@@ -97,5 +97,3 @@ def test_info_prints_the_estimate_for_its_options(capsys):
     estimate = training_estimate(GPTConfig.from_preset("gpt2-xl", context_length=512), 4, torch.bfloat16,
                                  world_size=8, parallel="fsdp", activation_checkpointing="full")
     assert " ".join(row[-2:]) == f"{estimate.total / 2**30:,.2f} GB"
-    assert main(["info"]) == 0  # every preset, DDP on one GPU
-    assert "gpt2-medium " in capsys.readouterr().out.split("training memory per GPU")[1]
