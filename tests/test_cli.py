@@ -75,6 +75,7 @@ def test_info_counts_parameters_for_the_vocabulary_it_names(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "parameters for GPT-2's vocabulary of 50,257 tokens" in out and "--vocab-size 100" in out
+    assert "gpt2-medium " in out.split("training memory per GPU (estimate): 1 GPU(s), ddp")[1]  # every preset
     tiny = next(line for line in out.splitlines() if line.startswith("tiny "))
     assert tiny.split()[5] == tiny_parameters(50257)
 

@@ -61,20 +61,21 @@ def test_the_training_estimate_by_parts():
 
 
 def test_training_that_does_not_fit_the_free_memory_is_refused_with_both_sizes(monkeypatch):
-    model = GPT(CONFIG)
     cfg = TrainConfig(batch_size=4)
     estimate = training_estimate(CONFIG, 4, None)
     cpu = torch.device("cpu")
-    # On the CPU the model is already allocated: its weights count as available.
+    monkeypatch.setattr(setup_run, "available_bytes", lambda device: estimate.total)
+    setup_run.check_memory(cfg, CONFIG, cpu)
+    # a source model already on the CPU: its weights count as available
     monkeypatch.setattr(setup_run, "available_bytes", lambda device: estimate.total - estimate.parameters)
-    setup_run.check_memory(cfg, model, cpu)
-    monkeypatch.setattr(setup_run, "available_bytes", lambda device: estimate.total - estimate.parameters - 1)
+    setup_run.check_memory(cfg, CONFIG, cpu, already_allocated=estimate.parameters)
+    monkeypatch.setattr(setup_run, "available_bytes", lambda device: estimate.total - 1)
     with pytest.raises(ValueError, match=r"^batch_size=4: training needs about .* MB on cpu \(parameters .*, "
                                          r"activations .* for 4 x 8 tokens\), but .* MB is available: lower "
                                          r"batch_size or context_length"):
-        setup_run.check_memory(cfg, model, cpu)
+        setup_run.check_memory(cfg, CONFIG, cpu)
     monkeypatch.setattr(setup_run, "available_bytes", lambda device: None)  # not known: no check
-    setup_run.check_memory(cfg, model, cpu)
+    setup_run.check_memory(cfg, CONFIG, cpu)
 
 
 def test_an_absurd_batch_is_refused_before_the_first_step_allocates_it(tmp_path, capsys):

@@ -23,6 +23,7 @@ from .kernels.registry import SPECS
 from .lab import add_lab_parser
 from .model import GPT, PRESETS, GPTConfig
 from .options import add_arguments, from_arguments, positive_int
+from .precision import AMP_DTYPES
 from .sharded_checkpoint import consolidate
 from .tokenizer import GPT2_VOCAB_SIZE, TOKENIZERS
 from .train import train
@@ -39,15 +40,36 @@ def _preset_table(vocab_size: int) -> str:
         vocabulary = f"a vocabulary of {vocab_size:,} tokens"
     rows = [f"parameters for {vocabulary}",
             f"{'preset':<12} {'layers':>6} {'heads':>5} {'n_embd':>6} {'context':>7} {'params':>15} "
-            f"{'fp32 weights':>12} {'train mem*':>10}"]
+            f"{'fp32 weights':>12}"]
     for name in PRESETS:
         config = GPTConfig.from_preset(name, vocab_size=vocab_size)
         with torch.device("meta"):
             n = GPT(config).num_parameters()
-        # Weights, gradients and AdamW's two moments in float32: 16 bytes per parameter.
         rows.append(f"{name:<12} {config.n_layer:>6} {config.n_head:>5} {config.n_embd:>6} "
-                    f"{config.context_length:>7} {n:>15,} {n * 4 / 2**20:>9.1f} MB {n * 16 / 2**30:>7.2f} GB")
-    rows.append("* weights + gradients + AdamW state in float32, before activations")
+                    f"{config.context_length:>7} {n:>15,} {n * 4 / 2**20:>9.1f} MB")
+    return "\n".join(rows)
+
+
+def _fit_table(args: argparse.Namespace) -> str:
+    """Will it fit? The memory one GPU needs to train each preset (or ``--preset``), by part
+    (:func:`gptfast.memory.training_estimate`), for the world size, parallelism, activation
+    checkpointing, micro-batch, context and autocast dtype given."""
+    # "auto" autocasts to bfloat16 on the GPUs that have it, which are what the estimate is for.
+    amp_dtype = torch.bfloat16 if args.dtype in (None, "auto") else AMP_DTYPES[args.dtype]
+    batch = args.batch_size or OPTIONS["batch_size"].default
+    mode = args.activation_checkpointing
+    context = f"x {args.context_length}" if args.context_length else "x the preset's context"
+    rows = [f"training memory per GPU (estimate): {args.world_size} GPU(s), {args.parallel}, activation "
+            f"checkpointing {mode}, micro-batch {batch} {context}, activations in "
+            f"{str(amp_dtype or torch.float32).removeprefix('torch.')}",
+            f"{'preset':<12} {'parameters':>11} {'gradients':>11} {'optimizer':>11} {'activations':>11} {'total':>11}"]
+    for name in [args.preset] if args.preset else PRESETS:
+        overrides = {"context_length": args.context_length} if args.context_length else {}
+        config = GPTConfig.from_preset(name, vocab_size=args.vocab_size, **overrides)
+        estimate = memory.training_estimate(config, batch, amp_dtype, world_size=args.world_size,
+                                            parallel=args.parallel, activation_checkpointing=mode)
+        parts = (estimate.parameters, estimate.gradients, estimate.optimizer, estimate.activations, estimate.total)
+        rows.append(f"{name:<12} " + " ".join(f"{memory.gigabytes(n):>11}" for n in parts))
     return "\n".join(rows)
 
 
@@ -83,6 +105,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(_backend_report(device))
     print()
     print(_preset_table(args.vocab_size))
+    print()
+    print(_fit_table(args))
     if args.forward:
         config = GPTConfig.from_preset(args.forward, vocab_size=args.vocab_size)
         _check_forward_fits(args.forward, config, device)
@@ -234,6 +258,12 @@ def _add_info_parser(sub) -> None:
                       f"has one token per distinct character; at most {MAX_VOCAB_SIZE:,})")
     info.add_argument("--forward", metavar="PRESET", choices=list(PRESETS),
                       help="also run one forward pass of this preset")
+    fit = info.add_argument_group("will it fit? (the training memory estimate per GPU)")
+    fit.add_argument("--world-size", type=positive_int, default=1, metavar="N",
+                     help="GPUs training together (default: %(default)s)")
+    fit.add_argument("--preset", choices=list(PRESETS), help="this preset only (default: every preset)")
+    add_arguments(fit, TrainConfig, names=("parallel", "batch_size", "context_length", "activation_checkpointing",
+                                                "dtype"))
     info.set_defaults(func=cmd_info)
 
 

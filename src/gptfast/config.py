@@ -17,16 +17,17 @@ from dataclasses import InitVar, dataclass
 from typing import Any
 
 from . import kernels
+from .activation_checkpointing import MODES as ACTIVATION_CHECKPOINTING_MODES
 from .corpora import DEFAULT_TEXT_FIELD
 from .data import BatchStream
 from .distributed import DEFAULT_TIMEOUT_S
+from .memory import PARALLELISMS
 from .model import PRESETS
 from .options import Resume, check_fields, declarations, fill_defaults, given_options, markdown_table, option
 from .precision import dtype_option
 from .tokenizer import TIKTOKEN_FILE_ENV, TOKENIZERS
 
 FIXED, CHANGEABLE = Resume.FIXED, Resume.CHANGEABLE
-PARALLELISMS = ("ddp", "fsdp")  # how training spreads over its processes: --parallel
 # Options that init_from's model decides when left out: they stay None (and a checkpoint may hold None).
 INIT_FROM_DECIDES = ("preset", "tokenizer")
 
@@ -167,6 +168,10 @@ class TrainConfig:
     reshard_after_forward: bool = option(False, help="under --parallel fsdp, free each block's gathered weights "
                                          "after its forward and gather them again for the backward: less memory, "
                                          "one more all-gather per block", group="run")
+    activation_checkpointing: str = option(
+        "none", help="keep less of each block's forward for the backward pass and recompute the rest: full (only "
+        "the block's input), selective (the matmul and attention outputs); same gradients, less memory, more "
+        "compute", group="run", choices=ACTIVATION_CHECKPOINTING_MODES)
     deterministic: bool = option(
         True, help="attention's backward adds dQ up with atomics (Triton): faster, but gradients vary in their last "
         "bits run to run, so a resumed run is no longer bitwise the same", group="run", flag="--nondeterministic")

@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .activation_checkpointing import apply_activation_checkpointing
 from .config import TrainConfig, named
 from .distributed import World
 from .model import GPT, GPTConfig, initial_std
@@ -47,14 +48,15 @@ def check_fsdp_options(cfg: TrainConfig, amp_dtype: torch.dtype | None) -> None:
 
 
 def sharded_model(config: GPTConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None,
-                  reshard_after_forward: bool = False, compile: bool = False) -> GPT:
+                  reshard_after_forward: bool = False, compile: bool = False,
+                  activation_checkpointing: str = "none") -> GPT:
     """A GPT built on the meta device and sharded over ``world``'s processes, its local shards allocated
     on ``device`` but not yet initialised (:func:`init_gpt2_weights`, or a checkpoint's weights)."""
     # Each block returns its stream as a view; nothing changes it in place after, which the warning is about.
     warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor", UserWarning)
     with torch.device("meta"):
         model = GPT(config)
-    # Activation checkpointing (issue 27, item 3) is applied here: to the blocks, before they are compiled and sharded.
+    apply_activation_checkpointing(model, activation_checkpointing)  # to the blocks, before compile and sharding
     mesh = DeviceMesh.from_group(world.group, device.type)
     policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:

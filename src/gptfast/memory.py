@@ -2,10 +2,12 @@
 that a size that cannot fit is refused before anything is allocated.
 
 :func:`parameter_count` counts a :class:`~gptfast.model.GPTConfig`'s parameters by formula (building
-even a meta-device model of a million layers takes hours). :func:`model_bytes` adds the Python objects
-of its modules; :func:`training_estimate` splits a training process's needs into parameters,
-gradients, optimizer state and activations (:class:`MemoryEstimate`, the form a sharded run extends:
-each part per GPU). :func:`available_bytes` is what a device has free, :func:`total_bytes` all it has.
+even a meta-device model of a million layers takes hours), :func:`sharded_parameter_count` those of
+one FSDP rank. :func:`model_bytes` adds the Python objects of its modules; :func:`training_estimate`
+splits what one GPU needs to train, for a world size, a parallelism (DDP or FSDP) and an activation
+checkpointing mode, into parameters, gradients, optimizer state and activations (:class:`MemoryEstimate`);
+``gptfast info`` and the training banner print it. :func:`available_bytes` is what a device has free,
+:func:`total_bytes` all it has.
 """
 
 from __future__ import annotations
@@ -35,21 +37,58 @@ class GPTConfig(Protocol):
 # with tracemalloc on a meta-device model: 60 KB a layer, whatever its width.
 MODULE_BYTES_PER_LAYER = 60_000
 # Values per token and per n_embd that one block keeps for the backward pass: its LayerNorms' inputs and
-# outputs, q, k, v, the attention output, the MLP's 4 * n_embd before and after the GELU. A floor: a step's
-# measured peak (tiny, CPU) is 1.3 times the estimate, with the backward's transients, so a refusal is sure.
+# outputs, q, k, v, the attention output, the MLP's 4 * n_embd before and after the GELU. A CPU step's
+# measured peak (tiny models, float32, tests/test_memory.py) is 0.85 to 1.16 times the estimated gradients and
+# activations, in every activation checkpointing mode.
 ACTIVATIONS_PER_LAYER = 16
+# What each activation checkpointing mode (gptfast.activation_checkpointing) keeps of a block, in the same
+# values per token and n_embd: "selective" keeps the outputs of the four projections (3 + 1 + 4 + 1) and of
+# attention (1) and the block's two inputs, "full" the two inputs only. Either recomputes one block's
+# activations at a time in the backward pass, which the estimate adds once.
+KEPT_PER_LAYER = {"none": ACTIVATIONS_PER_LAYER, "selective": 12, "full": 2}
 ADAM_STATES = 2  # AdamW's moments, each the size of the parameters, in float32
+PARALLELISMS = ("ddp", "fsdp")  # every GPU holds the whole model; or each holds 1/world_size of it
+# FSDP gathers a block's parameters whole for its forward and backward while the next one is fetched.
+GATHERED_BLOCKS = 2
+
+
+def _block_shapes(config: GPTConfig) -> list[tuple[int, ...]]:
+    """The shapes of one block's parameters, in GPT's order."""
+    C, bias = config.n_embd, config.bias
+    norm = [(C,), (C,)] if bias else [(C,)]
+    attention = [(3 * C, C), *([(3 * C,)] if config.qkv_bias else []), (C, C), *([(C,)] if bias else [])]
+    mlp = [(4 * C, C), *([(4 * C,)] if bias else []), (C, 4 * C), *([(C,)] if bias else [])]
+    return norm + attention + norm + mlp
+
+
+def _root_shapes(config: GPTConfig) -> list[tuple[int, ...]]:
+    """The shapes of the parameters outside the blocks: embeddings, the last LayerNorm, an untied head."""
+    C, V = config.n_embd, config.padded_vocab_size
+    head = [] if config.tie_weights else [(V, C)]
+    return [(V, C), (config.context_length, C), *([(C,), (C,)] if config.bias else [(C,)]), *head]
+
+
+def _elements(shapes: list[tuple[int, ...]], world_size: int = 1) -> int:
+    """The elements of ``shapes``, or of the largest shard of each when split along its first dimension
+    over ``world_size`` processes (FSDP2's sharding: ceil(rows / world_size) rows on the first ranks)."""
+    total = 0
+    for rows, *rest in shapes:
+        n = -(-rows // world_size)
+        for size in rest:
+            n *= size
+        total += n
+    return total
 
 
 def parameter_count(config: GPTConfig) -> int:
     """``GPT(config).num_parameters()``, from the sizes alone (tied weights counted once)."""
-    C, V = config.n_embd, config.padded_vocab_size
-    norm = C * (2 if config.bias else 1)
-    bias = 1 if config.bias else 0
-    block = (2 * norm + 3 * C * C + (3 * C if config.qkv_bias else 0) + C * C + bias * C
-             + 4 * C * C + bias * 4 * C + 4 * C * C + bias * C)
-    head = 0 if config.tie_weights else V * C
-    return V * C + config.context_length * C + config.n_layer * block + norm + head
+    return _elements(_root_shapes(config)) + config.n_layer * _elements(_block_shapes(config))
+
+
+def sharded_parameter_count(config: GPTConfig, world_size: int) -> int:
+    """The parameters of the rank holding the most (rank 0) when every block and the root are
+    sharded by FSDP's ``fully_shard`` over ``world_size`` processes."""
+    return _elements(_root_shapes(config), world_size) + config.n_layer * _elements(_block_shapes(config), world_size)
 
 
 def model_bytes(config: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
@@ -59,7 +98,7 @@ def model_bytes(config: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """The bytes one training process needs, by what holds them."""
+    """The bytes one training process (one GPU) needs, by what holds them."""
 
     parameters: int
     gradients: int
@@ -75,18 +114,44 @@ class MemoryEstimate:
         return ", ".join(f"{part} {gigabytes(getattr(self, part))}" for part in parts)
 
 
-def training_estimate(config: GPTConfig, batch_size: int, amp_dtype: torch.dtype | None) -> MemoryEstimate:
-    """What training ``config`` at ``batch_size`` sequences of its context length per micro-batch needs:
-    float32 parameters, gradients and AdamW state, and the activations kept for the backward pass (in
-    the autocast dtype ``amp_dtype``, float32 without), the logits' too unless the LM head is fused."""
-    weights = model_bytes(config)
-    tokens = batch_size * config.context_length
-    values = config.n_layer * ACTIVATIONS_PER_LAYER * config.n_embd
-    activations = tokens * values * (amp_dtype or torch.float32).itemsize
+def training_estimate(config: GPTConfig, batch_size: int, amp_dtype: torch.dtype | None, *,
+                      context_length: int | None = None, world_size: int = 1, parallel: str = "ddp",
+                      activation_checkpointing: str = "none") -> MemoryEstimate:
+    """What one process needs to train ``config`` at ``batch_size`` sequences of ``context_length``
+    tokens (the config's by default) per micro-batch: float32 parameters, gradients and AdamW state,
+    and the activations kept for the backward pass (in the autocast dtype ``amp_dtype``, float32
+    without), the logits' too unless the LM head is fused.
+
+    ``parallel="ddp"``: every process holds the whole model. ``"fsdp"``: each holds its shards of the
+    parameters, gradients and optimizer state (:func:`sharded_parameter_count`), plus the parameters
+    gathered whole for compute in ``amp_dtype`` (the root's and :data:`GATHERED_BLOCKS` blocks') and
+    the float32 gradients of the root and one block before they are reduce-scattered. Activations
+    do not depend on the parallelism: ``activation_checkpointing`` (:data:`KEPT_PER_LAYER`) sets them.
+    """
+    if parallel not in PARALLELISMS:
+        raise ValueError(f"unknown parallelism {parallel!r}: choose one of {', '.join(PARALLELISMS)}")
+    if activation_checkpointing not in KEPT_PER_LAYER:
+        raise ValueError(f"unknown activation checkpointing mode {activation_checkpointing!r}: choose one of "
+                         f"{', '.join(KEPT_PER_LAYER)}")
+    if world_size < 1:
+        raise ValueError(f"world size must be positive, got {world_size}")
+    amp_bytes = (amp_dtype or torch.float32).itemsize
+    tokens = batch_size * (context_length or config.context_length)
+    kept = KEPT_PER_LAYER[activation_checkpointing]
+    values = (config.n_layer * kept + ACTIVATIONS_PER_LAYER - kept) * config.n_embd
+    activations = tokens * values * amp_bytes
     if not config.fused_lm_head:
         activations += 2 * tokens * config.padded_vocab_size * 4  # the logits and their gradient
-    n = parameter_count(config) * 4
-    return MemoryEstimate(parameters=weights, gradients=n, optimizer=ADAM_STATES * n, activations=activations)
+    modules = config.n_layer * MODULE_BYTES_PER_LAYER
+    if parallel == "ddp":
+        n = parameter_count(config)
+        return MemoryEstimate(parameters=n * 4 + modules, gradients=n * 4, optimizer=ADAM_STATES * n * 4,
+                              activations=activations)
+    n = sharded_parameter_count(config, world_size)
+    root, block = _elements(_root_shapes(config)), _elements(_block_shapes(config))
+    gathered = (root + min(GATHERED_BLOCKS, config.n_layer) * block) * amp_bytes
+    return MemoryEstimate(parameters=n * 4 + modules + gathered, gradients=(n + root + block) * 4,
+                          optimizer=ADAM_STATES * n * 4, activations=activations)
 
 
 def gigabytes(n: int) -> str:

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import kernels
+from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import CHECKPOINT_FILE, TRAINING_FIELDS, load_checkpoint, model_config_from, save_checkpoint
 from .config import TrainConfig, named
 from .data import BatchStream, TokenData
@@ -26,12 +27,13 @@ from .distributed import World
 from .evaluate import split_loss
 from .fsdp import check_fsdp_options, init_gpt2_weights, load_whole, local, sharded_model, whole_model
 from .hellaswag import Example, Score, read_examples, score
+from .memory import gigabytes
 from .model import GPT
 from .optim import check_optimizer_state, lr_at, make_optimizer, train_step
 from .precision import amp_dtype_for, grad_scaler
 from .resume import grad_accum_for, settle
 from .runlog import require_tensorboard
-from .setup_run import check_memory, initial_model, open_data, preset_config
+from .setup_run import check_memory, initial_model, memory_estimate, open_data, preset_config
 from .sharded_checkpoint import (
     SHARDED_DIR,
     is_sharded_checkpoint,
@@ -147,15 +149,19 @@ class Run:
         self.step = self.saved_step = state["step"]
 
     def describe(self) -> str:
-        """The line a run starts with: the model, the tokens per step and how they are made, where it runs."""
+        """The lines a run starts with: the model, the tokens per step and how they are made, where it
+        runs; then the memory estimate per process (GPU)."""
         cfg, world, T = self.cfg, self.world, self.model.config.context_length
+        estimate = memory_estimate(cfg, self.model.config, self.device, world.size)
         return (f"model: {cfg.preset or f'from {cfg.init_from}'} ({self.model.num_parameters():,} parameters, "
                 f"vocabulary {self.model.config.vocab_size}, context {T}); {self.tokens_per_step:,} tokens per "
                 f"step = {world.size} process(es) x {cfg.grad_accum} micro-batch(es) x {cfg.batch_size} x {T}; "
                 f"device {self.device}, backend {kernels.get_backend()}"
                 + (f"; parameters, gradients and optimizer state sharded over {world.size} process(es) (FSDP)"
                    if self.sharded else "")
-                + (f"; resuming at step {self.step}" if cfg.resume else ""))
+                + (f"; resuming at step {self.step}" if cfg.resume else "")
+                + f"\nmemory per process (estimate): {estimate.describe()}; total {gigabytes(estimate.total)} "
+                f"(activation checkpointing {cfg.activation_checkpointing})")
 
     def nonfinite(self, val_loss: float | None) -> str | None:
         """What is not finite (NaN or Inf), of the weights, the optimizer state and ``val_loss``; None if all is."""
@@ -237,7 +243,8 @@ def start_run(cfg: TrainConfig, world: World, device: torch.device) -> Run:
             raise ValueError(f"the checkpoint is at step {run.step}, already at max_steps {cfg.max_steps}: "
                              f"raise {named('max_steps')} to train further")
     run.runner = model
-    if cfg.parallel == "ddp":
+    if cfg.parallel == "ddp":  # (FSDP's blocks were checkpointed and compiled before sharding: sharded_model)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)  # before compile and DDP wrap the blocks
         run.runner = torch.compile(model) if cfg.compile else model
     if cfg.parallel == "ddp" and world.size > 1:
         run.runner = DistributedDataParallel(run.runner, device_ids=[device.index] if device.type == "cuda" else None,
@@ -267,16 +274,17 @@ def _model(cfg: TrainConfig, state: dict | None, path: Path, tokenizer: Tokenize
     else:
         config = source.config if source is not None else preset_config(cfg, tokenizer)
     config.deterministic_attention = cfg.deterministic
+    # before anything of the run's size is built (a source model is already on the CPU)
+    check_memory(cfg, config, device, world.size, 0 if source is None else source.num_parameters() * 4)
     if cfg.parallel == "fsdp":
-        model = sharded_model(config, world, device, amp_dtype, cfg.reshard_after_forward, cfg.compile)
+        model = sharded_model(config, world, device, amp_dtype, cfg.reshard_after_forward, cfg.compile,
+                              cfg.activation_checkpointing)
     else:
         model = source if source is not None else GPT(config)
     if source is not None and cfg.parallel == "fsdp":
         load_whole(model, None, source, None)
     elif source is None and state is None:
         init_gpt2_weights(model, cfg.seed)
-    if cfg.parallel == "ddp":  # the whole model's estimate; a sharded run's per process is issue 27's item 5
-        check_memory(cfg, model, device)  # before the model moves to the device and trains
     return model.to(device)
 
 

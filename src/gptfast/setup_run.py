@@ -13,7 +13,7 @@ from .checkpoint import INFERENCE_FIELDS, build_model, checkpoint_path, load_che
 from .config import TrainConfig, named
 from .data import TokenData, is_prepared, prepare
 from .distributed import World
-from .memory import available_bytes, gigabytes, training_estimate
+from .memory import MemoryEstimate, available_bytes, gigabytes, training_estimate
 from .model import GPT, GPTConfig
 from .precision import amp_dtype_for
 from .resume import is_gptfast_checkpoint, require_gpt2_tokens
@@ -78,17 +78,26 @@ def initial_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     return model
 
 
-def check_memory(cfg: TrainConfig, model: GPT, device: torch.device) -> None:
-    """Refuse, before the first step allocates it, a run whose parameters, gradients, optimizer state and
-    activations (:func:`~gptfast.memory.training_estimate`) exceed what ``device`` has free. ``model``
-    is still on the CPU, so on the CPU its weights count as free: they are already allocated."""
-    estimate = training_estimate(model.config, cfg.batch_size, amp_dtype_for(cfg.dtype, device))
+def memory_estimate(cfg: TrainConfig, config: GPTConfig, device: torch.device, world_size: int) -> MemoryEstimate:
+    """What one process of this run needs (:func:`~gptfast.memory.training_estimate`) for its parallelism,
+    activation checkpointing and compute dtype on ``device``: the check below and the banner print the
+    same figures."""
+    return training_estimate(config, cfg.batch_size, amp_dtype_for(cfg.dtype, device), world_size=world_size,
+                             parallel=cfg.parallel, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def check_memory(cfg: TrainConfig, config: GPTConfig, device: torch.device, world_size: int = 1,
+                 already_allocated: int = 0) -> None:
+    """Refuse, before the model is built and the first step allocates it, a run whose parameters,
+    gradients, optimizer state and activations (:func:`memory_estimate`) exceed what ``device`` has
+    free; ``already_allocated``: bytes of it that are already there (a source model on the CPU)."""
+    estimate = memory_estimate(cfg, config, device, world_size)
     free = available_bytes(device)
     if free is None:
         return
-    free += estimate.parameters if device.type == "cpu" else 0
+    free += already_allocated if device.type == "cpu" else 0
     if estimate.total > free:
-        T = model.config.context_length
+        T = config.context_length
         raise ValueError(f"{named('batch_size', cfg.batch_size)}: training needs about {gigabytes(estimate.total)} "
                          f"on {device} ({estimate.describe()} for {cfg.batch_size} x {T} tokens), but "
                          f"{gigabytes(free)} is available: lower {named('batch_size')} or "

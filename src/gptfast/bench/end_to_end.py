@@ -8,6 +8,10 @@ included). The first step (which compiles) is timed apart from the steady ones. 
 the datasheet peak, in the record's extra figures, where the GPU is known). Whole steps and
 generations are timed as the kernels are (``harness.measure``).
 
+Activation checkpointing (``AC_PROVIDERS``, ``AC_SIZES``): the same training step with each block
+recomputed in the backward pass ("triton/ac-full") or all but its matmuls ("triton/ac-selective"),
+against "triton" (none) in the same run, for GPT-2 124M and gpt2-xl: tokens/s and peak memory.
+
 Generation runs ``gptfast.generate`` per backend with the key/value cache, without it, and
 "compiled" (``compile=True``: the static decode step compiled and replayed, CUDA graphs on a GPU),
 and transformers' ``generate`` with its static cache, compiled too, on the same GPT-2 shapes (random
@@ -17,12 +21,14 @@ weights), in one run. The first call, which compiles, is timed apart (``first_ca
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gptfast import kernels
+from gptfast.activation_checkpointing import apply_activation_checkpointing
 from gptfast.generation import generate
 from gptfast.model import GPT, GPTConfig
 from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
@@ -83,19 +89,30 @@ GENERATE_SIZES = {"full": (GenerateSize(_GPT2, 1, 64, 256), GenerateSize(_GPT2, 
                   # Kept short: the triton rows run the interpreter, and "compiled" compiles once per size.
                   "small": (GenerateSize(_CPU_GENERATE_MODEL, 1, 8, 8),)}
 
+# Activation checkpointing's case: each mode (none is plain "triton") on GPT-2 124M and gpt2-xl, whose
+# float32 weights, gradients and AdamW state (25 GB) and activations at batch 8 (about 20 GB in bf16) fit
+# an 80 GB GPU without checkpointing, so that "none" is the same-run baseline at both sizes.
+AC_GROUP = "train-ac"
+AC_PROVIDERS = ("triton", "triton/ac-selective", "triton/ac-full")
+AC_SIZES = {"full": (_GPT2, TrainSize("gpt2-xl", batch=8, context=1024, vocab_multiple=64)),
+            "small": (TrainSize("tiny", batch=1, context=16, n_layer=1, vocab_size=64),)}  # three interpreted steps
+
 # The issue's targets for GPT-2 124M training on one H100 (full sizes only).
 SPEEDUP_TARGETS = (("triton", "torch", 1.5), ("triton", "torch+compile", 1.1))
 TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
 
 
 def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Callable[[], None]:
-    """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile"
-    or "triton/unfused-head"."""
+    """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile",
+    "triton/unfused-head" or "triton/ac-full" (activation checkpointing: ac-selective, ac-full)."""
     variant, _, compile_flag = provider.partition("+")
-    backend, _, head = variant.partition("/")
+    backend, _, option = variant.partition("/")
+    gc.collect()  # the previous case's model, before this one's peak memory is measured
     torch.manual_seed(0)
-    config = dataclasses.replace(size.config(), fused_lm_head=head != "unfused-head")
-    model = GPT(config).to(device).train()
+    config = dataclasses.replace(size.config(), fused_lm_head=option != "unfused-head")
+    with device:  # built where it trains: initialising gpt2-xl on the CPU would take most of a stage
+        model = GPT(config).train()
+    apply_activation_checkpointing(model, option.removeprefix("ac-") if option.startswith("ac-") else "none")
     optimizer = make_optimizer(model, lr=LR)
     amp_dtype = bench_dtype(device) if device.type == "cuda" else None  # bf16 autocast on a GPU only
     if compile_flag:
@@ -112,10 +129,10 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Cal
 
 
 def run_train(provider: str, size: TrainSize, device: torch.device, *, warmup_ms: float = WARMUP_MS,
-              rep_ms: float = REP_MS) -> Record:
+              rep_ms: float = REP_MS, group: str = "train") -> Record:
     """Tokens per second (and model TFLOP/s, the datasheet MFU, peak memory, the first step's seconds:
-    compilation) of one training configuration."""
-    record = measure_record(Record("train", provider, "step", size.as_dict(), unit="tokens/s"),
+    compilation) of one training configuration, recorded in ``group``."""
+    record = measure_record(Record(group, provider, "step", size.as_dict(), unit="tokens/s"),
                             lambda: (make_train_step(provider, size, device), ()), size.batch * size.context,
                             device, warmup_ms=TRAIN_TIMING * warmup_ms, rep_ms=TRAIN_TIMING * rep_ms)
     if record.status == OK:

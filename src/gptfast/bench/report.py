@@ -318,6 +318,25 @@ def _e2e_table(records: list[Record], group: str) -> list[str]:
     return _table(columns, table) if rows else []
 
 
+def _activation_checkpointing_table(records: list[Record]) -> list[str]:
+    """Each activation checkpointing mode's training tokens/s and peak memory against none ("triton") at
+    the same size, in the same run."""
+    rows = [r for r in records if r.group == end_to_end.AC_GROUP]
+    table = []
+    for r in rows:
+        base = next((b for b in rows if b.provider == "triton" and b.size == r.size and b.status == OK), None)
+        cells = [r.size["preset"], f"{r.size['batch']} x {r.size['context']}", r.provider]
+        if r.status != OK:
+            table.append(cells + ["n/a", "", "", ""])
+            continue
+        memory = r.peak_mb is not None and base is not None and base.peak_mb
+        table.append(cells + [_fmt(r.value), f"{r.value / base.value:.2f}x" if base else "",
+                              f"{r.peak_mb / 1024:.1f} GiB" if r.peak_mb is not None else "",
+                              f"{r.peak_mb / base.peak_mb:.2f}x" if memory else ""])
+    columns = ["model", "batch x context", "provider", "tokens/s", "vs none", "peak memory", "vs none"]
+    return ["## Activation checkpointing", "", *_table(columns, table), ""] if rows else []
+
+
 def _targets(records: list[Record]) -> list[str]:
     """The issue's training targets, met or missed, when GPT-2 124M was measured at full size."""
     train = {r.provider: r.value for r in records if r.group == "train" and r.status == OK
@@ -366,6 +385,7 @@ def markdown(results: dict) -> str:
             lines += [f"## {name} ({bench.unit}, % of ceiling)", "", *_kernel_table(bench, rows, sizes), ""]
             lines += _memory_table(bench, rows, sizes)
     lines += _end_to_end(records, "##")
+    lines += _activation_checkpointing_table(records)
     lines += _unavailable(records)
     return "\n".join(lines).rstrip() + "\n"
 
