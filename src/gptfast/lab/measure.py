@@ -20,14 +20,13 @@ from gptfast.kernels.spec import OpSpec
 
 from . import analysis
 from .ops import check_inputs, check_overrides, parse_config, parse_shape
-from .targets import ARCHITECTURES, Architecture
+from .targets import Architecture, target_for_device
 
 
 def local_architecture() -> Architecture:
-    major, minor = torch.cuda.get_device_capability()
-    arch = ARCHITECTURES.get(10 * major + minor, ARCHITECTURES[90 if major >= 9 else 80])
-    props = torch.cuda.get_device_properties(0)
-    return Architecture(**{**arch.__dict__, "sm_count": props.multi_processor_count})
+    """This GPU's target (``targets.target_for_device``)."""
+    return target_for_device(torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
+                             torch.cuda.get_device_properties(0).multi_processor_count)
 
 
 def bench(op: OpSpec, shape_text: str | None, dtype: str) -> str:
