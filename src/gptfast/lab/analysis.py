@@ -65,19 +65,22 @@ def parse_dtype(text: str) -> str:
 def capture(request: Request) -> list[tuple[str, common.Launch]]:
     """(phase, launch) for every launch of the op's forward then backward launcher, as they would
     run on ``request.arch``; a launch repeated exactly (the fused LM head's chunks) is listed once."""
+    return [(phase, launch) for phase, launch, _ in capture_counted(request)]
+
+
+def capture_counted(request: Request) -> list[tuple[str, common.Launch, int]]:
+    """:func:`capture`'s launches, each with the number of times it ran."""
     check_overrides(request.op, request.overrides)
     check_inputs(request.op, request.shape, request.dtype, request.options)
     records = _launches(request, request.overrides, request.arch.gpu())
     _check_grids(request, records)
     _check_memory(request, records)
     _refuse_untargeted(request, records if not request.overrides else _launches(request, {}, request.arch.gpu()))
-    seen, distinct = set(), []
+    counts: dict[tuple, list] = {}
     for name, launch in records:
         key = (name, launch.kernel, launch.grid, repr(_aligned(launch.args)), repr(sorted(launch.meta.items())))
-        if key not in seen:
-            seen.add(key)
-            distinct.append((name, launch))
-    return distinct
+        counts.setdefault(key, [name, launch, 0])[2] += 1
+    return [tuple(entry) for entry in counts.values()]
 
 
 def _launches(request: Request, overrides: dict, gpu: common.GPU | None) -> list[tuple[str, common.Launch]]:
@@ -166,8 +169,9 @@ def _widths(counter: Counter) -> dict[str, int]:
     return {str(bits): n for bits, n in sorted(counter.items())}
 
 
-def kernel_report(request: Request, phase: str, launch: common.Launch, compiled: Compiled) -> dict:
-    """The inspect fields of one kernel (see the module docstring for the estimates)."""
+def kernel_report(request: Request, phase: str, launch: common.Launch, compiled: Compiled, launches: int = 1) -> dict:
+    """The inspect fields of one kernel (see the module docstring for the estimates); ``launches``: how many
+    times it runs, the bytes, FLOPs and floors being those of them all."""
     arch, name = request.arch, kernel_name(launch.kernel)
     model = request.op.models.get(name)
     args = _named_args(launch)
@@ -194,9 +198,10 @@ def kernel_report(request: Request, phase: str, launch: common.Launch, compiled:
     warp_instructions = (sum(n * c.instructions for n, c in per_tile) + programs * rest_instructions) * warps
     mufu_ops = (sum(n * c.mufu for n, c in per_tile) + programs * rest_mufu) * warps * 32
     flops = (2 * (model.matmuls_of(args) if model else 0) * elements * args.get("HEAD_DIM_PAD", 0)
-             * (iterations + masked_iterations))
+             * (iterations + masked_iterations)) * launches
+    warp_instructions, mufu_ops = warp_instructions * launches, mufu_ops * launches
     bandwidth = request.bandwidth or arch.bandwidth
-    estimate = {"memory": _bytes(launch) / bandwidth * 1e6,
+    estimate = {"memory": _bytes(launch) * launches / bandwidth * 1e6,
                 "issue": warp_instructions / (sms * arch.schedulers * arch.clock_hz) * 1e6,
                 "mufu": mufu_ops / (sms * arch.mufu_per_clock * arch.clock_hz) * 1e6,
                 "tensor_core": flops / (arch.bf16_dense_flops * sms / arch.sm_count) * 1e6}
@@ -219,7 +224,7 @@ def kernel_report(request: Request, phase: str, launch: common.Launch, compiled:
         "masked_iterations": masked_iterations,
         "masked_loop_instructions": masked.instructions * warps if masked else 0,
         "mufu_per_element": body.mufu * warps * 32 / elements,
-        "bytes": _bytes(launch), "flops": flops,
+        "launches": launches, "bytes": _bytes(launch) * launches, "flops": flops,
         "signature": compiled.signature, "hinted": compiled.hinted,
         "estimate_us": estimate, "bound": max(estimate, key=estimate.get),
     }
@@ -233,13 +238,13 @@ def _occupancy(arch: Architecture, warps: int, compiled: Compiled):
 
 def inspect_many(requests: list[Request], workers: int | None = None) -> list[tuple[dict, list[Compiled]]]:
     """:func:`inspect` of several requests, compiled together (one Triton start per worker)."""
-    captured = [capture(r) for r in requests]
-    builds = [Build.of(launch, r.arch.arch) for r, records in zip(requests, captured) for _, launch in records]
+    captured = [capture_counted(r) for r in requests]
+    builds = [Build.of(launch, r.arch.arch) for r, records in zip(requests, captured) for _, launch, _ in records]
     compiled = iter(compile_builds(builds, workers))
     results = []
     for request, records in zip(requests, captured):
         done = [next(compiled) for _ in records]
-        kernels = [kernel_report(request, phase, launch, c) for (phase, launch), c in zip(records, done)]
+        kernels = [kernel_report(request, phase, launch, c, n) for (phase, launch, n), c in zip(records, done)]
         target = request.arch
         results.append(({"op": request.op.name, "arch": f"sm_{target.arch}", "target": target.name,
                          "part": target.part, "clock_hz": target.clock_hz, "dtype": request.dtype,
@@ -308,9 +313,11 @@ def format_report(report: dict) -> str:
     rows = [("kernel", "memory", "issue", "mufu", "tensor core", "bound by")]
     for k in report["kernels"]:
         e = k["estimate_us"]
-        rows.append((k["name"], *(f"{e[key]:.1f}" for key in ("memory", "issue", "mufu", "tensor_core")), k["bound"]))
+        name = k["name"] + (f" x{k['launches']}" if k["launches"] > 1 else "")
+        rows.append((name, *(f"{e[key]:.1f}" for key in ("memory", "issue", "mufu", "tensor_core")), k["bound"]))
     lines += _table(rows)
-    lines.append("loop: SASS instructions of the main loop per iteration x warps; elem/it: elements per iteration")
+    lines.append("loop: SASS instructions of the main loop per iteration x warps; elem/it: elements per iteration; "
+                 "xN: a launch repeated N times (the floors are of all N)")
     return "\n".join(lines)
 
 

@@ -25,8 +25,8 @@ from .targets import Architecture, target_for_device
 
 def local_architecture() -> Architecture:
     """This GPU's target (``targets.target_for_device``)."""
-    return target_for_device(torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
-                             torch.cuda.get_device_properties(0).multi_processor_count)
+    props = torch.cuda.get_device_properties(0)
+    return target_for_device(props.name, (props.major, props.minor), props.multi_processor_count, props.total_memory)
 
 
 def bench(op: OpSpec, shape_text: str | None, dtype: str) -> str:

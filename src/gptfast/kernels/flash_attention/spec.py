@@ -123,15 +123,6 @@ def every_config() -> dict[str, tuple[BlockConfig, ...]]:
             for kernel, tunable in TUNABLES.items()}
 
 
-def visible_tiles(q_len: int, k_len: int, block_m: int, block_n: int, causal: bool) -> int:
-    """(query block, key block) tiles holding a score some query may see: the tiles the attention
-    kernels' loops visit (per batch x head), with the causal diagonal aligned bottom-right."""
-    if not causal:
-        return cdiv(q_len, block_m) * cdiv(k_len, block_n)
-    offset = k_len - q_len
-    return sum(cdiv(min(k_len, min(q_len, start + block_m) + offset), block_n) for start in range(0, q_len, block_m))
-
-
 def _span_tiles(lo: int, mid: int, full_end: int, end: int, block: int) -> tuple[int, int]:
     """(masked, unmasked) blocks of the kernels' three spans of a range (``kernels._span``)."""
     masked = cdiv(max(mid - lo, 0), block) + cdiv(max(end - max(mid, full_end), 0), block)
@@ -180,7 +171,7 @@ def _tiles(spans, masked: bool):
 def _decode_tiles(args: dict, grid: tuple) -> int:
     """The decode kernel's key blocks: each program's chunk of keys in BLOCK_N steps."""
     chunk, k_len = args["chunk"], args["k_len"]
-    return grid[1] * sum(cdiv(min(chunk, k_len - split * chunk), args["BLOCK_N"]) for split in range(grid[0]))
+    return grid[1] * sum(cdiv(max(0, min(chunk, k_len - split * chunk)), args["BLOCK_N"]) for split in range(grid[0]))
 
 
 # The main loop is the unmasked span's; the diagonal and edge tiles run the masked spans' loops.
