@@ -39,7 +39,8 @@ def bench(op: OpSpec, shape_text: str | None, dtype: str) -> str:
     shape = parse_shape(op, shape_text)
     check_inputs(op, shape, dtype, {})
     size = benchmark.size_for(shape)
-    lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()} (measured, do_bench median; copy "
+    lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()}, the lab's target "
+             f"{local_architecture().name} (measured, do_bench median; copy "
              f"{ceilings.copy_gbps:.0f} GB/s, matmul {ceilings.matmul_tflops:.0f} TFLOP/s)"]
     for provider in benchmark.providers:
         for pass_ in PASSES:
