@@ -113,15 +113,37 @@ def _load_results(ctx: Context) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     results = report.begin(_settings(ctx), ctx.device, command="bash bench/gpu.sh" + " --rehearse" * ctx.rehearse)
+    results["lab_target"] = _lab_target(ctx)
     report.write(results, ctx.out, plots=False)
     return results
 
 
+def _lab_target(ctx: Context) -> dict | None:
+    """The lab's target this GPU is (``gptfast.lab.targets.target_for_device``), with the numbers its static
+    estimates use, so that `gptfast lab inspect --target NAME` sits beside what this run measures; None
+    on a CPU."""
+    if ctx.device.type != "cuda":
+        return None
+    import torch
+
+    from gptfast.lab.targets import target_for_device
+
+    props = torch.cuda.get_device_properties(ctx.device)
+    target = target_for_device(props.name, (props.major, props.minor), props.multi_processor_count,
+                               props.total_memory)
+    return {"name": target.name, "part": target.part, "arch": f"sm_{target.arch}", "sm_count": target.sm_count,
+            "clock_hz": target.clock_hz, "bandwidth": target.bandwidth, "bandwidth_source": target.bandwidth_source,
+            "tensor_core_flops": target.bf16_dense_flops}
+
+
 def _ceilings(ctx: Context) -> dict:
-    ceilings = _load_results(ctx)["ceilings"]
+    results = _load_results(ctx)
+    ceilings, target = results["ceilings"], results.get("lab_target")
     print(f"ceilings: copy {ceilings['copy_gbps']:,.0f} GB/s, {ceilings['matmul_dtype']} matmul "
-          f"{ceilings['matmul_tflops']:,.1f} TFLOP/s")
-    return {"ceilings": ceilings}
+          f"{ceilings['matmul_tflops']:,.1f} TFLOP/s; the lab's target: "
+          + (f"{target['name']} ({target['bandwidth'] / 1e9:,.0f} GB/s {target['bandwidth_source']}, "
+             f"{target['tensor_core_flops'] / 1e12:,.0f} TFLOP/s)" if target else "none (no GPU)"))
+    return {"ceilings": ceilings, "lab_target": target}
 
 
 def _train_tasks(ctx: Context, providers: tuple[str, ...]) -> list:

@@ -12,6 +12,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,6 +95,7 @@ def test_rehearsal_records_every_stage_and_its_results(rehearsal):
     results = json.loads((out / "results.json").read_text())
     groups = {r["group"] for r in results["records"]}
     assert {"train", "generate", "layer_norm"} <= groups and results["ceilings"]["copy_gbps"] > 0
+    assert results["lab_target"] is None  # on a CPU no target of the lab's; on a GPU its target (below)
     for record in results["records"]:
         assert record["status"] in ("ok", "unavailable", "failed") and (record["status"] == "ok") == (
             record["value"] is not None)
@@ -269,6 +271,23 @@ def test_a_run_killed_mid_way_leaves_readable_results(tmp_path):
     stages = {s["name"]: s for s in json.loads(stages_file.read_text())["stages"]}
     assert stages["versions"]["status"] == stages["ceilings"]["status"] == "ok"
     assert json.loads((tmp_path / "results.json").read_text())["ceilings"]["copy_gbps"] > 0
+
+
+def test_the_run_records_the_lab_target_it_measured(tmp_path, monkeypatch):
+    """On a GPU the run's results name the lab's target for it, with the numbers of its static estimates,
+    and the report's header sets them beside the measured ceilings."""
+    import torch
+
+    h100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                           total_memory=79 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: h100)
+    monkeypatch.setattr(gpu.Context, "device", property(lambda self: torch.device("cuda")))
+    target = gpu._lab_target(gpu.Context(tmp_path, tmp_path, rehearse=False, deadline=0.0))
+    assert target == {"name": "h100", "part": "H100-SXM5-80GB", "arch": "sm_90", "sm_count": 132, "clock_hz": 1.83e9,
+                      "bandwidth": 3.35e12, "bandwidth_source": "nominal, not measured",
+                      "tensor_core_flops": pytest.approx(989.4e12, rel=1e-3)}
+    (line,) = [line for line in report._target_line(target) if line]
+    assert "h100" in line and "`gptfast lab inspect --target h100`" in line and "3,350 GB/s" in line, line
 
 
 def test_readme_stage_table_is_the_plan():

@@ -36,10 +36,16 @@ runs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and TRITON < (3,
 
 
 @pytest.fixture(scope="module")
-def reports() -> dict[tuple[str, int], dict]:
-    """inspect of every op at its GPT-2 shape in bf16 for sm_80 and sm_90: {(op, arch): report}."""
-    requests = baseline.baseline_requests()
-    return {(r.op.name, r.arch.arch): report for r, (report, _) in zip(requests, lab.inspect_many(requests))}
+def baseline_reports() -> list[dict]:
+    """inspect of the baseline's requests: every op at its GPT-2 shape in bf16 for sm_80 and sm_90, with
+    uniform dtypes and, where they differ, as training passes them."""
+    return [report for report, _ in lab.inspect_many(baseline.baseline_requests())]
+
+
+@pytest.fixture(scope="module")
+def reports(baseline_reports) -> dict[tuple[str, int], dict]:
+    """The uniform-dtype ones: {(op, arch): report}."""
+    return {(r["op"], int(r["arch"][3:])): r for r in baseline_reports if r["inputs"] == "uniform"}
 
 
 def test_inspect_json_schema(reports):
@@ -80,13 +86,19 @@ def test_attention_uses_tensor_cores(reports):
         assert all(k["estimate_us"]["tensor_core"] > 0 for k in matmul_kernels)
 
 
-def test_no_attention_kernel_serialises_wgmma(reports):
-    """sm_90 at GPT-2's shape and over one query, deterministic and with atomics: with q_len == 1 Triton
-    would compile the length as a constant and ptxas would serialise the dK/dV kernel's wgmma (C7515)."""
+@pytest.fixture(scope="module")
+def one_query() -> list[dict]:
+    """Attention over one query and 1024 keys (decoding, and its backward) on sm_90, deterministic and not."""
     op = lab.get_op("flash_attention")
     requests = [lab.Request(op, (1, 12, 1, 64, 1024), "bf16", lab.ARCHITECTURES[90], {},
                             {"deterministic": deterministic}) for deterministic in (True, False)]
-    found = [reports["flash_attention", 90]] + [report for report, _ in lab.inspect_many(requests)]
+    return [report for report, _ in lab.inspect_many(requests)]
+
+
+def test_no_attention_kernel_serialises_wgmma(reports, one_query):
+    """sm_90 at GPT-2's shape and over one query, deterministic and with atomics: with q_len == 1 Triton
+    would compile the length as a constant and ptxas would serialise the dK/dV kernel's wgmma (C7515)."""
+    found = [reports["flash_attention", 90], *one_query]
     kernels = [(report["shape"], k["name"]) for report in found for k in report["kernels"]]
     assert ([1, 12, 1, 64, 1024], "attention_bwd_kv") in kernels
     assert [(report["shape"], k["name"], k["serialized_notes"]) for report in found for k in report["kernels"]
@@ -98,7 +110,9 @@ def test_memory_floor_counts_each_tensor_once(reports):
     rows, cols, _ = SPECS["cross_entropy"].shapes.default
     logits, targets_, loss, stats = rows * cols * 2, rows * 8, rows * 4, rows * 8
     assert forward["bytes"] == logits + targets_ + loss + stats
-    assert forward["estimate_us"]["memory"] == pytest.approx(forward["bytes"] / 4.3e12 * 1e6)
+    bandwidth = reports["cross_entropy", 90]["bandwidth"]  # sm_90 alone: the H100, its bandwidth not measured
+    assert bandwidth == 3.35e12 and reports["cross_entropy", 90]["bandwidth_source"] == "nominal, not measured"
+    assert forward["estimate_us"]["memory"] == pytest.approx(forward["bytes"] / bandwidth * 1e6)
 
 
 def test_occupancy_arithmetic():
@@ -109,6 +123,80 @@ def test_occupancy_arithmetic():
     assert targets.occupancy(h100, 4, 32, 100 * 1024) == targets.Occupancy(2, 8, "shared_memory")
     # 168 registers: 5376 per warp, 3 warps per 16K sub-partition, 12 warps per SM.
     assert targets.occupancy(h100, 4, 168, 0) == targets.Occupancy(3, 12, "registers")
+
+
+def test_targets_one_table_one_clock():
+    """Each target's tensor-core floor is its SMs' FLOPs per clock at the one clock of every floor, within 2%
+    of its datasheet's peak; --arch alone takes its architecture's first target; --target and --arch agree."""
+    assert {"h100", "h200", "a100"} <= set(lab.TARGETS) and lab.ARCHITECTURES[90] is lab.TARGETS["h100"]
+    for target in lab.TARGETS.values():
+        assert target.bf16_dense_flops == pytest.approx(target.datasheet_bf16_flops, rel=0.02), target.name
+    h100, h200 = lab.TARGETS["h100"], lab.TARGETS["h200"]
+    assert (h100.sm_count, h100.clock_hz, h100.bandwidth, h100.bandwidth_source) == (
+        132, 1.83e9, 3.35e12, "nominal, not measured")
+    assert (h200.bandwidth, h200.bandwidth_source, h200.nominal_bandwidth) == (4.3e12, "measured", 4.8e12)
+    assert lab.parse_target(None, None) is h100 and lab.parse_target(None, "sm_80") is lab.TARGETS["a100"]
+    assert lab.parse_target("h200", "sm_90") is h200
+    with pytest.raises(lab.LabError, match="--target a100 is sm_80, not sm_90"):
+        lab.parse_target("a100", "sm_90")
+
+
+def test_a_gpu_is_its_named_target_only_when_its_numbers_agree():
+    """bench/gpu.sh and lab bench record the target of the GPU they measure: an H100 SXM is h100; an H100
+    PCIe (114 SMs) or an A100 40GB is "like-" its architecture's first, with its own SM count."""
+    gib = 2**30
+    assert targets.target_for_device("NVIDIA H100 80GB HBM3", (9, 0), 132, 79 * gib) is lab.TARGETS["h100"]
+    assert targets.target_for_device("NVIDIA H200", (9, 0), 132, 140 * gib) is lab.TARGETS["h200"]
+    assert targets.target_for_device("NVIDIA A100-SXM4-80GB", (8, 0), 108, 79 * gib) is lab.TARGETS["a100"]
+    pcie = targets.target_for_device("NVIDIA H100 PCIe", (9, 0), 114, 79 * gib)
+    assert (pcie.name, pcie.sm_count, pcie.clock_hz) == ("like-h100", 114, 1.83e9)
+    assert targets.target_for_device("NVIDIA A100-SXM4-40GB", (8, 0), 108, 39 * gib).name == "like-a100"
+
+
+def test_attention_tiles_split_into_masked_and_full():
+    """The lab charges attention's masked tiles (the causal diagonal, the sequence ends) at their own loop
+    and the full ones at the main loop's: GPT-2's causal 1024 with the forward's 128 x 64 tiles has 2 masked
+    tiles per query block and 2 per earlier 128 keys full; dK/dV's 32 x 128, 4 masked per key block."""
+    fa_spec = importlib.import_module("gptfast.kernels.flash_attention.spec")
+    assert fa_spec.key_span_tiles(1024, 1024, 128, 64, True) == (16, 56)  # masked, full: 72 of 128 visible
+    assert fa_spec.query_span_tiles(1024, 1024, 32, 128, True) == (32, 112)
+    assert fa_spec.key_span_tiles(100, 1000, 64, 64, False) == (2, 30)  # keys 960..999 masked, per query block
+    assert fa_spec.query_span_tiles(100, 1000, 64, 64, False) == (17, 15)  # the last key block all masked
+    for q_len, k_len, bm, bn in ((1024, 1024, 128, 64), (63, 63, 16, 32), (40, 57, 16, 16)):
+        assert sum(fa_spec.key_span_tiles(q_len, k_len, bm, bn, False)) == -(-q_len // bm) * -(-k_len // bn)
+        assert sum(fa_spec.query_span_tiles(q_len, k_len, bm, bn, False)) == -(-q_len // bm) * -(-k_len // bn)
+
+
+def test_attention_report_counts_masked_tiles_and_the_decode_loop(reports, one_query):
+    """At GPT-2's shape every visible tile is counted once, masked or full, and the masked ones at a longer
+    loop; decoding's main loop is its key loop, not the whole program."""
+    kernels = {k["name"]: k for k in reports["flash_attention", 90]["kernels"]}
+    forward = kernels["attention_fwd"]
+    assert (forward["iterations"], forward["masked_iterations"]) == (192 * 56, 192 * 16)
+    assert forward["masked_loop_instructions"] > forward["main_loop_instructions"]
+    assert kernels["attention_bwd_kv"]["masked_iterations"] == 192 * 32
+    (decode,) = [k for k in one_query[0]["kernels"] if k["name"] == "attention_decode"]
+    assert decode["main_loop"] and decode["iterations"] == 12 * 1024 // decode["config"]["BLOCK_N"]
+    assert decode["main_loop_instructions"] < 1000  # its key loop (Triton 3.6: 664), not the program (2168)
+
+
+def test_training_inputs_are_the_dtypes_training_passes(baseline_reports):
+    """As GPT training passes them: bias_gelu's bias in float32 (a parameter under autocast), LayerNorm's
+    residual stream and parameters in float32 with a bf16 output, q, k and v views of one projection."""
+    found = {r["op"]: r for r in baseline_reports if r["inputs"] == "training" and r["arch"] == "sm_90"}
+    assert {"layer_norm", "add_layer_norm", "bias_gelu", "flash_attention"} <= set(found)
+    for op in ("bias_gelu", "add_layer_norm"):
+        for k in found[op]["kernels"]:
+            assert {"*fp32", "*bf16"} <= set(k["signature"].values()), (op, k["name"], k["signature"])
+    uniform_gelu = {k["name"]: k for k in reports_of(baseline_reports, "bias_gelu", "uniform")["kernels"]}
+    assert "*fp32" not in set(uniform_gelu["bias_gelu_fwd"]["signature"].values())
+    linear_ce = reports_of(baseline_reports, "linear_cross_entropy", "uniform")["kernels"]
+    # 16,384 rows in chunks of 2,624 rows: 6 the same, then one of 640
+    assert [k["launches"] for k in linear_ce if k["name"] == "cross_entropy_fwd"] == [6, 1]
+
+
+def reports_of(found: list[dict], op: str, inputs: str) -> dict:
+    return next(r for r in found if r["op"] == op and r["arch"] == "sm_90" and r["inputs"] == inputs)
 
 
 SASS = """
@@ -254,11 +342,11 @@ def test_cli_check_refuses_a_shape_in_one_line():
         "gptfast lab check: error: cross_entropy 4,10,20 float32: 20 classes in rows of 10 columns"]
 
 
-def test_main_loops_within_the_baseline(reports):
+def test_main_loops_within_the_baseline(baseline_reports):
     recorded = baseline.load().get(analysis.triton_version())
     if recorded is None:
         pytest.skip(f"tests/lab_baseline.json has no entries for Triton {analysis.triton_version()}")
-    now = baseline.current(list(reports.values()))
+    now = baseline.current(baseline_reports)
     assert baseline.regressions(now, recorded) == [], "run `python -m gptfast.lab baseline --write` and review"
 
 

@@ -163,6 +163,32 @@ def test_bad_targets(small):
         small(idx, torch.full((1, 4), 100))
 
 
+def test_a_training_step_makes_no_host_sync():
+    """Forward, loss, backward, clipping and the optimizer step of two micro-batches on tensors without data
+    (device "meta"): any read of a value on the host (.item(), .tolist(), bool(tensor), a copy to the CPU)
+    raises there, as the ids' host check does, so the step as training runs it on a GPU makes none."""
+    from gptfast.optim import make_optimizer, train_step
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=100, n_layer=1, n_head=2, n_embd=32, context_length=8))
+    optimizer = make_optimizer(model, lr=1e-3)
+    idx = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        model._check_ids(idx, idx)  # what a CPU forward checks on the host: caught here
+    loss, norm = train_step(model, optimizer, [(idx, idx), (idx, idx)], lr=1e-3, grad_clip=1.0)
+    assert loss.device.type == norm.device.type == "meta"
+
+
+def test_ids_off_the_cpu_are_checked_by_an_asynchronous_assert(small):
+    """Off the CPU the ids' check is a device-side assert, with no host sync: here on CPU tensors, where it
+    fails at once, its message naming the vocabulary."""
+    small._assert_ids_async(torch.full((1, 4), 99), torch.full((1, 4), -1))  # the largest id, an ignored target
+    zeros = torch.zeros(1, 4, dtype=torch.long)
+    for idx, targets in ((torch.full((1, 4), 100), None), (zeros, torch.full((1, 4), -2))):
+        with pytest.raises(RuntimeError, match=r"outside the vocabulary \[0, 100\)"):
+            small._assert_ids_async(idx, targets)
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=100, n_head=3)

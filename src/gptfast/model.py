@@ -165,7 +165,8 @@ class LayerNorm(nn.Module):
         """LayerNorm(x); with ``branch``, (x + branch, LayerNorm(x + branch))."""
         # Under autocast the next matmul casts y to the autocast dtype: write it in that dtype.
         device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        out_dtype = torch.get_autocast_dtype(device) if autocasting else None
         if branch is None:
             return kernels.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
         return kernels.add_layer_norm(x, branch, self.weight, self.bias, self.eps, out_dtype)
@@ -386,8 +387,15 @@ class GPT(nn.Module):
         if targets is not None and tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         if torch.compiler.is_compiling() or idx.numel() == 0:
-            return  # value checks need a host sync; compiled graphs skip them
-        # One host sync for every bound: (min, max) of the ids, and of the targets when given.
+            return  # compiled graphs skip the value checks
+        if idx.device.type == "cpu":
+            self._check_ids(idx, targets)
+        else:
+            self._assert_ids_async(idx, targets)
+
+    def _check_ids(self, idx: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """Every id inside the vocabulary (targets: or -1), else a ValueError naming the first bad one; it reads
+        the ids' bounds on the host, so only for ids already there (on the CPU, where that is no sync)."""
         tensors = [idx] if targets is None else [idx, targets]
         bounds = torch.stack([b.long() for t in tensors for b in t.aminmax()]).tolist()
         lo, hi = bounds[:2]
@@ -399,6 +407,16 @@ class GPT(nn.Module):
             if lo < -1 or hi >= self.config.vocab_size:
                 raise ValueError(f"target id {lo if lo < -1 else hi} is outside the vocabulary "
                                  f"[0, {self.config.vocab_size}) (-1 marks positions to ignore)")
+
+    def _assert_ids_async(self, idx: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """The same check on the device, without a host sync (a training step makes none): an asynchronous
+        assert, which fails the next call that synchronises, its message naming the vocabulary."""
+        vocab = self.config.vocab_size
+        bad = ((idx < 0) | (idx >= vocab)).any()
+        if targets is not None:
+            bad = bad | ((targets < -1) | (targets >= vocab)).any()
+        torch._assert_async(~bad, f"a token or target id is outside the vocabulary [0, {vocab}) "
+                                  "(-1 marks targets to ignore)")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, left_pad: torch.Tensor | None = None, last_only: bool = False,

@@ -251,7 +251,19 @@ def _header(results: dict) -> list[str]:
         "",
         f"Ceilings: copy {_fmt(ceil['copy_gbps'])} GB/s (read + write), {ceil['matmul_dtype']} "
         f"{ceil['matmul_size']}^3 matmul {_fmt(ceil['matmul_tflops'])} TFLOP/s. Percentages are of these.",
+        *_target_line(results.get("lab_target")),
     ]
+
+
+def _target_line(target: dict | None) -> list[str]:
+    """The lab's target for this device (the run records it on a GPU): the numbers of its static estimates,
+    beside the ceilings measured above."""
+    if not target:
+        return []
+    return ["", f"The lab's target for this device: {target['name']} ({target['part']}, {target['sm_count']} SMs): "
+            f"its static estimates (`gptfast lab inspect --target {target['name'].removeprefix('like-')}`) take "
+            f"{_fmt(target['bandwidth'] / 1e9)} GB/s ({target['bandwidth_source']}) and "
+            f"{_fmt(target['tensor_core_flops'] / 1e12)} TFLOP/s at {target['clock_hz'] / 1e9:.3g} GHz."]
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> list[str]:

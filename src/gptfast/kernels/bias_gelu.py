@@ -236,6 +236,12 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
             "approximate": options.get("approximate", "tanh")}
 
 
+def _training_inputs(inputs: spec.Inputs) -> spec.Inputs:
+    """As GPT training passes them under autocast: c_fc's matmul output in the activation dtype, its bias
+    (a parameter) in float32 (``model.MLP``)."""
+    return {**inputs, "bias": spec.float32(inputs["bias"])}
+
+
 def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     x, bias, approximate = inputs["x"], inputs["bias"], inputs["approximate"]
     with phase("forward"):
@@ -266,7 +272,7 @@ SPECS = (spec.OpSpec(
     name="bias_gelu", order=30, function=bias_gelu, shape_names=("rows", "columns"),
     shapes=spec.Shapes(default=(16384, 3072), small=(64, 300), odd=((33, 3072), (4, 1000), (7, 300))),
     make_inputs=_inputs, launchers=_launchers, compared=(bias_gelu, bias_gelu_reference, _eager),
-    config_type=RowConfig, every_config=every_config,
+    training_inputs=_training_inputs, config_type=RowConfig, every_config=every_config,
     tunables={"bias_gelu_fwd": spec.Tunable(ROW_FIELDS), "bias_gelu_bwd": spec.Tunable(ROW_FIELDS)},
     options={"bias": bool, "approximate": str, "row_stride": int},
     models={"bias_gelu_bwd": spec.KernelModel(spec.row_tiles)},

@@ -459,12 +459,19 @@ def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase
     x, branch, weight, bias = (inputs.get(name) for name in ("x", "branch", "weight", "bias"))
     n_cols = x.shape[-1]
     with phase("forward"):
-        y, rstd, total = launch_forward(x, branch, weight, bias, EPS, x.dtype,
+        y, rstd, total = launch_forward(x, branch, weight, bias, EPS, inputs.get("out_dtype") or x.dtype,
                                         configure(block_config(n_cols, False), "layer_norm_fwd"))
     with phase("backward"):
         launch_backward(torch.randn_like(y), x if branch is None else total, weight, bias is not None, rstd,
                         None if branch is None else torch.randn_like(total),
                         configure(block_config(n_cols, True), "layer_norm_bwd"))
+
+
+def _training_inputs(inputs: spec.Inputs) -> spec.Inputs:
+    """As GPT training passes them under autocast: the residual stream x and the parameters in float32,
+    the branch (a matmul's output) and y in the activation dtype (``model.LayerNorm``)."""
+    return {**inputs, **{name: spec.float32(inputs[name]) for name in ("x", "weight", "bias")},
+            "out_dtype": inputs["x"].dtype}
 
 
 def _eager_add(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
@@ -498,7 +505,7 @@ _OPTIONS = {"weight": bool, "bias": bool, "row_stride": int}
 
 LAYER_NORM = spec.OpSpec(
     name="layer_norm", order=10, function=layer_norm, shape_names=("rows", "columns"),
-    shapes=_SHAPES, make_inputs=_inputs, launchers=_launchers,
+    shapes=_SHAPES, make_inputs=_inputs, launchers=_launchers, training_inputs=_training_inputs,
     compared=(layer_norm, layer_norm_reference, lambda x, weight, bias: F.layer_norm(x, (x.shape[-1],), weight, bias)),
     config_type=RowConfig, every_config=every_config, tunables=_TUNABLES, options=_OPTIONS, models=_MODELS,
     benchmarks=(benchmark.KernelBench(
@@ -528,6 +535,7 @@ def _add_reference(x, branch, weight, bias):
 ADD_LAYER_NORM = spec.OpSpec(
     name="add_layer_norm", order=20, function=add_layer_norm, shape_names=("rows", "columns"),
     shapes=_SHAPES, make_inputs=functools.partial(_inputs, residual=True), launchers=_launchers,
+    training_inputs=_training_inputs,
     # Both outputs compared at once: (x + branch, LayerNorm of it), stacked.
     compared=(lambda x, branch, weight, bias: torch.stack(add_layer_norm(x, branch, weight, bias)), _add_reference,
               lambda x, branch, weight, bias: torch.stack(_eager_add(x, branch, weight, bias))),

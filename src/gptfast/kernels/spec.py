@@ -65,11 +65,13 @@ class KernelModel:
     counts them over the whole launch from the kernel's named arguments and grid (None: the kernel has no
     loop, one iteration per program). ``elements``: per iteration (None: the product of its BLOCK_*
     sizes). ``matmuls``: matrix products of (elements x HEAD_DIM_PAD) per iteration, or a function of the
-    named arguments that counts them."""
+    named arguments that counts them. ``masked``: for a kernel whose tiles run either the main loop or
+    its other (masked) loops, the latter's iterations over the launch, each of the same work."""
 
     iterations: Callable[[dict, tuple], int] | None = None
     elements: Callable[[dict], int] | None = None
     matmuls: int | Callable[[dict], int] = 0
+    masked: Callable[[dict, tuple], int] | None = None
 
     def matmuls_of(self, args: dict) -> int:
         return self.matmuls(args) if callable(self.matmuls) else self.matmuls
@@ -118,6 +120,10 @@ class OpSpec:
     # (shape, dtype, overrides, note, path or None) -> what it wrote: the winner of ``lab tune`` into the
     # op's configuration table; None: the launchers derive the configuration, there is no table
     save_tuned: Callable[[tuple, torch.dtype, dict, str, Path | None], str] | None = None
+    # inputs made in the activation dtype -> the same inputs as GPT training passes them (float32 parameters
+    # and residual stream under autocast, q/k/v as views of one projection), without data; None: as made.
+    # The lab inspects these unless asked for uniform dtypes.
+    training_inputs: Callable[[Inputs], Inputs] | None = None
 
     def __post_init__(self) -> None:
         bench = tuple(b.shape_for(size) for b in self.benchmarks for size in b.sizes("full"))
@@ -129,12 +135,16 @@ class OpSpec:
         return self.make_inputs(tuple(shape), dtype, torch.device(device), options or {}, generator)
 
     def launch_meta(self, shape: tuple, dtype: torch.dtype, options: dict | None = None,
-                    overrides: dict[str, dict[str, int]] | None = None, phase: Phase | None = None) -> None:
+                    overrides: dict[str, dict[str, int]] | None = None, phase: Phase | None = None,
+                    training: bool = False) -> None:
         """The forward and backward launchers on device-"meta" tensors, configured for
         ``common.target_gpu()`` with ``overrides`` ({kernel: {FIELD: value}}) applied; call it inside
         ``common.capture_launches()`` and ``common.targeting(gpu)``. ``phase(name)``: a context entered
-        around each pass."""
-        self.launch(self.inputs(shape, dtype, "meta", options), overrides, phase)
+        around each pass. ``training``: the inputs as training passes them (``training_inputs``)."""
+        inputs = self.inputs(shape, dtype, "meta", options)
+        if training and self.training_inputs is not None:
+            inputs = self.training_inputs(inputs)
+        self.launch(inputs, overrides, phase)
 
     def launch(self, inputs: Inputs, overrides: dict[str, dict[str, int]] | None = None,
                phase: Phase | None = None) -> None:
@@ -162,6 +172,11 @@ def tensor(*size: int, dtype: torch.dtype, device: torch.device, generator: torc
     if generator is None:
         return torch.empty(size, dtype=dtype, device=device)
     return (torch.randn(size, generator=generator, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+
+def float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in float32 (None stays None): a parameter or the residual stream as autocast training keeps them."""
+    return None if t is None else t.float()
 
 
 def row_tensor(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device,

@@ -13,7 +13,7 @@ from .analysis import Request, dump, format_report, inspect, inspect_many
 from .cli import add_lab_parser
 from .compiler import Build, Compiled, LabError, compile_builds
 from .ops import get_op
-from .targets import ARCHITECTURES, parse_arch
+from .targets import ARCHITECTURES, TARGETS, parse_arch, parse_target
 
-__all__ = ["ARCHITECTURES", "Build", "Compiled", "LabError", "Request", "add_lab_parser", "compile_builds", "dump",
-           "format_report", "get_op", "inspect", "inspect_many", "parse_arch"]
+__all__ = ["ARCHITECTURES", "TARGETS", "Build", "Compiled", "LabError", "Request", "add_lab_parser", "compile_builds",
+           "dump", "format_report", "get_op", "inspect", "inspect_many", "parse_arch", "parse_target"]

@@ -5,13 +5,15 @@ what the SASS shows (matrix instructions, access widths, the main loop: see ``sa
 (``targets.occupancy``), and four static floors at the shape, each an estimate, never a measurement:
 
 * memory: every tensor argument read or written once, at the bandwidth (``--bandwidth``);
-* issue: warp-instructions (main loop x its iterations, the rest of the program once per program)
-  over the SMs the grid can occupy, 4 schedulers each issuing one per clock at the boost clock;
+* issue: warp-instructions (main loop x its iterations; attention's masked tiles x the longest
+  masked loop, ``KernelModel.masked``; the rest of the program once per program) over the SMs the
+  grid can occupy, 4 schedulers each issuing one per clock;
 * mufu: the special-function unit's operations (ex2, rcp, rsqrt...) counted the same way, at 16 per
   clock per SM;
 * tensor_core: the matrix products' FLOPs (attention: per score tile, ``KernelModel.matmuls``
   products with the head dim) at the dense bf16 peak.
 
+Every floor runs at the target's one clock (``targets``: the clock its tensor-core peak is quoted at).
 What a kernel's main loop covers comes from its op's spec (``OpSpec.models``).
 """
 
@@ -48,6 +50,7 @@ class Request:
     overrides: dict  # --config: {kernel: {field: value}}
     options: dict  # variants: weight/bias present, dropout_p, causal, row_stride...
     bandwidth: float | None = None  # bytes/s; None: the architecture's default
+    training: bool = False  # the inputs' dtypes and layouts as training passes them (OpSpec.training_inputs)
 
 
 def parse_dtype(text: str) -> str:
@@ -62,18 +65,22 @@ def parse_dtype(text: str) -> str:
 def capture(request: Request) -> list[tuple[str, common.Launch]]:
     """(phase, launch) for every launch of the op's forward then backward launcher, as they would
     run on ``request.arch``; a launch repeated exactly (the fused LM head's chunks) is listed once."""
+    return [(phase, launch) for phase, launch, _ in capture_counted(request)]
+
+
+def capture_counted(request: Request) -> list[tuple[str, common.Launch, int]]:
+    """:func:`capture`'s launches, each with the number of times it ran."""
     check_overrides(request.op, request.overrides)
     check_inputs(request.op, request.shape, request.dtype, request.options)
     records = _launches(request, request.overrides, request.arch.gpu())
     _check_grids(request, records)
+    _check_memory(request, records)
     _refuse_untargeted(request, records if not request.overrides else _launches(request, {}, request.arch.gpu()))
-    seen, distinct = set(), []
+    counts: dict[tuple, list] = {}
     for name, launch in records:
         key = (name, launch.kernel, launch.grid, repr(_aligned(launch.args)), repr(sorted(launch.meta.items())))
-        if key not in seen:
-            seen.add(key)
-            distinct.append((name, launch))
-    return distinct
+        counts.setdefault(key, [name, launch, 0])[2] += 1
+    return [tuple(entry) for entry in counts.values()]
 
 
 def _launches(request: Request, overrides: dict, gpu: common.GPU | None) -> list[tuple[str, common.Launch]]:
@@ -89,7 +96,8 @@ def _launches(request: Request, overrides: dict, gpu: common.GPU | None) -> list
 
     targeting = common.targeting(gpu) if gpu is not None else contextlib.nullcontext()
     with targeting, refusals_as_lab_errors(request.op, request.shape, request.dtype):
-        request.op.launch_meta(request.shape, DTYPES[request.dtype], request.options, overrides, phase)
+        request.op.launch_meta(request.shape, DTYPES[request.dtype], request.options, overrides, phase,
+                               request.training)
     return records
 
 
@@ -103,6 +111,16 @@ def _check_grids(request: Request, records: list[tuple[str, common.Launch]]) -> 
             raise LabError(f"{request.op.name} {','.join(map(str, request.shape))} {request.dtype}: "
                            f"{kernel_name(launch.kernel)}'s grid {tuple(launch.grid)} is over CUDA's limits "
                            f"({', '.join(f'{a} {n:,}' for a, n in zip('xyz', GRID_LIMITS))})")
+
+
+def _check_memory(request: Request, records: list[tuple[str, common.Launch]]) -> None:
+    """A LabError naming the shape when one launch's tensors alone exceed the target's memory."""
+    name, launch = max(records, key=lambda record: _bytes(record[1]))
+    target = request.arch
+    if _bytes(launch) > target.memory_bytes:
+        raise LabError(f"{request.op.name} {','.join(map(str, request.shape))} {request.dtype}: "
+                       f"{kernel_name(launch.kernel)} ({name}) moves {_bytes(launch) / 1e9:,.1f} GB of tensors, "
+                       f"more than the {target.name}'s {target.memory_bytes / 1e9:,.0f} GB")
 
 
 def _refuse_untargeted(request: Request, targeted: list[tuple[str, common.Launch]]) -> None:
@@ -151,8 +169,9 @@ def _widths(counter: Counter) -> dict[str, int]:
     return {str(bits): n for bits, n in sorted(counter.items())}
 
 
-def kernel_report(request: Request, phase: str, launch: common.Launch, compiled: Compiled) -> dict:
-    """The inspect fields of one kernel (see the module docstring for the estimates)."""
+def kernel_report(request: Request, phase: str, launch: common.Launch, compiled: Compiled, launches: int = 1) -> dict:
+    """The inspect fields of one kernel (see the module docstring for the estimates); ``launches``: how many
+    times it runs, the bytes, FLOPs and floors being those of them all."""
     arch, name = request.arch, kernel_name(launch.kernel)
     model = request.op.models.get(name)
     args = _named_args(launch)
@@ -161,22 +180,28 @@ def kernel_report(request: Request, phase: str, launch: common.Launch, compiled:
     code = sass.instructions(compiled.asm["sass"])
     whole = sass.count(code)
     loop, loops = sass.main_loop(code)
-    body = sass.count(code[loop.start:loop.end + 1]) if loop else whole
     if model and model.iterations and loop:
-        iterations = model.iterations(args, launch.grid)
+        iterations, body = model.iterations(args, launch.grid), sass.count(code[loop.start:loop.end + 1])
+        masked_loops = [sass.count(code[lp.start:lp.end + 1]) for lp in sass.innermost(loops) if lp != loop]
+        masked = max(masked_loops, key=lambda c: c.instructions) if model.masked and masked_loops else None
+        masked_iterations = model.masked(args, launch.grid) if masked else 0
+        looped = [body, *(masked_loops if masked else [])]  # the rest runs once per program
+        rest_instructions = whole.instructions - sum(c.instructions for c in looped)
+        rest_mufu = whole.mufu - sum(c.mufu for c in looped)
     else:  # no loop: the main loop is the whole program
-        iterations, body = programs, whole
+        iterations, body, masked, masked_iterations, rest_instructions, rest_mufu = programs, whole, None, 0, 0, 0
     elements = (model.elements(args) if model and model.elements
                 else math.prod(v for k, v in launch.meta.items() if k.startswith("BLOCK")))
-    rest_instructions = whole.instructions - body.instructions if body is not whole else 0
-    rest_mufu = whole.mufu - body.mufu if body is not whole else 0
     occupancy = _occupancy(arch, warps, compiled)
     sms = min(arch.sm_count, programs)
-    warp_instructions = (iterations * body.instructions + programs * rest_instructions) * warps
-    mufu_ops = (iterations * body.mufu + programs * rest_mufu) * warps * 32
-    flops = 2 * (model.matmuls_of(args) if model else 0) * elements * args.get("HEAD_DIM_PAD", 0) * iterations
+    per_tile = [(iterations, body), (masked_iterations, masked or body)]
+    warp_instructions = (sum(n * c.instructions for n, c in per_tile) + programs * rest_instructions) * warps
+    mufu_ops = (sum(n * c.mufu for n, c in per_tile) + programs * rest_mufu) * warps * 32
+    flops = (2 * (model.matmuls_of(args) if model else 0) * elements * args.get("HEAD_DIM_PAD", 0)
+             * (iterations + masked_iterations)) * launches
+    warp_instructions, mufu_ops = warp_instructions * launches, mufu_ops * launches
     bandwidth = request.bandwidth or arch.bandwidth
-    estimate = {"memory": _bytes(launch) / bandwidth * 1e6,
+    estimate = {"memory": _bytes(launch) * launches / bandwidth * 1e6,
                 "issue": warp_instructions / (sms * arch.schedulers * arch.clock_hz) * 1e6,
                 "mufu": mufu_ops / (sms * arch.mufu_per_clock * arch.clock_hz) * 1e6,
                 "tensor_core": flops / (arch.bf16_dense_flops * sms / arch.sm_count) * 1e6}
@@ -196,8 +221,10 @@ def kernel_report(request: Request, phase: str, launch: common.Launch, compiled:
         "loop_instructions_per_warp": [sass.count(code[lp.start:lp.end + 1]).instructions for lp in loops],
         "warpgroup_waits": body.warpgroup_waits,
         "elements_per_iteration": elements, "iterations": iterations,
+        "masked_iterations": masked_iterations,
+        "masked_loop_instructions": masked.instructions * warps if masked else 0,
         "mufu_per_element": body.mufu * warps * 32 / elements,
-        "bytes": _bytes(launch), "flops": flops,
+        "launches": launches, "bytes": _bytes(launch) * launches, "flops": flops,
         "signature": compiled.signature, "hinted": compiled.hinted,
         "estimate_us": estimate, "bound": max(estimate, key=estimate.get),
     }
@@ -211,17 +238,27 @@ def _occupancy(arch: Architecture, warps: int, compiled: Compiled):
 
 def inspect_many(requests: list[Request], workers: int | None = None) -> list[tuple[dict, list[Compiled]]]:
     """:func:`inspect` of several requests, compiled together (one Triton start per worker)."""
-    captured = [capture(r) for r in requests]
-    builds = [Build.of(launch, r.arch.arch) for r, records in zip(requests, captured) for _, launch in records]
+    captured = [capture_counted(r) for r in requests]
+    builds = [Build.of(launch, r.arch.arch) for r, records in zip(requests, captured) for _, launch, _ in records]
     compiled = iter(compile_builds(builds, workers))
     results = []
     for request, records in zip(requests, captured):
         done = [next(compiled) for _ in records]
-        kernels = [kernel_report(request, phase, launch, c) for (phase, launch), c in zip(records, done)]
-        results.append(({"op": request.op.name, "arch": f"sm_{request.arch.arch}", "dtype": request.dtype,
-                         "shape": list(request.shape), "triton_version": triton_version(),
-                         "bandwidth": request.bandwidth or request.arch.bandwidth, "kernels": kernels}, done))
+        kernels = [kernel_report(request, phase, launch, c, n) for (phase, launch, n), c in zip(records, done)]
+        target = request.arch
+        results.append(({"op": request.op.name, "arch": f"sm_{target.arch}", "target": target.name,
+                         "part": target.part, "clock_hz": target.clock_hz, "dtype": request.dtype,
+                         "shape": list(request.shape), "inputs": _inputs_kind(request),
+                         "triton_version": triton_version(),
+                         "bandwidth": request.bandwidth or target.bandwidth,
+                         "bandwidth_source": "--bandwidth" if request.bandwidth else target.bandwidth_source,
+                         "tensor_core_flops": target.bf16_dense_flops, "kernels": kernels}, done))
     return results
+
+
+def _inputs_kind(request: Request) -> str:
+    """How the report's inputs were made: as training passes them, or every floating input in the dtype."""
+    return "training" if request.training and request.op.training_inputs else "uniform"
 
 
 def inspect(request: Request) -> dict:
@@ -251,9 +288,11 @@ def triton_version() -> str:
 
 def format_report(report: dict) -> str:
     """The human-readable table of one inspect report."""
-    head = (f"{report['op']} {report['dtype']} shape {','.join(map(str, report['shape']))} on {report['arch']} "
-            f"({report['kernels'][0]['sm_count'] if report['kernels'] else '?'} SMs), "
-            f"Triton {report['triton_version']}")
+    inputs = "inputs as training passes them" if report["inputs"] == "training" else "every input in the dtype"
+    head = (f"{report['op']} {report['dtype']} ({inputs}) shape {','.join(map(str, report['shape']))} "
+            f"on {report['arch']}, "
+            f"target {report['target']} ({report['part']}, "
+            f"{report['kernels'][0]['sm_count'] if report['kernels'] else '?'} SMs), Triton {report['triton_version']}")
     columns = ("kernel", "config", "regs", "spill", "smem", "CTA/SM", "warp/SM", "limit", "programs", "mma",
                "serial", "loads", "stores", "tma", "loop", "elem/it", "mufu/el")
     rows = [columns]
@@ -268,13 +307,17 @@ def format_report(report: dict) -> str:
                      "TMA" if k["tma"] else ("cp.async" if k["cp_async"] else "-"),
                      k["main_loop_instructions"], k["elements_per_iteration"], f"{k['mufu_per_element']:.2f}"))
     lines = [head, *_table(rows), "",
-             f"Static estimates (not measurements), microseconds, at {report['bandwidth'] / 1e12:.2f} TB/s:"]
+             f"Static estimates (not measurements), microseconds, at {report['bandwidth'] / 1e12:.2f} TB/s "
+             f"({report['bandwidth_source']}), every floor at {report['clock_hz'] / 1e9:.3g} GHz "
+             f"(tensor cores {report['tensor_core_flops'] / 1e12:.0f} TFLOP/s):"]
     rows = [("kernel", "memory", "issue", "mufu", "tensor core", "bound by")]
     for k in report["kernels"]:
         e = k["estimate_us"]
-        rows.append((k["name"], *(f"{e[key]:.1f}" for key in ("memory", "issue", "mufu", "tensor_core")), k["bound"]))
+        name = k["name"] + (f" x{k['launches']}" if k["launches"] > 1 else "")
+        rows.append((name, *(f"{e[key]:.1f}" for key in ("memory", "issue", "mufu", "tensor_core")), k["bound"]))
     lines += _table(rows)
-    lines.append("loop: SASS instructions of the main loop per iteration x warps; elem/it: elements per iteration")
+    lines.append("loop: SASS instructions of the main loop per iteration x warps; elem/it: elements per iteration; "
+                 "xN: a launch repeated N times (the floors are of all N)")
     return "\n".join(lines)
 
 

@@ -1,10 +1,11 @@
 """The committed baseline of main-loop lengths (``tests/lab_baseline.json``), per Triton version.
 
 Each entry is ``main_loop_instructions`` of one kernel at one configuration: every op at its GPT-2
-shape in bf16, on sm_80 and sm_90. A change that makes any of them more than 3% longer, or adds a
-kernel, configuration or op the baseline lacks, fails ``tests/test_lab.py`` until the baseline is
-regenerated (``python -m gptfast.lab baseline --write``, with each Triton version it records) and the
-growth is reviewed with it.
+shape in bf16, on sm_80 and sm_90, with every input in bf16 and (an entry ending in "training") with
+the inputs as training passes them (``OpSpec.training_inputs``). A change that makes any of them more
+than 3% longer, or adds a kernel, configuration or op the baseline lacks, fails ``tests/test_lab.py``
+until the baseline is regenerated (``python -m gptfast.lab baseline --write``, with each Triton
+version it records) and the growth is reviewed with it.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ TOLERANCE = 0.03
 
 
 def baseline_requests() -> list[Request]:
-    return [Request(op, op.shapes.default, "bf16", ARCHITECTURES[arch], {}, {})
-            for op in SPECS.values() for arch in BASELINE_ARCHS]
+    return [Request(op, op.shapes.default, "bf16", ARCHITECTURES[arch], {}, {}, training=training)
+            for op in SPECS.values() for arch in BASELINE_ARCHS
+            for training in (False, True)[:1 + (op.training_inputs is not None)]]
 
 
 def entry_key(report: dict, kernel: dict) -> str:
     config = ",".join(f"{k}={v}" for k, v in kernel["config"].items() if v is not None)
-    return f"{report['op']} {report['arch']} {kernel['name']} {config}"
+    return f"{report['op']} {report['arch']} {kernel['name']} {config}" + (
+        " training" if report["inputs"] == "training" else "")
 
 
 def current(reports: list[dict] | None = None) -> dict[str, int]:

@@ -14,7 +14,7 @@ from gptfast.kernels.registry import SPECS
 
 from .compiler import LabError
 from .ops import get_op, parse_config, parse_options, parse_shape
-from .targets import ARCHITECTURES, parse_arch
+from .targets import ARCHITECTURES, TARGETS, parse_target
 
 CONFIG_HELP = ("try another block configuration: KERNEL:FIELD=VALUE[,FIELD=VALUE...], repeatable, e.g. "
                "attention_bwd_kv:BLOCK_N=64,num_warps=4 (the kernel names and fields are inspect's)")
@@ -53,10 +53,16 @@ def _add_target(p: argparse.ArgumentParser, dtype: str = "bf16") -> None:
 
 def _add_compile(p: argparse.ArgumentParser) -> None:
     _add_target(p)
-    p.add_argument("--arch", default="sm_90", choices=[f"sm_{a}" for a in ARCHITECTURES], help="default sm_90")
+    p.add_argument("--arch", choices=[f"sm_{a}" for a in ARCHITECTURES],
+                   help="the architecture to compile for, at its first target's numbers (default: --target's)")
+    p.add_argument("--target", choices=list(TARGETS), help="the GPU whose SMs, clock, bandwidth and peaks the "
+                   "estimates use: " + ", ".join(f"{t.name} ({t.part}, sm_{t.arch})" for t in TARGETS.values())
+                   + "; default: --arch's first, else h100")
     p.add_argument("--config", action="append", help=CONFIG_HELP)
     p.add_argument("--option", action="append", help="a variant of the op, NAME=VALUE, repeatable, e.g. "
                    "flash_attention's deterministic=false or dropout_p=0.1")
+    p.add_argument("--uniform-dtype", action="store_true", help="every floating input in --dtype (default: as "
+                   "GPT training passes them: float32 parameters and residual stream, q/k/v views of one matmul)")
 
 
 def add_lab_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,8 +72,8 @@ def add_lab_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="compile an op's kernels for a GPU (none needed) and report registers, "
                        "occupancy, instructions and static estimates")
     _add_compile(p)
-    p.add_argument("--bandwidth", type=_bandwidth, help="bytes/s of the memory floor (default: the architecture's; "
-                   "sm_90: 4.3e12, measured on an H200)")
+    p.add_argument("--bandwidth", type=_bandwidth, help="bytes/s of the memory floor (default: the target's, "
+                   "measured where the project recorded it, else nominal: h100 3.35e12, h200 4.3e12 measured)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p = sub.add_parser("dump", help="write each kernel's TTIR, TTGIR, PTX and SASS to a folder")
     _add_compile(p)
@@ -92,8 +98,9 @@ def _request(args):
     from .analysis import Request
 
     op = get_op(args.op)
-    return Request(op, parse_shape(op, args.shape), args.dtype, parse_arch(args.arch), parse_config(args.config),
-                   parse_options(op, args.option), getattr(args, "bandwidth", None))
+    return Request(op, parse_shape(op, args.shape), args.dtype, parse_target(args.target, args.arch),
+                   parse_config(args.config), parse_options(op, args.option), getattr(args, "bandwidth", None),
+                   training=not args.uniform_dtype)
 
 
 def _inspect(args) -> int:

@@ -103,17 +103,18 @@ class Compiled:
 
 def compile_builds(builds: list[Build], workers: int | None = None, timeout: float = 900.0) -> list[Compiled]:
     """Compile every build, in ``workers`` subprocesses (default: one per CPU core) without
-    ``TRITON_INTERPRET``; the results in the same order."""
-    if not builds:
+    ``TRITON_INTERPRET``; the results in the same order. A build given twice (the same kernel as the
+    inputs of two requests make it) is compiled once."""
+    keys = [json.dumps(dataclasses.asdict(b), sort_keys=True, default=str) for b in builds]
+    distinct = list({key: b for key, b in zip(keys, builds)}.items())
+    if not distinct:
         return []
-    workers = max(1, min(len(builds), workers or os.cpu_count() or 1))
-    shares = [builds[i::workers] for i in range(workers)]
+    workers = max(1, min(len(distinct), workers or os.cpu_count() or 1))
+    shares = [[b for _, b in distinct[i::workers]] for i in range(workers)]
     with ThreadPoolExecutor(workers) as pool:
         done = list(pool.map(lambda share: _compile_in_subprocess(share, timeout), shares))
-    results: list[Compiled | None] = [None] * len(builds)
-    for i, share in enumerate(done):
-        results[i::workers] = share
-    return results
+    by_key = {key: compiled for i, share in enumerate(done) for (key, _), compiled in zip(distinct[i::workers], share)}
+    return [by_key[key] for key in keys]
 
 
 def _compile_in_subprocess(builds: list[Build], timeout: float) -> list[Compiled]:

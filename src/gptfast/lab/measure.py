@@ -20,14 +20,13 @@ from gptfast.kernels.spec import OpSpec
 
 from . import analysis
 from .ops import check_inputs, check_overrides, parse_config, parse_shape
-from .targets import ARCHITECTURES, Architecture
+from .targets import Architecture, target_for_device
 
 
 def local_architecture() -> Architecture:
-    major, minor = torch.cuda.get_device_capability()
-    arch = ARCHITECTURES.get(10 * major + minor, ARCHITECTURES[90 if major >= 9 else 80])
+    """This GPU's target (``targets.target_for_device``)."""
     props = torch.cuda.get_device_properties(0)
-    return Architecture(**{**arch.__dict__, "sm_count": props.multi_processor_count})
+    return target_for_device(props.name, (props.major, props.minor), props.multi_processor_count, props.total_memory)
 
 
 def bench(op: OpSpec, shape_text: str | None, dtype: str) -> str:
@@ -40,7 +39,8 @@ def bench(op: OpSpec, shape_text: str | None, dtype: str) -> str:
     shape = parse_shape(op, shape_text)
     check_inputs(op, shape, dtype, {})
     size = benchmark.size_for(shape)
-    lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()} (measured, do_bench median; copy "
+    lines = [f"{op.name} {size} {dtype} on {torch.cuda.get_device_name()}, the lab's target "
+             f"{local_architecture().name} (measured, do_bench median; copy "
              f"{ceilings.copy_gbps:.0f} GB/s, matmul {ceilings.matmul_tflops:.0f} TFLOP/s)"]
     for provider in benchmark.providers:
         for pass_ in PASSES:

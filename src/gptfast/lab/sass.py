@@ -98,14 +98,18 @@ def loops(code: list[Instruction]) -> list[Loop]:
     return [lp for lp in found if count(code[lp.start:lp.end + 1]).instructions >= MIN_LOOP]
 
 
+def innermost(found: list[Loop]) -> list[Loop]:
+    """The loops of ``found`` that hold no other."""
+    return [lp for lp in found if not any(o != lp and lp.start <= o.start and o.end <= lp.end for o in found)]
+
+
 def main_loop(code: list[Instruction]) -> tuple[Loop | None, list[Loop]]:
     """(the main loop or None, all loops): the shortest innermost loop (see the module docstring)."""
     found = loops(code)
-    innermost = [lp for lp in found
-                 if not any(o != lp and lp.start <= o.start and o.end <= lp.end for o in found)]
-    if not innermost:
+    innermost_loops = innermost(found)
+    if not innermost_loops:
         return None, found
-    return min(innermost, key=lambda lp: (count(code[lp.start:lp.end + 1]).instructions, lp.start)), found
+    return min(innermost_loops, key=lambda lp: (count(code[lp.start:lp.end + 1]).instructions, lp.start)), found
 
 
 _GLOBAL_ACCESS = {op: re.compile(rf"\b{op}\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfus](\d+)\b") for op in ("ld", "st")}

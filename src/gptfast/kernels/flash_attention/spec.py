@@ -60,6 +60,17 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
             "deterministic": bool(options.get("deterministic", True))}
 
 
+def _training_inputs(inputs: spec.Inputs) -> spec.Inputs:
+    """As GPT training passes them (self-attention, as many keys as queries): q, k and v the transposed
+    views of one (batch, seq, 3, heads, head_dim) projection (``model.CausalSelfAttention``), no data."""
+    q, k = inputs["q"], inputs["k"]
+    if q.shape != k.shape:
+        return inputs
+    batch, heads, seq, head_dim = q.shape
+    qkv = torch.empty(batch, seq, 3, heads, head_dim, dtype=q.dtype, device=q.device)
+    return {**inputs, **{name: t.transpose(1, 2) for name, t in zip("qkv", qkv.unbind(2))}}
+
+
 def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     q, k, v, causal, dropout_p = (inputs[name] for name in ("q", "k", "v", "causal", "dropout_p"))
     key_start, deterministic = inputs["key_start"], inputs["deterministic"]
@@ -112,25 +123,67 @@ def every_config() -> dict[str, tuple[BlockConfig, ...]]:
             for kernel, tunable in TUNABLES.items()}
 
 
-def visible_tiles(q_len: int, k_len: int, block_m: int, block_n: int, causal: bool) -> int:
-    """(query block, key block) tiles holding a score some query may see: the tiles the attention
-    kernels' loops visit (per batch x head), with the causal diagonal aligned bottom-right."""
-    if not causal:
-        return cdiv(q_len, block_m) * cdiv(k_len, block_n)
-    offset = k_len - q_len
-    return sum(cdiv(min(k_len, min(q_len, start + block_m) + offset), block_n) for start in range(0, q_len, block_m))
+def _span_tiles(lo: int, mid: int, full_end: int, end: int, block: int) -> tuple[int, int]:
+    """(masked, unmasked) blocks of the kernels' three spans of a range (``kernels._span``)."""
+    masked = cdiv(max(mid - lo, 0), block) + cdiv(max(end - max(mid, full_end), 0), block)
+    return masked, cdiv(max(full_end - mid, 0), block)
 
 
-def _attention_tiles(args: dict, grid: tuple) -> int:
-    return grid[1] * visible_tiles(args["q_len"], args["k_len"], args["BLOCK_M"], args["BLOCK_N"], args["CAUSAL"])
+def key_span_tiles(q_len: int, k_len: int, block_m: int, block_n: int, causal: bool) -> tuple[int, int]:
+    """(masked, unmasked) tiles per batch x head of the kernels that loop over key blocks for each query
+    block (forward, dQ), as ``kernels._key_range`` splits them, without padding (key_start 0)."""
+    totals = [0, 0]
+    for start_m in range(0, q_len, block_m):
+        full_end, end = k_len // block_n * block_n, k_len
+        if causal:
+            first_pos = start_m + k_len - q_len
+            full_end, end = min(full_end, (first_pos + 1) // block_n * block_n), min(end, first_pos + block_m)
+        for i, n in enumerate(_span_tiles(0, 0, max(0, full_end), end, block_n)):
+            totals[i] += n
+    return totals[0], totals[1]
 
 
+def query_span_tiles(q_len: int, k_len: int, block_m: int, block_n: int, causal: bool) -> tuple[int, int]:
+    """The same for the dK/dV kernel, which loops over query blocks for each key block
+    (``kernels._query_range``)."""
+    totals = [0, 0]
+    end, full_end = cdiv(q_len, block_m) * block_m, q_len // block_m * block_m
+    for start_n in range(0, k_len, block_n):
+        lo = diag_end = 0
+        if causal:
+            offset = k_len - q_len
+            lo = max(start_n - offset, 0) // block_m * block_m
+            diag_end = min(cdiv(max(start_n + block_n - 1 - offset, 0), block_m) * block_m, end)
+        diag_end = end if start_n + block_n > k_len else diag_end
+        for i, n in enumerate(_span_tiles(lo, diag_end, full_end, end, block_m)):
+            totals[i] += n
+    return totals[0], totals[1]
+
+
+def _tiles(spans, masked: bool):
+    """A KernelModel count: the masked or the unmasked tiles of ``spans`` over the launch."""
+    def count(args: dict, grid: tuple) -> int:
+        tiles = spans(args["q_len"], args["k_len"], args["BLOCK_M"], args["BLOCK_N"], args["CAUSAL"])
+        return grid[1] * tiles[0 if masked else 1]
+    return count
+
+
+def _decode_tiles(args: dict, grid: tuple) -> int:
+    """The decode kernel's key blocks: each program's chunk of keys in BLOCK_N steps."""
+    chunk, k_len = args["chunk"], args["k_len"]
+    return grid[1] * sum(cdiv(max(0, min(chunk, k_len - split * chunk)), args["BLOCK_N"]) for split in range(grid[0]))
+
+
+# The main loop is the unmasked span's; the diagonal and edge tiles run the masked spans' loops.
 MODELS = {
-    "attention_fwd": spec.KernelModel(_attention_tiles, matmuls=2),
+    "attention_fwd": spec.KernelModel(_tiles(key_span_tiles, False), matmuls=2, masked=_tiles(key_span_tiles, True)),
     "attention_bwd_delta": spec.KernelModel(elements=lambda a: a["BLOCK_M"] * a["HEAD_DIM_PAD"]),
     # With deterministic=False (DQ_SUM) it also computes each tile's dQ, a fifth product.
-    "attention_bwd_kv": spec.KernelModel(_attention_tiles, matmuls=lambda a: 4 if a["DQ_SUM"] is None else 5),
-    "attention_bwd_q": spec.KernelModel(_attention_tiles, matmuls=3),
+    "attention_bwd_kv": spec.KernelModel(_tiles(query_span_tiles, False),
+                                         matmuls=lambda a: 4 if a["DQ_SUM"] is None else 5,
+                                         masked=_tiles(query_span_tiles, True)),
+    "attention_bwd_q": spec.KernelModel(_tiles(key_span_tiles, False), matmuls=3, masked=_tiles(key_span_tiles, True)),
+    "attention_decode": spec.KernelModel(_decode_tiles, matmuls=2),
 }
 
 # `lab tune`'s candidates without --config: the shipped table ("shipped", no override) and, one kernel at
@@ -256,6 +309,7 @@ SPECS = (spec.OpSpec(
     shapes=spec.Shapes(default=(16, 12, 1024, 64), small=(1, 2, 64, 32),
                        odd=((1, 2, 63, 80), (1, 1, 40, 32, 57), (1, 2, 1, 64, 65))),
     make_inputs=_inputs, launchers=_launchers, compared=(flash_attention, _reference, _eager),
+    training_inputs=_training_inputs,
     config_type=AttentionConfigs, every_config=every_config, tunables=TUNABLES,
     options={"causal": bool, "dropout_p": float, "key_start": bool, "deterministic": bool}, models=MODELS,
     benchmarks=_benchmarks(), check_problem=_check_problem, tune_candidates=TUNE_CANDIDATES, save_tuned=_save_tuned,
