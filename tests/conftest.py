@@ -120,3 +120,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, and far faster than on several on a busy machine: the
+    training test modules use it for all their tests (``pytestmark``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The embedded corpus, char-level, prepared once per module."""
+    from gptfast.data import prepare
+
+    out = tmp_path_factory.mktemp("data")
+    prepare(None, out)
+    return out

@@ -25,7 +25,6 @@ from torch.distributed.tensor import DTensor
 from gptfast import kernels
 from gptfast.checkpoint import load_for_inference
 from gptfast.cli import main
-from gptfast.data import prepare
 from gptfast.distributed import distributed
 from gptfast.fsdp import init_gpt2_weights, sharded_model
 from gptfast.generation import generate
@@ -34,24 +33,11 @@ from gptfast.pretrained import from_pretrained
 from gptfast.sharded_checkpoint import STATE_FILE, load_sharded, read_sharded_state
 from gptfast.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MICRO_BATCHES = 6  # per step, over all processes
 LEG = 2  # steps per run of the chain
 SHARED = dict(batch_size=1, max_steps=5 * LEG, warmup_steps=2, eval_interval=LEG, eval_batches=3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    prepare(None, out)
-    return out
 
 
 def torchrun(data_dir, out_dir, processes: int, *options: str) -> None:

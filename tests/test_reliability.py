@@ -24,20 +24,7 @@ from gptfast.interrupt import Interrupted, StopRequest
 from gptfast.runlog import LOG_FILE, RunLog, open_log, read_log, write_atomic
 from gptfast.train import TrainConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    prepare(None, out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(data_dir, out_dir, **overrides) -> TrainConfig:

@@ -12,17 +12,9 @@ import torch
 
 from gptfast.checkpoint import load_checkpoint, save_checkpoint
 from gptfast.cli import main
-from gptfast.data import prepare
 from gptfast.outputs import LOG_FILE, PLOT_FILE
 from gptfast.runlog import open_log, read_log, write_atomic
 from gptfast.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    prepare(None, out)
-    return out
 
 
 def tiny(data_dir, out_dir, **overrides) -> TrainConfig:

@@ -31,22 +31,7 @@ from gptfast.runlog import LOG_FILE
 from gptfast.tokenizer import TIKTOKEN_FILE_ENV
 from gptfast.train import TrainConfig, lr_at, make_optimizer, model_flops_per_token, train, train_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and far faster than on several on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The embedded corpus, char-level, prepared once for this module."""
-    out = tmp_path_factory.mktemp("data")
-    prepare(None, out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(data_dir, out_dir, **overrides) -> TrainConfig:
