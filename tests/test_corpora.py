@@ -279,6 +279,8 @@ def test_a_folder_of_llmc_shards_is_read_in_place(llmc_folder):
     (lambda p: llmc_shard(p, [5, 50257, 7]), "token id 50257 at byte offset 1026 (token 1) is outside GPT-2's"),
     (lambda p: llmc_shard(p, [5], version=2), "byte offset 4: version 2; only version 1"),
     (lambda p: p.write_bytes(p.read_bytes()[:100]), "truncated at byte offset 100"),
+    (lambda p: p.write_bytes(b"\0" * 4 + p.read_bytes()[4:]), "byte offset 0: magic number 0, expected 20240520"),
+    (lambda p: p.write_bytes(p.read_bytes()[:2]), "truncated at byte offset 2"),
 ])
 def test_a_damaged_shard_is_one_line_naming_file_and_offset(llmc_folder, tmp_path, capsys, damage, words):
     folder = llmc_folder[0]

@@ -92,8 +92,10 @@ class ShardedTokens:
 
 
 def split_shards(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(training shards, validation shards) of an llm.c folder; a split with none is an error."""
-    shards = shard_files(folder)
+    """(training shards, validation shards) of an llm.c folder; a split with none is an error. Every
+    ``.bin`` file there is taken (one with a wrong magic number is refused by :func:`read_shard`, not
+    left out: a damaged shard never silently shrinks the corpus)."""
+    shards = sorted(p for p in folder.glob("*.bin") if p.is_file())
     val = [p for p in shards if VAL_MARK in p.name]
     train = [p for p in shards if VAL_MARK not in p.name]
     if not val or not train:
