@@ -125,6 +125,10 @@ def test_format_errors_are_one_line_naming_the_file(tmp_path, capsys, monkeypatc
     (tmp_path / "d.jsonl.gz").write_bytes(damaged[: len(damaged) // 2])
     assert main(["prepare", str(tmp_path / "d.jsonl.gz"), "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'd.jsonl.gz'}: cannot decompress after line" in one_error_line(capsys)
+    cut = zstandard.ZstdCompressor().compress(("\n".join(json.dumps({"text": f"w{i}"}) for i in range(900))).encode())
+    (tmp_path / "d.jsonl.zst").write_bytes(cut[: len(cut) // 2])  # zstandard's own reader stops there silently
+    assert main(["prepare", str(tmp_path / "d.jsonl.zst"), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'd.jsonl.zst'}: cannot decompress after line" in one_error_line(capsys)
     (tmp_path / "e.parquet").write_bytes(b"PAR1 not really")
     assert main(["prepare", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'e.parquet'}: not a readable parquet file" in one_error_line(capsys)
