@@ -355,3 +355,15 @@ def test_eval_reads_llmc_shards_and_prepare_writes_them_from_gpt2_tokens_only(ll
     (tmp_path / "a.txt").write_text("some text\n")
     assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"), "--format", "llmc"]) == 2
     assert "llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2" in one_error_line(capsys)
+
+
+def test_absurd_worker_and_shard_counts_are_refused_before_anything_runs(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    with pytest.raises(SystemExit, match="2"):  # a pool forks all its processes at once
+        main(["prepare", str(text), "--out", str(tmp_path / "o"), "--workers", "100000"])
+    assert "argument --workers: must be from 1 to 512, got 100000" in capsys.readouterr().err
+    argv = ["prepare", str(text), "--out", str(tmp_path / "s"), "--tokenizer", "gpt2", "--format", "llmc"]
+    assert main([*argv, "--shard-tokens", str(2**31)]) == 2  # the shard header counts tokens in an int32
+    assert "--shard-tokens must be from 1 to 2,147,483,647" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()

@@ -38,7 +38,7 @@ import torch
 from .corpora import DEFAULT_TEXT_FIELD, BadRecords, is_records, read_records
 from .encoding import OrderedEncoder, default_workers
 from .outputs import RUN_OUTPUTS
-from .shards import HEADER_BYTES, ShardedTokens, read_shard, shard_files, split_shards, write_shards
+from .shards import HEADER_BYTES, MAX_SHARD_TOKENS, ShardedTokens, read_shard, shard_files, split_shards, write_shards
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, vocab_size_of
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation topics, shipped with every Python
@@ -423,8 +423,9 @@ def _output_folder(out_dir: str | os.PathLike, format: str, tokenizer: str, shar
     if format == SHARDS_FORMAT:
         if tokenizer != "gpt2":
             raise ValueError("llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2")
-        if shard_tokens < 1:
-            raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
+        if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+            raise ValueError(f"--shard-tokens must be from 1 to {MAX_SHARD_TOKENS:,} (the shard header's int32 "
+                             f"count), got {shard_tokens:,}")
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"output folder {str(out)!r} is not empty: llm.c shards go into a new or empty folder "
                              "(nothing there is overwritten)")
