@@ -357,7 +357,7 @@ def test_eval_reads_llmc_shards_and_prepare_writes_them_from_gpt2_tokens_only(ll
     assert "llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2" in one_error_line(capsys)
 
 
-def test_absurd_worker_and_shard_counts_are_refused_before_anything_runs(tmp_path, capsys):
+def test_absurd_counts_and_an_empty_text_field_are_refused(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("some text\n")
     with pytest.raises(SystemExit, match="2"):  # a pool forks all its processes at once
@@ -367,3 +367,6 @@ def test_absurd_worker_and_shard_counts_are_refused_before_anything_runs(tmp_pat
     assert main([*argv, "--shard-tokens", str(2**31)]) == 2  # the shard header counts tokens in an int32
     assert "--shard-tokens must be from 1 to 2,147,483,647" in one_error_line(capsys)
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+    (tmp_path / "r.jsonl").write_text('{"text": "x"}\n')  # an empty --text-field is that name, not the default
+    assert main(["prepare", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o"), "--text-field", ""]) == 2
+    assert "r.jsonl:1: no '' field" in one_error_line(capsys)
