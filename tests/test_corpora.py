@@ -125,6 +125,10 @@ def test_format_errors_are_one_line_naming_the_file(tmp_path, capsys, monkeypatc
     (tmp_path / "d.jsonl.gz").write_bytes(damaged[: len(damaged) // 2])
     assert main(["prepare", str(tmp_path / "d.jsonl.gz"), "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'd.jsonl.gz'}: cannot decompress after line" in one_error_line(capsys)
+    cut = zstandard.ZstdCompressor().compress(("\n".join(json.dumps({"text": f"w{i}"}) for i in range(900))).encode())
+    (tmp_path / "d.jsonl.zst").write_bytes(cut[: len(cut) // 2])  # zstandard's own reader stops there silently
+    assert main(["prepare", str(tmp_path / "d.jsonl.zst"), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'd.jsonl.zst'}: cannot decompress after line" in one_error_line(capsys)
     (tmp_path / "e.parquet").write_bytes(b"PAR1 not really")
     assert main(["prepare", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'e.parquet'}: not a readable parquet file" in one_error_line(capsys)
@@ -279,6 +283,8 @@ def test_a_folder_of_llmc_shards_is_read_in_place(llmc_folder):
     (lambda p: llmc_shard(p, [5, 50257, 7]), "token id 50257 at byte offset 1026 (token 1) is outside GPT-2's"),
     (lambda p: llmc_shard(p, [5], version=2), "byte offset 4: version 2; only version 1"),
     (lambda p: p.write_bytes(p.read_bytes()[:100]), "truncated at byte offset 100"),
+    (lambda p: p.write_bytes(b"\0" * 4 + p.read_bytes()[4:]), "byte offset 0: magic number 0, expected 20240520"),
+    (lambda p: p.write_bytes(p.read_bytes()[:2]), "truncated at byte offset 2"),
 ])
 def test_a_damaged_shard_is_one_line_naming_file_and_offset(llmc_folder, tmp_path, capsys, damage, words):
     folder = llmc_folder[0]
@@ -349,3 +355,18 @@ def test_eval_reads_llmc_shards_and_prepare_writes_them_from_gpt2_tokens_only(ll
     (tmp_path / "a.txt").write_text("some text\n")
     assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"), "--format", "llmc"]) == 2
     assert "llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2" in one_error_line(capsys)
+
+
+def test_absurd_counts_and_an_empty_text_field_are_refused(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    with pytest.raises(SystemExit, match="2"):  # a pool forks all its processes at once
+        main(["prepare", str(text), "--out", str(tmp_path / "o"), "--workers", "100000"])
+    assert "argument --workers: must be from 1 to 512, got 100000" in capsys.readouterr().err
+    argv = ["prepare", str(text), "--out", str(tmp_path / "s"), "--tokenizer", "gpt2", "--format", "llmc"]
+    assert main([*argv, "--shard-tokens", str(2**31)]) == 2  # the shard header counts tokens in an int32
+    assert "--shard-tokens must be from 1 to 2,147,483,647" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+    (tmp_path / "r.jsonl").write_text('{"text": "x"}\n')  # an empty --text-field is that name, not the default
+    assert main(["prepare", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o"), "--text-field", ""]) == 2
+    assert "r.jsonl:1: no '' field" in one_error_line(capsys)

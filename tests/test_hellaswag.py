@@ -92,6 +92,7 @@ def test_scores_match_a_float64_computation_with_transformers(checkpoint, tmp_pa
 
 @pytest.mark.parametrize("line, words", [
     ("{not json", "hellaswag.jsonl:2: not valid JSON"),
+    ('{"ctx": "\udcff"}', "hellaswag.jsonl:2: not UTF-8 text (byte 9 of the line)"),  # the byte 0xff
     ("[1, 2]", "hellaswag.jsonl:2: holds a list, expected a JSON object"),
     ('{"ctx": "a", "endings": ["b", "c"]}', "hellaswag.jsonl:2: no 'label' field"),
     ('{"ctx": "a", "endings": ["b", "c"], "label": 2}', "hellaswag.jsonl:2: field 'label' is 2, expected an index"),
@@ -101,7 +102,7 @@ def test_scores_match_a_float64_computation_with_transformers(checkpoint, tmp_pa
 @needs_ranks
 def test_a_bad_line_is_one_error_naming_file_and_line(tmp_path, capsys, checkpoint, line, words):
     path = tmp_path / "hellaswag.jsonl"
-    path.write_text(json.dumps(EXAMPLES[1]) + "\n" + line + "\n", encoding="utf-8")
+    path.write_bytes((json.dumps(EXAMPLES[1]) + "\n" + line + "\n").encode("utf-8", "surrogateescape"))
     argv = ["eval", "--pretrained", str(checkpoint), "--hellaswag", str(path), "--device", "cpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err

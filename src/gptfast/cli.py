@@ -121,8 +121,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    tiktoken_file=args.tiktoken_file, include=args.include or (), exclude=args.exclude or (),
-                   text_field=args.text_field or DEFAULT_TEXT_FIELD, strict=args.strict, workers=args.workers,
-                   format=args.format, shard_tokens=args.shard_tokens)
+                   text_field=DEFAULT_TEXT_FIELD if args.text_field is None else args.text_field,
+                   strict=args.strict, workers=args.workers, format=args.format, shard_tokens=args.shard_tokens)
     shards = f" in {len(meta['sources'])} llm.c shards" if meta["format"] == SHARDS_FORMAT else ""
     print(f"{meta['num_tokens']:,} tokens ({meta['num_val_tokens']:,} for validation), {meta['dtype']}, "
           f"vocabulary {meta['tokenizer']['kind']} -> {args.out}{shards}")

@@ -21,6 +21,7 @@ from .activation_checkpointing import MODES as ACTIVATION_CHECKPOINTING_MODES
 from .corpora import DEFAULT_TEXT_FIELD
 from .data import BatchStream
 from .distributed import DEFAULT_TIMEOUT_S
+from .encoding import worker_count
 from .memory import PARALLELISMS
 from .model import PRESETS
 from .options import Resume, check_fields, declarations, fill_defaults, given_options, markdown_table, option
@@ -103,7 +104,7 @@ class TrainConfig:
     strict: bool = option(False, help="refuse a bad record (invalid JSON, a missing or non-string text field) "
                           "instead of skipping and counting it", group="data")
     workers: int | None = option(help="processes that tokenize text being prepared; the data is the same for any N",
-                                 group="data", metavar="N", check=positive, default_help="one per core")
+                                 group="data", metavar="N", check=worker_count, default_help="one per core")
     order: str | None = option("random", help="batch order", group="data", resume=FIXED, choices=BatchStream.ORDERS)
     # model
     preset: str | None = option("tiny", help="model size", group="model", resume=FIXED, choices=tuple(PRESETS))

@@ -71,9 +71,36 @@ def _open_lines(path: Path, raw: io.BufferedReader) -> tuple[io.BufferedIOBase, 
         return gzip.GzipFile(fileobj=raw), (OSError, EOFError, zlib.error)
     if path.name.endswith(".zst"):
         zstandard = _require("zstandard", path)
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader), (zstandard.ZstdError, OSError, EOFError)
+        return io.BufferedReader(_ZstdFrames(raw, zstandard)), (zstandard.ZstdError, OSError, EOFError)
     return raw, ()
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a stream of zstandard frames; input that ends inside a frame (a cut
+    file, which zstandard's own stream reader takes as the end) raises EOFError."""
+
+    def __init__(self, raw: io.BufferedReader, zstandard):
+        self.raw, self.zstandard = raw, zstandard
+        self.frame, self.left, self.mid_frame = zstandard.ZstdDecompressor().decompressobj(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            if self.left:
+                data, self.left = self.left[: len(buffer)], self.left[len(buffer):]
+                buffer[: len(data)] = data
+                return len(data)
+            chunk = self.frame.unused_data or self.raw.read(1 << 16)
+            if not chunk:
+                if self.mid_frame:
+                    raise EOFError("the file ends inside a zstandard frame (cut short?)")
+                return 0
+            if self.frame.eof:  # the next frame
+                self.frame = self.zstandard.ZstdDecompressor().decompressobj()
+            self.left = self.frame.decompress(chunk)
+            self.mid_frame = not self.frame.eof
 
 
 def _json_lines(path: Path, text_field: str, bad: BadRecords) -> Iterator[tuple[str | None, int]]:

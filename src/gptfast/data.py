@@ -38,7 +38,7 @@ import torch
 from .corpora import DEFAULT_TEXT_FIELD, BadRecords, is_records, read_records
 from .encoding import OrderedEncoder, default_workers
 from .outputs import RUN_OUTPUTS
-from .shards import HEADER_BYTES, ShardedTokens, read_shard, shard_files, split_shards, write_shards
+from .shards import HEADER_BYTES, MAX_SHARD_TOKENS, ShardedTokens, read_shard, shard_files, split_shards, write_shards
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_dict, vocab_size_of
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation topics, shipped with every Python
@@ -423,8 +423,9 @@ def _output_folder(out_dir: str | os.PathLike, format: str, tokenizer: str, shar
     if format == SHARDS_FORMAT:
         if tokenizer != "gpt2":
             raise ValueError("llm.c shards hold GPT-2 tokens: prepare them with --tokenizer gpt2")
-        if shard_tokens < 1:
-            raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
+        if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+            raise ValueError(f"--shard-tokens must be from 1 to {MAX_SHARD_TOKENS:,} (the shard header's int32 "
+                             f"count), got {shard_tokens:,}")
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"output folder {str(out)!r} is not empty: llm.c shards go into a new or empty folder "
                              "(nothing there is overwritten)")
@@ -565,15 +566,12 @@ class TokenData:
     def _check_ids(self, tokens: np.ndarray, split: int) -> None:
         """Every id inside the vocabulary: a max over the memory map, one chunk at a time."""
         vocab = vocab_size_of(self.meta["tokenizer"])
-        chunk = 1 << 24
-        for start in range(0, len(tokens), chunk):
-            part = tokens[start: start + chunk]
-            if part.max() >= vocab:
-                bad = start + int(np.argmax(part >= vocab))
-                where = f"train split, offset {bad}" if bad < split else f"validation split, offset {bad - split}"
-                raise ValueError(f"{self.dir / TOKENS_FILE}: token id {tokens[bad]} at offset {bad} ({where}) is "
-                                 f"outside the vocabulary of {vocab} ({self.meta['tokenizer']['kind']} tokenizer "
-                                 f"in {META_FILE}); prepare the data again")
+        bad = _first_outside(tokens, vocab)
+        if bad is not None:
+            where = f"train split, offset {bad}" if bad < split else f"validation split, offset {bad - split}"
+            raise ValueError(f"{self.dir / TOKENS_FILE}: token id {tokens[bad]} at offset {bad} ({where}) is "
+                             f"outside the vocabulary of {vocab} ({self.meta['tokenizer']['kind']} tokenizer "
+                             f"in {META_FILE}); prepare the data again")
 
     def _open_shards(self) -> None:
         """A folder of llm.c shards, each checked: its header against its size, its ids against GPT-2's vocabulary."""
@@ -582,16 +580,23 @@ class TokenData:
         self.train, self.val = ShardedTokens(train), ShardedTokens(val)
         vocab = vocab_size_of(self.meta["tokenizer"])
         for path, tokens in zip(train + val, self.train.parts + self.val.parts):
-            chunk = 1 << 24
-            for start in range(0, len(tokens), chunk):
-                part = tokens[start: start + chunk]
-                if len(part) and part.max() >= vocab:
-                    bad = start + int(np.argmax(part >= vocab))
-                    raise ValueError(f"{path}: token id {tokens[bad]} at byte offset {HEADER_BYTES + 2 * bad} (token "
-                                     f"{bad}) is outside GPT-2's vocabulary of {vocab}: not GPT-2 tokens")
+            bad = _first_outside(tokens, vocab)
+            if bad is not None:
+                raise ValueError(f"{path}: token id {tokens[bad]} at byte offset {HEADER_BYTES + 2 * bad} (token "
+                                 f"{bad}) is outside GPT-2's vocabulary of {vocab}: not GPT-2 tokens")
 
     def tokenizer(self, tiktoken_file: str | os.PathLike | None = None) -> Tokenizer:
         return tokenizer_from_dict(self.meta["tokenizer"], tiktoken_file=tiktoken_file)
+
+
+def _first_outside(tokens: np.ndarray, vocab: int, chunk: int = 1 << 24) -> int | None:
+    """The index of the first id in ``tokens`` of ``vocab`` or more (a max over the memory map, one
+    chunk at a time), or None."""
+    for start in range(0, len(tokens), chunk):
+        part = tokens[start: start + chunk]
+        if part.max() >= vocab:
+            return start + int(np.argmax(part >= vocab))
+    return None
 
 
 class BatchStream:

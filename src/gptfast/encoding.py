@@ -26,13 +26,20 @@ import numpy as np
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 JOBS_PER_WORKER = 2  # jobs queued per worker: one encoding, one waiting
+MAX_WORKERS = 512  # a pool forks all its processes at once: a mistyped count must not fork thousands
 
 _worker_tokenizer: tuple[Tokenizer, np.dtype] | None = None
 
 
 def default_workers() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on (at most MAX_WORKERS)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, MAX_WORKERS)
+
+
+def worker_count(value: int) -> str | None:
+    """What is wrong with ``value`` as a number of workers, or None."""
+    return None if 1 <= value <= MAX_WORKERS else f"must be from 1 to {MAX_WORKERS}"
 
 
 def encode_texts(texts: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> list[np.ndarray]:
@@ -64,8 +71,9 @@ class OrderedEncoder:
     every job before it is out."""
 
     def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, workers: int, tiktoken_file: str | None = None):
-        if workers < 1:
-            raise ValueError(f"workers must be positive, got {workers}")
+        problem = worker_count(workers)
+        if problem:
+            raise ValueError(f"workers {problem}, got {workers}")
         self.tokenizer, self.dtype, self.workers = tokenizer, np.dtype(dtype), workers
         self.tiktoken_file = tiktoken_file
         self.peak_pending_chars = 0  # the most text (in characters) being encoded at once

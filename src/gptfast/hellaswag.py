@@ -80,11 +80,15 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, context_length:
     does not fit ``context_length`` after one context token) is an error naming the file and line."""
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text (byte {error.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             context, endings, label = _record(line, where)
             try:
                 ids = tokenizer.encode(context), [tokenizer.encode(" " + ending) for ending in endings]

@@ -21,6 +21,8 @@ VERSION = 1  # GPT-2 tokens as uint16 (llm.c's version 2 holds LLaMA-3's uint32 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 VAL_MARK = "_val_"
+MAX_SHARD_TOKENS = 2**31 - 1  # the header's int32 count
+WRITE_TOKENS = 1 << 24  # a shard is written this many tokens at a time (bounded memory)
 
 
 def is_shard(path: Path) -> bool:
@@ -92,8 +94,10 @@ class ShardedTokens:
 
 
 def split_shards(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(training shards, validation shards) of an llm.c folder; a split with none is an error."""
-    shards = shard_files(folder)
+    """(training shards, validation shards) of an llm.c folder; a split with none is an error. Every
+    ``.bin`` file there is taken (one with a wrong magic number is refused by :func:`read_shard`, not
+    left out: a damaged shard never silently shrinks the corpus)."""
+    shards = sorted(p for p in folder.glob("*.bin") if p.is_file())
     val = [p for p in shards if VAL_MARK in p.name]
     train = [p for p in shards if VAL_MARK not in p.name]
     if not val or not train:
@@ -108,7 +112,8 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     header[:3] = MAGIC, VERSION, len(tokens)
     with open(path, "wb") as f:
         f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+        for start in range(0, len(tokens), WRITE_TOKENS):
+            f.write(np.asarray(tokens[start: start + WRITE_TOKENS], dtype="<u2").tobytes())
         f.flush()
         os.fsync(f.fileno())
 
