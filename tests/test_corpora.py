@@ -332,6 +332,13 @@ def test_prepare_writes_llmc_shards_that_hold_the_same_tokens(tmp_path, capsys, 
     assert "is not empty: llm.c shards go into a new or empty folder" in one_error_line(capsys)
     assert main(["prepare", str(tmp_path / "llmc"), "--out", str(tmp_path / "again")]) == 2
     assert "holds llm.c shards (token ids), not text: train on it as it is" in one_error_line(capsys)
+    assert main(["prepare", str(text), "--out", str(tmp_path / "t"), "--shard-tokens", "1000"]) == 2
+    assert "--shard-tokens applies to --format llmc only (this is --format tokens)" in one_error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert main(["prepare", str(text), "--out", ".", "--tokenizer", "gpt2", "--format", "llmc"]) == 2
+    assert "output folder '.' is the current folder: llm.c shards go into a new or empty folder of their own" \
+        in one_error_line(capsys)
 
     def interrupted(tokens, num_val, folder, shard_tokens):
         llmc_shard(folder / "data_val_000000.bin", tokens[:5])

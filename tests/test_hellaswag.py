@@ -146,3 +146,12 @@ def test_training_logs_hellaswag_beside_the_validation_loss(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="hellaswag_every=2 needs hellaswag"):
         train(TrainConfig(data=[str(tmp_path / "data")], out_dir=str(tmp_path / "b"), hellaswag_every=2,
                           backend="torch", device="cpu"))
+
+
+@needs_ranks
+def test_a_missing_hellaswag_file_is_one_line_naming_the_option(checkpoint, tmp_path, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    assert main(["eval", "--pretrained", str(checkpoint), "--hellaswag", str(missing), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gptfast eval: error: the HellaSwag file (--hellaswag) '{missing}' cannot be read: " \
+                  "No such file or directory\n"

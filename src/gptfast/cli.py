@@ -119,10 +119,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    if args.shard_tokens is not None and args.format != SHARDS_FORMAT:
+        raise ValueError(f"--shard-tokens applies to --format {SHARDS_FORMAT} only (this is --format {args.format})")
     meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    tiktoken_file=args.tiktoken_file, include=args.include or (), exclude=args.exclude or (),
                    text_field=DEFAULT_TEXT_FIELD if args.text_field is None else args.text_field,
-                   strict=args.strict, workers=args.workers, format=args.format, shard_tokens=args.shard_tokens)
+                   strict=args.strict, workers=args.workers, format=args.format,
+                   shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS)
     shards = f" in {len(meta['sources'])} llm.c shards" if meta["format"] == SHARDS_FORMAT else ""
     print(f"{meta['num_tokens']:,} tokens ({meta['num_val_tokens']:,} for validation), {meta['dtype']}, "
           f"vocabulary {meta['tokenizer']['kind']} -> {args.out}{shards}")
@@ -198,8 +201,8 @@ def _add_prepare_parser(sub) -> None:
     prep.add_argument("--format", choices=FORMATS, default="tokens", help="tokens: OUT/tokens.bin and OUT/meta.json; "
                       "llmc: llm.c's .bin shards (GPT-2 tokens, the validation split in *_val_* shards) in a new "
                       "or empty OUT (default: %(default)s)")
-    prep.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS, metavar="N",
-                      help="tokens per llm.c shard (default: %(default)s, llm.c's)")
+    prep.add_argument("--shard-tokens", type=positive_int, metavar="N",
+                      help=f"tokens per llm.c shard, with --format llmc (default: {DEFAULT_SHARD_TOKENS:,}, llm.c's)")
     add_arguments(prep, TrainConfig, names=("tiktoken_file", "include", "exclude", "text_field", "strict", "workers"))
     prep.set_defaults(func=cmd_prepare)
 

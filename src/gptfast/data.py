@@ -426,6 +426,9 @@ def _output_folder(out_dir: str | os.PathLike, format: str, tokenizer: str, shar
         if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
             raise ValueError(f"--shard-tokens must be from 1 to {MAX_SHARD_TOKENS:,} (the shard header's int32 "
                              f"count), got {shard_tokens:,}")
+        if out.exists() and out.resolve() == Path.cwd().resolve():
+            raise ValueError(f"output folder {str(out)!r} is the current folder: llm.c shards go into a new or "
+                             "empty folder of their own, made whole by one rename")
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"output folder {str(out)!r} is not empty: llm.c shards go into a new or empty folder "
                              "(nothing there is overwritten)")

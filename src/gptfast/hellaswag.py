@@ -80,7 +80,11 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, context_length:
     does not fit ``context_length`` after one context token) is an error naming the file and line."""
     path = Path(path)
     examples = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as error:
+        raise ValueError(f"the HellaSwag file (--hellaswag) {str(path)!r} cannot be read: {error.strerror}") from None
+    with f:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
             try:
