@@ -158,6 +158,9 @@ def test_export_then_generate_equals_the_sharded_model(chain, tmp_path, capsys):
     assert generate(exported, prompt, 12, temperature=0.8, top_k=5, seed=3) == expected
     hf = from_pretrained(tmp_path / "hf")
     assert all(torch.equal(hf.state_dict()[k], v) for k, v in sharded.state_dict().items())
+    assert main(["export", str(tmp_path / "one.pt"), "--out", str(tmp_path / "hf-of-one")]) == 0  # a single file
+    assert all(torch.equal(from_pretrained(tmp_path / "hf-of-one").state_dict()[k], v)
+               for k, v in sharded.state_dict().items())
     assert main(["export", str(out), "--out", str(tmp_path / "one.pt")]) == 2  # never overwritten
     assert "exists" in capsys.readouterr().err
 
