@@ -231,7 +231,7 @@ from gptfast.train import train
 fs.FileSystemWriter.finish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # shards written, no index
 train(tiny(sys.argv[1], sys.argv[2], resume=True, parallel="fsdp", max_steps=4, eval_interval=2, batch_size=2))
 """
-KILL_OPTIONS = dict(parallel="fsdp", max_steps=4, eval_interval=2, batch_size=2)
+KILL_OPTIONS = dict(parallel="fsdp", max_steps=4, eval_interval=2, batch_size=2, dropout=0.1)  # re-seeded on resume
 
 
 class Died(BaseException):
