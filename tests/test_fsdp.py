@@ -1,10 +1,12 @@
 """Sharded training (--parallel fsdp) on CPUs with gloo: equal to one process, resumable across world sizes and
 parallelisms, its checkpoint safe from kills, exportable to one file.
 
-One chain of runs covers the resume matrix: FSDP on 2 processes (torchrun, resharding after forward),
-on 1 (in this process), on 3 (torchrun), then one process without FSDP (DDP's path) and FSDP on 1 again,
-2 steps each, compared step by step with one uninterrupted process. Every step is 6 micro-batches, which
-1, 2 and 3 processes share evenly. DDP on 2 processes equals one process (test_train.py), so FSDP equals DDP.
+One chain of runs covers the resume matrix: FSDP on 2 processes (torchrun, resharding after forward,
+selective activation checkpointing), on 1 (in this process), on 3 (torchrun, full activation checkpointing),
+then one process without FSDP (DDP's path) and FSDP on 1 again, 2 steps each, compared step by step with one
+uninterrupted process (activation checkpointing recomputes bit-identically: test_activation_checkpointing.py).
+Every step is 6 micro-batches, which 1, 2 and 3 processes share evenly. DDP on 2 processes equals one process
+(test_train.py), so FSDP equals DDP.
 """
 
 import math
@@ -40,16 +42,33 @@ LEG = 2  # steps per run of the chain
 SHARED = dict(batch_size=1, max_steps=5 * LEG, warmup_steps=2, eval_interval=LEG, eval_batches=3)
 
 
-def torchrun(data_dir, out_dir, processes: int, *options: str) -> None:
+# ``gptfast train`` with the fused LM head + loss wrapped: each process appends the type and shape of the
+# weight it receives to the file $HEAD_RECORDS.rank-N.
+RECORD_THE_HEAD = """
+import os, sys
+from gptfast import kernels
+from gptfast.cli import main
+real, rank = kernels.linear_cross_entropy, os.environ["RANK"]
+def recorded(x, w, *args, **kwargs):
+    with open(os.environ["HEAD_RECORDS"] + ".rank-" + rank, "a") as records:
+        print(type(w).__name__, *w.shape, file=records)
+    return real(x, w, *args, **kwargs)
+kernels.linear_cross_entropy = recorded
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def torchrun(data_dir, out_dir, processes: int, *options: str, script: Path | None = None) -> None:
     """``gptfast train`` under torchrun on ``processes`` CPU processes, for LEG steps (a new run when
-    options hold --grad-accum, else resuming)."""
+    options hold --grad-accum, else resuming); run by ``script`` (given gptfast's arguments) if given."""
     args = ["--preset", "tiny", "--context-length", "32", "--batch-size", "1", "--max-steps", str(5 * LEG),
             "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", str(LEG), "--eval-batches", "3",
             "--log-interval", "1", "--sample-tokens", "0", "--no-progress", "--backend", "torch", "--device", "cpu",
             "--run-steps", str(LEG), *options]
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "gptfast", "train", str(data_dir), "--out-dir", str(out_dir), *args]
+               *([str(script)] if script else ["-m", "gptfast"]), "train", str(data_dir), "--out-dir", str(out_dir),
+               *args]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,18 +80,23 @@ def chain(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     straight = root / "straight"
     train(tiny(data_dir, straight, grad_accum=MICRO_BATCHES, **SHARED))
-    out = root / "chain"
-    torchrun(data_dir, out, 2, "--parallel", "fsdp", "--grad-accum", str(MICRO_BATCHES // 2), "--reshard-after-forward")
+    out, script, records = root / "chain", root / "record_the_head.py", root / "head"
+    script.write_text(RECORD_THE_HEAD)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEAD_RECORDS", str(records))
+        torchrun(data_dir, out, 2, "--parallel", "fsdp", "--grad-accum", str(MICRO_BATCHES // 2),
+                 "--reshard-after-forward", "--activation-checkpointing", "selective", script=script)
     weights, real = [], kernels.linear_cross_entropy  # what the fused LM head + loss receives
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "linear_cross_entropy", lambda x, w, *a, **k: weights.append(w) or real(x, w, *a, **k))
         train(tiny(data_dir, out, parallel="fsdp", resume=True, run_steps=LEG, **SHARED))  # 2 -> 1
-    torchrun(data_dir, out, 3, "--parallel", "fsdp", "--resume")  # 1 -> 3
+    torchrun(data_dir, out, 3, "--parallel", "fsdp", "--resume", "--activation-checkpointing", "full")  # 1 -> 3
     shard_bytes = bytes_per_shard_file(out / "ckpt")
     train(tiny(data_dir, out, resume=True, run_steps=LEG, **SHARED))  # FSDP -> DDP's path
     assert (out / "ckpt.pt").is_file() and not (out / "ckpt").exists() and not list(out.glob("ckpt.step-*"))
     train(tiny(data_dir, out, parallel="fsdp", resume=True, **SHARED))  # DDP -> FSDP
-    return {"straight": straight, "out": out, "weights": weights, "shard_bytes": shard_bytes}
+    at_two = {rank: (records.parent / f"{records.name}.rank-{rank}").read_text().splitlines() for rank in (0, 1)}
+    return {"straight": straight, "out": out, "weights": weights, "at_two": at_two, "shard_bytes": shard_bytes}
 
 
 def test_fsdp_across_world_sizes_and_ddp_equals_one_process(chain):
@@ -92,9 +116,12 @@ def test_fsdp_across_world_sizes_and_ddp_equals_one_process(chain):
 
 def test_the_tied_head_reaches_the_kernel_as_a_plain_whole_tensor(chain):
     config = load_for_inference(chain["straight"])[0].config
+    whole = (config.padded_vocab_size, config.n_embd)
     assert chain["weights"] and all(type(w) is torch.nn.Parameter and not isinstance(w, DTensor) and
-                                    tuple(w.shape) == (config.padded_vocab_size, config.n_embd)
-                                    for w in chain["weights"])
+                                    tuple(w.shape) == whole for w in chain["weights"])
+    # At 2 processes, each holding half its rows: every call (micro-batches, validation batches) got it whole.
+    for rank, calls in chain["at_two"].items():
+        assert len(calls) >= LEG * MICRO_BATCHES // 2 and set(calls) == {f"Parameter {whole[0]} {whole[1]}"}, rank
 
 
 def bytes_per_shard_file(folder: Path) -> dict[str, int]:
@@ -131,6 +158,9 @@ def test_export_then_generate_equals_the_sharded_model(chain, tmp_path, capsys):
     assert generate(exported, prompt, 12, temperature=0.8, top_k=5, seed=3) == expected
     hf = from_pretrained(tmp_path / "hf")
     assert all(torch.equal(hf.state_dict()[k], v) for k, v in sharded.state_dict().items())
+    assert main(["export", str(tmp_path / "one.pt"), "--out", str(tmp_path / "hf-of-one")]) == 0  # a single file
+    assert all(torch.equal(from_pretrained(tmp_path / "hf-of-one").state_dict()[k], v)
+               for k, v in sharded.state_dict().items())
     assert main(["export", str(out), "--out", str(tmp_path / "one.pt")]) == 2  # never overwritten
     assert "exists" in capsys.readouterr().err
 
@@ -201,7 +231,7 @@ from gptfast.train import train
 fs.FileSystemWriter.finish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # shards written, no index
 train(tiny(sys.argv[1], sys.argv[2], resume=True, parallel="fsdp", max_steps=4, eval_interval=2, batch_size=2))
 """
-KILL_OPTIONS = dict(parallel="fsdp", max_steps=4, eval_interval=2, batch_size=2)
+KILL_OPTIONS = dict(parallel="fsdp", max_steps=4, eval_interval=2, batch_size=2, dropout=0.1)  # re-seeded on resume
 
 
 class Died(BaseException):

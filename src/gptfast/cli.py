@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, kernels, memory
-from .checkpoint import FORMAT, build_model, save_checkpoint
+from .checkpoint import FORMAT, INFERENCE_FIELDS, build_model, checkpoint_path, load_checkpoint, save_checkpoint
 from .cli_inference import add_eval_parser, add_generate_parser
 from .config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, OPTIONS, TrainConfig, cli_options
 from .corpora import DEFAULT_TEXT_FIELD
@@ -24,7 +24,7 @@ from .lab import add_lab_parser
 from .model import GPT, PRESETS, GPTConfig
 from .options import add_arguments, from_arguments, positive_int
 from .precision import AMP_DTYPES
-from .sharded_checkpoint import consolidate
+from .sharded_checkpoint import consolidate, is_sharded_checkpoint
 from .tokenizer import GPT2_VOCAB_SIZE, TOKENIZERS
 from .train import train
 
@@ -144,15 +144,20 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"--out {str(out)!r} exists: export never overwrites; choose another path")
-    state = consolidate(args.checkpoint)
+    single = checkpoint_path(args.checkpoint)
+    if out.suffix != ".pt" and single.is_file() and not is_sharded_checkpoint(args.checkpoint):
+        source, state = single, load_checkpoint(single, require=INFERENCE_FIELDS)  # a single file, to Hugging Face
+    else:
+        source, state = Path(args.checkpoint), consolidate(args.checkpoint)
+    step = f"step {state['step']}" if "step" in state else "the model"
     if out.suffix == ".pt":
         save_checkpoint(out, {key: value for key, value in state.items() if key != "format"} | {"format": FORMAT})
-        print(f"step {state['step']} of {args.checkpoint} -> {out}: generate, eval and train --resume read it")
+        print(f"{step} of {args.checkpoint} -> {out}: generate, eval and train --resume read it")
     else:
         from .pretrained import save_pretrained
 
-        save_pretrained(build_model(state, out), out)
-        print(f"step {state['step']} of {args.checkpoint} -> {out}: a Hugging Face GPT-2 folder "
+        save_pretrained(build_model(state, source), out)
+        print(f"{step} of {args.checkpoint} -> {out}: a Hugging Face GPT-2 folder "
               "(GPT2LMHeadModel.from_pretrained, generate --pretrained)")
 
 
@@ -227,11 +232,13 @@ def _add_train_parser(sub) -> None:
 
 def _add_export_parser(sub) -> None:
     export = sub.add_parser("export", help="make a sharded checkpoint (train --parallel fsdp) one file, or a "
-                            "Hugging Face folder", description="Gather a sharded checkpoint's model and optimizer "
-                            "state whole, into one gptfast checkpoint file (OUT ending in .pt: generate, eval and "
-                            "train --resume read it) or a Hugging Face GPT-2 folder (any other OUT). Needs the "
-                            "memory of the whole model and its optimizer state.")
-    export.add_argument("checkpoint", metavar="CKPT", help="a sharded checkpoint folder, or the out_dir holding it")
+                            "checkpoint a Hugging Face folder", description="Gather a sharded checkpoint's model "
+                            "and optimizer state whole, into one gptfast checkpoint file (OUT ending in .pt: "
+                            "generate, eval and train --resume read it) or a Hugging Face GPT-2 folder (any other "
+                            "OUT; a single-file ckpt.pt can be exported to one too). Needs the memory of the whole "
+                            "model and its optimizer state.")
+    export.add_argument("checkpoint", metavar="CKPT", help="a sharded checkpoint folder, or the out_dir holding it; "
+                        "for a Hugging Face OUT, a ckpt.pt too")
     export.add_argument("--out", required=True, metavar="FILE_OR_FOLDER",
                         help="FILE.pt: a gptfast checkpoint; otherwise a Hugging Face folder (never overwritten)")
     export.set_defaults(func=cmd_export)

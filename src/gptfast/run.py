@@ -263,6 +263,8 @@ def _hellaswag_examples(cfg: TrainConfig, tokenizer: Tokenizer, context_length: 
                              "name the HellaSwag file to score")
         return None
     return read_examples(cfg.hellaswag, tokenizer, context_length)
+
+
 def _model(cfg: TrainConfig, state: dict | None, path: Path, tokenizer: Tokenizer, world: World,
            device: torch.device, amp_dtype: torch.dtype | None) -> GPT:
     """The model on ``device``: whole (DDP), or built on the meta device and sharded (FSDP); a new run's
