@@ -176,7 +176,8 @@ def consolidate(path: str | os.PathLike) -> dict:
     which generate, eval and a DDP ``--resume`` read), its tensors gathered whole in this process's memory."""
     folder = sharded_folder(path)
     if not is_sharded_checkpoint(folder):
-        what = "a single-file checkpoint, which generate and eval take as it is" if folder.is_file() else \
+        what = ("a single-file checkpoint, which generate and eval take as it is (export makes it a Hugging Face "
+                "folder: --out a folder name, not a .pt file)") if folder.is_file() else \
             "not a sharded checkpoint (a folder written by train --parallel fsdp, or its out_dir)"
         raise ValueError(f"{str(folder)!r} is {what}")
     state = read_sharded_state(folder, require=TRAINING_FIELDS)
