@@ -128,7 +128,8 @@ def block_config(dtype: torch.dtype, arch: int) -> MatmulConfig:
 
 def every_config() -> dict[str, tuple[MatmulConfig, ...]]:
     """Every configuration each kernel may launch with, for ahead-of-time checks."""
-    configs = tuple(sorted({block_config(dtype, arch) for dtype in (torch.float32, torch.bfloat16) for arch in (80, 90)}))
+    dtypes = (torch.float32, torch.bfloat16)
+    configs = tuple(sorted({block_config(dtype, arch) for dtype in dtypes for arch in (80, 90)}))
     return {"persistent_matmul": configs}
 
 
