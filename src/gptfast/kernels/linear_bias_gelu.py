@@ -255,7 +255,8 @@ def _check_shapes(name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
         raise ValueError(f"{name}: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
 
 
-def _kernel_problem(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor | None) -> str | None:
+def _kernel_problem(x: torch.Tensor, w: torch.Tensor, *args, **kwargs) -> str | None:
+    """The dtypes of x and the (first) weight; the rest are cast or loaded in float32."""
     return dtype_problem({"x": x, "weight": w})
 
 
@@ -332,6 +333,12 @@ def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase
         launch_gelu_grad(torch.randn_like(x), torch.randn_like(w.t().contiguous()), pre, config)
 
 
+def _k_steps(args: dict, grid: tuple) -> int:
+    """The main loop's iterations over the launch: BLOCK_K-deep steps of every output tile."""
+    tiles = cdiv(args["M"], args["BLOCK_M"]) * cdiv(args["N"], args["BLOCK_N"])
+    return tiles * cdiv(args["K"], args["BLOCK_K"])
+
+
 def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     c, rows = size["width"], size["rows"]
     make = dict(device=device, dtype=dtype)
@@ -356,6 +363,8 @@ SPECS = (spec.OpSpec(
     make_inputs=_inputs, launchers=_launchers, compared=(linear_bias_gelu, linear_bias_gelu_reference, _eager),
     config_type=MatmulConfig, every_config=every_config,
     tunables={"persistent_matmul": spec.Tunable(MATMUL_FIELDS)}, options={"bias": bool}, tf32=True,
+    # One step: a (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) product, BLOCK_M * BLOCK_N * BLOCK_K multiply-adds.
+    models={"persistent_matmul": spec.KernelModel(_k_steps, matmuls=1)},
     benchmarks=(benchmark.KernelBench(
         name="mlp_gelu",
         unit="TFLOP/s",

@@ -174,7 +174,7 @@ def kernel_report(request: Request, phase: str, launch: common.Launch, compiled:
     sms = min(arch.sm_count, programs)
     warp_instructions = (iterations * body.instructions + programs * rest_instructions) * warps
     mufu_ops = (iterations * body.mufu + programs * rest_mufu) * warps * 32
-    flops = 2 * (model.matmuls_of(args) if model else 0) * elements * args.get("HEAD_DIM_PAD", 0) * iterations
+    flops = 2 * (model.matmuls_of(args) if model else 0) * elements * args.get("HEAD_DIM_PAD", 1) * iterations
     bandwidth = request.bandwidth or arch.bandwidth
     estimate = {"memory": _bytes(launch) / bandwidth * 1e6,
                 "issue": warp_instructions / (sms * arch.schedulers * arch.clock_hz) * 1e6,
