@@ -2,11 +2,12 @@
 with GELU's gradient in its epilogue (``matmul_gelu_grad``) and the MLP that uses both (``mlp_gelu``),
 under the interpreter on CPU, against float64 references at sizes no block divides.
 
-Two read paths: TMA tensor descriptors where the base and row strides are 16-byte aligned (K and N
-multiples of 8 elements here: the interpreter runs descriptors), masked pointer loads where they are
-not (odd K, N). Tolerances: kernel_testing's ``linear_bias_gelu`` entry.
+Two read paths: TMA tensor descriptors (sm_90; the interpreter runs them) and pointer loads (sm_80, or
+a base TMA cannot address), chosen here by targeting an sm_90 or an sm_80 GPU. Row lengths that are
+not multiples of 16 bytes take the eager path. Tolerances: kernel_testing's ``linear_bias_gelu`` entry.
 """
 
+import contextlib
 import importlib
 
 import pytest
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from kernel_testing import assert_close, run_and_compare
 
 from gptfast import kernels
+from gptfast.kernels import common
 from gptfast.kernels.bias_gelu import bias_gelu_reference
 
 lbg = importlib.import_module("gptfast.kernels.linear_bias_gelu")  # the module, not the public op
@@ -23,8 +25,14 @@ pytestmark = [pytest.mark.usefixtures("on_kernel_device", "interpreter_bf16_roun
               pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]
 
 DTYPES = [torch.float32, torch.bfloat16]
-# (rows, k, n): TMA-aligned and not; none a multiple of the 128 x 128 x 64 (float32: x 32) blocks.
-SHAPES = {"tma": (70, 72, 200), "pointers": (37, 50, 90)}
+# (rows, k, n), none a multiple of the 128 x 128 x 64 (float32: x 32) blocks; k and n of 16-byte rows.
+SHAPES = {"tma": (70, 72, 200), "pointers": (37, 40, 88)}
+ARCHS = {"tma": 90, "pointers": 80}
+
+
+def on_path(path: str) -> contextlib.AbstractContextManager:
+    """Launches configured for the GPU whose read path is ``path`` (four SMs: several tiles per program)."""
+    return common.targeting(common.GPU(ARCHS[path], 4, 232448))
 
 
 def linear_inputs(rows, k, n, dtype, seed=0):
@@ -37,9 +45,11 @@ def linear_inputs(rows, k, n, dtype, seed=0):
 @pytest.mark.parametrize("path", SHAPES)
 def test_linear_bias_gelu_matches_reference(path, dtype):
     inputs = linear_inputs(*SHAPES[path], dtype)
-    assert lbg.uses_tma(inputs["x"], inputs["w"]) == (path == "tma")
-    run_and_compare(kernels.linear_bias_gelu, lbg.linear_bias_gelu_reference, inputs, eager=kernels.linear_bias_gelu,
-                    output_tolerance="linear_bias_gelu", gradient_tolerance="linear_bias_gelu")
+    with on_path(path):
+        assert lbg.uses_tma(inputs["x"], inputs["w"]) == (path == "tma")
+        run_and_compare(kernels.linear_bias_gelu, lbg.linear_bias_gelu_reference, inputs,
+                        eager=kernels.linear_bias_gelu, output_tolerance="linear_bias_gelu",
+                        gradient_tolerance="linear_bias_gelu")
 
 
 def mlp_reference(x, w_fc, b_fc, w_proj, b_proj):
@@ -54,8 +64,9 @@ def test_mlp_gelu_matches_reference(path, dtype):
     inputs = linear_inputs(rows, k, n, dtype, seed=1)
     inputs = dict(x=inputs["x"], w_fc=inputs["w"], b_fc=inputs["b"],
                   w_proj=(n**-0.5 * torch.randn(k, n)).to(dtype), b_proj=torch.randn(k).to(dtype))
-    run_and_compare(kernels.mlp_gelu, mlp_reference, inputs, eager=kernels.mlp_gelu,
-                    output_tolerance="linear_bias_gelu", gradient_tolerance="linear_bias_gelu")
+    with on_path(path):
+        run_and_compare(kernels.mlp_gelu, mlp_reference, inputs, eager=kernels.mlp_gelu,
+                        output_tolerance="linear_bias_gelu", gradient_tolerance="linear_bias_gelu")
 
 
 @pytest.mark.parametrize("path", SHAPES)
@@ -63,8 +74,8 @@ def test_matmul_gelu_grad_matches_reference(path):
     rows, k, n = SHAPES[path]
     torch.manual_seed(2)
     dy, w2, pre = torch.randn(rows, k), torch.randn(k, n), 3 * torch.randn(rows, n)  # GELU's bend and tails
-    assert lbg.uses_tma(dy, w2) == (path == "tma")
-    with kernels.use_backend("triton"):
+    with on_path(path):
+        assert lbg.uses_tma(dy, w2) == (path == "tma")
         got = kernels.matmul_gelu_grad(dy, w2, pre)
     at = pre.double().requires_grad_()
     bias_gelu_reference(at, None).backward(dy.double() @ w2.double())
@@ -105,6 +116,8 @@ def test_bad_arguments():
         kernels.mlp_gelu(torch.randn(2, 4), torch.randn(8, 4), None, torch.randn(4, 8), torch.randn(5))
     with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="float64"):
         kernels.linear_bias_gelu(torch.randn(2, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64), None)
+    with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="out features 7 x 2 bytes"):
+        kernels.linear_bias_gelu(torch.randn(2, 8).bfloat16(), torch.randn(7, 8).bfloat16(), None)
 
 
 def test_the_model_uses_it_only_where_measured_faster(monkeypatch):

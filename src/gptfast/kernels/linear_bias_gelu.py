@@ -12,10 +12,12 @@ the epilogue of the backward's matmul: what llm.c asks of cuBLASLt, as persisten
 
 Both kernels are one persistent matmul template (a program per SM walking output tiles in grouped
 order, ``tl.dot`` on wgmma on Hopper) differing in the epilogue. On sm_90 the operands are read through
-TMA tensor descriptors made on the device (``tl.make_tensor_descriptor``) when their base and row
-strides are 16-byte aligned; otherwise (and on sm_80) through masked pointer loads. Float32 inputs are
-multiplied in TF32 on a GPU. The model uses :func:`mlp_gelu` only where a measured table says it is
-faster (``MEASURED_FASTER``, empty until a GPU run measures it): an unmeasured kernel never slows training.
+TMA tensor descriptors made on the device (``tl.make_tensor_descriptor``) when their bases are 16-byte
+aligned; otherwise, and on sm_80, through pointer loads. Row lengths must be multiples of 16 bytes
+(GPT-2's are): others take the eager path, as unaligned rows would load one element at a time. Float32
+inputs are multiplied in TF32 on a GPU. The model uses :func:`mlp_gelu` only where a measured table says
+it is faster (``MEASURED_FASTER``, empty until a GPU run measures it): an unmeasured kernel never slows
+training.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def _persistent_matmul(a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr, M, N, K,
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
                                                block_shape=[BLOCK_N, BLOCK_K])
+        # The epilogue's tiles too: stores and loads of any row length, clipped at the edges.
+        pre_desc = tl.make_tensor_descriptor(pre_ptr, shape=[M, N], strides=[stride_pre, 1],
+                                             block_shape=[BLOCK_M, BLOCK_N])
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_out, 1],
+                                             block_shape=[BLOCK_M, BLOCK_N])
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
         first_m = tile // group_tiles * GROUP_M
         group_m = min(num_m - first_m, GROUP_M)
@@ -77,6 +84,8 @@ def _persistent_matmul(a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr, M, N, K,
         pid_n = tile % group_tiles // group_m
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        a_rows = tl.max_contiguous(tl.multiple_of(tl.where(rows < M, rows, 0), BLOCK_M), BLOCK_M).to(tl.int64)
+        b_cols = tl.max_contiguous(tl.multiple_of(tl.where(cols < N, cols, 0), BLOCK_N), BLOCK_N).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(tl.cdiv(K, BLOCK_K)):
             k0 = step * BLOCK_K
@@ -87,11 +96,12 @@ def _persistent_matmul(a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr, M, N, K,
                 else:
                     b = b_desc.load([pid_n * BLOCK_N, k0]).T
             else:
+                # Rows and columns past the edge read row / column 0 (their results are not stored):
+                # only the K tail is masked, so that the loads pipeline as the tutorial's do.
                 ks = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :],
-                            mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
-                b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
-                            mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
+                a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :], mask=(ks < K)[None, :], other=0.0)
+                b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + b_cols[None, :] * stride_bn,
+                            mask=(ks < K)[:, None], other=0.0)
             acc = tl.dot(a, b, acc)
         mask = (rows < M)[:, None] & (cols < N)[None, :]
         rows64 = rows.to(tl.int64)
@@ -99,12 +109,45 @@ def _persistent_matmul(a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr, M, N, K,
         if GELU_FORWARD:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(pre_at, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+            if TMA:
+                pre_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(pre_ptr.dtype.element_ty))
+            else:
+                tl.store(pre_at, acc.to(pre_ptr.dtype.element_ty), mask=mask)
             result, _ = _gelu_and_slope(acc, True)
         else:
-            _, slope = _gelu_and_slope(tl.load(pre_at, mask=mask, other=0.0).to(tl.float32), True)
+            if TMA:
+                pre = pre_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
+            else:
+                pre = tl.load(pre_at, mask=mask, other=0.0)
+            _, slope = _gelu_and_slope(pre.to(tl.float32), True)
             result = acc * slope
-        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], result.to(out_ptr.dtype.element_ty), mask=mask)
+        if TMA:
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], result.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], result.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+@jit
+def _linear_bias_gelu_kernel(x_ptr, w_ptr, bias_ptr, pre_ptr, y_ptr, M, N, K, stride_xm, stride_wk, stride_wn,
+                             stride_pre, stride_y, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    # y = GELU(pre), pre = x @ w.T + bias; w (N, K) with unit stride along K.
+    _persistent_matmul(x_ptr, w_ptr, bias_ptr, pre_ptr, y_ptr, M, N, K, stride_xm, stride_wk, stride_wn,
+                       stride_pre, stride_y, True, HAS_BIAS, TMA, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                       NUM_PROGRAMS)
+
+
+@jit
+def _matmul_gelu_grad_kernel(dy_ptr, w2_ptr, pre_ptr, dpre_ptr, M, N, K, stride_dym, stride_w2k, stride_w2n,
+                             stride_pre, stride_dpre, TMA: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    # dpre = (dy @ w2) * GELU'(pre); w2 (K, N) with unit stride along N.
+    _persistent_matmul(dy_ptr, w2_ptr, None, pre_ptr, dpre_ptr, M, N, K, stride_dym, stride_w2k, stride_w2n,
+                       stride_pre, stride_dpre, False, False, TMA, True, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                       NUM_PROGRAMS)
 
 
 def _arch(device: torch.device) -> int:
@@ -130,7 +173,7 @@ def every_config() -> dict[str, tuple[MatmulConfig, ...]]:
     """Every configuration each kernel may launch with, for ahead-of-time checks."""
     dtypes = (torch.float32, torch.bfloat16)
     configs = tuple(sorted({block_config(dtype, arch) for dtype in dtypes for arch in (80, 90)}))
-    return {"persistent_matmul": configs}
+    return {"linear_bias_gelu": configs, "matmul_gelu_grad": configs}
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -138,9 +181,10 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def uses_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the matmul of ``a`` and ``b`` (each as laid out in memory) reads them through TMA."""
-    return _arch(a.device) >= 90 and _aligned(a) and _aligned(b)
+def uses_tma(*matrices: torch.Tensor) -> bool:
+    """Whether the matmul of these matrices (operands and epilogue tensors, as laid out in memory) goes
+    through TMA."""
+    return _arch(matrices[0].device) >= 90 and all(map(_aligned, matrices))
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -154,16 +198,19 @@ def _launch_matmul(a: torch.Tensor, b: torch.Tensor, b_kn: bool, bias: torch.Ten
     (m, k), n = a.shape, out.shape[1]
     if out.numel() == 0:
         return
-    tma = uses_tma(a, b)
+    tma = uses_tma(a, b, pre, out)
     if tma and a.device.type == "cuda" and target_gpu() is None:
         triton.set_allocator(_scratch)
     stride_bk, stride_bn = (b.stride(0), b.stride(1)) if b_kn else (b.stride(1), b.stride(0))
     programs = min(sm_count(a.device), cdiv(m, config.block_m) * cdiv(n, config.block_n))
-    launch(_persistent_matmul, (programs,), a, b, bias, pre, out, m, n, k,
-           a.stride(0), stride_bk, stride_bn, pre.stride(0), out.stride(0),
-           GELU_FORWARD=gelu_forward, HAS_BIAS=bias is not None, TMA=tma, B_KN=b_kn,
-           BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-           NUM_PROGRAMS=programs, num_stages=config.num_stages, num_warps=config.num_warps)
+    meta = dict(TMA=tma, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                GROUP_M=config.group_m, NUM_PROGRAMS=programs, num_stages=config.num_stages, num_warps=config.num_warps)
+    strides = (a.stride(0), stride_bk, stride_bn, pre.stride(0), out.stride(0))
+    if gelu_forward:
+        launch(_linear_bias_gelu_kernel, (programs,), a, b, bias, pre, out, m, n, k, *strides,
+               HAS_BIAS=bias is not None, **meta)
+    else:
+        launch(_matmul_gelu_grad_kernel, (programs,), a, b, pre, out, m, n, k, *strides, **meta)
 
 
 def launch_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -256,8 +303,15 @@ def _check_shapes(name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
 
 
 def _kernel_problem(x: torch.Tensor, w: torch.Tensor, *args, **kwargs) -> str | None:
-    """The dtypes of x and the (first) weight; the rest are cast or loaded in float32."""
-    return dtype_problem({"x": x, "weight": w})
+    """The dtypes of x and the (first) weight (the rest are cast, or loaded in float32), and row lengths
+    whose rows start 16-byte aligned: TMA needs them, and unaligned rows load one element at a time."""
+    problem = dtype_problem({"x": x, "weight": w})
+    if problem is None:
+        for name, width in (("in", w.shape[1]), ("out", w.shape[0])):
+            if width * x.element_size() % 16:
+                return (f"{name} features {width} x {x.element_size()} bytes is not a multiple of 16 bytes "
+                        f"(the fused matmul's rows must start 16-byte aligned)")
+    return problem
 
 
 @backend.routed(_kernel_problem)
@@ -325,12 +379,13 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dic
 
 def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase) -> None:
     x, w, b = inputs["x"], inputs["w"], inputs["b"]
-    config = configure(block_config(x.dtype, _arch(x.device)), "persistent_matmul")
+    config = block_config(x.dtype, _arch(x.device))
     with phase("forward"):
-        _, pre = launch_forward(x, w, b, config)
+        _, pre = launch_forward(x, w, b, configure(config, "linear_bias_gelu"))
     with phase("backward"):
         # The backward's fused matmul, with a second layer as wide as the input: dy (rows, k), w2 (k, n).
-        launch_gelu_grad(torch.randn_like(x), torch.randn_like(w.t().contiguous()), pre, config)
+        launch_gelu_grad(torch.randn_like(x), torch.randn_like(w.t().contiguous()), pre,
+                         configure(config, "matmul_gelu_grad"))
 
 
 def _k_steps(args: dict, grid: tuple) -> int:
@@ -362,9 +417,10 @@ SPECS = (spec.OpSpec(
     shapes=spec.Shapes(default=(16384, 768, 3072), small=(40, 24, 72), odd=((33, 768, 3072), (70, 72, 200))),
     make_inputs=_inputs, launchers=_launchers, compared=(linear_bias_gelu, linear_bias_gelu_reference, _eager),
     config_type=MatmulConfig, every_config=every_config,
-    tunables={"persistent_matmul": spec.Tunable(MATMUL_FIELDS)}, options={"bias": bool}, tf32=True,
+    tunables={name: spec.Tunable(MATMUL_FIELDS) for name in ("linear_bias_gelu", "matmul_gelu_grad")},
+    options={"bias": bool}, tf32=True,
     # One step: a (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) product, BLOCK_M * BLOCK_N * BLOCK_K multiply-adds.
-    models={"persistent_matmul": spec.KernelModel(_k_steps, matmuls=1)},
+    models={name: spec.KernelModel(_k_steps, matmuls=1) for name in ("linear_bias_gelu", "matmul_gelu_grad")},
     benchmarks=(benchmark.KernelBench(
         name="mlp_gelu",
         unit="TFLOP/s",
