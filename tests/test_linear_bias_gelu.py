@@ -18,6 +18,7 @@ from kernel_testing import assert_close, run_and_compare
 from gptfast import kernels
 from gptfast.kernels import common
 from gptfast.kernels.bias_gelu import bias_gelu_reference
+from gptfast.model import MLP, GPTConfig
 
 lbg = importlib.import_module("gptfast.kernels.linear_bias_gelu")  # the module, not the public op
 
@@ -121,10 +122,22 @@ def test_bad_arguments():
 
 
 def test_the_model_uses_it_only_where_measured_faster(monkeypatch):
-    """No GPU run has measured it yet: GPT-2's widths keep cuBLAS + bias_gelu; a table entry switches."""
-    assert not lbg.wanted(768, torch.bfloat16)
-    monkeypatch.setattr(lbg, "MEASURED_FASTER", frozenset({(768, "bfloat16")}))
-    assert lbg.wanted(768, torch.bfloat16) and not lbg.wanted(768, torch.float32)
+    """No GPU run has measured it yet: the table is empty, so GPT-2's MLP keeps cuBLAS + bias_gelu. Where
+    the table says faster, the model's MLP runs mlp_gelu (here forced, on the interpreted kernels)."""
+    assert not lbg.MEASURED_FASTER
+    mlp = MLP(GPTConfig(n_layer=1, n_head=2, n_embd=32, context_length=8, vocab_size=16))
+    x = torch.randn(2, 3, 32)
+    want = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+    calls = []
+    fused_mlp = kernels.mlp_gelu
+    monkeypatch.setattr(kernels, "mlp_gelu", lambda *args: calls.append(len(args)) or fused_mlp(*args))
+    assert not kernels.mlp_gelu_faster(x, 32)
+    mlp(x)
+    monkeypatch.setattr(kernels, "mlp_gelu_faster", lambda x, width: True)
+    with kernels.use_backend("triton"):
+        fused = mlp(x)
+    assert calls == [5]
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
 
 
 def opcheck_cases():

@@ -11,11 +11,11 @@ from .bias_gelu import bias_gelu
 from .cross_entropy import cross_entropy
 from .flash_attention import flash_attention
 from .layer_norm import add_layer_norm, layer_norm
-from .linear_bias_gelu import linear_bias_gelu, matmul_gelu_grad, mlp_gelu
+from .linear_bias_gelu import linear_bias_gelu, matmul_gelu_grad, mlp_gelu, mlp_gelu_faster
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
     "BACKENDS", "BackendError", "Route", "explain", "get_backend", "set_backend", "use_backend",
     "add_layer_norm", "bias_gelu", "cross_entropy", "flash_attention", "layer_norm", "linear_bias_gelu",
-    "linear_cross_entropy", "matmul_gelu_grad", "mlp_gelu",
+    "linear_cross_entropy", "matmul_gelu_grad", "mlp_gelu", "mlp_gelu_faster",
 ]

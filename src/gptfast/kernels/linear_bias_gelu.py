@@ -348,9 +348,10 @@ def matmul_gelu_grad(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> t
     return _gelu_grad(dy.contiguous(), w2.contiguous(), pre.contiguous())
 
 
-def wanted(width: int, dtype: torch.dtype) -> bool:
-    """Whether the model's MLP should use :func:`mlp_gelu` at this hidden width: only where measured faster."""
-    return (width, str(dtype).removeprefix("torch.")) in MEASURED_FASTER
+def mlp_gelu_faster(x: torch.Tensor, width: int) -> bool:
+    """Whether a model's MLP of this input width should run :func:`mlp_gelu` on ``x``: only where a GPU
+    run measured it faster in the matmuls' dtype (``MEASURED_FASTER``), and on CUDA."""
+    return x.device.type == "cuda" and (width, str(_compute_dtype(x)).removeprefix("torch.")) in MEASURED_FASTER
 
 
 def linear_bias_gelu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
