@@ -66,7 +66,7 @@ def test_mlp_gelu_matches_reference(path, dtype):
     inputs = dict(x=inputs["x"], w_fc=inputs["w"], b_fc=inputs["b"],
                   w_proj=(n**-0.5 * torch.randn(k, n)).to(dtype), b_proj=torch.randn(k).to(dtype))
     with on_path(path):
-        run_and_compare(kernels.mlp_gelu, mlp_reference, inputs, eager=kernels.mlp_gelu,
+        run_and_compare(lbg.mlp_gelu, mlp_reference, inputs, eager=lbg.mlp_gelu,
                         output_tolerance="linear_bias_gelu", gradient_tolerance="linear_bias_gelu")
 
 
@@ -77,7 +77,7 @@ def test_matmul_gelu_grad_matches_reference(path):
     dy, w2, pre = torch.randn(rows, k), torch.randn(k, n), 3 * torch.randn(rows, n)  # GELU's bend and tails
     with on_path(path):
         assert lbg.uses_tma(dy, w2) == (path == "tma")
-        got = kernels.matmul_gelu_grad(dy, w2, pre)
+        got = lbg.matmul_gelu_grad(dy, w2, pre)
     at = pre.double().requires_grad_()
     bias_gelu_reference(at, None).backward(dy.double() @ w2.double())
     assert_close("dpre", got, at.grad, "linear_bias_gelu")
@@ -114,7 +114,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"linear_bias_gelu: weight has shape \(8, 3\), expected \(N, 4\)"):
         kernels.linear_bias_gelu(torch.randn(2, 4), torch.randn(8, 3), None)
     with pytest.raises(ValueError, match=r"mlp_gelu: bias has shape \(5,\), expected \(4,\)"):
-        kernels.mlp_gelu(torch.randn(2, 4), torch.randn(8, 4), None, torch.randn(4, 8), torch.randn(5))
+        lbg.mlp_gelu(torch.randn(2, 4), torch.randn(8, 4), None, torch.randn(4, 8), torch.randn(5))
     with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="float64"):
         kernels.linear_bias_gelu(torch.randn(2, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64), None)
     with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="out features 7 x 2 bytes"):
@@ -129,11 +129,11 @@ def test_the_model_uses_it_only_where_measured_faster(monkeypatch):
     x = torch.randn(2, 3, 32)
     want = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
     calls = []
-    fused_mlp = kernels.mlp_gelu
-    monkeypatch.setattr(kernels, "mlp_gelu", lambda *args: calls.append(len(args)) or fused_mlp(*args))
-    assert not kernels.mlp_gelu_faster(x, 32)
+    fused = lbg._MlpGelu.apply
+    monkeypatch.setattr(lbg._MlpGelu, "apply", staticmethod(lambda *args: calls.append(len(args)) or fused(*args)))
+    assert not lbg.mlp_gelu_faster(x, 32)
     mlp(x)
-    monkeypatch.setattr(kernels, "mlp_gelu_faster", lambda x, width: True)
+    monkeypatch.setattr(lbg, "mlp_gelu_faster", lambda x, width: True)
     with kernels.use_backend("triton"):
         fused = mlp(x)
     assert calls == [5]

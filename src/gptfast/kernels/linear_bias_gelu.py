@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import backend, benchmark, spec
 from .bias_gelu import _backward as bias_gelu_backward
 from .bias_gelu import _gelu_and_slope, bias_gelu, bias_gelu_reference
-from .common import cdiv, dtype_problem, jit, kernel_op, launch, sm_count, target_gpu, tl, triton
+from .common import cdiv, dtype_problem, jit, kernel_op, launch, sm_count, target_gpu, tl, tracing, triton
 
 # (hidden width, dtype name) pairs where a GPU run measured mlp_gelu faster than cuBLAS + bias_gelu
 # (forward and backward together), filled from bench/gpu_run.py's results. Empty: nothing measured yet.
@@ -196,7 +196,7 @@ def _launch_matmul(a: torch.Tensor, b: torch.Tensor, b_kn: bool, bias: torch.Ten
                    out: torch.Tensor, gelu_forward: bool, config: MatmulConfig) -> None:
     """The persistent matmul of ``a`` (M, K) and B: ``b`` is B (K, N) if ``b_kn``, else B's transpose (N, K)."""
     (m, k), n = a.shape, out.shape[1]
-    if out.numel() == 0:
+    if out.numel() == 0 or tracing():  # fake tensors (the op's fake implementation) have no data pointers
         return
     tma = uses_tma(a, b, pre, out)
     if tma and a.device.type == "cuda" and target_gpu() is None:
