@@ -371,7 +371,7 @@ def _eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
 
 def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device, options: dict,
             generator: torch.Generator | None) -> spec.Inputs:
-    """x (rows, k), w (n, k), b (n,); options: ``bias`` (False: None)."""
+    """x (tokens, in), w (out, in), b (out,); options: ``bias`` (False: None)."""
     rows, k, n = shape
     make = dict(dtype=dtype, device=device, generator=generator)
     return {"x": spec.tensor(rows, k, **make), "w": spec.tensor(n, k, scale=k**-0.5, **make),
@@ -414,7 +414,7 @@ def _unfused(x, w_fc, b_fc, w_proj, b_proj) -> torch.Tensor:
 
 
 SPECS = (spec.OpSpec(
-    name="linear_bias_gelu", order=35, function=linear_bias_gelu, shape_names=("rows", "k", "n"),
+    name="linear_bias_gelu", order=35, function=linear_bias_gelu, shape_names=("tokens", "in", "out"),
     shapes=spec.Shapes(default=(16384, 768, 3072), small=(40, 24, 72), odd=((33, 768, 3072), (70, 72, 200))),
     make_inputs=_inputs, launchers=_launchers, compared=(linear_bias_gelu, linear_bias_gelu_reference, _eager),
     config_type=MatmulConfig, every_config=every_config,
