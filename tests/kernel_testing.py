@@ -44,6 +44,14 @@ TOLERANCES = {
         torch.float16: dict(rtol=1e-2, atol=1e-2),
         torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
     },
+    # The matmuls sum over K in another order than float64's, in TF32 on a GPU (exact float32 under the
+    # interpreter). In bfloat16 the weight gradients are sums over the rows of products of rounded
+    # operands (the saved pre-activation, dpre), as in eager bfloat16: the tests also hold them to twice
+    # eager's error (EAGER_FACTOR).
+    "linear_bias_gelu": {
+        torch.float32: dict(rtol=1e-2, atol=1e-2) if torch.cuda.is_available() else dict(rtol=1e-5, atol=1e-5),
+        torch.bfloat16: dict(rtol=2e-2, atol=6e-2),
+    },
 }
 DTYPES = list(TOLERANCES["default"])
 # The half dtypes' rule: a kernel's error is at most twice that of the eager path in the same dtype,

@@ -64,9 +64,10 @@ class KernelModel:
     """What one iteration of a kernel's main loop covers, for the lab's static estimates. ``iterations``
     counts them over the whole launch from the kernel's named arguments and grid (None: the kernel has no
     loop, one iteration per program). ``elements``: per iteration (None: the product of its BLOCK_*
-    sizes). ``matmuls``: matrix products of (elements x HEAD_DIM_PAD) per iteration, or a function of the
-    named arguments that counts them. ``masked``: for a kernel whose tiles run either the main loop or
-    its other (masked) loops, the latter's iterations over the launch, each of the same work."""
+    sizes). ``matmuls``: matrix products of (elements x HEAD_DIM_PAD) per iteration (a kernel without a
+    HEAD_DIM_PAD: products of ``elements`` multiply-adds), or a function of the named arguments that counts
+    them. ``masked``: for a kernel whose tiles run either the main loop or its other (masked) loops, the
+    latter's iterations over the launch, each of the same work."""
 
     iterations: Callable[[dict, tuple], int] | None = None
     elements: Callable[[dict], int] | None = None

@@ -197,7 +197,7 @@ def kernel_report(request: Request, phase: str, launch: common.Launch, compiled:
     per_tile = [(iterations, body), (masked_iterations, masked or body)]
     warp_instructions = (sum(n * c.instructions for n, c in per_tile) + programs * rest_instructions) * warps
     mufu_ops = (sum(n * c.mufu for n, c in per_tile) + programs * rest_mufu) * warps * 32
-    flops = (2 * (model.matmuls_of(args) if model else 0) * elements * args.get("HEAD_DIM_PAD", 0)
+    flops = (2 * (model.matmuls_of(args) if model else 0) * elements * args.get("HEAD_DIM_PAD", 1)
              * (iterations + masked_iterations)) * launches
     warp_instructions, mufu_ops = warp_instructions * launches, mufu_ops * launches
     bandwidth = request.bandwidth or arch.bandwidth
