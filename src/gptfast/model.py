@@ -345,12 +345,27 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
-        if config.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight
+        self.tie_head()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=initial_std(name, config))
+
+    def tie_head(self) -> None:
+        """With ``config.tie_weights``, make the LM head's weight the token embedding's (again, after
+        ``to_empty``, which allocates the two apart)."""
+        if self.config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @classmethod
+    def unfilled(cls, config: GPTConfig) -> GPT:
+        """A GPT on the CPU with its weights allocated but not set, for a caller that sets every one (a
+        checkpoint's, or a seeded initialisation): the constructor's own draws would only be replaced."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.tie_head()
+        return model
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -282,7 +282,7 @@ def _model(cfg: TrainConfig, state: dict | None, path: Path, tokenizer: Tokenize
         model = sharded_model(config, world, device, amp_dtype, cfg.reshard_after_forward, cfg.compile,
                               cfg.activation_checkpointing)
     else:
-        model = source if source is not None else GPT(config)
+        model = source if source is not None else GPT.unfilled(config)  # set below, or by the checkpoint
     if source is not None and cfg.parallel == "fsdp":
         load_whole(model, None, source, None)
     elif source is None and state is None:
