@@ -176,22 +176,24 @@ def _kernel_tasks(ctx: Context, headline: bool) -> list:
     return sorted(chosen, key=lambda t: priority.index(t.provider) if t.provider in priority else len(priority))
 
 
-def _activation_checkpointing_tasks(ctx: Context) -> list:
-    """Training steps with each activation checkpointing mode, "triton" (none) first as the baseline,
-    GPT-2 124M then gpt2-xl (on a CPU the tiny model): tokens/s and peak memory."""
+def _against_default_tasks(ctx: Context, group: str) -> list:
+    """The training steps of ``group`` (``end_to_end.AGAINST_DEFAULT``), each changing one thing, "triton"
+    (without the change) first as the baseline, at each of its sizes (on a CPU the tiny model): tokens/s
+    and peak memory."""
     from gptfast.bench import end_to_end, report
 
+    providers, sizes = end_to_end.AGAINST_DEFAULT[group]
     settings = _settings(ctx)
     timing = dict(warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
-    group = end_to_end.AC_GROUP
     return [report.Task(group, provider, "step", size.as_dict(), lambda p=provider, z=size: end_to_end.run_train(
                 p, z, ctx.device, group=group, **timing))
-            for size in end_to_end.AC_SIZES[settings.sizes] for provider in end_to_end.AC_PROVIDERS]
+            for size in sizes[settings.sizes] for provider in providers]
 
 
 BENCH_TASKS: dict[str, Callable[[Context], list]] = {
     "train": lambda ctx: _train_tasks(ctx, ("torch", "triton")),  # the baseline first: ours compiles its kernels
-    "train-ac": _activation_checkpointing_tasks,
+    "train-ac": lambda ctx: _against_default_tasks(ctx, "train-ac"),
+    "train-choices": lambda ctx: _against_default_tasks(ctx, "train-choices"),
     # The slower compile last: torch+compile compiles every op of the model, triton+compile ours as opaque calls.
     "train-compile": lambda ctx: _train_tasks(ctx, ("triton+compile", "torch+compile")),
     "generate": _generate_tasks,
@@ -373,11 +375,13 @@ def _pack(ctx: Context) -> dict:
 # budget loses the last ops' torch.compile and liger cases. Its 18 s beyond the 60 s it had for 60
 # cases come from the remaining sizes: 432 cases that no budget here completes, filling the plots'
 # lines (ours and eager first) with their 32 s and what the stages before them left (up to 60 s). The
-# tune stage has 60 s: its one op with default candidates, attention, compiles and times 13. The
+# tune stage has 45 s: its one op with default candidates, attention, compiles and times about 10. The
 # activation checkpointing stage (train-ac) took its 35 s from the remaining sizes (32 s -> 7 s) and the
 # tune stage (70 s -> 60 s): six training cases, GPT-2 124M's three at about 3 s each (its kernels are
 # in the cache the train stage left), gpt2-xl's at about 5 s each (built on the GPU, a first step, two
-# seconds of timed steps); a case the budget does not reach is recorded as skipped.
+# seconds of timed steps); a case the budget does not reach is recorded as skipped. The kernel choices
+# stage (train-choices) took its 20 s from the tune stage (60 s -> 45 s) and the headline sizes (78 s ->
+# 73 s): GPT-2 124M's step with each choice changed, about 3 s a case (the cache prepared every kernel).
 # In the CPU rehearsal (tiny sizes, the interpreter) a stage's process takes seconds to start (torch's
 # import) and its deadline is its budget less KILL_GRACE_S, so every stage is given enough to run: the
 # tune stage its start, a `lab tune` process's start (MIN_STAGE_S at least) and RESERVE_S; the pack,
@@ -390,12 +394,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", 45, 12, _bench_stage("train"), "GPT-2 124M training: torch, triton", _fill_skipped("train")),
     Stage("train-ac", 35, 10, _bench_stage("train-ac"), "activation checkpointing none, selective, full: GPT-2 "
           "124M and gpt2-xl training tokens/s and peak memory", _fill_skipped("train-ac")),
+    Stage("train-choices", 20, 10, _bench_stage("train-choices"), "GPT-2 124M training with each kernel choice "
+          "changed from its default (mlp_gelu, attention's atomic dQ): tokens/s against the default",
+          _fill_skipped("train-choices")),
     Stage("train-compile", 120, 8, _bench_stage("train-compile"), "the same under torch.compile",
           _fill_skipped("train-compile")),
     Stage("generate", 40, 8, _bench_stage("generate"), "generation tokens/s", _fill_skipped("generate")),
-    Stage("kernels-headline", 78, 10, _bench_stage("kernels-headline"), "each kernel at its headline, target sizes",
+    Stage("kernels-headline", 73, 10, _bench_stage("kernels-headline"), "each kernel at its headline, target sizes",
           _fill_skipped("kernels-headline")),
-    Stage("tune", 60, 24, _tune, "gptfast lab tune: each op with default candidates, at GPT-2's shapes",
+    Stage("tune", 45, 24, _tune, "gptfast lab tune: each op with default candidates, at GPT-2's shapes",
           _tune_finish),
     Stage("kernels-rest", 7, 8, _bench_stage("kernels-rest"), "the remaining kernel sizes",
           _fill_skipped("kernels-rest")),

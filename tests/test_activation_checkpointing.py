@@ -121,7 +121,7 @@ def test_the_gpu_runs_report_compares_each_mode_with_none():
     records = [Record(end_to_end.AC_GROUP, provider, "step", size, value=value, unit="tokens/s", peak_mb=peak)
                for provider, value, peak in zip(end_to_end.AC_PROVIDERS, (1000.0, 900.0), (40960.0, 30720.0))]
     records.append(Record(end_to_end.AC_GROUP, "triton/ac-full", "step", size, status=UNAVAILABLE, note="skipped"))
-    table = report._activation_checkpointing_table(records)
+    table = report._against_default_table(records, end_to_end.AC_GROUP, "Activation checkpointing", "none")
     assert table[0] == "## Activation checkpointing"
     assert "| gpt2-xl | 8 x 1024 | triton/ac-selective | 900 | 0.90x | 30.0 GiB | 0.75x |" in table
     assert "| gpt2-xl | 8 x 1024 | triton/ac-full | n/a |  |  |  |" in table

@@ -26,10 +26,11 @@ import gpu_run as gpu  # noqa: E402
 import gpu_run_prepare  # noqa: E402
 import gpu_run_smoke  # noqa: E402
 
-# The plan's order: versions, ceilings, the smoke, training (eager, with activation checkpointing, then
-# compiled), generation, the kernels' headline sizes, tuning, the other sizes; then the packing.
-ORDER = ("versions", "ceilings", "smoke", "train", "train-ac", "train-compile", "generate", "kernels-headline", "tune",
-         "kernels-rest", "pack")
+# The plan's order: versions, ceilings, the smoke, training (eager, with activation checkpointing, with
+# each kernel choice changed, then compiled), generation, the kernels' headline sizes, tuning, the other
+# sizes; then the packing.
+ORDER = ("versions", "ceilings", "smoke", "train", "train-ac", "train-choices", "train-compile", "generate",
+         "kernels-headline", "tune", "kernels-rest", "pack")
 RETURNABLE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 

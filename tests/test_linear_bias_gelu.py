@@ -123,19 +123,22 @@ def test_bad_arguments():
 
 def test_the_model_uses_it_only_where_measured_faster(monkeypatch):
     """No GPU run has measured it yet: the table is empty, so GPT-2's MLP keeps cuBLAS + bias_gelu. Where
-    the table says faster, the model's MLP runs mlp_gelu (here forced, on the interpreted kernels)."""
+    the table says faster, the model's MLP runs mlp_gelu (here chosen as a benchmark does, on the
+    interpreted kernels), and choosing False keeps it off."""
     assert not lbg.MEASURED_FASTER
     mlp = MLP(GPTConfig(n_layer=1, n_head=2, n_embd=32, context_length=8, vocab_size=16))
     x = torch.randn(2, 3, 32)
     want = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
     calls = []
-    fused = lbg._MlpGelu.apply
-    monkeypatch.setattr(lbg._MlpGelu, "apply", staticmethod(lambda *args: calls.append(len(args)) or fused(*args)))
+    apply = lbg._MlpGelu.apply
+    monkeypatch.setattr(lbg._MlpGelu, "apply", staticmethod(lambda *args: calls.append(len(args)) or apply(*args)))
     assert not lbg.mlp_gelu_faster(x, 32)
     mlp(x)
-    monkeypatch.setattr(lbg, "mlp_gelu_faster", lambda x, width: True)
-    with kernels.use_backend("triton"):
+    with kernels.use_backend("triton"), lbg.choose_mlp_gelu(True):
         fused = mlp(x)
+    assert calls == [5]
+    with lbg.choose_mlp_gelu(False):
+        mlp(x)
     assert calls == [5]
     torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
 

@@ -12,6 +12,11 @@ Activation checkpointing (``AC_PROVIDERS``, ``AC_SIZES``): the same training ste
 recomputed in the backward pass ("triton/ac-full") or all but its matmuls ("triton/ac-selective"),
 against "triton" (none) in the same run, for GPT-2 124M and gpt2-xl: tokens/s and peak memory.
 
+Kernel choices (``CHOICE_PROVIDERS``): GPT-2 124M's step with one kernel choice changed from its
+default, against "triton" (the defaults) in the same run: the MLP on ``mlp_gelu`` ("triton/mlp-fused"),
+attention's dQ added up with atomics ("triton/attn-atomic"). What a measured table decides
+(``linear_bias_gelu.MEASURED_FASTER``) is filled from these.
+
 Generation runs ``gptfast.generate`` per backend with the key/value cache, without it, and
 "compiled" (``compile=True``: the static decode step compiled and replayed, CUDA graphs on a GPU),
 and transformers' ``generate`` with its static cache, compiled too, on the same GPT-2 shapes (random
@@ -23,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +36,7 @@ import torch
 from gptfast import kernels
 from gptfast.activation_checkpointing import apply_activation_checkpointing
 from gptfast.generation import generate
+from gptfast.kernels.linear_bias_gelu import choose_mlp_gelu
 from gptfast.model import GPT, GPTConfig
 from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
 
@@ -97,6 +104,13 @@ AC_PROVIDERS = ("triton", "triton/ac-selective", "triton/ac-full")
 AC_SIZES = {"full": (_GPT2, TrainSize("gpt2-xl", batch=8, context=1024, vocab_multiple=64)),
             "small": (TrainSize("tiny", batch=1, context=16, n_layer=1, vocab_size=64),)}  # three interpreted steps
 
+# Kernel choices: each provider changes one choice from the default ("triton"), on GPT-2 124M.
+CHOICE_GROUP = "train-choices"
+CHOICE_PROVIDERS = ("triton", "triton/mlp-fused", "triton/attn-atomic")
+CHOICE_SIZES = {"full": (_GPT2,), "small": AC_SIZES["small"]}
+# The groups whose steps each change one thing from "triton": their providers and sizes.
+AGAINST_DEFAULT = {AC_GROUP: (AC_PROVIDERS, AC_SIZES), CHOICE_GROUP: (CHOICE_PROVIDERS, CHOICE_SIZES)}
+
 # The issue's targets for GPT-2 124M training on one H100 (full sizes only).
 SPEEDUP_TARGETS = (("triton", "torch", 1.5), ("triton", "torch+compile", 1.1))
 TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
@@ -104,12 +118,14 @@ TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
 
 def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Callable[[], None]:
     """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile",
-    "triton/unfused-head" or "triton/ac-full" (activation checkpointing: ac-selective, ac-full)."""
+    "triton/unfused-head", "triton/ac-full" (activation checkpointing: ac-selective, ac-full),
+    "triton/mlp-fused" or "triton/attn-atomic" (kernel choices)."""
     variant, _, compile_flag = provider.partition("+")
     backend, _, option = variant.partition("/")
     gc.collect()  # the previous case's model, before this one's peak memory is measured
     torch.manual_seed(0)
-    config = dataclasses.replace(size.config(), fused_lm_head=option != "unfused-head")
+    config = dataclasses.replace(size.config(), fused_lm_head=option != "unfused-head",
+                                 deterministic_attention=option != "attn-atomic")
     with device:  # built where it trains: initialising gpt2-xl on the CPU would take most of a stage
         model = GPT(config).train()
     apply_activation_checkpointing(model, option.removeprefix("ac-") if option.startswith("ac-") else "none")
@@ -122,7 +138,7 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Cal
     batch = [(tokens[:, :-1], tokens[:, 1:])]
 
     def step() -> None:
-        with kernels.use_backend(backend):
+        with kernels.use_backend(backend), choose_mlp_gelu(True) if option == "mlp-fused" else nullcontext():
             train_step(forward, optimizer, batch, lr=LR, amp_dtype=amp_dtype)
 
     return step

@@ -330,10 +330,10 @@ def _e2e_table(records: list[Record], group: str) -> list[str]:
     return _table(columns, table) if rows else []
 
 
-def _activation_checkpointing_table(records: list[Record]) -> list[str]:
-    """Each activation checkpointing mode's training tokens/s and peak memory against none ("triton") at
-    the same size, in the same run."""
-    rows = [r for r in records if r.group == end_to_end.AC_GROUP]
+def _against_default_table(records: list[Record], group: str, title: str, default: str) -> list[str]:
+    """Each provider of ``group`` (training steps that change one thing) with its tokens/s and peak memory
+    against "triton" (``default``: the step without the change) at the same size, in the same run."""
+    rows = [r for r in records if r.group == group]
     table = []
     for r in rows:
         base = next((b for b in rows if b.provider == "triton" and b.size == r.size and b.status == OK), None)
@@ -345,8 +345,8 @@ def _activation_checkpointing_table(records: list[Record]) -> list[str]:
         table.append(cells + [_fmt(r.value), f"{r.value / base.value:.2f}x" if base else "",
                               f"{r.peak_mb / 1024:.1f} GiB" if r.peak_mb is not None else "",
                               f"{r.peak_mb / base.peak_mb:.2f}x" if memory else ""])
-    columns = ["model", "batch x context", "provider", "tokens/s", "vs none", "peak memory", "vs none"]
-    return ["## Activation checkpointing", "", *_table(columns, table), ""] if rows else []
+    columns = ["model", "batch x context", "provider", "tokens/s", f"vs {default}", "peak memory", f"vs {default}"]
+    return [f"## {title}", "", *_table(columns, table), ""] if rows else []
 
 
 def _targets(records: list[Record]) -> list[str]:
@@ -397,7 +397,9 @@ def markdown(results: dict) -> str:
             lines += [f"## {name} ({bench.unit}, % of ceiling)", "", *_kernel_table(bench, rows, sizes), ""]
             lines += _memory_table(bench, rows, sizes)
     lines += _end_to_end(records, "##")
-    lines += _activation_checkpointing_table(records)
+    lines += _against_default_table(records, end_to_end.AC_GROUP, "Activation checkpointing", "none")
+    lines += _against_default_table(records, end_to_end.CHOICE_GROUP, "Kernel choices in the training step",
+                                    "default")
     lines += _unavailable(records)
     return "\n".join(lines).rstrip() + "\n"
 
