@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +38,8 @@ from .common import cdiv, dtype_problem, jit, kernel_op, launch, sm_count, targe
 # (forward and backward together), filled from bench/gpu_run.py's results. Empty: nothing measured yet.
 MEASURED_FASTER: frozenset[tuple[int, str]] = frozenset()
 # Set by :func:`choose_mlp_gelu` (benchmarks timing the step both ways): True or False overrides the table.
-_CHOSEN: ContextVar[bool | None] = ContextVar("mlp_gelu_chosen", default=None)
+# A module global, not a ContextVar: torch.compile traces the model's read of it (and guards on it).
+_chosen: bool | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -357,9 +357,8 @@ def mlp_gelu_faster(x: torch.Tensor, width: int) -> bool:
     """Whether a model's MLP of this input width should run :func:`mlp_gelu` on ``x``: only where a GPU
     run measured it faster in the matmuls' dtype (``MEASURED_FASTER``), and on CUDA; inside
     :func:`choose_mlp_gelu`, as chosen there."""
-    chosen = _CHOSEN.get()
-    if chosen is not None:
-        return chosen
+    if _chosen is not None:
+        return _chosen
     return x.device.type == "cuda" and (width, str(_compute_dtype(x)).removeprefix("torch.")) in MEASURED_FASTER
 
 
@@ -367,11 +366,12 @@ def mlp_gelu_faster(x: torch.Tensor, width: int) -> bool:
 def choose_mlp_gelu(fused: bool) -> Iterator[None]:
     """Within the block, the model's MLPs run :func:`mlp_gelu` (``fused``) or the matmul and
     bias_gelu apart, whatever ``MEASURED_FASTER`` says: how a benchmark times the step both ways."""
-    token = _CHOSEN.set(fused)
+    global _chosen
+    before, _chosen = _chosen, fused
     try:
         yield
     finally:
-        _CHOSEN.reset(token)
+        _chosen = before
 
 
 def linear_bias_gelu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
