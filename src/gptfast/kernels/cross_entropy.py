@@ -22,6 +22,9 @@ copy that slicing the logits would cost in the backward.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,22 @@ from .common import LOG2E, as_rows, dtype_problem, jit, kernel_op, launch, next_
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 _MAX_BLOCK_V = 4096  # chunk of a row per loop step: 16 values per thread with 8 warps
+ONE_PASS_MAX_COLUMNS = 65536  # the widest row the one-pass kernel holds in registers (see the module docstring)
+_ONE_PASS_PER_WARP = 2048  # the one-pass kernel's columns per warp: 64 values per thread
+
+
+_one_pass = threading.local()  # .enabled: False within two_passes()
+
+
+@contextlib.contextmanager
+def two_passes() -> Iterator[None]:
+    """Within the block the gradient takes two passes (the loss kernel, then the gradient kernel) where
+    it would take one: to measure one against the other."""
+    previous, _one_pass.enabled = getattr(_one_pass, "enabled", True), False
+    try:
+        yield
+    finally:
+        _one_pass.enabled = previous
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
@@ -151,6 +170,42 @@ def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_pt
         tl.store(drow_ptr + col, grad.to(dlogits_ptr.dtype.element_ty), mask=col < n_cols)
 
 
+@jit
+def _cross_entropy_one_pass(logits_ptr, targets_ptr, loss_ptr, dlogits_ptr, n_classes, n_cols, stride_row,
+                            stride_drow, ignore_index, smoothing, z_weight, BLOCK_V: tl.constexpr,
+                            SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    # One row per program, held on chip whole: read once, its loss and the gradient of the sum of the
+    # losses written from registers. The load is masked at the row's width (n_cols, a multiple of 8 for
+    # GPT-2's padded head: 128-bit loads), the padding columns then set to -inf.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+    x = tl.where(cols < n_classes, x, float("-inf"))
+    m = tl.max(x, axis=0)
+    log_sum = tl.log(tl.sum(tl.exp2((x - m) * LOG2E), axis=0))
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    # The target's logit is one scalar load (a cache hit: the row was just read); a target outside
+    # [0, n_classes) gives NaN, not a wild read.
+    in_range = (target >= 0) & (target < n_classes)
+    picked = tl.load(logits_ptr + row * stride_row + target, mask=in_range, other=float("nan")).to(tl.float32)
+    loss = (m - picked) + log_sum
+    p_weight, on_target, uniform = 1.0, 1.0, 0.0  # constants the compiler folds away
+    if SMOOTHING:  # lse - mean(x) = log-sum - mean(x - m): differences from the max, exact for nearby values
+        mean_below_max = tl.sum(tl.where(cols < n_classes, x - m, 0.0), axis=0) / n_classes
+        loss = (1.0 - smoothing) * loss + smoothing * (log_sum - mean_below_max)
+        on_target = 1.0 - smoothing
+        uniform = smoothing / n_classes
+    if Z_LOSS:
+        loss += z_weight * (m + log_sum) * (m + log_sum)
+        p_weight = 1.0 + 2.0 * z_weight * (m + log_sum)
+    ignored = target == ignore_index
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    grad = _grad_chunk(x, cols, target, m, log_sum, tl.where(ignored, 0.0, 1.0), p_weight, on_target, uniform)
+    if SMOOTHING:  # the uniform part stays off the padding columns
+        grad = tl.where(cols < n_classes, grad, 0.0)
+    tl.store(dlogits_ptr + row * stride_drow + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
 @dataclass(frozen=True, order=True)
 class ChunkConfig:
     """A cross-entropy kernel's launch configuration: rows walked in chunks of ``block_v`` columns by
@@ -167,10 +222,24 @@ def block_config(n_cols: int) -> ChunkConfig:
     return ChunkConfig(block_v, max(1, min(8, block_v // 512)))
 
 
+def one_pass_config(n_cols: int) -> ChunkConfig | None:
+    """The one-pass kernel's configuration for rows of ``n_cols`` (the whole row in one block), None
+    where a row is too wide to hold on chip, or the two-pass path was asked for (:func:`two_passes`)."""
+    block_v = next_power_of_2(max(n_cols, 16))
+    if not getattr(_one_pass, "enabled", True) or block_v > ONE_PASS_MAX_COLUMNS:
+        return None
+    return ChunkConfig(block_v, max(1, min(32, block_v // _ONE_PASS_PER_WARP)))
+
+
 def every_config() -> dict[str, tuple[ChunkConfig, ...]]:
     """Every configuration each kernel may launch with, for ahead-of-time checks."""
     configs = tuple(sorted({block_config(2**k) for k in range(4, _MAX_BLOCK_V.bit_length())}))
     return {"cross_entropy_fwd": configs, "cross_entropy_bwd": configs}
+
+
+def every_one_pass_config() -> tuple[ChunkConfig, ...]:
+    """Every configuration the one-pass kernel may launch with, for ahead-of-time checks."""
+    return tuple(one_pass_config(2**k) for k in range(4, ONE_PASS_MAX_COLUMNS.bit_length()))
 
 
 def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
@@ -207,6 +276,21 @@ def write_gradient(dlogits: torch.Tensor, dloss: torch.Tensor, logits: torch.Ten
         launch(_cross_entropy_bwd, (n_rows,), dloss.float().contiguous(), logits, targets.contiguous(), stats,
                dlogits, num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing,
                z_loss, BLOCK_V=block_v, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=num_warps)
+
+
+def write_loss_and_gradient(dlogits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                            num_classes: int, label_smoothing: float, z_loss: float,
+                            config: ChunkConfig) -> torch.Tensor:
+    """The one-pass kernel, launched with ``config`` (a row of ``config.block_v`` columns at most): the
+    float32 per-row losses, and into ``dlogits`` (which may be ``logits`` itself) the gradient of their
+    sum, each row read once and written once."""
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows > 0:
+        launch(_cross_entropy_one_pass, (n_rows,), logits, targets.contiguous(), loss, dlogits, num_classes, n_cols,
+               logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing, z_loss, BLOCK_V=config.block_v,
+               SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=config.num_warps)
+    return loss
 
 
 def launch_backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
@@ -391,8 +475,8 @@ def _bytes(size: dict, elem: int) -> tuple[float, float]:
     return rows * vocab * elem + rows * 8, 2 * rows * vocab * elem + rows * 8
 
 
-_CHUNK_FIELDS = ("BLOCK_V", "num_warps")
-TUNABLES = {"cross_entropy_fwd": spec.Tunable(_CHUNK_FIELDS), "cross_entropy_bwd": spec.Tunable(_CHUNK_FIELDS)}
+CHUNK_FIELDS = ("BLOCK_V", "num_warps")
+TUNABLES = {"cross_entropy_fwd": spec.Tunable(CHUNK_FIELDS), "cross_entropy_bwd": spec.Tunable(CHUNK_FIELDS)}
 MODELS = {"cross_entropy_fwd": spec.KernelModel(row_chunks), "cross_entropy_bwd": spec.KernelModel(row_chunks)}
 
 SPECS = (spec.OpSpec(
