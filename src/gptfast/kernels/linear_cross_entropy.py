@@ -37,6 +37,7 @@ from .cross_entropy import (
     every_one_pass_config,
     launch_forward,
     one_pass_config,
+    row_chunks,
     write_gradient,
     write_loss_and_gradient,
 )
@@ -237,7 +238,8 @@ def _every_config() -> dict[str, tuple[ChunkConfig, ...]]:
 
 
 TUNABLES = {**CHUNK_TUNABLES, "cross_entropy_one_pass": spec.Tunable(CHUNK_FIELDS)}
-MODELS = {**CHUNK_MODELS, "cross_entropy_one_pass": spec.KernelModel()}  # no loop: the whole row at once
+# Held whole: no loop (one iteration per program); streamed: its statistics loop, then its gradient loop.
+MODELS = {**CHUNK_MODELS, "cross_entropy_one_pass": spec.KernelModel(row_chunks, masked=row_chunks)}
 
 
 def _reference(hidden, weight, targets, num_classes, label_smoothing, z_loss, chunk_bytes=CHUNK_BYTES):
