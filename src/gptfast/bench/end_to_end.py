@@ -20,8 +20,10 @@ weights), in one run. The first call, which compiles, is timed apart (``first_ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +40,9 @@ from .kernel_bench import bench_dtype
 
 # "/unfused-head": the LM head and loss without linear_cross_entropy (the logits materialised), for the
 # peak memory and speed the fused head saves.
-TRAIN_PROVIDERS = ("triton", "triton/unfused-head", "torch", "triton+compile", "torch+compile")
+# "/two-pass-ce": the fused head's gradients from the cross-entropy losses kernel then its gradient kernel
+# (cross_entropy.two_passes), against the default one-pass kernel.
+TRAIN_PROVIDERS = ("triton", "triton/unfused-head", "triton/two-pass-ce", "torch", "triton+compile", "torch+compile")
 GENERATE_PROVIDERS = ("triton", "torch", "transformers")
 GENERATE_MODES = {"triton": ("cache", "compiled", "no cache"), "torch": ("cache", "compiled", "no cache"),
                   "transformers": ("static cache",)}
@@ -75,6 +79,7 @@ class GenerateSize:
                     new_tokens=self.new_tokens)
 
 
+cross_entropy = importlib.import_module("gptfast.kernels.cross_entropy")  # the module, not the public op
 LR = 6e-4  # any rate: the benchmark times steps, it does not train
 # Whole training steps and generations are timed this many times as long as a kernel case.
 TRAIN_TIMING, GENERATE_TIMING = 20, 10
@@ -104,7 +109,8 @@ TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
 
 def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Callable[[], None]:
     """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile",
-    "triton/unfused-head" or "triton/ac-full" (activation checkpointing: ac-selective, ac-full)."""
+    "triton/unfused-head", "triton/two-pass-ce" or "triton/ac-full" (activation checkpointing: ac-selective,
+    ac-full)."""
     variant, _, compile_flag = provider.partition("+")
     backend, _, option = variant.partition("/")
     gc.collect()  # the previous case's model, before this one's peak memory is measured
@@ -121,8 +127,10 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Cal
     tokens = torch.randint(0, config.vocab_size, (size.batch, size.context + 1), device=device)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
 
+    passes = cross_entropy.two_passes if option == "two-pass-ce" else contextlib.nullcontext
+
     def step() -> None:
-        with kernels.use_backend(backend):
+        with kernels.use_backend(backend), passes():
             train_step(forward, optimizer, batch, lr=LR, amp_dtype=amp_dtype)
 
     return step

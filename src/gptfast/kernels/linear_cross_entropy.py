@@ -38,6 +38,7 @@ from .cross_entropy import (
     launch_forward,
     one_pass_config,
     row_chunks,
+    two_passes,
     write_gradient,
     write_loss_and_gradient,
 )
@@ -257,6 +258,11 @@ def _eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy((hidden @ weight.T).float(), targets)
 
 
+def _two_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    with two_passes():
+        return linear_cross_entropy(hidden, weight, targets, check_targets=False)
+
+
 def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     hidden = torch.randn(size["rows"], size["hidden"], device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(size["vocab"], size["hidden"], device=device, dtype=dtype)
@@ -288,6 +294,7 @@ SPECS = (spec.OpSpec(
         headline=dict(rows=16384, hidden=768, vocab=50304),  # GPT-2 124M's LM head and loss
         providers={
             "triton": benchmark.triton_backend(lambda h, w, t: linear_cross_entropy(h, w, t, check_targets=False)),
+            "triton/two-pass": benchmark.triton_backend(_two_pass),  # the one-pass kernel's baseline
             "torch": benchmark.eager(_eager),
             "torch.compile": benchmark.compiled(_eager),
         },
