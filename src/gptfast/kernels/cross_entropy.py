@@ -15,6 +15,22 @@ a one-hot gradient and the float32 gradient before casting it back: about 30 GB 
   writes ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
   The pair, not their float32 sum: m + log-sum would round away the log-sum of rows near 1e4.
 
+* One pass (the fused LM head, ``linear_cross_entropy``, which knows it wants the gradient of the sum
+  of the losses, and owns its logits): one kernel writes each row's loss and overwrites the row with
+  its gradient. Rows up to ``ONE_PASS_RESIDENT_COLUMNS`` (32,768) are loaded once into registers and
+  the gradient written from them: read 1x, written 1x (bf16: 4 bytes per logit, against the two
+  kernels' 6). Wider rows would spill: on sm_90 (Triton 3.6 and 3.7) a row of 65,536 (GPT-2's 50,304,
+  rounded up to a power of two) held by 32 warps compiles to 64 registers, the most 1,024 threads may
+  have, and spills about 1 KB per thread; 32,768 compiles to 64 registers without spills. So wider
+  rows are streamed twice within the kernel: the statistics in chunks, then the same chunks, which the
+  program has just read, again for the gradient. DRAM then reads each row once where the L2 holds
+  the rows in flight between their two loops (GPT-2 on an H100: 2 programs per SM, 264 rows of 100 KB,
+  26 MB of its 50 MB L2): a static argument, measured by the GPU run's ``triton/two-pass`` case.
+  ``two_passes()`` switches back to the two kernels, for that comparison.
+* The standalone op keeps two passes: its gradient is only known up to ``dloss``, so a gradient
+  computed in the forward would have to be saved (as large as the logits) and scaled in the
+  backward, a further read and write: 8 bytes per bf16 logit against 6.
+
 ``num_classes`` lets the LM head pass its vocabulary-padded logits whole (50,257 classes in rows of
 50,304): the padding columns are left out of the softmax and get a zero gradient, which saves the
 copy that slicing the logits would cost in the backward.
@@ -36,9 +52,9 @@ from .common import LOG2E, as_rows, dtype_problem, jit, kernel_op, launch, next_
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 _MAX_BLOCK_V = 4096  # chunk of a row per loop step: 16 values per thread with 8 warps
-# The one-pass kernel: rows up to ONE_PASS_RESIDENT_COLUMNS wide are held in registers, at most 32 float32
-# values per thread (32 warps at the limit); wider rows (GPT-2's 50,304) would spill on sm_90 (see the module
-# docstring) and are streamed twice in chunks of _STREAMED_BLOCK_V by _STREAMED_WARPS warps, 16 values a thread.
+# The one-pass kernel (see the module docstring): rows up to ONE_PASS_RESIDENT_COLUMNS wide are held in
+# registers, at most 32 float32 values a thread (32 warps at the limit); wider ones are streamed twice in chunks
+# of _STREAMED_BLOCK_V by _STREAMED_WARPS warps, 16 values a thread, 2 programs per SM on sm_90 (64 registers).
 ONE_PASS_RESIDENT_COLUMNS = 32768
 _RESIDENT_PER_WARP = 1024
 _STREAMED_BLOCK_V, _STREAMED_WARPS = 8192, 16

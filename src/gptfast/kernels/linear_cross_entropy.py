@@ -5,8 +5,10 @@ gradient as much again: the largest tensors of a training step. Here the rows go
 for each chunk:
 
 1. the chunk's logits are one matmul (cuBLAS, in the autocast dtype);
-2. the cross-entropy kernels write its per-row losses, then overwrite the logits, in place, with
-   their gradient (softmax - onehot, scaled as the reduction asks);
+2. one cross-entropy kernel writes its per-row losses and overwrites the logits, in place, with
+   the gradient of their sum (softmax - onehot): each row read once and written once (the one-pass
+   kernel of ``cross_entropy``; within ``cross_entropy.two_passes()``, the losses kernel then the
+   gradient kernel, which reads the logits again);
 3. two matmuls give the chunk's rows of d hidden and its share of d weight (added up in float32).
 
 So the gradients are computed in the forward pass, with no (rows, vocabulary) tensor beyond one
