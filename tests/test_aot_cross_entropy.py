@@ -43,7 +43,7 @@ def fused_request(shape: tuple, dtype: str, arch: int) -> lab.Request:
 def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
     """All launches of this file, compiled in one batch, by group: (inspect's kernel report, compiled)."""
     widest = max(config.block_v for configs in CONFIGS.values() for config in configs)
-    widest_one_pass = max(config.block_v for config in ONE_PASS)
+    narrowest_one_pass, widest_one_pass = min(c.block_v for c in ONE_PASS), max(c.block_v for c in ONE_PASS)
     chunk_sizes = range(4, widest.bit_length())  # rows of 2**k give every config
     groups = {
         "every": [request((8, 2**k), "bf16", arch, False) for k in chunk_sizes for arch in ARCHS],
@@ -51,7 +51,8 @@ def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
         "unhinted": [request(GPT2, "bf16", 90, False)],
         # The fused head's one-pass kernel: rows of 2**k columns give every configuration (held whole up to
         # ONE_PASS_RESIDENT_COLUMNS, streamed beyond); GPT-2's head, streamed.
-        "one_pass": [fused_request((64, 16, 2**k), "bf16", 90) for k in range(4, widest_one_pass.bit_length() + 1)],
+        "one_pass": [fused_request((64, 16, 2**k), "bf16", 90)
+                     for k in range(narrowest_one_pass.bit_length() - 1, widest_one_pass.bit_length() + 1)],
         "one_pass_gpt2": [fused_request((16384, 768, 50304, 50257), "bf16", arch) for arch in ARCHS],
     }
     results = iter(lab.inspect_many([r for requests in groups.values() for r in requests]))

@@ -283,16 +283,17 @@ def one_pass_config(n_cols: int) -> ChunkConfig | None:
     ONE_PASS_RESIDENT_COLUMNS, else streamed twice in chunks; None within :func:`two_passes`."""
     if not getattr(_one_pass, "enabled", True):
         return None
-    block_v = next_power_of_2(max(n_cols, 16))
+    block_v = next_power_of_2(max(n_cols, _RESIDENT_PER_WARP))  # narrower rows: one warp, masked
     if block_v <= ONE_PASS_RESIDENT_COLUMNS:
-        return ChunkConfig(block_v, max(1, min(32, block_v // _RESIDENT_PER_WARP)))
+        return ChunkConfig(block_v, min(32, block_v // _RESIDENT_PER_WARP))
     return ChunkConfig(_STREAMED_BLOCK_V, _STREAMED_WARPS)
 
 
 def every_one_pass_config() -> tuple[ChunkConfig, ...]:
     """Every configuration the one-pass kernel may launch with (widths up to twice the widest held on
     chip: wider ones stream as that one does), for ahead-of-time checks."""
-    return tuple(sorted({one_pass_config(2**k) for k in range(4, ONE_PASS_RESIDENT_COLUMNS.bit_length() + 1)}))
+    first = _RESIDENT_PER_WARP.bit_length() - 1
+    return tuple(sorted({one_pass_config(2**k) for k in range(first, ONE_PASS_RESIDENT_COLUMNS.bit_length() + 1)}))
 
 
 def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
