@@ -1,7 +1,8 @@
 """Cross-entropy over the last dimension of logits, for the LM head: ``lse(x) - x[target]`` per row.
 
 Triton kernels (forward and backward), launched by the PyTorch custom operators
-``gptfast::cross_entropy_fwd`` / ``gptfast::cross_entropy_bwd`` (``common.kernel_op``) with autograd.
+``gptfast::cross_entropy_fwd`` / ``gptfast::cross_entropy_bwd`` (``common.kernel_op``) with autograd,
+and the one-pass kernel of the fused LM head (:func:`write_loss_and_gradient`).
 
 The logits are the largest activation of a GPT step (16 x 1024 rows of 50,304 bf16 values: 1.6 GB),
 and eager PyTorch under autocast first copies them to float32, then writes float32 log-probabilities,
@@ -14,19 +15,18 @@ a one-hot gradient and the float32 gradient before casting it back: about 30 GB 
 * Backward: recomputes ``softmax = exp((x - m) - log-sum)`` from the logits and the saved pair and
   writes ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
   The pair, not their float32 sum: m + log-sum would round away the log-sum of rows near 1e4.
-
-* One pass (the fused LM head, ``linear_cross_entropy``, which knows it wants the gradient of the sum
-  of the losses, and owns its logits): one kernel writes each row's loss and overwrites the row with
-  its gradient. Rows up to ``ONE_PASS_RESIDENT_COLUMNS`` (32,768) are loaded once into registers and
-  the gradient written from them: read 1x, written 1x (bf16: 4 bytes per logit, against the two
-  kernels' 6). Wider rows would spill: on sm_90 (Triton 3.6 and 3.7) a row of 65,536 (GPT-2's 50,304,
-  rounded up to a power of two) held by 32 warps compiles to 64 registers, the most 1,024 threads may
-  have, and spills about 1 KB per thread; 32,768 compiles to 64 registers without spills. So wider
-  rows are streamed twice within the kernel: the statistics in chunks, then the same chunks, which the
-  program has just read, again for the gradient. DRAM then reads each row once where the L2 holds
-  the rows in flight between their two loops (GPT-2 on an H100: 2 programs per SM, 264 rows of 100 KB,
-  26 MB of its 50 MB L2): a static argument, measured by the GPU run's ``triton/two-pass`` case.
-  ``two_passes()`` switches back to the two kernels, for that comparison.
+* One pass (the fused LM head, ``linear_cross_entropy``, which wants the gradient of the sum of the
+  losses and owns its logits): one kernel writes each row's loss and overwrites the row with its
+  gradient. Rows up to ``ONE_PASS_RESIDENT_COLUMNS`` (32,768) are loaded once into registers and the
+  gradient written from them: read once, written once (bf16: 4 bytes per logit, against the two
+  kernels' 6). Wider rows would spill: on sm_90 a row of 65,536 (GPT-2's 50,304 rounded up to a power
+  of two) held by 32 warps compiles to 64 registers, the most 1,024 threads may have, and spills 904
+  bytes a thread (Triton 3.6), where 32,768 compiles to 64 registers without spills.
+  So wider rows are streamed twice within the kernel: the statistics in chunks, then the same chunks,
+  which the program has just read, again for the gradient. DRAM then reads each row once where the
+  L2 holds the rows in flight between their two loops (GPT-2 on an H100: 2 programs per SM, 264 rows
+  of 100 KB, 26 MB of its 50 MB L2): a static argument until the GPU run's ``triton/two-pass`` case
+  measures it. Within ``two_passes()`` the fused head takes the two kernels, for that comparison.
 * The standalone op keeps two passes: its gradient is only known up to ``dloss``, so a gradient
   computed in the forward would have to be saved (as large as the logits) and scaled in the
   backward, a further read and write: 8 bytes per bf16 logit against 6.
