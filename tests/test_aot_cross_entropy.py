@@ -8,6 +8,7 @@ launchers' own, captured and compiled by the kernel lab (``gptfast.lab``).
 """
 
 import dataclasses
+import importlib
 
 import pytest
 
@@ -16,6 +17,8 @@ from gptfast.kernels.registry import SPECS
 from gptfast.lab import sass
 
 CONFIGS = SPECS["cross_entropy"].every_config()  # kernel -> every configuration it may launch with
+ONE_PASS = SPECS["linear_cross_entropy"].every_config()["cross_entropy_one_pass"]  # the fused head's kernel
+RESIDENT_COLUMNS = importlib.import_module("gptfast.kernels.cross_entropy").ONE_PASS_RESIDENT_COLUMNS
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 ARCHS = (80, 90)
@@ -31,15 +34,26 @@ def request(shape: tuple, dtype: str, arch: int, aligned: bool) -> lab.Request:
                        lab.ARCHITECTURES[arch], {}, options)
 
 
+def fused_request(shape: tuple, dtype: str, arch: int) -> lab.Request:
+    """The fused head (linear_cross_entropy) at ``shape``: its launches with gradients wanted."""
+    return lab.Request(lab.get_op("linear_cross_entropy"), shape, dtype, lab.ARCHITECTURES[arch], {}, {})
+
+
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
     """All launches of this file, compiled in one batch, by group: (inspect's kernel report, compiled)."""
     widest = max(config.block_v for configs in CONFIGS.values() for config in configs)
+    narrowest_one_pass, widest_one_pass = min(c.block_v for c in ONE_PASS), max(c.block_v for c in ONE_PASS)
     chunk_sizes = range(4, widest.bit_length())  # rows of 2**k give every config
     groups = {
         "every": [request((8, 2**k), "bf16", arch, False) for k in chunk_sizes for arch in ARCHS],
         "gpt2": [request(GPT2, dtype, arch, True) for dtype in ("bf16", "fp16") for arch in ARCHS],
         "unhinted": [request(GPT2, "bf16", 90, False)],
+        # The fused head's one-pass kernel: rows of 2**k columns give every configuration (held whole up to
+        # ONE_PASS_RESIDENT_COLUMNS, streamed beyond); GPT-2's head, streamed.
+        "one_pass": [fused_request((64, 16, 2**k), "bf16", 90)
+                     for k in range(narrowest_one_pass.bit_length() - 1, widest_one_pass.bit_length() + 1)],
+        "one_pass_gpt2": [fused_request((16384, 768, 50304, 50257), "bf16", arch) for arch in ARCHS],
     }
     results = iter(lab.inspect_many([r for requests in groups.values() for r in requests]))
     out = {}
@@ -76,3 +90,22 @@ def test_load_width_check_can_fail(compiled):
     """With an odd row stride Triton must assume odd row starts: no 128-bit loads."""
     ((_, c),) = [pair for pair in compiled["unhinted"] if pair[0]["name"] == "cross_entropy_fwd"]
     assert sass.global_load_bits(c.asm["ptx"])[128] == 0
+
+
+def test_one_pass_kernel_compiles_without_spills_at_every_config(compiled):
+    reports = [(k, c) for k, c in compiled["one_pass"] + compiled["one_pass_gpt2"]
+               if k["name"] == "cross_entropy_one_pass"]
+    launched = {(k["config"]["BLOCK_V"], k["config"]["num_warps"]) for k, _ in reports}
+    assert launched == set(map(dataclasses.astuple, ONE_PASS))
+    spilling = [str(c) for _, c in reports if c.spill_bytes > 0]
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+    over = [str(c) for _, c in reports if c.shared > lab.ARCHITECTURES[c.build.arch].shared_per_block]
+    assert not over, "shared memory over the limit:\n" + "\n".join(over)
+
+
+def test_one_pass_kernel_reads_and_writes_16_bit_rows_128_bits_wide(compiled):
+    """GPT-2's head (streamed) and the widest row held whole: 128-bit loads and stores."""
+    widest_whole = [(k, c) for k, c in compiled["one_pass"] if k["config"]["BLOCK_V"] == RESIDENT_COLUMNS]
+    for kernel, c in compiled["one_pass_gpt2"] + widest_whole:
+        assert kernel["name"] == "cross_entropy_one_pass"
+        assert sass.global_load_bits(c.asm["ptx"])[128] > 0 and sass.global_store_bits(c.asm["ptx"])[128] > 0, c

@@ -190,9 +190,16 @@ def test_training_inputs_are_the_dtypes_training_passes(baseline_reports):
             assert {"*fp32", "*bf16"} <= set(k["signature"].values()), (op, k["name"], k["signature"])
     uniform_gelu = {k["name"]: k for k in reports_of(baseline_reports, "bias_gelu", "uniform")["kernels"]}
     assert "*fp32" not in set(uniform_gelu["bias_gelu_fwd"]["signature"].values())
+
+
+def test_fused_head_cross_entropy_moves_4_bytes_per_logit(baseline_reports):
+    """The fused head's one-pass kernel reads each bf16 logit once and writes its gradient once: 4 bytes
+    (the two-pass kernels: 6), in chunks of 2,624 rows of GPT-2's 16,384, 6 the same, then one of 640."""
     linear_ce = reports_of(baseline_reports, "linear_cross_entropy", "uniform")["kernels"]
-    # 16,384 rows in chunks of 2,624 rows: 6 the same, then one of 640
-    assert [k["launches"] for k in linear_ce if k["name"] == "cross_entropy_fwd"] == [6, 1]
+    assert [k["name"] for k in linear_ce] == ["cross_entropy_one_pass"] * 2
+    assert [k["launches"] for k in linear_ce] == [6, 1]
+    rows, _, vocab, _ = SPECS["linear_cross_entropy"].shapes.default
+    assert sum(k["bytes"] for k in linear_ce) / (rows * vocab) == pytest.approx(4, rel=1e-3)
 
 
 def reports_of(found: list[dict], op: str, inputs: str) -> dict:

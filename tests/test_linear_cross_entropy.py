@@ -1,5 +1,6 @@
 """linear_cross_entropy: the LM head and its loss in chunks, against float64, and in the model."""
 
+import contextlib
 import importlib
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from gptfast import kernels
+from gptfast.kernels import common
 from gptfast.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")
@@ -49,6 +51,65 @@ def test_matches_float64(backend, rows, d, vocab, classes, smoothing, z, reducti
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
     assert not w.grad[classes:].any()  # padding rows of the head get no gradient
+
+
+ONE_PASS_CASES = [  # rows, columns, classes, label smoothing, z-loss, dtype, chunk (None: the row held whole)
+    (37, 131, 120, 0.0, 0.0, torch.bfloat16, None),  # padding columns; 2 warps
+    (37, 131, 120, 0.1, 1e-3, torch.float32, None),
+    (29, 300, 297, 0.2, 1e-2, torch.float32, 64),  # streamed: 4 whole chunks, a partial one, then padding
+    (29, 97, 97, 0.0, 0.0, torch.bfloat16, 32),  # streamed, no padding
+]
+
+
+@pytest.mark.parametrize("rows, cols, classes, smoothing, z, dtype, chunk", ONE_PASS_CASES)
+def test_one_pass_kernel_matches_float64(rows, cols, classes, smoothing, z, dtype, chunk):
+    """The one-pass kernel, held whole and streamed: the losses and, in place over the logits, the
+    gradient of their sum, zero on ignored rows and padding columns."""
+    torch.manual_seed(rows + cols)
+    logits = (3 * torch.randn(rows, cols)).to(dtype)
+    targets = torch.randint(0, classes, (rows,))
+    targets[::5], targets[1] = -1, classes - 1
+    config = cross_entropy.one_pass_config(cols) if chunk is None else cross_entropy.ChunkConfig(chunk, 1)
+    assert (config.block_v >= cols) == (chunk is None)
+    work = logits.clone()
+    losses = cross_entropy.write_loss_and_gradient(work, work, targets, -1, classes, smoothing, z, config)
+    x64 = logits[:, :classes].double().requires_grad_()
+    want = cross_entropy.cross_entropy_reference(x64, targets, -1, smoothing, z)
+    want.sum().backward()
+    torch.testing.assert_close(losses.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    tolerance = dict(rtol=1e-2, atol=4e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(work[:, :classes].double(), x64.grad, **tolerance)
+    assert not work[:, classes:].any() and not work[targets == -1].any()
+
+
+def _kernels_launched(hidden, weight, targets) -> list[str]:
+    with common.capture_launches() as launches:
+        kernels.linear_cross_entropy(hidden, weight, targets)
+    return [launch.kernel.fn.__name__ if hasattr(launch.kernel, "fn") else launch.kernel.__name__
+            for launch in launches]
+
+
+def test_two_passes_switch():
+    """By default gradients come from the one-pass kernel; within two_passes() from the losses kernel
+    then the gradient kernel, with the same results; without gradients the losses kernel alone."""
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(70, 8), torch.randn(50, 8), torch.randint(0, 50, (70,))
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    with kernels.use_backend("triton"):
+        assert _kernels_launched(h, w, targets) == ["_cross_entropy_one_pass"]
+        with cross_entropy.two_passes():
+            assert cross_entropy.one_pass_config(50) is None
+            assert _kernels_launched(h, w, targets) == ["_cross_entropy_fwd", "_cross_entropy_bwd"]
+        assert _kernels_launched(h.detach(), w.detach(), targets) == ["_cross_entropy_fwd"]
+        results = []
+        for passes in (contextlib.nullcontext(), cross_entropy.two_passes()):
+            h.grad = w.grad = None
+            with passes:
+                loss = kernels.linear_cross_entropy(h, w, targets, label_smoothing=0.1, z_loss=1e-3)
+            loss.backward()
+            results.append((loss, h.grad, w.grad))
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
 
 
 def test_every_target_ignored_and_no_gradient_needed():

@@ -14,7 +14,8 @@ against "triton" (none) in the same run, for GPT-2 124M and gpt2-xl: tokens/s an
 
 Kernel choices (``CHOICE_PROVIDERS``): GPT-2 124M's step with one kernel choice changed from its
 default, against "triton" (the defaults) in the same run: the MLP on ``mlp_gelu`` ("triton/mlp-fused"),
-attention's dQ added up with atomics ("triton/attn-atomic"). What a measured table decides
+the fused head's cross-entropy in two kernels ("triton/two-pass-ce"), attention's dQ added up with atomics
+("triton/attn-atomic"). What a measured table decides
 (``linear_bias_gelu.MEASURED_FASTER``) is filled from these.
 
 Generation runs ``gptfast.generate`` per backend with the key/value cache, without it, and
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +106,15 @@ AC_PROVIDERS = ("triton", "triton/ac-selective", "triton/ac-full")
 AC_SIZES = {"full": (_GPT2, TrainSize("gpt2-xl", batch=8, context=1024, vocab_multiple=64)),
             "small": (TrainSize("tiny", batch=1, context=16, n_layer=1, vocab_size=64),)}  # three interpreted steps
 
-# Kernel choices: each provider changes one choice from the default ("triton"), on GPT-2 124M.
+# Kernel choices: each provider changes one choice from the default ("triton"), on GPT-2 124M: the MLP on
+# mlp_gelu, the fused head's cross-entropy in two kernels (the losses, then the gradients: the logits read
+# twice) instead of the one-pass kernel, attention's dQ added up with atomics (a config field, below).
 CHOICE_GROUP = "train-choices"
-CHOICE_PROVIDERS = ("triton", "triton/mlp-fused", "triton/attn-atomic")
+CHOICE_PROVIDERS = ("triton", "triton/mlp-fused", "triton/two-pass-ce", "triton/attn-atomic")
+KERNEL_CHOICES: dict[str, Callable[[], AbstractContextManager]] = {
+    "mlp-fused": lambda: choose_mlp_gelu(True),
+    "two-pass-ce": importlib.import_module("gptfast.kernels.cross_entropy").two_passes,  # the module's, not the op
+}
 CHOICE_SIZES = {"full": (_GPT2,), "small": AC_SIZES["small"]}
 # The groups whose steps each change one thing from "triton": their providers and sizes.
 AGAINST_DEFAULT = {AC_GROUP: (AC_PROVIDERS, AC_SIZES), CHOICE_GROUP: (CHOICE_PROVIDERS, CHOICE_SIZES)}
@@ -119,7 +127,7 @@ TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
 def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Callable[[], None]:
     """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile",
     "triton/unfused-head", "triton/ac-full" (activation checkpointing: ac-selective, ac-full),
-    "triton/mlp-fused" or "triton/attn-atomic" (kernel choices)."""
+    "triton/mlp-fused", "triton/two-pass-ce" or "triton/attn-atomic" (kernel choices)."""
     variant, _, compile_flag = provider.partition("+")
     backend, _, option = variant.partition("/")
     gc.collect()  # the previous case's model, before this one's peak memory is measured
@@ -137,8 +145,10 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Cal
     tokens = torch.randint(0, config.vocab_size, (size.batch, size.context + 1), device=device)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
 
+    choice = KERNEL_CHOICES.get(option, nullcontext)
+
     def step() -> None:
-        with kernels.use_backend(backend), choose_mlp_gelu(True) if option == "mlp-fused" else nullcontext():
+        with kernels.use_backend(backend), choice():
             train_step(forward, optimizer, batch, lr=LR, amp_dtype=amp_dtype)
 
     return step

@@ -1,7 +1,8 @@
 """Cross-entropy over the last dimension of logits, for the LM head: ``lse(x) - x[target]`` per row.
 
 Triton kernels (forward and backward), launched by the PyTorch custom operators
-``gptfast::cross_entropy_fwd`` / ``gptfast::cross_entropy_bwd`` (``common.kernel_op``) with autograd.
+``gptfast::cross_entropy_fwd`` / ``gptfast::cross_entropy_bwd`` (``common.kernel_op``) with autograd,
+and the one-pass kernel of the fused LM head (:func:`write_loss_and_gradient`).
 
 The logits are the largest activation of a GPT step (16 x 1024 rows of 50,304 bf16 values: 1.6 GB),
 and eager PyTorch under autocast first copies them to float32, then writes float32 log-probabilities,
@@ -14,6 +15,21 @@ a one-hot gradient and the float32 gradient before casting it back: about 30 GB 
 * Backward: recomputes ``softmax = exp((x - m) - log-sum)`` from the logits and the saved pair and
   writes ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
   The pair, not their float32 sum: m + log-sum would round away the log-sum of rows near 1e4.
+* One pass (the fused LM head, ``linear_cross_entropy``, which wants the gradient of the sum of the
+  losses and owns its logits): one kernel writes each row's loss and overwrites the row with its
+  gradient. Rows up to ``ONE_PASS_RESIDENT_COLUMNS`` (32,768) are loaded once into registers and the
+  gradient written from them: read once, written once (bf16: 4 bytes per logit, against the two
+  kernels' 6). Wider rows would spill: on sm_90 a row of 65,536 (GPT-2's 50,304 rounded up to a power
+  of two) held by 32 warps compiles to 64 registers, the most 1,024 threads may have, and spills 904
+  bytes a thread (Triton 3.6), where 32,768 compiles to 64 registers without spills.
+  So wider rows are streamed twice within the kernel: the statistics in chunks, then the same chunks,
+  which the program has just read, again for the gradient. DRAM then reads each row once where the
+  L2 holds the rows in flight between their two loops (GPT-2 on an H100: 2 programs per SM, 264 rows
+  of 100 KB, 26 MB of its 50 MB L2): a static argument until the GPU run's ``triton/two-pass`` case
+  measures it. Within ``two_passes()`` the fused head takes the two kernels, for that comparison.
+* The standalone op keeps two passes: its gradient is only known up to ``dloss``, so a gradient
+  computed in the forward would have to be saved (as large as the logits) and scaled in the
+  backward, a further read and write: 8 bytes per bf16 logit against 6.
 
 ``num_classes`` lets the LM head pass its vocabulary-padded logits whole (50,257 classes in rows of
 50,304): the padding columns are left out of the softmax and get a zero gradient, which saves the
@@ -22,6 +38,9 @@ copy that slicing the logits would cost in the backward.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +52,26 @@ from .common import LOG2E, as_rows, dtype_problem, jit, kernel_op, launch, next_
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 _MAX_BLOCK_V = 4096  # chunk of a row per loop step: 16 values per thread with 8 warps
+# The one-pass kernel (see the module docstring): rows up to ONE_PASS_RESIDENT_COLUMNS wide are held in
+# registers, at most 32 float32 values a thread (32 warps at the limit); wider ones are streamed twice in chunks
+# of _STREAMED_BLOCK_V by _STREAMED_WARPS warps, 16 values a thread, 2 programs per SM on sm_90 (64 registers).
+ONE_PASS_RESIDENT_COLUMNS = 32768
+_RESIDENT_PER_WARP = 1024
+_STREAMED_BLOCK_V, _STREAMED_WARPS = 8192, 16
+
+
+_one_pass = threading.local()  # .enabled: False within two_passes()
+
+
+@contextlib.contextmanager
+def two_passes() -> Iterator[None]:
+    """Within the block, gradients wanted with the losses take two kernels (the losses, then the
+    gradients: the logits read twice) instead of the one-pass kernel: to measure one against the other."""
+    previous, _one_pass.enabled = getattr(_one_pass, "enabled", True), False
+    try:
+        yield
+    finally:
+        _one_pass.enabled = previous
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
@@ -67,12 +106,10 @@ def _logsumexp_step(m, s, x):
 
 
 @jit
-def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, stride_row, ignore_index,
-                       smoothing, z_weight, BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
-    # One row per program, read once. Whole chunks load unmasked, so 16-bit rows are read with 128-bit
-    # loads even though 50,257 classes are not a multiple of 8.
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+def _row_statistics(row_ptr, n_classes, BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr):
+    """(max m, log-sum log(sum(exp(x - m))), mean(x) - m) of one row, streamed once in BLOCK_V chunks
+    (the last 0 without SMOOTHING). Whole chunks load unmasked, so 16-bit rows are read with 128-bit
+    loads even though 50,257 classes are not a multiple of 8."""
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
     s = tl.zeros((BLOCK_V,), tl.float32)
@@ -92,20 +129,36 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, 
         m, s = _logsumexp_step(m, s, x)
         if SMOOTHING:
             x_sum += tl.where(tail < n_classes, x - pivot, 0.0)
-    log_sum = tl.log(tl.sum(s, axis=0))
-    tl.store(stats_ptr + 2 * row, m)
-    tl.store(stats_ptr + 2 * row + 1, log_sum)
-    # The target's logit is one scalar load; a target outside [0, n_classes) gives NaN, not a wild read.
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    # mean(x) - m = mean(x - pivot) - (m - pivot): m - pivot is exact for nearby values.
+    return m, tl.log(tl.sum(s, axis=0)), tl.sum(x_sum, axis=0) / n_classes - (m - pivot)
+
+
+@jit
+def _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight,
+              SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    """The row's loss from its statistics. The target's logit is one scalar load; a target outside
+    [0, n_classes) gives NaN, not a wild read."""
     in_range = (target >= 0) & (target < n_classes)
     picked = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
     loss = (m - picked) + log_sum  # lse - x[target], with the log-sum added last
     if SMOOTHING:  # (1 - e) * nll + e * (lse - mean(x)), as F.cross_entropy's label_smoothing
-        # lse - mean(x) = ((m - pivot) - mean(x - pivot)) + log-sum: m - pivot is exact for nearby values.
-        lse_minus_mean = ((m - pivot) - tl.sum(x_sum, axis=0) / n_classes) + log_sum
-        loss = (1.0 - smoothing) * loss + smoothing * lse_minus_mean
+        loss = (1.0 - smoothing) * loss + smoothing * (log_sum - mean_minus_max)
     if Z_LOSS:  # PaLM's auxiliary loss: z * lse^2
         loss += z_weight * (m + log_sum) * (m + log_sum)
+    return loss
+
+
+@jit
+def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, stride_row, ignore_index,
+                       smoothing, z_weight, BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    # One row per program, read once; writes its loss and the pair (m, log-sum).
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    m, log_sum, mean_minus_max = _row_statistics(row_ptr, n_classes, BLOCK_V, SMOOTHING)
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_sum)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    loss = _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING, Z_LOSS)
     tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
 
 
@@ -118,37 +171,89 @@ def _grad_chunk(x, col, target, m_row, log_sum, scale, p_weight, on_target, unif
 
 
 @jit
-def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_ptr, n_classes, n_cols,
-                       stride_row, stride_drow, ignore_index, smoothing, z_weight,
-                       BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
-    # One row per program: reads the row once and writes its gradient once, zero on ignored rows and
-    # padding columns.
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    drow_ptr = dlogits_ptr + row * stride_drow
-    cols = tl.arange(0, BLOCK_V)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    # An ignored row's gradient is (softmax - onehot) * 0: exactly zero, as softmax <= 1.
-    scale = tl.where(target == ignore_index, 0.0, tl.load(dloss_ptr + row))
-    m_row, log_sum = tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1)
-    p_weight, on_target, uniform = 1.0, 1.0, 0.0  # constants the compiler folds away
+def _grad_weights(m_row, log_sum, n_classes, smoothing, z_weight, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    """_grad_chunk's (p_weight, on_target, uniform) for the options: constants the compiler folds away
+    without smoothing and z-loss."""
+    p_weight, on_target, uniform = 1.0, 1.0, 0.0
     if SMOOTHING:
         on_target = 1.0 - smoothing
         uniform = smoothing / n_classes
     if Z_LOSS:
         p_weight = 1.0 + 2.0 * z_weight * (m_row + log_sum)
+    return p_weight, on_target, uniform
+
+
+@jit
+def _write_row_gradient(row_ptr, drow_ptr, target, scale, m_row, log_sum, n_classes, n_cols, smoothing, z_weight,
+                        BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    """Stream the row in BLOCK_V chunks and write its gradient times ``scale``, zero on the padding
+    columns; each chunk is read before it is written, so drow_ptr may be row_ptr."""
+    cols = tl.arange(0, BLOCK_V)
+    p_weight, on_target, uniform = _grad_weights(m_row, log_sum, n_classes, smoothing, z_weight, SMOOTHING, Z_LOSS)
     n_whole = n_classes // BLOCK_V * BLOCK_V
     for start in range(0, n_whole, BLOCK_V):  # whole chunks: unmasked, vectorised loads and stores
         x = tl.load(row_ptr + start + cols).to(tl.float32)
         grad = _grad_chunk(x, start + cols, target, m_row, log_sum, scale, p_weight, on_target, uniform)
-        tl.store(drow_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty))
+        tl.store(drow_ptr + start + cols, grad.to(drow_ptr.dtype.element_ty))
     for start in range(n_whole, n_cols, BLOCK_V):  # the last classes, then the padding columns
         col = start + cols
         x = tl.load(row_ptr + col, mask=col < n_classes, other=float("-inf")).to(tl.float32)
         grad = _grad_chunk(x, col, target, m_row, log_sum, scale, p_weight, on_target, uniform)
         if SMOOTHING:  # the uniform part stays off the padding columns
             grad = tl.where(col < n_classes, grad, 0.0)
-        tl.store(drow_ptr + col, grad.to(dlogits_ptr.dtype.element_ty), mask=col < n_cols)
+        tl.store(drow_ptr + col, grad.to(drow_ptr.dtype.element_ty), mask=col < n_cols)
+
+
+@jit
+def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_ptr, n_classes, n_cols,
+                       stride_row, stride_drow, ignore_index, smoothing, z_weight,
+                       BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    # One row per program: reads the row once and writes its gradient once, zero on ignored rows and
+    # padding columns.
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    # An ignored row's gradient is (softmax - onehot) * 0: exactly zero, as softmax <= 1.
+    scale = tl.where(target == ignore_index, 0.0, tl.load(dloss_ptr + row))
+    m_row, log_sum = tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1)
+    _write_row_gradient(logits_ptr + row * stride_row, dlogits_ptr + row * stride_drow, target, scale, m_row, log_sum,
+                        n_classes, n_cols, smoothing, z_weight, BLOCK_V, SMOOTHING, Z_LOSS)
+
+
+@jit
+def _cross_entropy_one_pass(logits_ptr, targets_ptr, loss_ptr, dlogits_ptr, n_classes, n_cols, stride_row,
+                            stride_drow, ignore_index, smoothing, z_weight, BLOCK_V: tl.constexpr,
+                            RESIDENT: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    # One row per program: its loss and the gradient of the sum of the losses (zero on ignored rows and
+    # padding columns), in one kernel. RESIDENT: the row (BLOCK_V >= n_cols columns) is loaded once into
+    # registers and the gradient written from them. Otherwise its statistics are streamed in BLOCK_V
+    # chunks, then the chunks re-read, as the program has just read them (from L2), and overwritten.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    drow_ptr = dlogits_ptr + row * stride_drow
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    scale = tl.where(target == ignore_index, 0.0, 1.0)
+    if RESIDENT:
+        cols = tl.arange(0, BLOCK_V)
+        # Masked at the row's width (a multiple of 8 in GPT-2's padded head: 128-bit loads), then the
+        # padding columns set to -inf.
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols < n_classes, x, float("-inf"))
+        m = tl.max(x, axis=0)
+        log_sum = tl.log(tl.sum(tl.exp2((x - m) * LOG2E), axis=0))
+        mean_minus_max = tl.sum(tl.where(cols < n_classes, x - m, 0.0), axis=0) / n_classes if SMOOTHING else 0.0
+    else:
+        m, log_sum, mean_minus_max = _row_statistics(row_ptr, n_classes, BLOCK_V, SMOOTHING)
+    loss = _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING, Z_LOSS)
+    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
+    if RESIDENT:
+        p_weight, on_target, uniform = _grad_weights(m, log_sum, n_classes, smoothing, z_weight, SMOOTHING, Z_LOSS)
+        grad = _grad_chunk(x, cols, target, m, log_sum, scale, p_weight, on_target, uniform)
+        if SMOOTHING:  # the uniform part stays off the padding columns
+            grad = tl.where(cols < n_classes, grad, 0.0)
+        tl.store(drow_ptr + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=cols < n_cols)
+    else:
+        _write_row_gradient(row_ptr, drow_ptr, target, scale, m, log_sum, n_classes, n_cols, smoothing, z_weight,
+                            BLOCK_V, SMOOTHING, Z_LOSS)
 
 
 @dataclass(frozen=True, order=True)
@@ -171,6 +276,24 @@ def every_config() -> dict[str, tuple[ChunkConfig, ...]]:
     """Every configuration each kernel may launch with, for ahead-of-time checks."""
     configs = tuple(sorted({block_config(2**k) for k in range(4, _MAX_BLOCK_V.bit_length())}))
     return {"cross_entropy_fwd": configs, "cross_entropy_bwd": configs}
+
+
+def one_pass_config(n_cols: int) -> ChunkConfig | None:
+    """The one-pass kernel's configuration for rows of ``n_cols``: the whole row in registers up to
+    ONE_PASS_RESIDENT_COLUMNS, else streamed twice in chunks; None within :func:`two_passes`."""
+    if not getattr(_one_pass, "enabled", True):
+        return None
+    block_v = next_power_of_2(max(n_cols, _RESIDENT_PER_WARP))  # narrower rows: one warp, masked
+    if block_v <= ONE_PASS_RESIDENT_COLUMNS:
+        return ChunkConfig(block_v, min(32, block_v // _RESIDENT_PER_WARP))
+    return ChunkConfig(_STREAMED_BLOCK_V, _STREAMED_WARPS)
+
+
+def every_one_pass_config() -> tuple[ChunkConfig, ...]:
+    """Every configuration the one-pass kernel may launch with (widths up to twice the widest held on
+    chip: wider ones stream as that one does), for ahead-of-time checks."""
+    first = _RESIDENT_PER_WARP.bit_length() - 1
+    return tuple(sorted({one_pass_config(2**k) for k in range(first, ONE_PASS_RESIDENT_COLUMNS.bit_length() + 1)}))
 
 
 def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
@@ -207,6 +330,22 @@ def write_gradient(dlogits: torch.Tensor, dloss: torch.Tensor, logits: torch.Ten
         launch(_cross_entropy_bwd, (n_rows,), dloss.float().contiguous(), logits, targets.contiguous(), stats,
                dlogits, num_classes, n_cols, logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing,
                z_loss, BLOCK_V=block_v, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0, num_warps=num_warps)
+
+
+def write_loss_and_gradient(dlogits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                            num_classes: int, label_smoothing: float, z_loss: float,
+                            config: ChunkConfig) -> torch.Tensor:
+    """The one-pass kernel launched with ``config`` (the row held whole where ``config.block_v`` covers
+    it): the float32 per-row losses, and into ``dlogits`` (which may be ``logits`` itself) the gradient
+    of their sum."""
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows > 0:
+        launch(_cross_entropy_one_pass, (n_rows,), logits, targets.contiguous(), loss, dlogits, num_classes, n_cols,
+               logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing, z_loss, BLOCK_V=config.block_v,
+               RESIDENT=config.block_v >= n_cols, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0,
+               num_warps=config.num_warps)
+    return loss
 
 
 def launch_backward(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
@@ -391,8 +530,8 @@ def _bytes(size: dict, elem: int) -> tuple[float, float]:
     return rows * vocab * elem + rows * 8, 2 * rows * vocab * elem + rows * 8
 
 
-_CHUNK_FIELDS = ("BLOCK_V", "num_warps")
-TUNABLES = {"cross_entropy_fwd": spec.Tunable(_CHUNK_FIELDS), "cross_entropy_bwd": spec.Tunable(_CHUNK_FIELDS)}
+CHUNK_FIELDS = ("BLOCK_V", "num_warps")
+TUNABLES = {"cross_entropy_fwd": spec.Tunable(CHUNK_FIELDS), "cross_entropy_bwd": spec.Tunable(CHUNK_FIELDS)}
 MODELS = {"cross_entropy_fwd": spec.KernelModel(row_chunks), "cross_entropy_bwd": spec.KernelModel(row_chunks)}
 
 SPECS = (spec.OpSpec(

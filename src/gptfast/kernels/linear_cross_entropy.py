@@ -5,8 +5,10 @@ gradient as much again: the largest tensors of a training step. Here the rows go
 for each chunk:
 
 1. the chunk's logits are one matmul (cuBLAS, in the autocast dtype);
-2. the cross-entropy kernels write its per-row losses, then overwrite the logits, in place, with
-   their gradient (softmax - onehot, scaled as the reduction asks);
+2. one cross-entropy kernel writes its per-row losses and overwrites the logits, in place, with
+   the gradient of their sum (softmax - onehot): each row read once and written once (the one-pass
+   kernel of ``cross_entropy``; within ``cross_entropy.two_passes()``, the losses kernel then the
+   gradient kernel, which reads the logits again);
 3. two matmuls give the chunk's rows of d hidden and its share of d weight (added up in float32).
 
 So the gradients are computed in the forward pass, with no (rows, vocabulary) tensor beyond one
@@ -26,8 +28,7 @@ import torch.nn.functional as F
 from . import backend, benchmark, spec
 from .common import kernel_op
 from .cross_entropy import (
-    MODELS,
-    TUNABLES,
+    CHUNK_FIELDS,
     ChunkConfig,
     block_config,
     check_options,
@@ -35,9 +36,16 @@ from .cross_entropy import (
     cross_entropy,
     cross_entropy_reference,
     every_config,
+    every_one_pass_config,
     launch_forward,
+    one_pass_config,
+    row_chunks,
+    two_passes,
     write_gradient,
+    write_loss_and_gradient,
 )
+from .cross_entropy import MODELS as CHUNK_MODELS
+from .cross_entropy import TUNABLES as CHUNK_TUNABLES
 
 CHUNK_BYTES = 256 * 2**20  # default memory budget for one chunk of logits
 
@@ -75,10 +83,13 @@ def _eager_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, dloss: tor
 def launch_fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                  num_classes: int, label_smoothing: float, z_loss: float, mean: bool, rows_per_chunk: int,
                  dtype: torch.dtype, use_triton: bool, need_grad: bool, forward_config: ChunkConfig,
-                 gradient_config: ChunkConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 gradient_config: ChunkConfig, one_pass: ChunkConfig | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d sum / d hidden, d sum / d weight in float32) of ``cross_entropy(hidden @ weight.T)``,
     the loss its sum or its mean, the matmuls in ``dtype``; hidden (rows, d), weight (vocabulary, d).
-    The cross-entropy kernels launch with ``forward_config`` (losses) and ``gradient_config`` (gradients).
+    With gradients, the one-pass kernel writes each chunk's losses and gradients with ``one_pass``; where
+    it is None, the losses kernel with ``forward_config``, then the gradient kernel with ``gradient_config``.
+    Without gradients, the losses kernel alone.
 
     The gradients are those of the *sum* of the row losses: a mean's 1 / counted is applied in the
     backward, in float32 and together with the loss's gradient (under float16 autocast, GradScaler's
@@ -100,7 +111,9 @@ def launch_fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
                       else _eager_loss_and_grad(logits, targets[rows], None, *options))
             total += losses.sum()
             continue
-        if use_triton:
+        if use_triton and one_pass is not None:
+            losses = write_loss_and_gradient(logits, logits, targets[rows], *options, one_pass)  # in place
+        elif use_triton:
             losses, stats = launch_forward(logits, targets[rows], *options, forward_config)
             write_gradient(logits, ones[rows], logits, targets[rows], stats, *options, gradient_config)  # in place
         else:
@@ -118,7 +131,7 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ig
     """:func:`launch_fused` with the cross-entropy kernels' configurations for the classes and the rows."""
     return launch_fused(hidden, weight, targets, ignore_index, num_classes, label_smoothing, z_loss, mean,
                         rows_per_chunk, dtype, use_triton, need_grad, block_config(num_classes),
-                        block_config(weight.shape[0]))
+                        block_config(weight.shape[0]), one_pass_config(weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -215,10 +228,21 @@ def _launchers(inputs: spec.Inputs, configure: spec.Configure, phase: spec.Phase
     """The chunks' kernels, losses and gradients, all in the forward (the backward launches nothing)."""
     hidden, weight, classes = inputs["hidden"], inputs["weight"], inputs["num_classes"]
     rows = chunk_rows(weight.shape[0], hidden.element_size(), inputs["chunk_bytes"])
+    one_pass = one_pass_config(weight.shape[0])
     with phase("forward"):
         launch_fused(hidden, weight, inputs["targets"], -1, classes, inputs["label_smoothing"], inputs["z_loss"], True,
                      rows, hidden.dtype, True, True, configure(block_config(classes), "cross_entropy_fwd"),
-                     configure(block_config(weight.shape[0]), "cross_entropy_bwd"))
+                     configure(block_config(weight.shape[0]), "cross_entropy_bwd"),
+                     one_pass and configure(one_pass, "cross_entropy_one_pass"))
+
+
+def _every_config() -> dict[str, tuple[ChunkConfig, ...]]:
+    return {**every_config(), "cross_entropy_one_pass": every_one_pass_config()}
+
+
+TUNABLES = {**CHUNK_TUNABLES, "cross_entropy_one_pass": spec.Tunable(CHUNK_FIELDS)}
+# Held whole: no loop (one iteration per program); streamed: its statistics loop, then its gradient loop.
+MODELS = {**CHUNK_MODELS, "cross_entropy_one_pass": spec.KernelModel(row_chunks, masked=row_chunks)}
 
 
 def _reference(hidden, weight, targets, num_classes, label_smoothing, z_loss, chunk_bytes=CHUNK_BYTES):
@@ -234,6 +258,11 @@ def _compared_eager(hidden, weight, targets, num_classes, label_smoothing, z_los
 
 def _eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy((hidden @ weight.T).float(), targets)
+
+
+def _two_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    with two_passes():
+        return linear_cross_entropy(hidden, weight, targets, check_targets=False)
 
 
 def _bench_inputs(size: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -256,7 +285,7 @@ SPECS = (spec.OpSpec(
                        odd=((300, 24, 131, 120), (65, 12, 200, 199))),
     make_inputs=_inputs, launchers=_launchers,
     compared=(linear_cross_entropy, _reference, _compared_eager),
-    config_type=ChunkConfig, every_config=every_config, tunables=TUNABLES,
+    config_type=ChunkConfig, every_config=_every_config, tunables=TUNABLES,
     options={"label_smoothing": float, "z_loss": float, "chunk_bytes": int}, models=MODELS,
     benchmarks=(benchmark.KernelBench(
         name="linear_cross_entropy",
@@ -267,6 +296,7 @@ SPECS = (spec.OpSpec(
         headline=dict(rows=16384, hidden=768, vocab=50304),  # GPT-2 124M's LM head and loss
         providers={
             "triton": benchmark.triton_backend(lambda h, w, t: linear_cross_entropy(h, w, t, check_targets=False)),
+            "triton/two-pass": benchmark.triton_backend(_two_pass),  # the one-pass kernel's baseline
             "torch": benchmark.eager(_eager),
             "torch.compile": benchmark.compiled(_eager),
         },
