@@ -396,7 +396,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-ac", 35, 10, _bench_stage("train-ac"), "activation checkpointing none, selective, full: GPT-2 "
           "124M and gpt2-xl training tokens/s and peak memory", _fill_skipped("train-ac")),
     Stage("train-choices", 20, 10, _bench_stage("train-choices"), "GPT-2 124M training with each kernel choice "
-          "changed from its default (mlp_gelu, two-pass cross-entropy, attention's atomic dQ): tokens/s against the default",
+          "changed from its default (mlp_gelu, two-pass cross-entropy, attention's atomic dQ): tokens/s against "
+          "the default",
           _fill_skipped("train-choices")),
     Stage("train-compile", 120, 8, _bench_stage("train-compile"), "the same under torch.compile",
           _fill_skipped("train-compile")),
