@@ -53,24 +53,28 @@ def test_matches_float64(backend, rows, d, vocab, classes, smoothing, z, reducti
     assert not w.grad[classes:].any()  # padding rows of the head get no gradient
 
 
-ONE_PASS_CASES = [  # rows, columns, classes, label smoothing, z-loss, dtype, chunk (None: the row held whole)
-    (37, 131, 120, 0.0, 0.0, torch.bfloat16, None),  # padding columns; 2 warps
+ONE_PASS_CASES = [  # rows, columns, classes, label smoothing, z-loss, dtype, block (None: one_pass_config's)
+    (37, 131, 120, 0.0, 0.0, torch.bfloat16, None),  # held whole, padding columns; 1 warp
     (37, 131, 120, 0.1, 1e-3, torch.float32, None),
+    (23, 200, 197, 0.1, 1e-3, torch.float32, 224),  # held in three parts: 128 + 64 + 32 columns
+    (23, 150, 150, 0.0, 0.0, torch.bfloat16, 160),  # held in two parts, no padding
+    (3, 50304, 50257, 0.0, 0.0, torch.bfloat16, None),  # GPT-2's head: 32,768 + 16,384 + 4,096 by 16 warps
+    (3, 33001, 32999, 0.2, 1e-2, torch.float32, None),  # just wider than one block: 32,768 + 4,096
     (29, 300, 297, 0.2, 1e-2, torch.float32, 64),  # streamed: 4 whole chunks, a partial one, then padding
     (29, 97, 97, 0.0, 0.0, torch.bfloat16, 32),  # streamed, no padding
 ]
 
 
-@pytest.mark.parametrize("rows, cols, classes, smoothing, z, dtype, chunk", ONE_PASS_CASES)
-def test_one_pass_kernel_matches_float64(rows, cols, classes, smoothing, z, dtype, chunk):
-    """The one-pass kernel, held whole and streamed: the losses and, in place over the logits, the
-    gradient of their sum, zero on ignored rows and padding columns."""
+@pytest.mark.parametrize("rows, cols, classes, smoothing, z, dtype, block", ONE_PASS_CASES)
+def test_one_pass_kernel_matches_float64(rows, cols, classes, smoothing, z, dtype, block):
+    """The one-pass kernel, held in registers (in one to three parts) and streamed: the losses and, in
+    place over the logits, the gradient of their sum, zero on ignored rows and padding columns."""
     torch.manual_seed(rows + cols)
     logits = (3 * torch.randn(rows, cols)).to(dtype)
     targets = torch.randint(0, classes, (rows,))
     targets[::5], targets[1] = -1, classes - 1
-    config = cross_entropy.one_pass_config(cols) if chunk is None else cross_entropy.ChunkConfig(chunk, 1)
-    assert (config.block_v >= cols) == (chunk is None)
+    config = cross_entropy.one_pass_config(cols) if block is None else cross_entropy.ChunkConfig(block, 1)
+    assert (config.block_v >= cols) == (block is None or block > cols)  # every width here up to 53,248 is held
     work = logits.clone()
     losses = cross_entropy.write_loss_and_gradient(work, work, targets, -1, classes, smoothing, z, config)
     x64 = logits[:, :classes].double().requires_grad_()
@@ -80,6 +84,15 @@ def test_one_pass_kernel_matches_float64(rows, cols, classes, smoothing, z, dtyp
     tolerance = dict(rtol=1e-2, atol=4e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(work[:, :classes].double(), x64.grad, **tolerance)
     assert not work[:, classes:].any() and not work[targets == -1].any()
+
+
+def test_held_rows_up_to_the_limit_in_at_most_three_parts():
+    assert cross_entropy.one_pass_config(50304) == cross_entropy.ChunkConfig(53248, 16)
+    assert cross_entropy.held_parts(53248) == (32768, 16384, 4096)
+    assert cross_entropy.held_parts(1024) == (1024, 0, 0)
+    assert cross_entropy.one_pass_config(cross_entropy.ONE_PASS_RESIDENT_COLUMNS + 1).block_v == 8192  # streamed
+    with pytest.raises(ValueError, match="at most three powers of two"):
+        cross_entropy.held_parts(15 * 4096)
 
 
 def _kernels_launched(hidden, weight, targets) -> list[str]:

@@ -53,10 +53,15 @@ REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 _MAX_BLOCK_V = 4096  # chunk of a row per loop step: 16 values per thread with 8 warps
 # The one-pass kernel (see the module docstring): rows up to ONE_PASS_RESIDENT_COLUMNS wide are held in
-# registers, at most 32 float32 values a thread (32 warps at the limit); wider ones are streamed twice in chunks
-# of _STREAMED_BLOCK_V by _STREAMED_WARPS warps, 16 values a thread, 2 programs per SM on sm_90 (64 registers).
-ONE_PASS_RESIDENT_COLUMNS = 32768
+# registers, wider ones streamed twice in chunks of _STREAMED_BLOCK_V by _STREAMED_WARPS warps, 16 values a thread,
+# 2 programs per SM on sm_90 (64 registers). Held rows up to _WHOLE_BLOCK_COLUMNS are one power-of-two block, up to
+# 32 float32 values a thread (32 warps at the limit); wider ones are rounded up to a multiple of _HELD_PART_COLUMNS
+# (16 warps x 32 threads x 8 16-bit values: one 128-bit access each) and held by _HELD_WARPS warps in up to three
+# power-of-two parts (GPT-2's 50,304: 32,768 + 16,384 + 4,096), at most 104 float32 values a thread.
+ONE_PASS_RESIDENT_COLUMNS = 53248
 _RESIDENT_PER_WARP = 1024
+_WHOLE_BLOCK_COLUMNS = 32768
+_HELD_PART_COLUMNS, _HELD_WARPS = 4096, 16
 _STREAMED_BLOCK_V, _STREAMED_WARPS = 8192, 16
 
 
@@ -220,9 +225,71 @@ def _cross_entropy_bwd(dloss_ptr, logits_ptr, targets_ptr, stats_ptr, dlogits_pt
 
 
 @jit
+def _held_part(row_ptr, start, n_classes, n_cols, PART: tl.constexpr):
+    """Columns [start, start + PART) of a row held in registers, as float32: masked at the row's width (a
+    multiple of 8 in GPT-2's padded head: 128-bit loads), then -inf on the padding columns."""
+    cols = start + tl.arange(0, PART)
+    x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+    return cols, tl.where(cols < n_classes, x, float("-inf"))
+
+
+@jit
+def _held_sums(x, cols, m, n_classes, SMOOTHING: tl.constexpr):
+    """A held part's sum of exp(x - m) and (with SMOOTHING, else 0) of x - m over its classes."""
+    x_sum = tl.sum(tl.where(cols < n_classes, x - m, 0.0), axis=0) if SMOOTHING else 0.0
+    return tl.sum(tl.exp2((x - m) * LOG2E), axis=0), x_sum
+
+
+@jit
+def _write_held_gradient(x, cols, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols,
+                         SMOOTHING: tl.constexpr):
+    """Write a held part's gradient; weights: :func:`_grad_weights`."""
+    grad = _grad_chunk(x, cols, target, m, log_sum, scale, weights[0], weights[1], weights[2])
+    if SMOOTHING:  # the uniform part stays off the padding columns
+        grad = tl.where(cols < n_classes, grad, 0.0)
+    tl.store(drow_ptr + cols, grad.to(drow_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+@jit
+def _held_loss_and_gradient(row_ptr, drow_ptr, target, scale, n_classes, n_cols, smoothing, z_weight,
+                            BLOCK_V: tl.constexpr, PART_B: tl.constexpr, PART_C: tl.constexpr,
+                            SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+    """The row's loss, its gradient written: the row (BLOCK_V >= n_cols columns) loaded once into
+    registers, in parts of BLOCK_V - PART_B - PART_C, PART_B and PART_C columns (0: no such part), each
+    its own tensor (see :func:`held_parts`)."""
+    PART_A: tl.constexpr = BLOCK_V - PART_B - PART_C
+    cols_a, x_a = _held_part(row_ptr, 0, n_classes, n_cols, PART_A)
+    m = tl.max(x_a, axis=0)
+    if PART_B > 0:
+        cols_b, x_b = _held_part(row_ptr, PART_A, n_classes, n_cols, PART_B)
+        m = tl.maximum(m, tl.max(x_b, axis=0))
+    if PART_C > 0:
+        cols_c, x_c = _held_part(row_ptr, PART_A + PART_B, n_classes, n_cols, PART_C)
+        m = tl.maximum(m, tl.max(x_c, axis=0))
+    s, x_sum = _held_sums(x_a, cols_a, m, n_classes, SMOOTHING)
+    if PART_B > 0:
+        s_b, x_sum_b = _held_sums(x_b, cols_b, m, n_classes, SMOOTHING)
+        s, x_sum = s + s_b, x_sum + x_sum_b
+    if PART_C > 0:
+        s_c, x_sum_c = _held_sums(x_c, cols_c, m, n_classes, SMOOTHING)
+        s, x_sum = s + s_c, x_sum + x_sum_c
+    log_sum = tl.log(s)
+    loss = _row_loss(row_ptr, target, n_classes, m, log_sum, x_sum / n_classes, smoothing, z_weight, SMOOTHING,
+                     Z_LOSS)
+    weights = _grad_weights(m, log_sum, n_classes, smoothing, z_weight, SMOOTHING, Z_LOSS)
+    _write_held_gradient(x_a, cols_a, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols, SMOOTHING)
+    if PART_B > 0:
+        _write_held_gradient(x_b, cols_b, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols, SMOOTHING)
+    if PART_C > 0:
+        _write_held_gradient(x_c, cols_c, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols, SMOOTHING)
+    return loss
+
+
+@jit
 def _cross_entropy_one_pass(logits_ptr, targets_ptr, loss_ptr, dlogits_ptr, n_classes, n_cols, stride_row,
                             stride_drow, ignore_index, smoothing, z_weight, BLOCK_V: tl.constexpr,
-                            RESIDENT: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
+                            PART_B: tl.constexpr, PART_C: tl.constexpr, RESIDENT: tl.constexpr,
+                            SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
     # One row per program: its loss and the gradient of the sum of the losses (zero on ignored rows and
     # padding columns), in one kernel. RESIDENT: the row (BLOCK_V >= n_cols columns) is loaded once into
     # registers and the gradient written from them. Otherwise its statistics are streamed in BLOCK_V
@@ -233,27 +300,15 @@ def _cross_entropy_one_pass(logits_ptr, targets_ptr, loss_ptr, dlogits_ptr, n_cl
     target = tl.load(targets_ptr + row).to(tl.int64)
     scale = tl.where(target == ignore_index, 0.0, 1.0)
     if RESIDENT:
-        cols = tl.arange(0, BLOCK_V)
-        # Masked at the row's width (a multiple of 8 in GPT-2's padded head: 128-bit loads), then the
-        # padding columns set to -inf.
-        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        x = tl.where(cols < n_classes, x, float("-inf"))
-        m = tl.max(x, axis=0)
-        log_sum = tl.log(tl.sum(tl.exp2((x - m) * LOG2E), axis=0))
-        mean_minus_max = tl.sum(tl.where(cols < n_classes, x - m, 0.0), axis=0) / n_classes if SMOOTHING else 0.0
+        loss = _held_loss_and_gradient(row_ptr, drow_ptr, target, scale, n_classes, n_cols, smoothing, z_weight,
+                                       BLOCK_V, PART_B, PART_C, SMOOTHING, Z_LOSS)
     else:
         m, log_sum, mean_minus_max = _row_statistics(row_ptr, n_classes, BLOCK_V, SMOOTHING)
-    loss = _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING, Z_LOSS)
-    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
-    if RESIDENT:
-        p_weight, on_target, uniform = _grad_weights(m, log_sum, n_classes, smoothing, z_weight, SMOOTHING, Z_LOSS)
-        grad = _grad_chunk(x, cols, target, m, log_sum, scale, p_weight, on_target, uniform)
-        if SMOOTHING:  # the uniform part stays off the padding columns
-            grad = tl.where(cols < n_classes, grad, 0.0)
-        tl.store(drow_ptr + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=cols < n_cols)
-    else:
+        loss = _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING,
+                         Z_LOSS)
         _write_row_gradient(row_ptr, drow_ptr, target, scale, m, log_sum, n_classes, n_cols, smoothing, z_weight,
                             BLOCK_V, SMOOTHING, Z_LOSS)
+    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
 
 
 @dataclass(frozen=True, order=True)
@@ -284,16 +339,29 @@ def one_pass_config(n_cols: int) -> ChunkConfig | None:
     if not getattr(_one_pass, "enabled", True):
         return None
     block_v = next_power_of_2(max(n_cols, _RESIDENT_PER_WARP))  # narrower rows: one warp, masked
-    if block_v <= ONE_PASS_RESIDENT_COLUMNS:
+    if block_v <= _WHOLE_BLOCK_COLUMNS:
         return ChunkConfig(block_v, min(32, block_v // _RESIDENT_PER_WARP))
+    if n_cols <= ONE_PASS_RESIDENT_COLUMNS:
+        return ChunkConfig(-(-n_cols // _HELD_PART_COLUMNS) * _HELD_PART_COLUMNS, _HELD_WARPS)
     return ChunkConfig(_STREAMED_BLOCK_V, _STREAMED_WARPS)
 
 
+def held_parts(block_v: int) -> tuple[int, int, int]:
+    """The powers of two a held row of ``block_v`` columns is loaded in, largest first (0: no such part):
+    separate tensors, as one block padded to the next power of two would spill (65,536 columns for
+    GPT-2's 50,304: 904 bytes a thread on sm_90, Triton 3.6)."""
+    parts = [1 << bit for bit in reversed(range(block_v.bit_length())) if block_v >> bit & 1]
+    if len(parts) > 3:
+        raise ValueError(f"a held row of {block_v} columns is not a sum of at most three powers of two")
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
 def every_one_pass_config() -> tuple[ChunkConfig, ...]:
-    """Every configuration the one-pass kernel may launch with (widths up to twice the widest held on
-    chip: wider ones stream as that one does), for ahead-of-time checks."""
-    first = _RESIDENT_PER_WARP.bit_length() - 1
-    return tuple(sorted({one_pass_config(2**k) for k in range(first, ONE_PASS_RESIDENT_COLUMNS.bit_length() + 1)}))
+    """Every configuration the one-pass kernel may launch with, for ahead-of-time checks: one per held
+    width, and the streamed one."""
+    whole = [2**k for k in range(_RESIDENT_PER_WARP.bit_length() - 1, _WHOLE_BLOCK_COLUMNS.bit_length())]
+    parts = range(_WHOLE_BLOCK_COLUMNS + _HELD_PART_COLUMNS, ONE_PASS_RESIDENT_COLUMNS + 1, _HELD_PART_COLUMNS)
+    return tuple(sorted({one_pass_config(n) for n in [*whole, *parts, ONE_PASS_RESIDENT_COLUMNS + 1]}))
 
 
 def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
@@ -341,9 +409,11 @@ def write_loss_and_gradient(dlogits: torch.Tensor, logits: torch.Tensor, targets
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows > 0:
+        resident = config.block_v >= n_cols
+        _, part_b, part_c = held_parts(config.block_v) if resident else (config.block_v, 0, 0)
         launch(_cross_entropy_one_pass, (n_rows,), logits, targets.contiguous(), loss, dlogits, num_classes, n_cols,
                logits.stride(0), dlogits.stride(0), ignore_index, label_smoothing, z_loss, BLOCK_V=config.block_v,
-               RESIDENT=config.block_v >= n_cols, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0,
+               PART_B=part_b, PART_C=part_c, RESIDENT=resident, SMOOTHING=label_smoothing > 0, Z_LOSS=z_loss > 0,
                num_warps=config.num_warps)
     return loss
 
