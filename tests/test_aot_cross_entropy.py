@@ -43,16 +43,16 @@ def fused_request(shape: tuple, dtype: str, arch: int) -> lab.Request:
 def compiled() -> dict[str, list[tuple[dict, lab.Compiled]]]:
     """All launches of this file, compiled in one batch, by group: (inspect's kernel report, compiled)."""
     widest = max(config.block_v for configs in CONFIGS.values() for config in configs)
-    narrowest_one_pass, widest_one_pass = min(c.block_v for c in ONE_PASS), max(c.block_v for c in ONE_PASS)
+    # Rows as wide as each held configuration, and wider than the widest: every configuration.
+    one_pass_widths = sorted({c.block_v for c in ONE_PASS} | {2 * RESIDENT_COLUMNS})
     chunk_sizes = range(4, widest.bit_length())  # rows of 2**k give every config
     groups = {
         "every": [request((8, 2**k), "bf16", arch, False) for k in chunk_sizes for arch in ARCHS],
         "gpt2": [request(GPT2, dtype, arch, True) for dtype in ("bf16", "fp16") for arch in ARCHS],
         "unhinted": [request(GPT2, "bf16", 90, False)],
-        # The fused head's one-pass kernel: rows of 2**k columns give every configuration (held whole up to
-        # ONE_PASS_RESIDENT_COLUMNS, streamed beyond); GPT-2's head, streamed.
-        "one_pass": [fused_request((64, 16, 2**k), "bf16", 90)
-                     for k in range(narrowest_one_pass.bit_length() - 1, widest_one_pass.bit_length() + 1)],
+        # The fused head's one-pass kernel at every configuration (held in registers up to
+        # ONE_PASS_RESIDENT_COLUMNS, streamed beyond); GPT-2's head, held in three parts.
+        "one_pass": [fused_request((64, 16, width), "bf16", 90) for width in one_pass_widths],
         "one_pass_gpt2": [fused_request((16384, 768, 50304, 50257), "bf16", arch) for arch in ARCHS],
     }
     results = iter(lab.inspect_many([r for requests in groups.values() for r in requests]))
@@ -104,8 +104,11 @@ def test_one_pass_kernel_compiles_without_spills_at_every_config(compiled):
 
 
 def test_one_pass_kernel_reads_and_writes_16_bit_rows_128_bits_wide(compiled):
-    """GPT-2's head (streamed) and the widest row held whole: 128-bit loads and stores."""
-    widest_whole = [(k, c) for k, c in compiled["one_pass"] if k["config"]["BLOCK_V"] == RESIDENT_COLUMNS]
-    for kernel, c in compiled["one_pass_gpt2"] + widest_whole:
+    """GPT-2's head (held in parts), the widest row held and the streamed configuration: 128-bit loads
+    and stores."""
+    widest_and_streamed = [(k, c) for k, c in compiled["one_pass"] if k["config"]["BLOCK_V"] == RESIDENT_COLUMNS
+                           or c.constants["RESIDENT"] is False]
+    assert len(widest_and_streamed) == 2
+    for kernel, c in compiled["one_pass_gpt2"] + widest_and_streamed:
         assert kernel["name"] == "cross_entropy_one_pass"
         assert sass.global_load_bits(c.asm["ptx"])[128] > 0 and sass.global_store_bits(c.asm["ptx"])[128] > 0, c

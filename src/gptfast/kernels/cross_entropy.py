@@ -251,12 +251,13 @@ def _write_held_gradient(x, cols, drow_ptr, target, scale, m, log_sum, weights, 
 
 
 @jit
-def _held_loss_and_gradient(row_ptr, drow_ptr, target, scale, n_classes, n_cols, smoothing, z_weight,
+def _held_loss_and_gradient(row_ptr, drow_ptr, loss_row_ptr, target, scale, n_classes, n_cols, smoothing, z_weight,
                             BLOCK_V: tl.constexpr, PART_B: tl.constexpr, PART_C: tl.constexpr,
                             SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
-    """The row's loss, its gradient written: the row (BLOCK_V >= n_cols columns) loaded once into
-    registers, in parts of BLOCK_V - PART_B - PART_C, PART_B and PART_C columns (0: no such part), each
-    its own tensor (see :func:`held_parts`)."""
+    """Write the row's loss (0 where scale is 0: an ignored row) to loss_row_ptr, then its gradient: the
+    row (BLOCK_V >= n_cols columns) loaded once into registers, in parts of BLOCK_V - PART_B - PART_C,
+    PART_B and PART_C columns (0: no such part), each its own tensor (see :func:`held_parts`). The loss
+    is stored before the gradient is computed: sm_90 with Triton 3.7 spills otherwise."""
     PART_A: tl.constexpr = BLOCK_V - PART_B - PART_C
     cols_a, x_a = _held_part(row_ptr, 0, n_classes, n_cols, PART_A)
     m = tl.max(x_a, axis=0)
@@ -276,13 +277,13 @@ def _held_loss_and_gradient(row_ptr, drow_ptr, target, scale, n_classes, n_cols,
     log_sum = tl.log(s)
     loss = _row_loss(row_ptr, target, n_classes, m, log_sum, x_sum / n_classes, smoothing, z_weight, SMOOTHING,
                      Z_LOSS)
+    tl.store(loss_row_ptr, tl.where(scale == 0.0, 0.0, loss))
     weights = _grad_weights(m, log_sum, n_classes, smoothing, z_weight, SMOOTHING, Z_LOSS)
     _write_held_gradient(x_a, cols_a, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols, SMOOTHING)
     if PART_B > 0:
         _write_held_gradient(x_b, cols_b, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols, SMOOTHING)
     if PART_C > 0:
         _write_held_gradient(x_c, cols_c, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols, SMOOTHING)
-    return loss
 
 
 @jit
@@ -300,15 +301,15 @@ def _cross_entropy_one_pass(logits_ptr, targets_ptr, loss_ptr, dlogits_ptr, n_cl
     target = tl.load(targets_ptr + row).to(tl.int64)
     scale = tl.where(target == ignore_index, 0.0, 1.0)
     if RESIDENT:
-        loss = _held_loss_and_gradient(row_ptr, drow_ptr, target, scale, n_classes, n_cols, smoothing, z_weight,
-                                       BLOCK_V, PART_B, PART_C, SMOOTHING, Z_LOSS)
+        _held_loss_and_gradient(row_ptr, drow_ptr, loss_ptr + row, target, scale, n_classes, n_cols, smoothing,
+                                z_weight, BLOCK_V, PART_B, PART_C, SMOOTHING, Z_LOSS)
     else:
         m, log_sum, mean_minus_max = _row_statistics(row_ptr, n_classes, BLOCK_V, SMOOTHING)
         loss = _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING,
                          Z_LOSS)
+        tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
         _write_row_gradient(row_ptr, drow_ptr, target, scale, m, log_sum, n_classes, n_cols, smoothing, z_weight,
                             BLOCK_V, SMOOTHING, Z_LOSS)
-    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
 
 
 @dataclass(frozen=True, order=True)
