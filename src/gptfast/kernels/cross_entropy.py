@@ -15,25 +15,25 @@ a one-hot gradient and the float32 gradient before casting it back: about 30 GB 
 * Backward: recomputes ``softmax = exp((x - m) - log-sum)`` from the logits and the saved pair and
   writes ``(softmax - onehot(target)) * dloss`` once, in the logits' dtype. One read, one write.
   The pair, not their float32 sum: m + log-sum would round away the log-sum of rows near 1e4.
-* One pass (the fused LM head, ``linear_cross_entropy``, which wants the gradient of the sum of the
-  losses and owns its logits): one kernel writes each row's loss and overwrites the row with its
-  gradient. Rows up to ``ONE_PASS_RESIDENT_COLUMNS`` (53,248) are loaded once into registers and the
-  gradient written from them: read once, written once (bf16: 4 bytes per logit, against the two kernels'
-  6). A row wider than 32,768 is not held as one block padded to a power of two: GPT-2's 50,304 in a
-  block of 65,536 spills on sm_90 (Triton 3.6: 904 bytes a thread with 32 warps and 64 registers, 500
-  with 16 warps and 128; holding the row as bf16 and converting in each expression still spills 784 and
-  312, and four parts of 16,384 spill 424 and 384). It is rounded up to a multiple of 4,096 and loaded
-  in up to three power-of-two parts, each its own tensor (GPT-2: 32,768 + 16,384 + 4,096), by 16 warps:
-  104 float32 values a thread in 128 registers, without spills (sm_80 and sm_90, Triton 3.6 and 3.7;
-  with label smoothing, whose mean takes a further sum, GPT-2's row spills 56 bytes a thread on sm_90).
-  One such program fits an SM (as the 32-warp block of 32,768 columns), so a row's loads do not overlap
-  the previous row's arithmetic on that SM: whether holding beats streaming is for a GPU to measure
-  (``lab tune linear_cross_entropy`` with ``--config cross_entropy_one_pass:BLOCK_V=53248,num_warps=16``
-  and ``--config cross_entropy_one_pass:BLOCK_V=8192,num_warps=16``, the streamed variant). Wider rows
-  are streamed twice within the kernel: the statistics in chunks, then the same chunks, which the
-  program has just read, again for the gradient, DRAM reading each row once where the L2 holds the rows
-  in flight between their two loops (a static argument). Within ``two_passes()`` the fused head takes
-  the two kernels, to compare one pass with two.
+* One pass (the fused LM head, ``linear_cross_entropy``, which wants the gradient of the sum of the losses
+  and owns its logits): one kernel writes each row's loss and overwrites the row with its gradient. Rows up
+  to ``ONE_PASS_RESIDENT_COLUMNS`` (53,248) are loaded once into registers and the gradient written from
+  them: read once, written once (bf16: 4 bytes per logit, against the two kernels' 6). A row wider than
+  32,768 is not held as one block padded to a power of two: GPT-2's 50,304 in a block of 65,536 spills on
+  sm_90 (Triton 3.6: 904 bytes a thread with 32 warps and 64 registers, 500 with 16 warps and 128; holding
+  the row as bf16 and converting in each expression still spills 784 and 312, and four parts of 16,384 spill
+  424 and 384). It is rounded up to a multiple of 4,096 and loaded in up to three power-of-two parts, each
+  its own tensor (GPT-2: 32,768 + 16,384 + 4,096), by 16 warps: 104 float32 values a thread in 128
+  registers, without spills (sm_80 and sm_90, Triton 3.6 and 3.7; with label smoothing, whose mean takes a
+  further sum, GPT-2's row spills 56 bytes a thread on sm_90). One such program fits an SM (as the 32-warp
+  block of 32,768 columns), so a row's loads do not overlap the previous row's arithmetic on that SM:
+  whether holding beats streaming is for a GPU to measure (``lab tune linear_cross_entropy`` with the
+  candidates ``--config cross_entropy_one_pass:num_warps=16``, the held default, and ``--config
+  cross_entropy_one_pass:BLOCK_V=8192,num_warps=16``, streamed). Wider rows are streamed twice within the
+  kernel: the statistics in chunks, then the same chunks, which the program has just read, again for the
+  gradient, DRAM reading each row once where the L2 holds the rows in flight between their two loops (a
+  static argument). Within ``two_passes()`` the fused head takes the two kernels, to compare one pass with
+  two.
 * The standalone op keeps two passes: its gradient is only known up to ``dloss``, so a gradient
   computed in the forward would have to be saved (as large as the logits) and scaled in the
   backward, a further read and write: 8 bytes per bf16 logit against 6.
