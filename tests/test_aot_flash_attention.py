@@ -35,12 +35,12 @@ FIELDS = {  # table field: the kernel it configures
     "forward_masked": "attention_fwd",  # the forward with dropout or key_start
     "backward_kv": "attention_bwd_kv",
     "backward_q": "attention_bwd_q",
-    "backward_kv_atomic": "attention_bwd_kv",  # deterministic=False: dQ added up by atomics
+    "backward_kv_dq": "attention_bwd_kv",  # deterministic=False: dQ added up by atomics
 }
 # variant: (the op's options, the table fields compiled in it): each field in its fullest variant.
 VARIANTS = {"plain": ({}, ("forward",)),
             "dropout": ({"dropout_p": 0.1}, ("forward_masked", "backward_kv", "backward_q")),
-            "atomic": ({"dropout_p": 0.1, "deterministic": False}, ("backward_kv_atomic",))}
+            "atomic": ({"dropout_p": 0.1, "deterministic": False}, ("backward_kv_dq",))}
 
 
 def launches(head_dim: int, dtype: str, arch: int, options: dict, seq: int = SEQ) -> dict[str, object]:
@@ -60,7 +60,7 @@ def every_config_builds() -> list[tuple[str, lab.Build]]:
             for target in TARGETS[table]:
                 for variant, (_, fields) in VARIANTS.items():
                     for field in fields:
-                        every = field == "backward_kv_atomic" and target == table
+                        every = field == "backward_kv_dq" and target == table
                         key = (target, element_size, variant, field, getattr(configs, field), head_dim if every else 0)
                         largest[key] = max(largest.get(key, 0), head_dim)
     builds = []
@@ -77,12 +77,12 @@ def extra_builds() -> list[tuple[str, lab.Build]]:
     found = []
     for head_dim in (64, 128):
         for options, fields in (({}, ("forward", "backward_kv", "backward_q")),
-                                ({"deterministic": False}, ("backward_kv_atomic",))):
+                                ({"deterministic": False}, ("backward_kv_dq",))):
             captured = launches(head_dim, "bf16", 90, options)
             found += [(field, captured[FIELDS[field]]) for field in fields]
     for options, fields in (({"key_start": True, "dropout_p": 0.1}, ("forward_masked", "backward_kv", "backward_q")),
                             ({"key_start": True, "dropout_p": 0.1, "deterministic": False},
-                             ("backward_kv_atomic",))):
+                             ("backward_kv_dq",))):
         captured = launches(128, "fp16", 90, options)
         found += [(field, captured[FIELDS[field]]) for field in fields]
     found.append(("forward", launches(80, "fp16", 90, {})["attention_fwd"]))

@@ -239,7 +239,7 @@ def _attention_bwd_delta_kernel(OUT, DO, DELTA, stride_dob, stride_doh, stride_d
 
 
 @jit(do_not_specialize=SEED)
-def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
+def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART, DQ_SUM,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
                              stride_vb, stride_vh, stride_vt, stride_vd,
@@ -252,9 +252,11 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
     K and V stay in on-chip memory; Q, dO, LSE and delta are read once per key block that needs them.
     The tiles are transposed, (key, query), so that dK and dV come out of the dots row by key. The
     first key blocks are the heaviest under the causal mask (every later query sees them) and they
-    are launched first. DQ_SUM (or None: the deterministic backward): a zeroed float32 dQ that each
-    program adds its share of dQ to by atomics, which saves the dQ kernel's recomputation of the
-    scores but makes the order of the additions, and so dQ's last bits, vary run to run.
+    are launched first. Each tile's share of dQ (unscaled, float32, 5 products and 1 exponential per
+    score in all) goes, if given, to DQ_PART: a (key block, batch x head, HEAD_DIM, q_len) workspace
+    that ``_attention_bwd_dq_reduce_kernel`` sums in key-block order (bitwise the same run to run); or
+    to DQ_SUM: a zeroed float32 dQ that it is added to by atomics, in an order that varies run to run.
+    With neither, dQ is left to ``_attention_bwd_q_kernel``, which recomputes the scores.
     """
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -265,6 +267,8 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
     DO += batch * stride_dob + head * stride_doh
     LSE += bh.to(tl.int64) * q_len
     DELTA += bh.to(tl.int64) * q_len
+    if DQ_PART is not None:
+        DQ_PART += (tl.program_id(0) * tl.num_programs(1) + bh).to(tl.int64) * HEAD_DIM * q_len
     if DQ_SUM is not None:
         DQ_SUM += bh.to(tl.int64) * q_len * HEAD_DIM
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -306,16 +310,47 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
                 dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward
             dk += tl.dot(ds_t.to(q.dtype), q)
-            if DQ_SUM is not None:  # this key block's share of the query block's dQ, added in place
-                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
-                dq_mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
-                tl.atomic_add(DQ_SUM + rows[:, None] * HEAD_DIM + dims[None, :], dq, mask=dq_mask, sem="relaxed")
+            if DQ_PART is not None or DQ_SUM is not None:
+                # This key block's share of the query block's dQ, transposed: K^T dS^T takes dS^T from
+                # shared memory as wgmma's B operand (dS K would need dS^T from registers: mma.sync).
+                dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype))  # (HEAD_DIM_PAD, BLOCK_M), unscaled
+                dq_mask = (rows[None, :] < q_len) & (dims[:, None] < HEAD_DIM)
+                if DQ_PART is not None:
+                    tl.store(DQ_PART + dims[:, None] * q_len + rows[None, :], dq_t, mask=dq_mask)
+                else:
+                    tl.atomic_add(DQ_SUM + rows[None, :] * HEAD_DIM + dims[:, None], dq_t, mask=dq_mask,
+                                  sem="relaxed")
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     dk = dk * scale
     out = bh.to(tl.int64) * k_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     _store_tile(DK + out, dk.to(DK.dtype.element_ty), cols, k_len, HEAD_DIM)
     _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, HEAD_DIM)
+
+
+@jit
+def _attention_bwd_dq_reduce_kernel(DQ_PART, DQ, KEY_START, n_heads, q_len, k_len, scale,
+                                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """One program per (query block, batch x head), the dK/dV kernel's BLOCK_M and BLOCK_N: dQ of the
+    block, the partial dQ that the dK/dV kernel wrote per key block (DQ_PART) summed in key-block
+    order, so bitwise the same run to run. The key blocks summed are those whose programs visit
+    this query block (``_key_range`` names the same blocks as ``_query_range``)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    key_start = _load_key_start(KEY_START, (bh // n_heads).to(tl.int64))
+    lo, _, _, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
+    mask = (rows[None, :] < q_len) & (dims[:, None] < HEAD_DIM)
+    part = DQ_PART + bh.to(tl.int64) * HEAD_DIM * q_len + dims[:, None] * q_len + rows[None, :]
+    block_stride = tl.num_programs(1).to(tl.int64) * HEAD_DIM * q_len  # one key block's partials
+    dq_t = tl.zeros([HEAD_DIM_PAD, BLOCK_M], tl.float32)
+    for start_n in range(lo, end, BLOCK_N):
+        dq_t += tl.load(part + (start_n // BLOCK_N) * block_stride, mask=mask, other=0.0)
+    dq = tl.trans(dq_t * scale)
+    _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
+                dq.to(DQ.dtype.element_ty), rows, q_len, HEAD_DIM)
 
 
 # A backward over one query: Triton would compile q_len == 1 as a constant, fold the unmasked span away

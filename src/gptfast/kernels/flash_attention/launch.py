@@ -14,6 +14,7 @@ from .. import common
 from ..common import cdiv, kernel_op, launch, next_power_of_2, tracing
 from .kernels import (
     _attention_bwd_delta_kernel,
+    _attention_bwd_dq_reduce_kernel,
     _attention_bwd_kv_kernel,
     _attention_bwd_kv_one_query_kernel,
     _attention_bwd_q_kernel,
@@ -21,7 +22,7 @@ from .kernels import (
     _attention_decode_reduce_kernel,
     _attention_fwd_kernel,
 )
-from .table import AttentionConfigs, configs_for, head_dim_pad
+from .table import AttentionConfigs, BlockConfig, configs_for, head_dim_pad
 
 
 def _seed_value(seed: torch.Tensor | None) -> int:
@@ -109,13 +110,28 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
     return launch_forward(q, k, v, causal, dropout_p, scale, seed, key_start, key_end, configs_for(q))
 
 
+# The most float32 partial dQ the 5-product backward may allocate (one per key block: n_key_blocks x
+# the size of dQ in float32); a larger one falls back to the dQ kernel (deterministic) or to atomics.
+# GPT-2 124M's layer (batch 16, 12 heads, 1024 tokens, head dim 64, 8 key blocks): 384 MiB.
+DQ_WORKSPACE_LIMIT = 1 << 30
+
+
+def dq_workspace_bytes(q: torch.Tensor, k_len: int, config: BlockConfig) -> int:
+    """Bytes of the partial-dQ workspace of the dK/dV kernel run with ``config``: a float32 dQ per key block."""
+    return cdiv(k_len, config.block_n) * q.numel() * 4
+
+
 def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: torch.Tensor | None,
                     key_start: torch.Tensor | None, deterministic: bool,
                     configs: AttentionConfigs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), contiguous, in the inputs' dtype, the kernels launched with ``configs``' entries.
-    ``deterministic``: dQ by its own kernel (bitwise the same run to run); else added up by atomics in
-    the dK/dV kernel (no second pass over the scores)."""
+
+    Where the workspace fits (``DQ_WORKSPACE_LIMIT``), whatever ``deterministic`` says: the dK/dV
+    kernel also writes each tile's share of dQ, per key block, and a small kernel sums them in a fixed
+    order (5 products and 1 exponential per score, bitwise the same run to run). Beyond it,
+    ``deterministic``: dQ by its own kernel, which recomputes the scores (7 and 2); else added up by
+    atomics in the dK/dV kernel into a zeroed float32 dQ (the order, so dQ's last bits, vary)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     dim_pad = head_dim_pad(head_dim)
@@ -124,24 +140,36 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     delta_rows = 64  # query rows per program of the small dot(dO, O) pass
     launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta,
            *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
-    dq_sum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    config = configs.backward_kv_dq
+    dq_part = dq_sum = None
+    if dq_workspace_bytes(q, k_len, config) <= DQ_WORKSPACE_LIMIT:
+        dq_part = torch.empty((cdiv(k_len, config.block_n), batch * heads, head_dim, q_len), dtype=torch.float32,
+                              device=q.device)
+    elif not deterministic:
+        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        config = configs.backward_kv
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
-    config = configs.backward_kv if deterministic else configs.backward_kv_atomic
+    shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, CAUSAL=causal)
     kv_kernel = _attention_bwd_kv_kernel if q_len > 1 else _attention_bwd_kv_one_query_kernel
     launch(kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
-           dk, dv, key_start, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+           dk, dv, key_start, dq_part, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-           **shared)
+           DROPOUT=dropout_p > 0, **shared)
     if dq_sum is not None:
-        return dq_sum.to(q.dtype), dk, dv
+        return (dq_sum * scale).to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if dq_part is not None:
+        launch(_attention_bwd_dq_reduce_kernel, (cdiv(q_len, config.block_m), batch * heads), dq_part, dq,
+               key_start, heads, q_len, k_len, scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **shared)
+        return dq, dk, dv
     config = configs.backward_q
     launch(_attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta,
            dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
-           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, **shared)
+           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, DROPOUT=dropout_p > 0,
+           **shared)
     return dq, dk, dv
 
 

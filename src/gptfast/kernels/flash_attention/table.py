@@ -36,9 +36,9 @@ class AttentionConfigs:
 
     forward: BlockConfig
     forward_masked: BlockConfig  # the forward with dropout or key_start: their masks take registers
-    backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks
-    backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks
-    backward_kv_atomic: BlockConfig  # the dK/dV kernel adding dQ up too (deterministic=False)
+    backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks (dK, dV)
+    backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks (dQ)
+    backward_kv_dq: BlockConfig  # the dK/dV kernel computing dQ too (and the sum of its partials)
 
 
 @dataclass(frozen=True)
