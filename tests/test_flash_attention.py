@@ -171,7 +171,7 @@ def test_extra_memory_is_linear_in_sequence():
     forward_backward(kernels.flash_attention, dict(q=q, k=k, v=v), grad_out)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    workspace = fa_launch.dq_workspace_bytes(q, 8192, fa.configs_for(q).backward_kv_dq)
+    workspace = fa_launch.dq_workspace_bytes(q, 8192, True, fa.configs_for(q).backward_kv_dq)
     workspace = workspace if workspace <= fa_launch.DQ_WORKSPACE_LIMIT else 0  # the partial dQ, if it fits
     assert extra <= 8 * q.numel() * q.element_size() + workspace, f"{extra / 2**20:.1f} MiB"
 
@@ -272,8 +272,9 @@ def test_backward_kernels(deterministic, limit, kernels, dq_argument, monkeypatc
     names = fa_kernels._attention_bwd_kv_kernel.arg_names
     given = {name: launches[1].args[names.index(name)] for name in ("DQ_PART", "DQ_SUM")}
     assert [name for name, t in given.items() if t is not None] == ([dq_argument] if dq_argument else [])
-    block_n = fa.INTERPRETER_CONFIGS.backward_kv_dq.block_n
-    shapes = {"DQ_PART": (math.ceil(40 / block_n), 2, 32, 40), "DQ_SUM": q.shape}
+    block_m, block_n = fa.INTERPRETER_CONFIGS.backward_kv_dq.block_m, fa.INTERPRETER_CONFIGS.backward_kv_dq.block_n
+    rows = sum(40 - start_n // block_m * block_m for start_n in range(0, 40, block_n))  # the causal rows
+    shapes = {"DQ_PART": (2 * rows * 32,), "DQ_SUM": q.shape}
     if dq_argument:
         assert given[dq_argument].dtype == torch.float32 and given[dq_argument].shape == shapes[dq_argument]
 

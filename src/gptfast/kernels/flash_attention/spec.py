@@ -111,6 +111,8 @@ TUNABLES = {
     # The dK/dV kernel that also writes dQ (and the dQ sum's tiles): the backward wherever its float32
     # workspace fits (launch.DQ_WORKSPACE_LIMIT).
     "attention_bwd_kv_dq": spec.Tunable(_FIELDS, "backward_kv_dq"),
+    # The same with dropout or key_start (--option dropout_p=... or key_start=true): its own entry.
+    "attention_bwd_kv_dq_masked": spec.Tunable(_FIELDS, "backward_kv_dq_masked"),
     # The backward beyond it: the dK/dV kernel alone, then the dQ kernel (deterministic=True).
     "attention_bwd_kv": spec.Tunable(_FIELDS, "backward_kv"),
     "attention_bwd_q": spec.Tunable(_FIELDS, "backward_q"),
