@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import backend, benchmark, spec
 from ..common import cdiv
+from . import launch
 from .launch import launch_backward, launch_forward
 from .op import flash_attention
 from .reference import attention_reference
@@ -226,6 +227,30 @@ TOKENS, WIDTH = 16384, 2048
 BACKWARD_WORK = 2.5  # the backward's FLOPs over the forward's
 
 
+def _without_dq_workspace(deterministic: bool):
+    """Causal attention whose Triton backward runs as beyond the dQ workspace's limit (``launch``'s
+    DQ_WORKSPACE_LIMIT at 0 while it runs): atomics (not ``deterministic``) or the dQ kernel."""
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            out, lse = launch.launch_forward(q, k, v, True, 0.0, scale, None, None, None, configs_for(q))
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out: torch.Tensor):
+            q, k, v, out, lse = ctx.saved_tensors
+            limit, launch.DQ_WORKSPACE_LIMIT = launch.DQ_WORKSPACE_LIMIT, 0
+            try:
+                return launch.launch_backward(grad_out.contiguous(), q, k, v, out, lse, True, 0.0,
+                                              1.0 / math.sqrt(q.shape[-1]), None, None, deterministic, configs_for(q))
+            finally:
+                launch.DQ_WORKSPACE_LIMIT = limit
+
+    return Attention.apply
+
+
 def _sdpa(sdpa_backend: SDPBackend, causal: bool = True):
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel(sdpa_backend):
@@ -272,9 +297,10 @@ def _benchmarks() -> tuple[benchmark.KernelBench, ...]:
         headline=_size(1024, 64),
         providers={
             "triton": benchmark.triton_backend(lambda q, k, v: flash_attention(q, k, v, causal=True)),
-            # deterministic=False: dQ added up by atomics in the dK/dV kernel (the backward differs only)
-            "triton/atomic-dq": benchmark.triton_backend(lambda q, k, v: flash_attention(q, k, v,
-                                                                                         deterministic=False)),
+            # The backward's paths beyond the dQ workspace's limit, forced at every size: dQ added up by
+            # atomics in the dK/dV kernel (deterministic=False), or by its own kernel (the backward differs only)
+            "triton/atomic-dq": benchmark.triton_backend(_without_dq_workspace(deterministic=False)),
+            "triton/dq-kernel": benchmark.triton_backend(_without_dq_workspace(deterministic=True)),
             "sdpa-flash": benchmark.eager(_sdpa(SDPBackend.FLASH_ATTENTION)),
             "sdpa-math": benchmark.eager(_sdpa(SDPBackend.MATH)),
         },
