@@ -236,6 +236,17 @@ def test_fallback_backward_matches_float64_reference(batch, heads, q_len, k_len,
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("q_len,k_len,head_dim,causal,key_start", [(37, 50, 48, True, [3]), (40, 33, 32, False, None)])
+def test_sm90_form_of_dq_matches_float64_reference(q_len, k_len, head_dim, causal, key_start, monkeypatch):
+    """dQ's share as K^T dS^T (sm_90's wgmma form; the interpreter otherwise runs dS K): the same gradients."""
+    monkeypatch.setattr(fa_launch, "_has_wgmma", lambda q: True)
+    torch.manual_seed(q_len + k_len)
+    q, k, v = make_inputs(1, 2, q_len, k_len, head_dim, torch.float32)
+    grad_out = torch.randn(1, 2, q_len, head_dim, device=DEVICE)
+    key_start = None if key_start is None else torch.tensor(key_start, device=DEVICE)
+    compare_attention(q, k, v, grad_out, causal=causal, key_start=key_start)
+
+
 @pytest.mark.parametrize("limit", [None, 0])
 def test_dq_is_finite_when_every_score_is_very_negative(limit, monkeypatch):
     """Keys past k_len (a partial last key block) score 0 where the real ones score about -36: their
