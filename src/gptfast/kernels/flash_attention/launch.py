@@ -7,6 +7,8 @@ known output shapes and a known backward.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -115,6 +117,18 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
 # of its BLOCK_M (the workspace's layout), falls back to the dQ kernel (deterministic) or to atomics.
 # GPT-2 124M's layer (batch 16, 12 heads, 1024 tokens, head dim 64, causal): 216 MiB.
 DQ_WORKSPACE_LIMIT = 1 << 30
+
+
+@contextmanager
+def without_dq_workspace() -> Iterator[None]:
+    """Within the block, every backward runs as beyond ``DQ_WORKSPACE_LIMIT`` (its dQ by the dQ kernel,
+    or by atomics where not ``deterministic``): how benchmarks time those paths at any size."""
+    global DQ_WORKSPACE_LIMIT
+    limit, DQ_WORKSPACE_LIMIT = DQ_WORKSPACE_LIMIT, 0
+    try:
+        yield
+    finally:
+        DQ_WORKSPACE_LIMIT = limit
 
 
 def dq_workspace_rows(q_len: int, k_len: int, causal: bool, config: BlockConfig) -> int:

@@ -228,8 +228,8 @@ BACKWARD_WORK = 2.5  # the backward's FLOPs over the forward's
 
 
 def _without_dq_workspace(deterministic: bool):
-    """Causal attention whose Triton backward runs as beyond the dQ workspace's limit (``launch``'s
-    DQ_WORKSPACE_LIMIT at 0 while it runs): atomics (not ``deterministic``) or the dQ kernel."""
+    """Causal attention whose Triton backward runs as beyond the dQ workspace's limit
+    (``launch.without_dq_workspace``): atomics (not ``deterministic``) or the dQ kernel."""
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -241,12 +241,9 @@ def _without_dq_workspace(deterministic: bool):
         @staticmethod
         def backward(ctx, grad_out: torch.Tensor):
             q, k, v, out, lse = ctx.saved_tensors
-            limit, launch.DQ_WORKSPACE_LIMIT = launch.DQ_WORKSPACE_LIMIT, 0
-            try:
+            with launch.without_dq_workspace():
                 return launch.launch_backward(grad_out.contiguous(), q, k, v, out, lse, True, 0.0,
                                               1.0 / math.sqrt(q.shape[-1]), None, None, deterministic, configs_for(q))
-            finally:
-                launch.DQ_WORKSPACE_LIMIT = limit
 
     return Attention.apply
 
