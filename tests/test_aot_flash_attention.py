@@ -15,6 +15,7 @@ compile to Hopper's wgmma instructions, never serialised by ptxas (C7515, C7512)
 import dataclasses
 import importlib
 import json
+from unittest import mock
 
 import pytest
 
@@ -23,6 +24,7 @@ from gptfast.kernels.common import KERNEL_DTYPES
 from gptfast.lab import analysis, ops, sass
 
 fa = importlib.import_module("gptfast.kernels.flash_attention")  # the module, not the public function
+fa_launch = importlib.import_module("gptfast.kernels.flash_attention.launch")
 
 DTYPES = {2: "fp16", 4: "fp32"}  # bfloat16 shares float16's configurations (checked separately)
 # table: the compute capabilities it is compiled for. The 86 table also serves sm_89, left out: with
@@ -33,57 +35,70 @@ SEQ = 1000  # not a multiple of 16: the masked loads the launcher's hints would 
 FIELDS = {  # table field: the kernel it configures
     "forward": "attention_fwd",
     "forward_masked": "attention_fwd",  # the forward with dropout or key_start
-    "backward_kv": "attention_bwd_kv",
+    "backward_kv_dq": "attention_bwd_kv",  # the dK/dV kernel writing dQ's partials too (where they fit)
+    "backward_kv_dq_masked": "attention_bwd_kv",  # the same with dropout
+    "backward_kv": "attention_bwd_kv",  # beyond the workspace's limit: dK/dV alone, then the dQ kernel
     "backward_q": "attention_bwd_q",
-    "backward_kv_atomic": "attention_bwd_kv",  # deterministic=False: dQ added up by atomics
 }
-# variant: (the op's options, the table fields compiled in it): each field in its fullest variant.
-VARIANTS = {"plain": ({}, ("forward",)),
-            "dropout": ({"dropout_p": 0.1}, ("forward_masked", "backward_kv", "backward_q")),
-            "atomic": ({"dropout_p": 0.1, "deterministic": False}, ("backward_kv_atomic",))}
+# variant: (the op's options, the table fields compiled in it, the dQ workspace's limit: None as shipped,
+# 0 for the paths beyond it): each field in its fullest variant, the dK/dV kernel with dQ in each of its
+# two forms (the partials; atomics, deterministic=False beyond the limit).
+VARIANTS = {"plain": ({}, ("forward",), None),
+            "padded": ({"key_start": True}, ("backward_kv_dq",), None),
+            "dropout": ({"dropout_p": 0.1}, ("forward_masked", "backward_kv_dq_masked"), None),
+            "fallback": ({"dropout_p": 0.1}, ("backward_kv", "backward_q"), 0),
+            "padded atomic": ({"key_start": True, "deterministic": False}, ("backward_kv_dq",), 0),
+            "atomic": ({"dropout_p": 0.1, "deterministic": False}, ("backward_kv_dq_masked",), 0)}
+WORKSPACE_FIELDS = ("backward_kv_dq", "backward_kv_dq_masked")
 
 
-def launches(head_dim: int, dtype: str, arch: int, options: dict, seq: int = SEQ) -> dict[str, object]:
-    """{kernel name: launch} of the op forward and backward, as the launchers would run it on ``arch``."""
+def launches(head_dim: int, dtype: str, arch: int, options: dict, seq: int = SEQ,
+             limit: int | None = None) -> dict[str, object]:
+    """{kernel name: launch} of the op forward and backward, as the launchers would run it on ``arch``
+    (``limit``: with that dQ workspace limit)."""
     request = lab.Request(lab.get_op("flash_attention"), (2, 2, seq, head_dim), dtype, lab.ARCHITECTURES[arch], {},
                           options)
-    return {ops.kernel_name(launch.kernel): launch for _, launch in analysis.capture(request)}
+    with mock.patch.object(fa_launch, "DQ_WORKSPACE_LIMIT", fa_launch.DQ_WORKSPACE_LIMIT if limit is None else limit):
+        return {ops.kernel_name(launch.kernel): launch for _, launch in analysis.capture(request)}
 
 
 def every_config_builds() -> list[tuple[str, lab.Build]]:
     """(table field, build) of each configuration at the largest head dim using it, per target; the
-    atomic dK/dV kernel's at every head dim on its own table's target (ptxas spilled its sm_80 float16
-    tile at head dim 16, not at 128)."""
+    dK/dV kernel writing dQ's partials (and their sum) at every head dim on its own table's target
+    (ptxas spilled its sm_80 float16 tile at head dim 16, not at 128)."""
     largest = {}  # (target, element size, variant, field, config, head dim or 0) -> the largest head dim
     for table, entries in TABLES.items():
         for (head_dim, element_size), configs in entries.configs.items():
             for target in TARGETS[table]:
-                for variant, (_, fields) in VARIANTS.items():
+                for variant, (_, fields, limit) in VARIANTS.items():
                     for field in fields:
-                        every = field == "backward_kv_atomic" and target == table
+                        every = field in WORKSPACE_FIELDS and limit is None and target == table
                         key = (target, element_size, variant, field, getattr(configs, field), head_dim if every else 0)
                         largest[key] = max(largest.get(key, 0), head_dim)
     builds = []
     for (target, size, variant, field, _, _), head_dim in largest.items():
-        launch = launches(head_dim, DTYPES[size], target, VARIANTS[variant][0])[FIELDS[field]]
-        builds.append((field, lab.Build.of(launch, target)))
+        options, _, limit = VARIANTS[variant]
+        captured = launches(head_dim, DTYPES[size], target, options, limit=limit)
+        kernels = [FIELDS[field]] + (["attention_bwd_dq_reduce"] if field in WORKSPACE_FIELDS and limit is None else [])
+        builds += [(field, lab.Build.of(captured[kernel], target)) for kernel in kernels]
     return builds
 
 
 def extra_builds() -> list[tuple[str, lab.Build]]:
-    """On sm_90: bfloat16 without dropout (GPT-2's training path, head dims 64 and 128, both
-    backwards), the left-padding variant (key_start counts) of the masked forward and the backward
+    """On sm_90: bfloat16 without dropout (GPT-2's training path, head dims 64 and 128, every backward
+    path), the left-padding variant (key_start counts) of the masked forward and the backward
     kernels, and a padded head dim (80 -> 128)."""
     found = []
     for head_dim in (64, 128):
-        for options, fields in (({}, ("forward", "backward_kv", "backward_q")),
-                                ({"deterministic": False}, ("backward_kv_atomic",))):
-            captured = launches(head_dim, "bf16", 90, options)
+        for options, fields, limit in (({}, ("forward", "backward_kv_dq"), None),
+                                       ({}, ("backward_kv", "backward_q"), 0),
+                                       ({"deterministic": False}, ("backward_kv_dq",), 0)):
+            captured = launches(head_dim, "bf16", 90, options, limit=limit)
             found += [(field, captured[FIELDS[field]]) for field in fields]
-    for options, fields in (({"key_start": True, "dropout_p": 0.1}, ("forward_masked", "backward_kv", "backward_q")),
-                            ({"key_start": True, "dropout_p": 0.1, "deterministic": False},
-                             ("backward_kv_atomic",))):
-        captured = launches(128, "fp16", 90, options)
+    for options, fields, limit in (({"key_start": True, "dropout_p": 0.1}, ("forward_masked", "backward_kv_dq_masked"),
+                                    None),
+                                   ({"key_start": True, "dropout_p": 0.1}, ("backward_kv", "backward_q"), 0)):
+        captured = launches(128, "fp16", 90, options, limit=limit)
         found += [(field, captured[FIELDS[field]]) for field in fields]
     found.append(("forward", launches(80, "fp16", 90, {})["attention_fwd"]))
     return [(field, lab.Build.of(launch, 90)) for field, launch in found]
@@ -165,7 +180,10 @@ def _config(c: lab.Compiled) -> tuple[int, int, int, int]:
 
 def test_every_config_is_compiled(compiled):
     """Each table's every (field, configuration) on each target it serves, in both element sizes."""
-    done = {(c.build.arch, field, _config(c), c.signature["Q"] == "*fp32") for field, c in compiled}
+    done = {(c.build.arch, field, _config(c), c.signature["Q"] == "*fp32") for field, c in compiled
+            if "Q" in c.signature}
+    # and the sum of dQ's partials (no Q argument) with the workspace's configurations, on every target
+    assert {c.build.arch for _, c in compiled if "Q" not in c.signature} == {t for ts in TARGETS.values() for t in ts}
     for table, entries in TABLES.items():
         for (_, element_size), configs in entries.configs.items():
             for target, field in ((t, f) for t in TARGETS[table] for f in FIELDS):
@@ -187,9 +205,11 @@ def test_no_spills_and_shared_memory_fits(compiled):
 
 
 def test_hopper_uses_wgmma_never_serialised(compiled):
-    sixteen_bit = [c for _, c in compiled if c.build.arch == 90 and c.signature["Q"] in ("*fp16", "*bf16")]
+    sixteen_bit = [c for _, c in compiled if c.build.arch == 90 and c.signature.get("Q") in ("*fp16", "*bf16")]
     assert len(sixteen_bit) >= 3 * len(FIELDS)
     assert [str(c) for c in sixteen_bit if "wgmma.mma_async" not in c.asm["ptx"]] == []
+    # Every product, dQ's too, from head dim 64 (a wgmma is 64 rows: dQ^T's are the head dim's).
+    assert [str(c) for c in sixteen_bit if c.constants["HEAD_DIM_PAD"] >= 64 and "mma.sync" in c.asm["ptx"]] == []
     assert [(str(c), sass.serialized_mma(c.ptxas_log)) for _, c in compiled if sass.serialized_mma(c.ptxas_log)] == []
 
 

@@ -171,11 +171,17 @@ def test_extra_memory_is_linear_in_sequence():
     forward_backward(kernels.flash_attention, dict(q=q, k=k, v=v), grad_out)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    assert extra <= 8 * q.numel() * q.element_size(), f"{extra / 2**20:.1f} MiB"
+    workspace = fa_launch.dq_workspace_bytes(q, 8192, True, fa.configs_for(q).backward_kv_dq)
+    workspace = workspace if workspace <= fa_launch.DQ_WORKSPACE_LIMIT else 0  # the partial dQ, if it fits
+    assert extra <= 8 * q.numel() * q.element_size() + workspace, f"{extra / 2**20:.1f} MiB"
 
 
-def test_gradients_are_deterministic():
-    """No atomics: the same inputs and dropout seed give bitwise the same output and gradients."""
+@pytest.mark.parametrize("limit", [None, 0])
+def test_gradients_are_deterministic(limit, monkeypatch):
+    """No atomics: the same inputs and dropout seed give bitwise the same output and gradients, dQ's
+    partials summed in key-block order (limit 0: by the dQ kernel, beyond the workspace's limit)."""
+    if limit is not None:
+        monkeypatch.setattr(fa_launch, "DQ_WORKSPACE_LIMIT", limit)
     torch.manual_seed(3)
     inputs = dict(zip("qkv", make_inputs(1, 2, 50, 50, 32, torch.float16)))
     grad_out = torch.randn(1, 2, 50, 32, device=DEVICE).half()
@@ -187,7 +193,17 @@ def test_gradients_are_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-# ---- deterministic=False: dQ added up by atomics in the dK/dV kernel ----
+# ---- the backward's paths: the dQ workspace (the default), beyond its limit the dQ kernel or atomics ----
+
+# deterministic=..., DQ_WORKSPACE_LIMIT=0: the paths taken where the partial-dQ workspace would not fit.
+FALLBACKS = {"dq kernel": True, "atomics": False}
+
+
+@pytest.fixture(params=FALLBACKS)
+def fallback(request, monkeypatch):
+    """The ``deterministic`` flag of a backward path other than the workspace's, with no workspace allowed."""
+    monkeypatch.setattr(fa_launch, "DQ_WORKSPACE_LIMIT", 0)
+    return FALLBACKS[request.param]
 
 
 @pytest.mark.parametrize("batch,heads,q_len,k_len,head_dim,causal,dtype,key_start,dropout_p", [
@@ -200,11 +216,11 @@ def test_gradients_are_deterministic():
     (1, 1, 65, 17, 16, False, torch.float32, None, 0.0),
     (2, 1, 33, 50, 64, True, torch.float32, [30, 5], 0.3),
 ])
-def test_atomic_dq_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, dtype, key_start,
-                                             dropout_p):
-    """The fast backward gets the float64-reference tests of the deterministic one: odd shapes,
-    padded head dims, fewer or more queries than keys, left padding (rows that see nothing get zero
-    gradients) and dropout with the kernels' own mask."""
+def test_fallback_backward_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, dtype, key_start,
+                                                     dropout_p, fallback):
+    """The paths beyond the workspace's limit get the float64-reference tests of the default one: odd
+    shapes, padded head dims, fewer or more queries than keys, left padding (rows that see nothing get
+    zero gradients) and dropout with the kernels' own mask."""
     torch.manual_seed(q_len * 1000 + k_len + head_dim)
     q, k, v = make_inputs(batch, heads, q_len, k_len, head_dim, dtype)
     grad_out = torch.randn(batch, q_len, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
@@ -214,15 +230,30 @@ def test_atomic_dq_matches_float64_reference(batch, heads, q_len, k_len, head_di
         torch.manual_seed(11)
         keep = dropout_keep_mask(fa_launch.dropout_seed(), batch, heads, q_len, k_len, dropout_p, DEVICE)
         torch.manual_seed(11)  # the kernels draw the same seed
-    fast = dict(causal=causal, key_start=key_start, dropout_p=dropout_p)
-    _, grads = compare_attention(q, k, v, grad_out, op=attention(deterministic=False, **fast), keep_mask=keep,
-                                 against_eager=not dropout_p, **fast)
+    options = dict(causal=causal, key_start=key_start, dropout_p=dropout_p)
+    _, grads = compare_attention(q, k, v, grad_out, op=attention(deterministic=fallback, **options), keep_mask=keep,
+                                 against_eager=not dropout_p, **options)
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_atomic_dq_is_finite_when_every_score_is_very_negative():
+@pytest.mark.parametrize("q_len,k_len,head_dim,causal,key_start", [(37, 50, 48, True, [3]), (40, 33, 32, False, None)])
+def test_sm90_form_of_dq_matches_float64_reference(q_len, k_len, head_dim, causal, key_start, monkeypatch):
+    """dQ's share as K^T dS^T (sm_90's wgmma form; the interpreter otherwise runs dS K): the same gradients."""
+    monkeypatch.setattr(fa_launch, "_has_wgmma", lambda q: True)
+    torch.manual_seed(q_len + k_len)
+    q, k, v = make_inputs(1, 2, q_len, k_len, head_dim, torch.float32)
+    grad_out = torch.randn(1, 2, q_len, head_dim, device=DEVICE)
+    key_start = None if key_start is None else torch.tensor(key_start, device=DEVICE)
+    compare_attention(q, k, v, grad_out, causal=causal, key_start=key_start)
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_dq_is_finite_when_every_score_is_very_negative(limit, monkeypatch):
     """Keys past k_len (a partial last key block) score 0 where the real ones score about -36: their
-    float16 dS overflows unless masked, and inf x a zero key would put NaN into dQ."""
+    float16 dS overflows unless masked, and inf x a zero key would put NaN into the partial dQ (the
+    workspace; limit 0: the atomics)."""
+    if limit is not None:
+        monkeypatch.setattr(fa_launch, "DQ_WORKSPACE_LIMIT", limit)
     torch.manual_seed(12)
     q = -3.0 - 0.1 * torch.rand(1, 1, 40, 16, device=DEVICE)
     k = 3.0 + 0.1 * torch.rand(1, 1, 37, 16, device=DEVICE)
@@ -232,16 +263,31 @@ def test_atomic_dq_is_finite_when_every_score_is_very_negative():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_atomic_dq_runs_no_dq_kernel():
-    """deterministic=False launches the delta and dK/dV kernels only, the latter with a float32 dQ."""
+@pytest.mark.parametrize("deterministic,limit,kernels,dq_argument", [
+    (True, None, ["delta", "kv", "dq_reduce"], "DQ_PART"),
+    (False, None, ["delta", "kv", "dq_reduce"], "DQ_PART"),
+    (True, 0, ["delta", "kv", "q"], None),
+    (False, 0, ["delta", "kv"], "DQ_SUM"),
+])
+def test_backward_kernels(deterministic, limit, kernels, dq_argument, monkeypatch):
+    """Where the workspace fits, either flag: the dK/dV kernel writes a float32 partial dQ per key block
+    (key block, batch x head, head_dim, q_len) and the sum kernel adds them up; beyond it, the dQ kernel
+    (deterministic) or atomics into a float32 dQ, no third kernel."""
+    if limit is not None:
+        monkeypatch.setattr(fa_launch, "DQ_WORKSPACE_LIMIT", limit)
     q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
     out, lse = fa_launch._forward(q, k, v, True, 0.0, 0.2, None, None)
     with common.capture_launches() as launches:
-        fa_launch._backward(torch.randn_like(out), q, k, v, out, lse, True, 0.0, 0.2, None, None, False)
-    assert [launch.kernel.fn.__name__ for launch in launches] == ["_attention_bwd_delta_kernel",
-                                                                  "_attention_bwd_kv_kernel"]
-    dq_sum = launches[1].args[fa_kernels._attention_bwd_kv_kernel.arg_names.index("DQ_SUM")]
-    assert dq_sum.dtype == torch.float32 and dq_sum.shape == q.shape
+        fa_launch._backward(torch.randn_like(out), q, k, v, out, lse, True, 0.0, 0.2, None, None, deterministic)
+    assert [launch.kernel.fn.__name__ for launch in launches] == [f"_attention_bwd_{name}_kernel" for name in kernels]
+    names = fa_kernels._attention_bwd_kv_kernel.arg_names
+    given = {name: launches[1].args[names.index(name)] for name in ("DQ_PART", "DQ_SUM")}
+    assert [name for name, t in given.items() if t is not None] == ([dq_argument] if dq_argument else [])
+    block_m, block_n = fa.INTERPRETER_CONFIGS.backward_kv_dq.block_m, fa.INTERPRETER_CONFIGS.backward_kv_dq.block_n
+    rows = sum(40 - start_n // block_m * block_m for start_n in range(0, 40, block_n))  # the causal rows
+    shapes = {"DQ_PART": (2 * rows * 32,), "DQ_SUM": q.shape}
+    if dq_argument:
+        assert given[dq_argument].dtype == torch.float32 and given[dq_argument].shape == shapes[dq_argument]
 
 
 def test_model_with_atomic_dq_matches_the_deterministic_model():

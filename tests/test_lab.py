@@ -271,17 +271,19 @@ def test_capture_refuses_a_launcher_that_ignores_the_target(monkeypatch):
 
 
 def test_options_choose_the_variant():
-    """--option deterministic=false launches the dK/dV kernel with a float32 dQ and its own table
-    entry (attention_bwd_kv_atomic, which --config reaches), and no dQ kernel; dropout or key_start
-    the forward's entry for them (attention_fwd_masked); bad options name the op's variants."""
+    """With dropout (either deterministic flag) the dK/dV kernel that writes dQ's partials takes its
+    masked entry (attention_bwd_kv_dq_masked, which --config reaches), their sum follows, no dQ kernel;
+    dropout or key_start the forward's entry for them (attention_fwd_masked); bad options name the op's
+    variants."""
     op = lab.get_op("flash_attention")
     options = ops.parse_options(op, ["deterministic=false", "dropout_p=0.1"])
     assert options == {"deterministic": False, "dropout_p": 0.1}
     request = lab.Request(op, (2, 12, 1024, 128), "bf16", lab.ARCHITECTURES[90],
-                          ops.parse_config(["attention_bwd_kv_atomic:BLOCK_N=32", "attention_fwd_masked:BLOCK_N=32"]),
+                          ops.parse_config(["attention_bwd_kv_dq_masked:BLOCK_N=32",
+                                            "attention_fwd_masked:BLOCK_N=32"]),
                           options)
     launches = {ops.kernel_name(launch.kernel): launch for _, launch in analysis.capture(request)}
-    assert sorted(launches) == ["attention_bwd_delta", "attention_bwd_kv", "attention_fwd"]
+    assert sorted(launches) == ["attention_bwd_delta", "attention_bwd_dq_reduce", "attention_bwd_kv", "attention_fwd"]
     table = flash_attention.tuned_configs(90, 64, 2)
     assert table.forward.num_warps != table.forward_masked.num_warps
     for option, entry in (([], table.forward), (["key_start=true"], table.forward_masked),
@@ -292,7 +294,7 @@ def test_options_choose_the_variant():
     assert launches["attention_fwd"].meta["BLOCK_N"] == 32
     kv = launches["attention_bwd_kv"]
     assert kv.meta["BLOCK_N"] == 32 and kv.meta["BLOCK_M"] == flash_attention.tuned_configs(90, 128, 2)\
-        .backward_kv_atomic.block_m and kv.meta["DROPOUT"]
+        .backward_kv_dq_masked.block_m and kv.meta["DROPOUT"]
     for bad in ("deterministic=maybe", "nope=1", "dropout_p"):
         with pytest.raises(lab.LabError, match="deterministic \\(bool\\)"):
             ops.parse_options(op, [bad])

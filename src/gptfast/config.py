@@ -174,8 +174,9 @@ class TrainConfig:
         "the block's input), selective (the matmul and attention outputs); same gradients, less memory, more "
         "compute", group="run", choices=ACTIVATION_CHECKPOINTING_MODES)
     deterministic: bool = option(
-        True, help="attention's backward adds dQ up with atomics (Triton): faster, but gradients vary in their last "
-        "bits run to run, so a resumed run is no longer bitwise the same", group="run", flag="--nondeterministic")
+        True, help="attention's backward adds dQ up with atomics (Triton) where its dQ workspace would pass 1 GiB "
+        "(long sequences): faster there, but gradients vary in their last bits run to run, so a resumed run is no "
+        "longer bitwise the same", group="run", flag="--nondeterministic")
     sample_tokens: int = option(300, help="tokens to generate at the end; 0: none", group="run", check=non_negative)
     sample_prompt: str = option("\n", help="prompt of the final sample", group="run", default_help="a line break")
     backend: str = option("auto", help="kernel backend, as `gptfast --backend`", group="run",

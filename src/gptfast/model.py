@@ -47,7 +47,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     vocab_multiple: int = 1  # pad the embedding/head rows to a multiple of this (64 is fast on GPUs)
     fused_lm_head: bool = True  # given targets, the LM head and loss run in chunks, with no logits
-    deterministic_attention: bool = True  # False: attention's dQ by atomics, faster, last bits vary run to run
+    deterministic_attention: bool = True  # False: attention's dQ by atomics past its workspace limit, bits vary
 
     def __post_init__(self) -> None:
         for field in fields(self):  # every field has its rule in FIELD_RULES; drop_rate may be None

@@ -14,8 +14,9 @@ against "triton" (none) in the same run, for GPT-2 124M and gpt2-xl: tokens/s an
 
 Kernel choices (``CHOICE_PROVIDERS``): GPT-2 124M's step with one kernel choice changed from its
 default, against "triton" (the defaults) in the same run: the MLP on ``mlp_gelu`` ("triton/mlp-fused"),
-the fused head's cross-entropy in two kernels ("triton/two-pass-ce"), attention's dQ added up with atomics
-("triton/attn-atomic"). What a measured table decides
+the fused head's cross-entropy in two kernels ("triton/two-pass-ce"), attention's backward with dQ by
+its own kernel ("triton/attn-dq-kernel") or added up with atomics ("triton/attn-atomic") instead of the
+partial-dQ workspace. What a measured table decides
 (``linear_bias_gelu.MEASURED_FASTER``) is filled from these.
 
 Generation runs ``gptfast.generate`` per backend with the key/value cache, without it, and
@@ -38,6 +39,7 @@ import torch
 from gptfast import kernels
 from gptfast.activation_checkpointing import apply_activation_checkpointing
 from gptfast.generation import generate
+from gptfast.kernels.flash_attention.launch import without_dq_workspace
 from gptfast.kernels.linear_bias_gelu import choose_mlp_gelu
 from gptfast.model import GPT, GPTConfig
 from gptfast.train import make_optimizer, model_flops_per_token, peak_flops, train_step
@@ -107,13 +109,16 @@ AC_SIZES = {"full": (_GPT2, TrainSize("gpt2-xl", batch=8, context=1024, vocab_mu
             "small": (TrainSize("tiny", batch=1, context=16, n_layer=1, vocab_size=64),)}  # three interpreted steps
 
 # Kernel choices: each provider changes one choice from the default ("triton"), on GPT-2 124M: the MLP on
-# mlp_gelu, the fused head's cross-entropy in two kernels (the losses, then the gradients: the logits read
-# twice) instead of the one-pass kernel, attention's dQ added up with atomics (a config field, below).
+# mlp_gelu; the fused head's cross-entropy in two kernels (the losses, then the gradients: the logits read
+# twice) instead of the one-pass kernel; attention's backward without its partial-dQ workspace, dQ by its
+# own kernel (deterministic) or added up by atomics (with deterministic_attention off, below).
 CHOICE_GROUP = "train-choices"
-CHOICE_PROVIDERS = ("triton", "triton/mlp-fused", "triton/two-pass-ce", "triton/attn-atomic")
+CHOICE_PROVIDERS = ("triton", "triton/mlp-fused", "triton/two-pass-ce", "triton/attn-dq-kernel", "triton/attn-atomic")
 KERNEL_CHOICES: dict[str, Callable[[], AbstractContextManager]] = {
     "mlp-fused": lambda: choose_mlp_gelu(True),
     "two-pass-ce": importlib.import_module("gptfast.kernels.cross_entropy").two_passes,  # the module's, not the op
+    "attn-dq-kernel": without_dq_workspace,
+    "attn-atomic": without_dq_workspace,
 }
 CHOICE_SIZES = {"full": (_GPT2,), "small": AC_SIZES["small"]}
 # The groups whose steps each change one thing from "triton": their providers and sizes.
@@ -127,7 +132,8 @@ TOKENS_PER_S_TARGET = ("triton+compile", 500_000)
 def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Callable[[], None]:
     """A training-step closure (fresh model, AdamW, random batch) for a provider like "triton+compile",
     "triton/unfused-head", "triton/ac-full" (activation checkpointing: ac-selective, ac-full),
-    "triton/mlp-fused", "triton/two-pass-ce" or "triton/attn-atomic" (kernel choices)."""
+    "triton/mlp-fused", "triton/two-pass-ce", "triton/attn-dq-kernel" or "triton/attn-atomic" (kernel
+    choices)."""
     variant, _, compile_flag = provider.partition("+")
     backend, _, option = variant.partition("/")
     gc.collect()  # the previous case's model, before this one's peak memory is measured

@@ -65,10 +65,9 @@ def tune(op: OpSpec, shape_text: str | None, dtype: str, candidates: list[str] |
     candidates = candidates or list(op.tune_candidates)
     if not candidates:
         raise ValueError(f"lab tune: {op.name} has no default candidates: give them with --config (one each)")
-    variant = [c for c in candidates if any(k.endswith(("_atomic", "_masked")) for k in _overrides(c))]
-    if variant:  # tune times the default variant (deterministic, no dropout or key_start): never these entries
-        raise ValueError(f"lab tune: {variant[0]!r}: tune times the deterministic backward and the forward "
-                         "without dropout or key_start only")
+    variant = [c for c in candidates if any(k.endswith(("_masked", "_dropout")) for k in _overrides(c))]
+    if variant:  # tune times the default variant (no dropout or key_start): never these entries
+        raise ValueError(f"lab tune: {variant[0]!r}: tune times attention without dropout or key_start only")
     for candidate in candidates:
         check_overrides(op, _overrides(candidate))
     arch, shape, torch_dtype = local_architecture(), parse_shape(op, shape_text), analysis.DTYPES[dtype]

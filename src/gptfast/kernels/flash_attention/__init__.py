@@ -8,16 +8,22 @@ zeros and gets zero gradients, never NaN.
 
 The Triton path is a flash attention: the (Tq, Tk) score matrix is never stored. The forward pass
 walks over key blocks with an online softmax and saves one log-sum-exp per query row; the backward
-pass recomputes the probabilities from it. Extra memory is O(batch x heads x seq) at any length.
-By default three backward kernels, none with atomics, so gradients are identical run to run:
+pass recomputes the probabilities from it.
+Three backward kernels, none with atomics, so gradients are identical run to run, with
+FlashAttention-2's 5 matrix products and 1 exponential per score:
 
 * ``attention_bwd_delta``: delta_i = dot(dO_i, O_i), one float per query row;
-* ``attention_bwd_kv``: one key block per program, looping over the query blocks that see it;
-* ``attention_bwd_q``: one query block per program, looping over the key blocks it sees.
+* ``attention_bwd_kv``: one key block per program, looping over the query blocks that see it: dK,
+  dV and each tile's share of dQ, written to a float32 workspace (per key block, the query rows
+  that see it: 216 MiB at GPT-2 124M's batch 16 x 12 heads x 1024 tokens, causal);
+* ``attention_bwd_dq_reduce``: one query block per program, the key blocks' shares summed in a
+  fixed order.
 
-``deterministic=False`` drops the third: the dK/dV kernel also adds each tile's share of dQ into a
-float32 dQ with atomics (FlashAttention-2's 5 matrix products and 1 exponential per score, not 7
-and 2), and the order of those additions, so dQ's last bits, varies from run to run.
+Where the workspace would pass ``launch.DQ_WORKSPACE_LIMIT`` (1 GiB), ``attention_bwd_q`` replaces
+the sum: one query block per program, looping over the key blocks it sees and recomputing the
+scores (7 products and 2 exponentials per score); ``deterministic=False`` there lets the dK/dV
+kernel add its dQ shares into a zeroed float32 dQ with atomics instead, in an order, so dQ's last
+bits, that varies from run to run.
 
 Decoding (at most ``launch.DECODE_ROWS`` queries, no dropout) takes a split-key forward instead
 (flash-decoding): the keys are cut into chunks, enough that batch x heads x chunks programs fill

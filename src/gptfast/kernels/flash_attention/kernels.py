@@ -137,6 +137,42 @@ def _span(lo, mid, full_end, end, SPAN: tl.constexpr):
 
 
 @jit
+def _dq_part_rows(block, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first row, rows) of key block ``block``'s partial dQ in the workspace: the query rows from the
+    first block it sees under the causal mask (``_query_range``'s lo without padding) to q_len."""
+    first = block * 0
+    if CAUSAL:
+        first = tl.maximum(block * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+    return first, q_len - first
+
+
+@jit
+def _dq_part_start(block, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows of the key blocks before ``block`` (``_dq_part_rows``), per batch x head: the workspace
+    holds, key block after key block, each block's (batch x head, HEAD_DIM, rows) partials. In closed
+    form (no loop), for BLOCK_N a multiple of BLOCK_M: the blocks from ``seeing_all`` on start
+    ``BLOCK_N / BLOCK_M`` query blocks apart."""
+    start = block * q_len
+    if CAUSAL:
+        offset = k_len - q_len
+        seeing_all = tl.minimum(block, offset // BLOCK_N + 1)  # blocks before it: first row 0
+        later = block - seeing_all
+        first_blocks = (BLOCK_N // BLOCK_M) * (seeing_all + block - 1) * later // 2 - tl.cdiv(offset, BLOCK_M) * later
+        start -= first_blocks * BLOCK_M
+    return start
+
+
+@jit
+def _dq_part_tile(DQ_PART, block, start, bh, rows, dims, q_len, k_len, HEAD_DIM: tl.constexpr,
+                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers to the (HEAD_DIM_PAD, BLOCK_M) tile of key block ``block``'s partial dQ (``start``: its
+    ``_dq_part_start``) at query ``rows`` of ``bh``."""
+    first, n_rows = _dq_part_rows(block, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
+    base = (start.to(tl.int64) * tl.num_programs(1) + bh * n_rows) * HEAD_DIM
+    return DQ_PART + base + dims[:, None] * n_rows + (rows[None, :] - first)
+
+
+@jit
 def _load_key_start(KEY_START, batch):
     """Keys of this batch row hidden as padding (0 without KEY_START; negative counts as 0)."""
     key_start = 0
@@ -239,22 +275,26 @@ def _attention_bwd_delta_kernel(OUT, DO, DELTA, stride_dob, stride_doh, stride_d
 
 
 @jit(do_not_specialize=SEED)
-def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
+def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART, DQ_SUM,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
                              stride_vb, stride_vh, stride_vt, stride_vd,
                              stride_dob, stride_doh, stride_dot, stride_dod,
                              n_heads, q_len, k_len, scale, dropout_p, seed,
                              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+                             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                             WGMMA: tl.constexpr = False):
     """One program per (key block, batch x head): dK and dV of the block, written once.
 
     K and V stay in on-chip memory; Q, dO, LSE and delta are read once per key block that needs them.
     The tiles are transposed, (key, query), so that dK and dV come out of the dots row by key. The
     first key blocks are the heaviest under the causal mask (every later query sees them) and they
-    are launched first. DQ_SUM (or None: the deterministic backward): a zeroed float32 dQ that each
-    program adds its share of dQ to by atomics, which saves the dQ kernel's recomputation of the
-    scores but makes the order of the additions, and so dQ's last bits, vary run to run.
+    are launched first. Each tile's share of dQ (unscaled, float32, 5 products and 1 exponential per
+    score in all) goes, if given, to DQ_PART: a float32 workspace of each key block's (batch x head,
+    HEAD_DIM, rows) partials (``_dq_part_tile``) that ``_attention_bwd_dq_reduce_kernel`` sums in
+    key-block order (bitwise the same run to run); or to DQ_SUM: a zeroed float32 dQ that it is added
+    to by atomics, in an order that varies run to run.
+    With neither, dQ is left to ``_attention_bwd_q_kernel``, which recomputes the scores.
     """
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -265,6 +305,8 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
     DO += batch * stride_dob + head * stride_doh
     LSE += bh.to(tl.int64) * q_len
     DELTA += bh.to(tl.int64) * q_len
+    if DQ_PART is not None:
+        part_start = _dq_part_start(tl.program_id(0), q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
     if DQ_SUM is not None:
         DQ_SUM += bh.to(tl.int64) * q_len * HEAD_DIM
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -306,16 +348,58 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_SUM,
                 dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward
             dk += tl.dot(ds_t.to(q.dtype), q)
-            if DQ_SUM is not None:  # this key block's share of the query block's dQ, added in place
-                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
-                dq_mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
-                tl.atomic_add(DQ_SUM + rows[:, None] * HEAD_DIM + dims[None, :], dq, mask=dq_mask, sem="relaxed")
+            if DQ_PART is not None or DQ_SUM is not None:
+                # This key block's share of the query block's dQ, (HEAD_DIM_PAD, BLOCK_M), unscaled. WGMMA
+                # (sm_90): as K^T dS^T, dS^T from shared memory as wgmma's B operand (dS K would take dS^T
+                # from registers: mma.sync); else as dS K, transposed (K^T dS^T spills float32 on sm_80).
+                if WGMMA:
+                    dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype))
+                else:
+                    dq_t = tl.trans(tl.dot(tl.trans(ds_t.to(k.dtype)), k))
+                dq_mask = (rows[None, :] < q_len) & (dims[:, None] < HEAD_DIM)
+                if DQ_PART is not None:
+                    part = _dq_part_tile(DQ_PART, tl.program_id(0), part_start, bh, rows, dims, q_len, k_len,
+                                         HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N)
+                    if MASKED or HEAD_DIM < HEAD_DIM_PAD:
+                        tl.store(part, dq_t, mask=dq_mask)
+                    else:  # whole query blocks: no mask
+                        tl.store(part, dq_t)
+                else:
+                    tl.atomic_add(DQ_SUM + rows[None, :] * HEAD_DIM + dims[:, None], dq_t, mask=dq_mask,
+                                  sem="relaxed")
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     dk = dk * scale
     out = bh.to(tl.int64) * k_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     _store_tile(DK + out, dk.to(DK.dtype.element_ty), cols, k_len, HEAD_DIM)
     _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, HEAD_DIM)
+
+
+@jit
+def _attention_bwd_dq_reduce_kernel(DQ_PART, DQ, KEY_START, n_heads, q_len, k_len, scale,
+                                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """One program per (query block, batch x head), the dK/dV kernel's BLOCK_M and BLOCK_N: dQ of the
+    block, the partial dQ that the dK/dV kernel wrote per key block (DQ_PART) summed in key-block
+    order, so bitwise the same run to run. The key blocks summed are those whose programs visit
+    this query block (``_key_range`` names the same blocks as ``_query_range``)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    key_start = _load_key_start(KEY_START, (bh // n_heads).to(tl.int64))
+    lo, _, _, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
+    mask = (rows[None, :] < q_len) & (dims[:, None] < HEAD_DIM)
+    start = _dq_part_start(lo // BLOCK_N, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
+    dq_t = tl.zeros([HEAD_DIM_PAD, BLOCK_M], tl.float32)
+    for start_n in range(lo, end, BLOCK_N):
+        block = start_n // BLOCK_N
+        part = _dq_part_tile(DQ_PART, block, start, bh, rows, dims, q_len, k_len, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N)
+        dq_t += tl.load(part, mask=mask, other=0.0)
+        start += _dq_part_rows(block, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)[1]
+    dq = tl.trans(dq_t * scale)
+    _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
+                dq.to(DQ.dtype.element_ty), rows, q_len, HEAD_DIM)
 
 
 # A backward over one query: Triton would compile q_len == 1 as a constant, fold the unmasked span away

@@ -7,13 +7,16 @@ known output shapes and a known backward.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from .. import common
-from ..common import cdiv, kernel_op, launch, next_power_of_2, tracing
+from ..common import cdiv, kernel_op, launch, next_power_of_2, target_gpu, tracing
 from .kernels import (
     _attention_bwd_delta_kernel,
+    _attention_bwd_dq_reduce_kernel,
     _attention_bwd_kv_kernel,
     _attention_bwd_kv_one_query_kernel,
     _attention_bwd_q_kernel,
@@ -21,7 +24,7 @@ from .kernels import (
     _attention_decode_reduce_kernel,
     _attention_fwd_kernel,
 )
-from .table import AttentionConfigs, configs_for, head_dim_pad
+from .table import AttentionConfigs, BlockConfig, configs_for, head_dim_pad
 
 
 def _seed_value(seed: torch.Tensor | None) -> int:
@@ -109,13 +112,58 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
     return launch_forward(q, k, v, causal, dropout_p, scale, seed, key_start, key_end, configs_for(q))
 
 
+# The most float32 partial dQ the 5-product backward may allocate (each key block's, over the query
+# rows it sees: ``dq_workspace_rows``); a larger one, or a configuration whose BLOCK_N is not a multiple
+# of its BLOCK_M (the workspace's layout), falls back to the dQ kernel (deterministic) or to atomics.
+# GPT-2 124M's layer (batch 16, 12 heads, 1024 tokens, head dim 64, causal): 216 MiB.
+DQ_WORKSPACE_LIMIT = 1 << 30
+
+
+@contextmanager
+def without_dq_workspace() -> Iterator[None]:
+    """Within the block, every backward runs as beyond ``DQ_WORKSPACE_LIMIT`` (its dQ by the dQ kernel,
+    or by atomics where not ``deterministic``): how benchmarks time those paths at any size."""
+    global DQ_WORKSPACE_LIMIT
+    limit, DQ_WORKSPACE_LIMIT = DQ_WORKSPACE_LIMIT, 0
+    try:
+        yield
+    finally:
+        DQ_WORKSPACE_LIMIT = limit
+
+
+def dq_workspace_rows(q_len: int, k_len: int, causal: bool, config: BlockConfig) -> int:
+    """Query rows of partial dQ per batch x head, over the key blocks (``kernels._dq_part_rows``): under
+    the causal mask each block's from the first query block that sees it."""
+    offset = k_len - q_len
+    firsts = (max(start_n - offset, 0) // config.block_m * config.block_m if causal else 0
+              for start_n in range(0, k_len, config.block_n))
+    return sum(q_len - first for first in firsts)
+
+
+def dq_workspace_bytes(q: torch.Tensor, k_len: int, causal: bool, config: BlockConfig) -> int:
+    """Bytes of the float32 partial-dQ workspace of the dK/dV kernel run with ``config``."""
+    return q.shape[0] * q.shape[1] * dq_workspace_rows(q.shape[2], k_len, causal, config) * q.shape[3] * 4
+
+
+def _has_wgmma(q: torch.Tensor) -> bool:
+    """Whether the kernels run on (or the lab targets) an sm_90 GPU: Hopper's wgmma instructions."""
+    gpu = target_gpu()
+    if gpu is not None:
+        return gpu.arch == 90
+    return q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) == (9, 0)
+
+
 def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: torch.Tensor | None,
                     key_start: torch.Tensor | None, deterministic: bool,
                     configs: AttentionConfigs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), contiguous, in the inputs' dtype, the kernels launched with ``configs``' entries.
-    ``deterministic``: dQ by its own kernel (bitwise the same run to run); else added up by atomics in
-    the dK/dV kernel (no second pass over the scores)."""
+
+    Where the workspace fits (``DQ_WORKSPACE_LIMIT``), whatever ``deterministic`` says: the dK/dV
+    kernel also writes each tile's share of dQ, per key block, and a small kernel sums them in a fixed
+    order (5 products and 1 exponential per score, bitwise the same run to run). Beyond it,
+    ``deterministic``: dQ by its own kernel, which recomputes the scores (7 and 2); else added up by
+    atomics in the dK/dV kernel into a zeroed float32 dQ (the order, so dQ's last bits, vary)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     dim_pad = head_dim_pad(head_dim)
@@ -124,24 +172,36 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     delta_rows = 64  # query rows per program of the small dot(dO, O) pass
     launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta,
            *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
-    dq_sum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    config = configs.backward_kv_dq_masked if dropout_p > 0 or key_start is not None else configs.backward_kv_dq
+    dq_part = dq_sum = None
+    if config.block_n % config.block_m == 0 and dq_workspace_bytes(q, k_len, causal, config) <= DQ_WORKSPACE_LIMIT:
+        dq_part = torch.empty(dq_workspace_bytes(q, k_len, causal, config) // 4, dtype=torch.float32,
+                              device=q.device)
+    elif not deterministic:
+        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        config = configs.backward_kv
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, CAUSAL=causal, DROPOUT=dropout_p > 0)
-    config = configs.backward_kv if deterministic else configs.backward_kv_atomic
+    shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, CAUSAL=causal)
     kv_kernel = _attention_bwd_kv_kernel if q_len > 1 else _attention_bwd_kv_one_query_kernel
     launch(kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
-           dk, dv, key_start, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
+           dk, dv, key_start, dq_part, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-           **shared)
+           DROPOUT=dropout_p > 0, WGMMA=_has_wgmma(q), **shared)
     if dq_sum is not None:
-        return dq_sum.to(q.dtype), dk, dv
+        return (dq_sum * scale).to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if dq_part is not None:
+        launch(_attention_bwd_dq_reduce_kernel, (cdiv(q_len, config.block_m), batch * heads), dq_part, dq,
+               key_start, heads, q_len, k_len, scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **shared)
+        return dq, dk, dv
     config = configs.backward_q
     launch(_attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta,
            dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
-           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, **shared)
+           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, DROPOUT=dropout_p > 0,
+           **shared)
     return dq, dk, dv
 
 

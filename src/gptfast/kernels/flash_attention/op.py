@@ -94,10 +94,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     are hidden and the causal diagonal ends at key_end[b] (decoding into a cache allocated at full
     length, whose length is a tensor). Queries that see no key output zeros.
 
-    ``deterministic=False`` lets the Triton backward add dQ up with atomics instead of a second
-    kernel that recomputes the scores (as FlashAttention-2 does): faster, but dQ may differ in its
-    last bits from run to run, so a resumed training run is no longer bitwise the same. The eager
-    path ignores it (see ``torch.use_deterministic_algorithms``).
+    ``deterministic=False`` lets the Triton backward, where its float32 dQ workspace would pass
+    ``launch.DQ_WORKSPACE_LIMIT`` (long sequences), add dQ up with atomics instead of a kernel that
+    recomputes the scores: faster, but dQ may differ in its last bits from run to run, so a resumed
+    training run is no longer bitwise the same. The eager path ignores it (see
+    ``torch.use_deterministic_algorithms``).
     """
     _check_inputs(q, k, v, causal, dropout_p, key_start, key_end)
     if backend.route(flash_attention, q, k, v, causal, dropout_p, scale, key_start, key_end, deterministic):

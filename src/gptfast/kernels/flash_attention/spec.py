@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import backend, benchmark, spec
 from ..common import cdiv
+from . import launch
 from .launch import launch_backward, launch_forward
 from .op import flash_attention
 from .reference import attention_reference
@@ -108,9 +109,13 @@ TUNABLES = {
     "attention_fwd": spec.Tunable(_FIELDS, "forward"),
     # The forward with dropout or key_start (--option dropout_p=... or key_start=true): its own entry.
     "attention_fwd_masked": spec.Tunable(_FIELDS, "forward_masked"),
+    # The dK/dV kernel that also writes dQ (and the dQ sum's tiles): the backward wherever its float32
+    # workspace fits (launch.DQ_WORKSPACE_LIMIT).
+    "attention_bwd_kv_dq": spec.Tunable(_FIELDS, "backward_kv_dq"),
+    # The same with dropout or key_start (--option dropout_p=... or key_start=true): its own entry.
+    "attention_bwd_kv_dq_masked": spec.Tunable(_FIELDS, "backward_kv_dq_masked"),
+    # The backward beyond it: the dK/dV kernel alone, then the dQ kernel (deterministic=True).
     "attention_bwd_kv": spec.Tunable(_FIELDS, "backward_kv"),
-    # The same kernel with deterministic=False (--option deterministic=false): its own table entry.
-    "attention_bwd_kv_atomic": spec.Tunable(_FIELDS, "backward_kv_atomic"),
     "attention_bwd_q": spec.Tunable(_FIELDS, "backward_q"),
 }
 
@@ -178,10 +183,14 @@ def _decode_tiles(args: dict, grid: tuple) -> int:
 MODELS = {
     "attention_fwd": spec.KernelModel(_tiles(key_span_tiles, False), matmuls=2, masked=_tiles(key_span_tiles, True)),
     "attention_bwd_delta": spec.KernelModel(elements=lambda a: a["BLOCK_M"] * a["HEAD_DIM_PAD"]),
-    # With deterministic=False (DQ_SUM) it also computes each tile's dQ, a fifth product.
+    # With a dQ workspace (DQ_PART) or atomics (DQ_SUM) it also computes each tile's dQ, a fifth product.
     "attention_bwd_kv": spec.KernelModel(_tiles(query_span_tiles, False),
-                                         matmuls=lambda a: 4 if a["DQ_SUM"] is None else 5,
+                                         matmuls=lambda a: 4 if a["DQ_PART"] is None and a["DQ_SUM"] is None else 5,
                                          masked=_tiles(query_span_tiles, True)),
+    # Its loop adds one key block's (HEAD_DIM_PAD x BLOCK_M) partial dQ: as many as the dK/dV kernel's tiles.
+    "attention_bwd_dq_reduce": spec.KernelModel(lambda a, grid: sum(_tiles(query_span_tiles, m)(a, grid)
+                                                                    for m in (False, True)),
+                                                elements=lambda a: a["BLOCK_M"] * a["HEAD_DIM_PAD"]),
     "attention_bwd_q": spec.KernelModel(_tiles(key_span_tiles, False), matmuls=3, masked=_tiles(key_span_tiles, True)),
     "attention_decode": spec.KernelModel(_decode_tiles, matmuls=2),
 }
@@ -192,10 +201,8 @@ TUNE_CANDIDATES = (("shipped",)
                    + tuple(f"attention_fwd:BLOCK_M={m},BLOCK_N={n},num_warps={w},num_stages={s}"
                            for m, n, w, s in ((128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
                                               (128, 32, 8, 3)))
-                   + tuple(f"attention_bwd_kv:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
-                           for m, n, w in ((64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 128, 8)))
-                   + tuple(f"attention_bwd_q:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
-                           for m, n, w in ((64, 64, 4), (128, 64, 8), (64, 32, 4))))
+                   + tuple(f"attention_bwd_kv_dq:BLOCK_M={m},BLOCK_N={n},num_warps={w}"
+                           for m, n, w in ((64, 64, 4), (32, 64, 4), (64, 128, 8), (16, 128, 8))))
 
 
 def _save_tuned(shape: tuple, dtype: torch.dtype, overrides: dict, note: str, path: Path | None) -> str:
@@ -218,6 +225,27 @@ def _save_tuned(shape: tuple, dtype: torch.dtype, overrides: dict, note: str, pa
 
 TOKENS, WIDTH = 16384, 2048
 BACKWARD_WORK = 2.5  # the backward's FLOPs over the forward's
+
+
+def _without_dq_workspace(deterministic: bool):
+    """Causal attention whose Triton backward runs as beyond the dQ workspace's limit
+    (``launch.without_dq_workspace``): atomics (not ``deterministic``) or the dQ kernel."""
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            out, lse = launch.launch_forward(q, k, v, True, 0.0, scale, None, None, None, configs_for(q))
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out: torch.Tensor):
+            q, k, v, out, lse = ctx.saved_tensors
+            with launch.without_dq_workspace():
+                return launch.launch_backward(grad_out.contiguous(), q, k, v, out, lse, True, 0.0,
+                                              1.0 / math.sqrt(q.shape[-1]), None, None, deterministic, configs_for(q))
+
+    return Attention.apply
 
 
 def _sdpa(sdpa_backend: SDPBackend, causal: bool = True):
@@ -266,9 +294,10 @@ def _benchmarks() -> tuple[benchmark.KernelBench, ...]:
         headline=_size(1024, 64),
         providers={
             "triton": benchmark.triton_backend(lambda q, k, v: flash_attention(q, k, v, causal=True)),
-            # deterministic=False: dQ added up by atomics in the dK/dV kernel (the backward differs only)
-            "triton/atomic-dq": benchmark.triton_backend(lambda q, k, v: flash_attention(q, k, v,
-                                                                                         deterministic=False)),
+            # The backward's paths beyond the dQ workspace's limit, forced at every size: dQ added up by
+            # atomics in the dK/dV kernel (deterministic=False), or by its own kernel (the backward differs only)
+            "triton/atomic-dq": benchmark.triton_backend(_without_dq_workspace(deterministic=False)),
+            "triton/dq-kernel": benchmark.triton_backend(_without_dq_workspace(deterministic=True)),
             "sdpa-flash": benchmark.eager(_sdpa(SDPBackend.FLASH_ATTENTION)),
             "sdpa-math": benchmark.eager(_sdpa(SDPBackend.MATH)),
         },

@@ -36,9 +36,10 @@ class AttentionConfigs:
 
     forward: BlockConfig
     forward_masked: BlockConfig  # the forward with dropout or key_start: their masks take registers
-    backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks
-    backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks
-    backward_kv_atomic: BlockConfig  # the dK/dV kernel adding dQ up too (deterministic=False)
+    backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks (dK, dV)
+    backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks (dQ)
+    backward_kv_dq: BlockConfig  # the dK/dV kernel computing dQ too (and the sum of its partials)
+    backward_kv_dq_masked: BlockConfig  # the same with dropout or key_start: their masks take registers
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ConfigTable:
 # Under the interpreter tiles are small and unequal, so that short test sequences cross many block
 # boundaries and both the masked and the unmasked loops run.
 INTERPRETER_CONFIGS = AttentionConfigs(BlockConfig(32, 16), BlockConfig(32, 16), BlockConfig(16, 32),
-                                       BlockConfig(32, 16), BlockConfig(16, 32))
+                                       BlockConfig(32, 16), BlockConfig(16, 32), BlockConfig(16, 32))
 # The tables, with the shared memory one block may use where they apply (the opt-in maximum):
 # A100-class parts (8.0, 8.7); the smaller Ampere and Ada parts (8.6, 8.9: RTX 30xx/40xx, A10, L4,
 # L40S) and any other part with less shared memory; Hopper (9.0, and later parts with as much).
