@@ -380,8 +380,9 @@ def _pack(ctx: Context) -> dict:
 # activation checkpointing (train-ac, 35 s), six cases, GPT-2 124M's three at about 3 s each (its kernels
 # are in the cache the train stage left), gpt2-xl's at about 5 s each (built on the GPU, a first step, two
 # seconds of timed steps); the kernel choices (train-choices, 22 s), GPT-2 124M's step with each of four
-# choices changed after the default's, about 3 s a case (the cache prepared every kernel). A case the
-# budget does not reach is recorded as skipped.
+# choices changed after the default's, about 3 s a case, more for the attention paths beyond the dQ
+# workspace, which the prepared cache lacks (compiled on their first call). A case the budget does not
+# reach is recorded as skipped.
 # In the CPU rehearsal (tiny sizes, the interpreter) a stage's process takes seconds to start (torch's
 # import) and its deadline is its budget less KILL_GRACE_S, so every stage is given enough to run: the
 # tune stage its start, a `lab tune` process's start (MIN_STAGE_S at least) and RESERVE_S; the pack,

@@ -8,6 +8,7 @@ dtypes round the probabilities and dS before their matrix products). Under the i
 conversions round to nearest, as on a GPU (``interpreter_bf16_rounding``).
 """
 
+import contextlib
 import importlib
 import math
 
@@ -268,16 +269,20 @@ def test_dq_is_finite_when_every_score_is_very_negative(limit, monkeypatch):
     (False, None, ["delta", "kv", "dq_reduce"], "DQ_PART"),
     (True, 0, ["delta", "kv", "q"], None),
     (False, 0, ["delta", "kv"], "DQ_SUM"),
+    (True, "without", ["delta", "kv", "q"], None),
+    (False, "without", ["delta", "kv"], "DQ_SUM"),
 ])
 def test_backward_kernels(deterministic, limit, kernels, dq_argument, monkeypatch):
     """Where the workspace fits, either flag: the dK/dV kernel writes a float32 partial dQ per key block
-    (key block, batch x head, head_dim, q_len) and the sum kernel adds them up; beyond it, the dQ kernel
-    (deterministic) or atomics into a float32 dQ, no third kernel."""
-    if limit is not None:
+    (key block, batch x head, head_dim, q_len) and the sum kernel adds them up; beyond it (or within
+    ``without_dq_workspace``, as benchmarks force it), the dQ kernel (deterministic) or atomics into a
+    float32 dQ, no third kernel."""
+    if isinstance(limit, int):
         monkeypatch.setattr(fa_launch, "DQ_WORKSPACE_LIMIT", limit)
     q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
     out, lse = fa_launch._forward(q, k, v, True, 0.0, 0.2, None, None)
-    with common.capture_launches() as launches:
+    forced = fa_launch.without_dq_workspace() if limit == "without" else contextlib.nullcontext()
+    with common.capture_launches() as launches, forced:
         fa_launch._backward(torch.randn_like(out), q, k, v, out, lse, True, 0.0, 0.2, None, None, deterministic)
     assert [launch.kernel.fn.__name__ for launch in launches] == [f"_attention_bwd_{name}_kernel" for name in kernels]
     names = fa_kernels._attention_bwd_kv_kernel.arg_names
@@ -288,6 +293,14 @@ def test_backward_kernels(deterministic, limit, kernels, dq_argument, monkeypatc
     shapes = {"DQ_PART": (2 * rows * 32,), "DQ_SUM": q.shape}
     if dq_argument:
         assert given[dq_argument].dtype == torch.float32 and given[dq_argument].shape == shapes[dq_argument]
+
+
+def test_causal_backward_with_more_queries_than_keys_is_refused():
+    """The partial-dQ workspace's layout assumes every query sees a key, as the public op does."""
+    q, k = torch.randn(1, 1, 8, 16), torch.randn(1, 1, 4, 16)
+    lse = torch.zeros(1, 1, 8)
+    with pytest.raises(ValueError, match="q_len 8, k_len 4"):
+        fa_launch.launch_backward(q, q, k, k, q, lse, True, 0.0, 0.25, None, None, True, fa.INTERPRETER_CONFIGS)
 
 
 def test_model_with_atomic_dq_matches_the_deterministic_model():

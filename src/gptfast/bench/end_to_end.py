@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 from gptfast import kernels
 from gptfast.activation_checkpointing import apply_activation_checkpointing
 from gptfast.generation import generate
+from gptfast.kernels.cross_entropy import two_passes
 from gptfast.kernels.flash_attention.launch import without_dq_workspace
 from gptfast.kernels.linear_bias_gelu import choose_mlp_gelu
 from gptfast.model import GPT, GPTConfig
@@ -108,18 +108,19 @@ AC_PROVIDERS = ("triton", "triton/ac-selective", "triton/ac-full")
 AC_SIZES = {"full": (_GPT2, TrainSize("gpt2-xl", batch=8, context=1024, vocab_multiple=64)),
             "small": (TrainSize("tiny", batch=1, context=16, n_layer=1, vocab_size=64),)}  # three interpreted steps
 
-# Kernel choices: each provider changes one choice from the default ("triton"), on GPT-2 124M: the MLP on
-# mlp_gelu; the fused head's cross-entropy in two kernels (the losses, then the gradients: the logits read
-# twice) instead of the one-pass kernel; attention's backward without its partial-dQ workspace, dQ by its
-# own kernel (deterministic) or added up by atomics (with deterministic_attention off, below).
+# Kernel choices: each changes one choice from the default ("triton"), on GPT-2 124M: the MLP on mlp_gelu;
+# the fused head's cross-entropy in two kernels (the losses, then the gradients: the logits read twice)
+# instead of the one-pass kernel; attention's backward without its partial-dQ workspace, dQ by its own
+# kernel (deterministic) or added up by atomics. Each: the context the step runs in, the GPTConfig fields
+# it changes.
 CHOICE_GROUP = "train-choices"
-CHOICE_PROVIDERS = ("triton", "triton/mlp-fused", "triton/two-pass-ce", "triton/attn-dq-kernel", "triton/attn-atomic")
-KERNEL_CHOICES: dict[str, Callable[[], AbstractContextManager]] = {
-    "mlp-fused": lambda: choose_mlp_gelu(True),
-    "two-pass-ce": importlib.import_module("gptfast.kernels.cross_entropy").two_passes,  # the module's, not the op
-    "attn-dq-kernel": without_dq_workspace,
-    "attn-atomic": without_dq_workspace,
+KERNEL_CHOICES: dict[str, tuple[Callable[[], AbstractContextManager], dict]] = {
+    "mlp-fused": (lambda: choose_mlp_gelu(True), {}),
+    "two-pass-ce": (two_passes, {}),
+    "attn-dq-kernel": (without_dq_workspace, {}),
+    "attn-atomic": (without_dq_workspace, {"deterministic_attention": False}),
 }
+CHOICE_PROVIDERS = ("triton", *(f"triton/{option}" for option in KERNEL_CHOICES))
 CHOICE_SIZES = {"full": (_GPT2,), "small": AC_SIZES["small"]}
 # The groups whose steps each change one thing from "triton": their providers and sizes.
 AGAINST_DEFAULT = {AC_GROUP: (AC_PROVIDERS, AC_SIZES), CHOICE_GROUP: (CHOICE_PROVIDERS, CHOICE_SIZES)}
@@ -138,8 +139,8 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Cal
     backend, _, option = variant.partition("/")
     gc.collect()  # the previous case's model, before this one's peak memory is measured
     torch.manual_seed(0)
-    config = dataclasses.replace(size.config(), fused_lm_head=option != "unfused-head",
-                                 deterministic_attention=option != "attn-atomic")
+    choice, choice_fields = KERNEL_CHOICES.get(option, (nullcontext, {}))
+    config = dataclasses.replace(size.config(), fused_lm_head=option != "unfused-head", **choice_fields)
     with device:  # built where it trains: initialising gpt2-xl on the CPU would take most of a stage
         model = GPT(config).train()
     apply_activation_checkpointing(model, option.removeprefix("ac-") if option.startswith("ac-") else "none")
@@ -150,8 +151,6 @@ def make_train_step(provider: str, size: TrainSize, device: torch.device) -> Cal
     forward = torch.compile(model) if compile_flag else model
     tokens = torch.randint(0, config.vocab_size, (size.batch, size.context + 1), device=device)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
-
-    choice = KERNEL_CHOICES.get(option, nullcontext)
 
     def step() -> None:
         with kernels.use_backend(backend), choice():

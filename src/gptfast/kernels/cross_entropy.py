@@ -46,7 +46,6 @@ copy that slicing the logits would cost in the backward.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,18 +71,19 @@ _HELD_PART_COLUMNS, _HELD_WARPS = 4096, 16
 _STREAMED_BLOCK_V, _STREAMED_WARPS = 8192, 16
 
 
-_one_pass = threading.local()  # .enabled: False within two_passes()
+_two_passes = False  # True within two_passes()
 
 
 @contextlib.contextmanager
 def two_passes() -> Iterator[None]:
     """Within the block, gradients wanted with the losses take two kernels (the losses, then the
     gradients: the logits read twice) instead of the one-pass kernel: to measure one against the other."""
-    previous, _one_pass.enabled = getattr(_one_pass, "enabled", True), False
+    global _two_passes
+    before, _two_passes = _two_passes, True
     try:
         yield
     finally:
-        _one_pass.enabled = previous
+        _two_passes = before
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
@@ -146,12 +146,18 @@ def _row_statistics(row_ptr, n_classes, BLOCK_V: tl.constexpr, SMOOTHING: tl.con
 
 
 @jit
-def _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight,
-              SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
-    """The row's loss from its statistics. The target's logit is one scalar load; a target outside
-    [0, n_classes) gives NaN, not a wild read."""
+def _target_logit(row_ptr, target, n_classes):
+    """The target's logit, one scalar load; a target outside [0, n_classes) gives NaN, not a wild read.
+    A kernel that overwrites its row loads it before the row's reductions: their barriers then order
+    every warp's load before any warp's store."""
     in_range = (target >= 0) & (target < n_classes)
-    picked = tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
+    return tl.load(row_ptr + target, mask=in_range, other=float("nan")).to(tl.float32)
+
+
+@jit
+def _row_loss(picked, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING: tl.constexpr,
+              Z_LOSS: tl.constexpr):
+    """The row's loss from its statistics and the target's logit ``picked``."""
     loss = (m - picked) + log_sum  # lse - x[target], with the log-sum added last
     if SMOOTHING:  # (1 - e) * nll + e * (lse - mean(x)), as F.cross_entropy's label_smoothing
         loss = (1.0 - smoothing) * loss + smoothing * (log_sum - mean_minus_max)
@@ -170,7 +176,8 @@ def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, stats_ptr, n_classes, 
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_sum)
     target = tl.load(targets_ptr + row).to(tl.int64)
-    loss = _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING, Z_LOSS)
+    loss = _row_loss(_target_logit(row_ptr, target, n_classes), m, log_sum, mean_minus_max, smoothing, z_weight,
+                     SMOOTHING, Z_LOSS)
     tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
 
 
@@ -258,8 +265,8 @@ def _write_held_gradient(x, cols, drow_ptr, target, scale, m, log_sum, weights, 
 
 
 @jit
-def _held_loss_and_gradient(row_ptr, drow_ptr, loss_row_ptr, target, scale, n_classes, n_cols, smoothing, z_weight,
-                            BLOCK_V: tl.constexpr, PART_B: tl.constexpr, PART_C: tl.constexpr,
+def _held_loss_and_gradient(row_ptr, drow_ptr, loss_row_ptr, target, picked, scale, n_classes, n_cols, smoothing,
+                            z_weight, BLOCK_V: tl.constexpr, PART_B: tl.constexpr, PART_C: tl.constexpr,
                             SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr):
     """Write the row's loss (0 where scale is 0: an ignored row) to loss_row_ptr, then its gradient: the
     row (BLOCK_V >= n_cols columns) loaded once into registers, in parts of BLOCK_V - PART_B - PART_C,
@@ -282,8 +289,7 @@ def _held_loss_and_gradient(row_ptr, drow_ptr, loss_row_ptr, target, scale, n_cl
         s_c, x_sum_c = _held_sums(x_c, cols_c, m, n_classes, SMOOTHING)
         s, x_sum = s + s_c, x_sum + x_sum_c
     log_sum = tl.log(s)
-    loss = _row_loss(row_ptr, target, n_classes, m, log_sum, x_sum / n_classes, smoothing, z_weight, SMOOTHING,
-                     Z_LOSS)
+    loss = _row_loss(picked, m, log_sum, x_sum / n_classes, smoothing, z_weight, SMOOTHING, Z_LOSS)
     tl.store(loss_row_ptr, tl.where(scale == 0.0, 0.0, loss))
     weights = _grad_weights(m, log_sum, n_classes, smoothing, z_weight, SMOOTHING, Z_LOSS)
     _write_held_gradient(x_a, cols_a, drow_ptr, target, scale, m, log_sum, weights, n_classes, n_cols, SMOOTHING)
@@ -307,13 +313,13 @@ def _cross_entropy_one_pass(logits_ptr, targets_ptr, loss_ptr, dlogits_ptr, n_cl
     drow_ptr = dlogits_ptr + row * stride_drow
     target = tl.load(targets_ptr + row).to(tl.int64)
     scale = tl.where(target == ignore_index, 0.0, 1.0)
+    picked = _target_logit(row_ptr, target, n_classes)  # before the reductions: the row is overwritten after
     if RESIDENT:
-        _held_loss_and_gradient(row_ptr, drow_ptr, loss_ptr + row, target, scale, n_classes, n_cols, smoothing,
-                                z_weight, BLOCK_V, PART_B, PART_C, SMOOTHING, Z_LOSS)
+        _held_loss_and_gradient(row_ptr, drow_ptr, loss_ptr + row, target, picked, scale, n_classes, n_cols,
+                                smoothing, z_weight, BLOCK_V, PART_B, PART_C, SMOOTHING, Z_LOSS)
     else:
         m, log_sum, mean_minus_max = _row_statistics(row_ptr, n_classes, BLOCK_V, SMOOTHING)
-        loss = _row_loss(row_ptr, target, n_classes, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING,
-                         Z_LOSS)
+        loss = _row_loss(picked, m, log_sum, mean_minus_max, smoothing, z_weight, SMOOTHING, Z_LOSS)
         tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
         _write_row_gradient(row_ptr, drow_ptr, target, scale, m, log_sum, n_classes, n_cols, smoothing, z_weight,
                             BLOCK_V, SMOOTHING, Z_LOSS)
@@ -344,7 +350,7 @@ def every_config() -> dict[str, tuple[ChunkConfig, ...]]:
 def one_pass_config(n_cols: int) -> ChunkConfig | None:
     """The one-pass kernel's configuration for rows of ``n_cols``: the whole row in registers up to
     ONE_PASS_RESIDENT_COLUMNS, else streamed twice in chunks; None within :func:`two_passes`."""
-    if not getattr(_one_pass, "enabled", True):
+    if _two_passes:
         return None
     block_v = next_power_of_2(max(n_cols, _RESIDENT_PER_WARP))  # narrower rows: one warp, masked
     if block_v <= _WHOLE_BLOCK_COLUMNS:

@@ -365,8 +365,8 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART
                     else:  # whole query blocks: no mask
                         tl.store(part, dq_t)
                 else:
-                    tl.atomic_add(DQ_SUM + rows[None, :] * HEAD_DIM + dims[:, None], dq_t, mask=dq_mask,
-                                  sem="relaxed")
+                    tl.atomic_add(DQ_SUM + rows[None, :] * HEAD_DIM + dims[:, None], dq_t * scale, mask=dq_mask,
+                                  sem="relaxed")  # scaled here: dQ is then only converted
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     dk = dk * scale

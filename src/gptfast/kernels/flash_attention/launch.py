@@ -115,20 +115,22 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
 # The most float32 partial dQ the 5-product backward may allocate (each key block's, over the query
 # rows it sees: ``dq_workspace_rows``); a larger one, or a configuration whose BLOCK_N is not a multiple
 # of its BLOCK_M (the workspace's layout), falls back to the dQ kernel (deterministic) or to atomics.
-# GPT-2 124M's layer (batch 16, 12 heads, 1024 tokens, head dim 64, causal): 216 MiB.
+# GPT-2 124M's layer (batch 16, 12 heads, 1024 tokens, head dim 64, causal): 216 MiB with sm_90's 128-key
+# blocks, 408 MiB with sm_80's 64.
 DQ_WORKSPACE_LIMIT = 1 << 30
+_no_dq_workspace = False  # True within without_dq_workspace()
 
 
 @contextmanager
 def without_dq_workspace() -> Iterator[None]:
     """Within the block, every backward runs as beyond ``DQ_WORKSPACE_LIMIT`` (its dQ by the dQ kernel,
     or by atomics where not ``deterministic``): how benchmarks time those paths at any size."""
-    global DQ_WORKSPACE_LIMIT
-    limit, DQ_WORKSPACE_LIMIT = DQ_WORKSPACE_LIMIT, 0
+    global _no_dq_workspace
+    before, _no_dq_workspace = _no_dq_workspace, True
     try:
         yield
     finally:
-        DQ_WORKSPACE_LIMIT = limit
+        _no_dq_workspace = before
 
 
 def dq_workspace_rows(q_len: int, k_len: int, causal: bool, config: BlockConfig) -> int:
@@ -166,6 +168,9 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     atomics in the dK/dV kernel into a zeroed float32 dQ (the order, so dQ's last bits, vary)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
+    if causal and q_len > k_len:  # the workspace's layout (and the public op) assume every query has keys
+        raise ValueError(f"causal attention's backward needs at least as many keys as queries: q_len {q_len}, "
+                         f"k_len {k_len}")
     dim_pad = head_dim_pad(head_dim)
     seed_value = _seed_value(seed)
     delta = torch.empty_like(lse)
@@ -174,9 +179,9 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
            *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
     config = configs.backward_kv_dq_masked if dropout_p > 0 or key_start is not None else configs.backward_kv_dq
     dq_part = dq_sum = None
-    if config.block_n % config.block_m == 0 and dq_workspace_bytes(q, k_len, causal, config) <= DQ_WORKSPACE_LIMIT:
-        dq_part = torch.empty(dq_workspace_bytes(q, k_len, causal, config) // 4, dtype=torch.float32,
-                              device=q.device)
+    workspace = dq_workspace_bytes(q, k_len, causal, config) if config.block_n % config.block_m == 0 else None
+    if workspace is not None and workspace <= DQ_WORKSPACE_LIMIT and not _no_dq_workspace:
+        dq_part = torch.empty(workspace // 4, dtype=torch.float32, device=q.device)
     elif not deterministic:
         dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
@@ -191,7 +196,7 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
            DROPOUT=dropout_p > 0, WGMMA=_has_wgmma(q), **shared)
     if dq_sum is not None:
-        return (dq_sum * scale).to(q.dtype), dk, dv
+        return dq_sum.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if dq_part is not None:
         launch(_attention_bwd_dq_reduce_kernel, (cdiv(q_len, config.block_m), batch * heads), dq_part, dq,
