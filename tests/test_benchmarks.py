@@ -21,6 +21,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = "full" if DEVICE.type == "cuda" else "small"
 TIMING = {} if DEVICE.type == "cuda" else dict(warmup_ms=0.0, rep_ms=5.0)  # the CPU runs check the code only
 TASKS = report.tasks(report.Settings(sizes=SIZES, **TIMING), DEVICE)
+# On a CPU, cases whose code other tests run already, left out for the suite's time (seconds each in the
+# interpreter): the compiled model on the Triton kernels, by test_flash_attention.py's
+# test_torch_compile_fullgraph_model (the harness's compile path stays in torch+compile's case).
+CPU_COVERED_ELSEWHERE = {("train", "triton+compile")}
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +34,8 @@ def ceilings():
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda task: str(task).replace(" ", "-"))
 def test_benchmark(benchmark, ceilings, task):
+    if DEVICE.type == "cpu" and (task.group, task.provider) in CPU_COVERED_ELSEWHERE:
+        pytest.skip("run on a CPU by test_flash_attention.py::test_torch_compile_fullgraph_model")
     record = benchmark.pedantic(task.measure, rounds=1, iterations=1)
     if record.status == UNAVAILABLE:
         pytest.skip(record.note)
