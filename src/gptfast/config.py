@@ -175,8 +175,8 @@ class TrainConfig:
         "compute", group="run", choices=ACTIVATION_CHECKPOINTING_MODES)
     deterministic: bool = option(
         True, help="attention's backward adds dQ up with atomics (Triton) where its dQ workspace would pass 1 GiB "
-        "(long sequences): faster there, but gradients vary in their last bits run to run, so a resumed run is no "
-        "longer bitwise the same", group="run", flag="--nondeterministic")
+        "(long sequences): 5 matmuls per score instead of 7 there, but gradients vary in their last bits run to "
+        "run, so a resumed run is no longer bitwise the same", group="run", flag="--nondeterministic")
     sample_tokens: int = option(300, help="tokens to generate at the end; 0: none", group="run", check=non_negative)
     sample_prompt: str = option("\n", help="prompt of the final sample", group="run", default_help="a line break")
     backend: str = option("auto", help="kernel backend, as `gptfast --backend`", group="run",

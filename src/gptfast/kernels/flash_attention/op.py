@@ -96,8 +96,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
     ``deterministic=False`` lets the Triton backward, where its float32 dQ workspace would pass
     ``launch.DQ_WORKSPACE_LIMIT`` (long sequences), add dQ up with atomics instead of a kernel that
-    recomputes the scores: faster, but dQ may differ in its last bits from run to run, so a resumed
-    training run is no longer bitwise the same. The eager path ignores it (see
+    recomputes the scores (5 matmuls per score instead of 7), but dQ may differ in its last bits from
+    run to run, so a resumed training run is no longer bitwise the same. The eager path ignores it (see
     ``torch.use_deterministic_algorithms``).
     """
     _check_inputs(q, k, v, causal, dropout_p, key_start, key_end)
