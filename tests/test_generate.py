@@ -420,30 +420,37 @@ def counting_compiled_steps(monkeypatch) -> list[int]:
     return calls
 
 
-def test_256_compiled_decode_steps_compile_once_and_equal_eager(monkeypatch):
+@pytest.fixture(scope="module")
+def long_compiled_run():
+    """257 greedy tokens of 3 prompts through the compiled step, compiled afresh (no graph or code of an
+    earlier test): the step's calls, the graphs compiled, the tokens, the code inductor generated and the
+    model. One compilation for the two tests below."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
     torch._dynamo.reset()  # the recompilation limit counts every earlier test's graphs too
     model = make_model(context_length=264, dtype=torch.float32)
-    calls = counting_compiled_steps(monkeypatch)
-    prompt = prompts_of([4])[0]
-    before = unique_graphs()
-    compiled = generate(model, [prompt], 257, temperature=0, compile=True)[0]
-    assert len(calls) == 256  # the prefill's token, then 256 replays of the step
-    assert unique_graphs() - before == 1
-    assert compiled == generate(model, [prompt], 257, temperature=0)[0]
+    prompts = prompts_of([4] * 3)
+    with pytest.MonkeyPatch.context() as monkeypatch, fresh_cache():
+        calls = counting_compiled_steps(monkeypatch)
+        before = unique_graphs()
+        tokens, code = run_and_get_code(generate, model, prompts, 257, temperature=0, compile=True)
+        graphs = unique_graphs() - before
+    return dict(calls=calls, graphs=graphs, tokens=tokens, code=code, model=model, prompts=prompts)
 
 
-def test_compiled_decode_step_updates_the_cache_in_place():
+def test_256_compiled_decode_steps_compile_once_and_equal_eager(long_compiled_run):
+    run = long_compiled_run
+    assert run["calls"] == [3] * 256  # the prefill's token, then 256 replays of the step
+    assert run["graphs"] == 1
+    assert run["tokens"] == generate(run["model"], run["prompts"], 257, temperature=0)
+
+
+def test_compiled_decode_step_updates_the_cache_in_place(long_compiled_run):
     """The compiled step writes each new key and value into the cache, not into a copy of it: no
     generated kernel runs over a whole layer's keys (cache tensors that were views of one tensor cost
     a copy of every layer's keys and values per token: 4.5x slower at batch 16 on a CPU)."""
-    from torch._inductor.utils import fresh_cache, run_and_get_code
-
-    torch._dynamo.reset()
-    model = make_model(context_length=250, dtype=torch.float32)
-    prompts = prompts_of([4] * 3)
-    with fresh_cache():
-        _, code = run_and_get_code(generate, model, prompts, 3, temperature=0, compile=True)
-    layer_keys = 3 * model.config.n_head * 250 * model.config.head_dim  # 24000 elements
+    model, code = long_compiled_run["model"], long_compiled_run["code"]
+    layer_keys = 3 * model.config.n_head * model.config.context_length * model.config.head_dim  # 25344 elements
     assert code and not [c for c in code if str(layer_keys) in c]
 
 
