@@ -17,10 +17,10 @@ from gptfast.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer
 VOCAB = 97
 
 
-def make_model(context_length: int = 24, dtype: torch.dtype = torch.float64, seed: int = 0) -> GPT:
+def make_model(context_length: int = 24, dtype: torch.dtype = torch.float64, seed: int = 0, n_layer: int = 2) -> GPT:
     """A tiny untied GPT whose large random weights give varied (not repetitive) greedy text."""
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, context_length=context_length,
+    config = GPTConfig(vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_embd=32, context_length=context_length,
                        tie_weights=False)
     model = GPT(config)
     with torch.no_grad():
@@ -398,7 +398,8 @@ def test_cli_generate_checks_arguments_before_printing(tmp_path, capsys):
     assert out.err.strip() == "gptfast generate: error: top_k must be a positive integer, got 0"
 
 
-# Compiled decoding: one static-shape step, compiled once per batch size, replayed for every token.
+# Compiled decoding: one static-shape step, compiled once per batch size, replayed for every token. The models
+# have one layer: a layer more is more to compile (seconds a test), not another path.
 
 def unique_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -428,7 +429,7 @@ def long_compiled_run():
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
     torch._dynamo.reset()  # the recompilation limit counts every earlier test's graphs too
-    model = make_model(context_length=264, dtype=torch.float32)
+    model = make_model(context_length=264, dtype=torch.float32, n_layer=1)
     prompts = prompts_of([4] * 3)
     with pytest.MonkeyPatch.context() as monkeypatch, fresh_cache():
         calls = counting_compiled_steps(monkeypatch)
@@ -455,7 +456,7 @@ def test_compiled_decode_step_updates_the_cache_in_place(long_compiled_run):
 
 
 def test_compiled_greedy_equals_eager_and_the_seeds_loop(monkeypatch):
-    model = make_model()
+    model = make_model(n_layer=1)
     calls = counting_compiled_steps(monkeypatch)
     prompts = prompts_of([1, 6, 9])
     n = model.config.context_length - 9
@@ -469,7 +470,7 @@ def test_compiled_greedy_equals_eager_and_the_seeds_loop(monkeypatch):
 def test_compiled_prefill_of_a_long_prompt_runs_on_the_triton_backend():
     """The prefill of a static cache goes through the attention kernels as a plain cache does, so a
     prompt of more queries than the decode path takes (16) works on the "triton" backend."""
-    model = make_model(context_length=32, dtype=torch.float32)
+    model = make_model(context_length=32, dtype=torch.float32, n_layer=1)
     prompt = prompts_of([20])[0]
     with kernels.use_backend("triton"):
         compiled = generate(model, [prompt], 3, temperature=0, compile=True)[0]
@@ -478,7 +479,7 @@ def test_compiled_prefill_of_a_long_prompt_runs_on_the_triton_backend():
 
 def test_compiled_window_slides_past_the_context(monkeypatch):
     """Past the context the cache is reset and refilled eagerly; decoding then replays the step again."""
-    model = make_model(context_length=16)
+    model = make_model(context_length=16, n_layer=1)
     calls = counting_compiled_steps(monkeypatch)
     prompt = prompts_of([1])[0]
     before = unique_graphs()
@@ -491,7 +492,7 @@ def test_compiled_window_slides_past_the_context(monkeypatch):
 
 
 def test_compiled_sampling_is_reproducible_and_stops_at_eos():
-    model = make_model()
+    model = make_model(n_layer=1)
     prompts = prompts_of([3, 5])
     options = dict(temperature=1.0, top_k=20, top_p=0.95, compile=True)
     a = generate(model, prompts, 12, seed=7, **options)
