@@ -478,16 +478,17 @@ def test_compiled_prefill_of_a_long_prompt_runs_on_the_triton_backend():
 
 
 def test_compiled_window_slides_past_the_context(monkeypatch):
-    """Past the context the cache is reset and refilled eagerly; decoding then replays the step again."""
-    model = make_model(context_length=16, n_layer=1)
+    """Past the context the cache is reset and refilled eagerly; decoding then replays the step again.
+    (Three prompts of one token: the step the greedy test above compiled for model.generate, replayed.)"""
+    model = make_model(n_layer=1)
     calls = counting_compiled_steps(monkeypatch)
-    prompt = prompts_of([1])[0]
+    prompts = prompts_of([1, 1, 1])
     before = unique_graphs()
-    out = generate(model, [prompt], 40, temperature=0, compile=True)[0]
-    assert out == simple_greedy(model, prompt, 40)
-    # Eager prefills: the prompt's, then one per slide: the window of 16 keeps 12 at 17, so every 5 steps from step 16.
-    slides = len(range(16, 40, 5))
-    assert len(calls) == 40 - 1 - slides
+    out = generate(model, prompts, 40, temperature=0, compile=True)
+    assert out == [simple_greedy(model, prompt, 40) for prompt in prompts]
+    # Eager prefills: the prompt's, then one per slide: the window of 24 keeps 18 at 25, so every 7 steps from step 24.
+    slides = len(range(24, 40, 7))
+    assert calls == [3] * (40 - 1 - slides)
     assert unique_graphs() - before <= 2  # one graph, and at most one recompile for the slide
 
 
