@@ -36,21 +36,19 @@ CPU_COVERED_ELSEWHERE = {
     ("generate", "triton", "compiled"): "test_generate.py::test_compiled_prefill_of_a_long_prompt_runs_on_the_"
                                         "triton_backend",
 }
-# On a CPU, torch.compile's baseline of each op at its first small size only: at the others it is the same
-# code, compiled again (about 2 s a case).
-COMPILE_BASELINE = "torch.compile"
 
 
 def covered_elsewhere(task: report.Task) -> str | None:
-    """Where a CPU run's case is run by another test, or None (a GPU runs every case)."""
+    """Where a CPU run's case is run by another test, or None (a GPU runs every case). A kernel's cases on a
+    CPU are at its first small size only: at the others they run the same code (torch.compile's compiled
+    again, about 2 s a case), and the kernels' own tests check them at many shapes (tests/test_layer_norm.py,
+    test_flash_attention.py's decode tests, ...)."""
     if DEVICE.type != "cpu":
         return None
-    found = CPU_COVERED_ELSEWHERE.get((task.group, task.provider, task.pass_)) or CPU_COVERED_ELSEWHERE.get(
+    if task.group in report.KERNELS and task.size != report.KERNELS[task.group].sizes(SIZES)[0]:
+        return f"the {task.group} {task.provider} {task.pass_} case at its first size (the shapes: the kernel's tests)"
+    return CPU_COVERED_ELSEWHERE.get((task.group, task.provider, task.pass_)) or CPU_COVERED_ELSEWHERE.get(
         (task.group, task.provider))
-    if found is None and task.provider == COMPILE_BASELINE and task.size != report.KERNELS[task.group].sizes(
-            SIZES)[0]:
-        found = f"the {task.group} {COMPILE_BASELINE} {task.pass_} case at its first size"
-    return found
 
 
 @pytest.fixture(scope="session")
