@@ -10,7 +10,7 @@ The cases run in groups, one process per op and dtype, so that Triton compiles t
 parallel (the compilation, not the checks, takes the time). Each case runs twice: its first call's
 seconds over its second's are its compilation. Every finished case is one JSON line in its group's
 file; the stage gathers them into smoke.json as they come, so a stopped run keeps what it checked.
-The CPU rehearsal runs each op's first odd shape and the model in float32 and lists bfloat16 as
+The CPU rehearsal runs each op's first odd shape and the model in float32, once, and lists bfloat16 as
 skipped (the Triton interpreter truncates bfloat16 where a GPU rounds), in two processes, the ops' and
 the model's: there is no compilation to spread, and a process's start (torch's import) takes seconds.
 """
@@ -155,13 +155,14 @@ def _model_step(model, idx, backend: str, dtype) -> dict:
     return {"loss": loss.detach().float()} | {name: p.grad.float().clone() for name, p in model.named_parameters()}
 
 
-def run_case(case: Case, device) -> dict:
-    """The case twice (first call, then steady): passed, failed (what failed) or error."""
+def run_case(case: Case, device, rehearse: bool = False) -> dict:
+    """The case twice (first call, then steady; the rehearsal's once: the interpreter compiles nothing):
+    passed, failed (what failed) or error."""
     import torch
 
     times = []
     try:
-        for _ in range(2):
+        for _ in range(1 if rehearse else 2):
             start = time.perf_counter()
             found = model_check(case.dtype, device) if case.op == MODEL else op_check(case, device)
             if device.type == "cuda":
@@ -171,8 +172,8 @@ def run_case(case: Case, device) -> dict:
         return {"status": "error", "message": f"{type(error).__name__}: {str(error).strip()[:1200]}",
                 "traceback": traceback.format_exc()[-2000:]}
     failures = found.pop("failures")
-    timing = {"first_s": round(times[0], 3), "steady_s": round(times[1], 3),
-              "compile_s": round(max(0.0, times[0] - times[1]), 3)}
+    timing = {"first_s": round(times[0], 3)} | ({"steady_s": round(times[1], 3), "compile_s": round(
+        max(0.0, times[0] - times[1]), 3)} if len(times) == 2 else {})
     if failures:
         return {"status": "failed", "message": "\n".join(failures[:6]), **timing, **found}
     return {"status": "passed", **timing, **found}
@@ -187,12 +188,12 @@ def run_group(group: str, cases_file: Path, lines: Path, rehearse: bool, deadlin
         if reason is None and time.time() > deadline:
             reason = OUT_OF_TIME
         before = counts.as_dict() if counts else {}
-        found = {"status": reason} if reason else run_case(case, device)
+        found = {"status": reason} if reason else run_case(case, device, rehearse)
         if counts and not reason:
             found["triton"] = {k: round(v - before[k], 1) for k, v in counts.as_dict().items()}
-        print(f"smoke {case.name}: {found['status']}" + (f" ({found['first_s']:.1f} s, then {found['steady_s']:.2f} s)"
-              if found.get("steady_s") is not None else "") + (f"\n  {found['message']}" if "message" in found else ""),
-              flush=True)
+        seconds = ", then ".join(f"{found[k]:.2f} s" for k in ("first_s", "steady_s") if k in found)
+        print(f"smoke {case.name}: {found['status']}" + (f" ({seconds})" if seconds else "")
+              + (f"\n  {found['message']}" if "message" in found else ""), flush=True)
         with lines.open("a") as f:
             f.write(json.dumps({"case": case.name, **found}) + "\n")
 

@@ -22,9 +22,33 @@ SIZES = "full" if DEVICE.type == "cuda" else "small"
 TIMING = {} if DEVICE.type == "cuda" else dict(warmup_ms=0.0, rep_ms=5.0)  # the CPU runs check the code only
 TASKS = report.tasks(report.Settings(sizes=SIZES, **TIMING), DEVICE)
 # On a CPU, cases whose code other tests run already, left out for the suite's time (seconds each in the
-# interpreter): the compiled model on the Triton kernels, by test_flash_attention.py's
-# test_torch_compile_fullgraph_model (the harness's compile path stays in torch+compile's case).
-CPU_COVERED_ELSEWHERE = {("train", "triton+compile")}
+# interpreter or in inductor), with where it runs: (group, provider) or (group, provider, pass).
+CPU_COVERED_ELSEWHERE = {
+    # The compiled model on the Triton kernels (the harness's compile path stays in torch+compile's case).
+    ("train", "triton+compile"): "test_flash_attention.py::test_torch_compile_fullgraph_model",
+    # The model's unfused head on the Triton kernels, forward and backward (the step: train triton's case).
+    ("train", "triton/unfused-head"): "test_linear_cross_entropy.py::test_model_fused_head_equals_the_unfused_head",
+    # Generation without the cache re-runs the Triton model's forward (the harness's no-cache path stays in
+    # torch's case; the triton forward in triton's cache case and test_flash_attention.py's model tests).
+    ("generate", "triton", "no cache"): "test_generate.py::test_greedy_cache_no_cache_and_simple_loop_agree and "
+                                        "the generate triton cache case",
+    # The compiled decode step on the Triton kernels (the harness's compiled path stays in torch's case).
+    ("generate", "triton", "compiled"): "test_generate.py::test_compiled_prefill_of_a_long_prompt_runs_on_the_"
+                                        "triton_backend",
+}
+
+
+def covered_elsewhere(task: report.Task) -> str | None:
+    """Where a CPU run's case is run by another test, or None (a GPU runs every case). A kernel's cases on a
+    CPU are at its first small size only: at the others they run the same code (torch.compile's compiled
+    again, about 2 s a case), and the kernels' own tests check them at many shapes (tests/test_layer_norm.py,
+    test_flash_attention.py's decode tests, ...)."""
+    if DEVICE.type != "cpu":
+        return None
+    if task.group in report.KERNELS and task.size != report.KERNELS[task.group].sizes(SIZES)[0]:
+        return f"the {task.group} {task.provider} {task.pass_} case at its first size (the shapes: the kernel's tests)"
+    return CPU_COVERED_ELSEWHERE.get((task.group, task.provider, task.pass_)) or CPU_COVERED_ELSEWHERE.get(
+        (task.group, task.provider))
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +58,8 @@ def ceilings():
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda task: str(task).replace(" ", "-"))
 def test_benchmark(benchmark, ceilings, task):
-    if DEVICE.type == "cpu" and (task.group, task.provider) in CPU_COVERED_ELSEWHERE:
-        pytest.skip("run on a CPU by test_flash_attention.py::test_torch_compile_fullgraph_model")
+    if (elsewhere := covered_elsewhere(task)) is not None:
+        pytest.skip(f"run on a CPU by {elsewhere}")
     record = benchmark.pedantic(task.measure, rounds=1, iterations=1)
     if record.status == UNAVAILABLE:
         pytest.skip(record.note)

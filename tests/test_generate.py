@@ -17,10 +17,10 @@ from gptfast.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer
 VOCAB = 97
 
 
-def make_model(context_length: int = 24, dtype: torch.dtype = torch.float64, seed: int = 0) -> GPT:
+def make_model(context_length: int = 24, dtype: torch.dtype = torch.float64, seed: int = 0, n_layer: int = 2) -> GPT:
     """A tiny untied GPT whose large random weights give varied (not repetitive) greedy text."""
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, context_length=context_length,
+    config = GPTConfig(vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_embd=32, context_length=context_length,
                        tie_weights=False)
     model = GPT(config)
     with torch.no_grad():
@@ -398,7 +398,8 @@ def test_cli_generate_checks_arguments_before_printing(tmp_path, capsys):
     assert out.err.strip() == "gptfast generate: error: top_k must be a positive integer, got 0"
 
 
-# Compiled decoding: one static-shape step, compiled once per batch size, replayed for every token.
+# Compiled decoding: one static-shape step, compiled once per batch size, replayed for every token. The models
+# have one layer: a layer more is more to compile (seconds a test), not another path.
 
 def unique_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -420,35 +421,42 @@ def counting_compiled_steps(monkeypatch) -> list[int]:
     return calls
 
 
-def test_256_compiled_decode_steps_compile_once_and_equal_eager(monkeypatch):
+@pytest.fixture(scope="module")
+def long_compiled_run():
+    """257 greedy tokens of 3 prompts through the compiled step, compiled afresh (no graph or code of an
+    earlier test): the step's calls, the graphs compiled, the tokens, the code inductor generated and the
+    model. One compilation for the two tests below."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
     torch._dynamo.reset()  # the recompilation limit counts every earlier test's graphs too
-    model = make_model(context_length=264, dtype=torch.float32)
-    calls = counting_compiled_steps(monkeypatch)
-    prompt = prompts_of([4])[0]
-    before = unique_graphs()
-    compiled = generate(model, [prompt], 257, temperature=0, compile=True)[0]
-    assert len(calls) == 256  # the prefill's token, then 256 replays of the step
-    assert unique_graphs() - before == 1
-    assert compiled == generate(model, [prompt], 257, temperature=0)[0]
+    model = make_model(context_length=264, dtype=torch.float32, n_layer=1)
+    prompts = prompts_of([4] * 3)
+    with pytest.MonkeyPatch.context() as monkeypatch, fresh_cache():
+        calls = counting_compiled_steps(monkeypatch)
+        before = unique_graphs()
+        tokens, code = run_and_get_code(generate, model, prompts, 257, temperature=0, compile=True)
+        graphs = unique_graphs() - before
+    return dict(calls=calls, graphs=graphs, tokens=tokens, code=code, model=model, prompts=prompts)
 
 
-def test_compiled_decode_step_updates_the_cache_in_place():
+def test_256_compiled_decode_steps_compile_once_and_equal_eager(long_compiled_run):
+    run = long_compiled_run
+    assert run["calls"] == [3] * 256  # the prefill's token, then 256 replays of the step
+    assert run["graphs"] == 1
+    assert run["tokens"] == generate(run["model"], run["prompts"], 257, temperature=0)
+
+
+def test_compiled_decode_step_updates_the_cache_in_place(long_compiled_run):
     """The compiled step writes each new key and value into the cache, not into a copy of it: no
     generated kernel runs over a whole layer's keys (cache tensors that were views of one tensor cost
     a copy of every layer's keys and values per token: 4.5x slower at batch 16 on a CPU)."""
-    from torch._inductor.utils import fresh_cache, run_and_get_code
-
-    torch._dynamo.reset()
-    model = make_model(context_length=250, dtype=torch.float32)
-    prompts = prompts_of([4] * 3)
-    with fresh_cache():
-        _, code = run_and_get_code(generate, model, prompts, 3, temperature=0, compile=True)
-    layer_keys = 3 * model.config.n_head * 250 * model.config.head_dim  # 24000 elements
+    model, code = long_compiled_run["model"], long_compiled_run["code"]
+    layer_keys = 3 * model.config.n_head * model.config.context_length * model.config.head_dim  # 25344 elements
     assert code and not [c for c in code if str(layer_keys) in c]
 
 
 def test_compiled_greedy_equals_eager_and_the_seeds_loop(monkeypatch):
-    model = make_model()
+    model = make_model(n_layer=1)
     calls = counting_compiled_steps(monkeypatch)
     prompts = prompts_of([1, 6, 9])
     n = model.config.context_length - 9
@@ -462,7 +470,7 @@ def test_compiled_greedy_equals_eager_and_the_seeds_loop(monkeypatch):
 def test_compiled_prefill_of_a_long_prompt_runs_on_the_triton_backend():
     """The prefill of a static cache goes through the attention kernels as a plain cache does, so a
     prompt of more queries than the decode path takes (16) works on the "triton" backend."""
-    model = make_model(context_length=32, dtype=torch.float32)
+    model = make_model(context_length=32, dtype=torch.float32, n_layer=1)
     prompt = prompts_of([20])[0]
     with kernels.use_backend("triton"):
         compiled = generate(model, [prompt], 3, temperature=0, compile=True)[0]
@@ -470,21 +478,22 @@ def test_compiled_prefill_of_a_long_prompt_runs_on_the_triton_backend():
 
 
 def test_compiled_window_slides_past_the_context(monkeypatch):
-    """Past the context the cache is reset and refilled eagerly; decoding then replays the step again."""
-    model = make_model(context_length=16)
+    """Past the context the cache is reset and refilled eagerly; decoding then replays the step again.
+    (Three prompts of one token: the step the greedy test above compiled for model.generate, replayed.)"""
+    model = make_model(n_layer=1)
     calls = counting_compiled_steps(monkeypatch)
-    prompt = prompts_of([1])[0]
+    prompts = prompts_of([1, 1, 1])
     before = unique_graphs()
-    out = generate(model, [prompt], 40, temperature=0, compile=True)[0]
-    assert out == simple_greedy(model, prompt, 40)
-    # Eager prefills: the prompt's, then one per slide: the window of 16 keeps 12 at 17, so every 5 steps from step 16.
-    slides = len(range(16, 40, 5))
-    assert len(calls) == 40 - 1 - slides
+    out = generate(model, prompts, 40, temperature=0, compile=True)
+    assert out == [simple_greedy(model, prompt, 40) for prompt in prompts]
+    # Eager prefills: the prompt's, then one per slide: the window of 24 keeps 18 at 25, so every 7 steps from step 24.
+    slides = len(range(24, 40, 7))
+    assert calls == [3] * (40 - 1 - slides)
     assert unique_graphs() - before <= 2  # one graph, and at most one recompile for the slide
 
 
 def test_compiled_sampling_is_reproducible_and_stops_at_eos():
-    model = make_model()
+    model = make_model(n_layer=1)
     prompts = prompts_of([3, 5])
     options = dict(temperature=1.0, top_k=20, top_p=0.95, compile=True)
     a = generate(model, prompts, 12, seed=7, **options)
