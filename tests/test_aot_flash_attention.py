@@ -5,9 +5,9 @@ RTX 40xx, L4, L40S) and sm_90 (H100).
 Every table has an entry for each padded head dim and element size the launcher asks for, and
 reads back as it was written. The launches are the launchers' own, captured and compiled by the
 kernel lab (``gptfast.lab``): each configuration of the tables at the largest head dim that uses
-it, in its fullest variant (causal with dropout: the most live registers; ``forward``, the forward
-without dropout or key_start, plain causal), at a length Triton cannot assume 16-divisible, for
-each target its table serves. None may spill registers or overflow shared memory (163 KiB on
+it, in its fullest variant (causal with dropout: the most live registers; ``forward`` and
+``backward_kv_dq``, which run without dropout or key_start, plain causal), at a length Triton cannot
+assume 16-divisible, for each target its table serves. None may spill registers or overflow shared memory (163 KiB on
 sm_80, 99 KiB on sm_86, 227 KiB on sm_90), and on sm_90 the matrix products of 16-bit inputs must
 compile to Hopper's wgmma instructions, never serialised by ptxas (C7515, C7512).
 """
@@ -36,18 +36,17 @@ FIELDS = {  # table field: the kernel it configures
     "forward": "attention_fwd",
     "forward_masked": "attention_fwd",  # the forward with dropout or key_start
     "backward_kv_dq": "attention_bwd_kv",  # the dK/dV kernel writing dQ's partials too (where they fit)
-    "backward_kv_dq_masked": "attention_bwd_kv",  # the same with dropout
+    "backward_kv_dq_masked": "attention_bwd_kv",  # the same with dropout, and with atomics
     "backward_kv": "attention_bwd_kv",  # beyond the workspace's limit: dK/dV alone, then the dQ kernel
     "backward_q": "attention_bwd_q",
 }
 # variant: (the op's options, the table fields compiled in it, the dQ workspace's limit: None as shipped,
 # 0 for the paths beyond it): each field in its fullest variant, the dK/dV kernel with dQ in each of its
 # two forms (the partials; atomics, deterministic=False beyond the limit).
-VARIANTS = {"plain": ({}, ("forward",), None),
-            "padded": ({"key_start": True}, ("backward_kv_dq",), None),
+VARIANTS = {"plain": ({}, ("forward", "backward_kv_dq"), None),
             "dropout": ({"dropout_p": 0.1}, ("forward_masked", "backward_kv_dq_masked"), None),
             "fallback": ({"dropout_p": 0.1}, ("backward_kv", "backward_q"), 0),
-            "padded atomic": ({"key_start": True, "deterministic": False}, ("backward_kv_dq",), 0),
+            "plain atomic": ({"deterministic": False}, ("backward_kv_dq_masked",), 0),
             "atomic": ({"dropout_p": 0.1, "deterministic": False}, ("backward_kv_dq_masked",), 0)}
 WORKSPACE_FIELDS = ("backward_kv_dq", "backward_kv_dq_masked")
 
@@ -92,7 +91,7 @@ def extra_builds() -> list[tuple[str, lab.Build]]:
     for head_dim in (64, 128):
         for options, fields, limit in (({}, ("forward", "backward_kv_dq"), None),
                                        ({}, ("backward_kv", "backward_q"), 0),
-                                       ({"deterministic": False}, ("backward_kv_dq",), 0)):
+                                       ({"deterministic": False}, ("backward_kv_dq_masked",), 0)):
             captured = launches(head_dim, "bf16", 90, options, limit=limit)
             found += [(field, captured[FIELDS[field]]) for field in fields]
     for options, fields, limit in (({"key_start": True, "dropout_p": 0.1}, ("forward_masked", "backward_kv_dq_masked"),

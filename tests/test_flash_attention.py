@@ -16,6 +16,7 @@ import pytest
 import torch
 from dropout_mask import dropout_keep_mask
 from kernel_testing import forward_backward, run_and_compare, tolerance
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gptfast
 from gptfast import kernels
@@ -216,6 +217,7 @@ def fallback(request, monkeypatch):
     (2, 1, 70, 70, 48, True, torch.float16, [32, 69], 0.0),
     (1, 1, 65, 17, 16, False, torch.float32, None, 0.0),
     (2, 1, 33, 50, 64, True, torch.float32, [30, 5], 0.3),
+    (3, 1, 40, 40, 32, False, torch.float32, [0, 5, 40], 0.0),  # the last row sees no key at all
 ])
 def test_fallback_backward_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, dtype, key_start,
                                                      dropout_p, fallback):
@@ -289,10 +291,43 @@ def test_backward_kernels(deterministic, limit, kernels, dq_argument, monkeypatc
     given = {name: launches[1].args[names.index(name)] for name in ("DQ_PART", "DQ_SUM")}
     assert [name for name, t in given.items() if t is not None] == ([dq_argument] if dq_argument else [])
     block_m, block_n = fa.INTERPRETER_CONFIGS.backward_kv_dq.block_m, fa.INTERPRETER_CONFIGS.backward_kv_dq.block_n
-    rows = sum(40 - start_n // block_m * block_m for start_n in range(0, 40, block_n))  # the causal rows
+    rows = sum(-(-40 // block_m) * block_m - start_n // block_m * block_m  # the causal rows, whole query blocks
+               for start_n in range(0, 40, block_n))
     shapes = {"DQ_PART": (2 * rows * 32,), "DQ_SUM": q.shape}
     if dq_argument:
         assert given[dq_argument].dtype == torch.float32 and given[dq_argument].shape == shapes[dq_argument]
+
+
+@pytest.mark.parametrize("key_start", [None, [3]])
+def test_atomic_dq_is_zeroed_and_converted_in_the_kernels(key_start, monkeypatch):
+    """Beyond the workspace, deterministic=False: the delta kernel zeroes the float32 dQ the dK/dV kernel
+    adds to (and dQ itself where key_start may leave query blocks no key block reaches), the dK/dV
+    kernel's last key block per query block converts it: no torch fill or copy over a dQ-sized tensor, a
+    zeroed int32 count per query block only."""
+    monkeypatch.setattr(fa_launch, "DQ_WORKSPACE_LIMIT", 0)
+    q, k, v, out = (torch.randn(2, 3, 40, 32, dtype=torch.float16) for _ in range(4))
+    key_start = None if key_start is None else torch.tensor(key_start * 2)
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            ops.append((str(func), result.shape if isinstance(result, torch.Tensor) else None))
+            return result
+
+    ops = []
+    with common.capture_launches() as launches, RecordOps():
+        dq, _, _ = fa_launch.launch_backward(out, q, k, v, out, torch.zeros(2, 3, 40), True, 0.0, 0.2, None,
+                                             key_start, False, fa.INTERPRETER_CONFIGS)
+    assert [op for op, shape in ops if shape == q.shape and not op.startswith("aten.empty")] == []
+    assert [op for op, shape in ops if "zero" in op or "fill" in op]  # the counts
+    delta_names, kv_names = (kernel.arg_names for kernel in (fa_kernels._attention_bwd_delta_kernel,
+                                                             fa_kernels._attention_bwd_kv_kernel))
+    dq_sum = launches[0].args[delta_names.index("DQ_SUM")]
+    assert dq_sum.dtype == torch.float32 and dq_sum.shape == q.shape
+    assert (launches[0].args[delta_names.index("DQ")] is dq) == (key_start is not None)
+    assert launches[1].args[kv_names.index("DQ_SUM")] is dq_sum and launches[1].args[kv_names.index("DQ")] is dq
+    block_m = fa.INTERPRETER_CONFIGS.backward_kv_dq_masked.block_m
+    assert launches[1].args[kv_names.index("DQ_COUNT")].shape == (6, -(-40 // block_m))
 
 
 def test_causal_backward_with_more_queries_than_keys_is_refused():

@@ -129,6 +129,23 @@ def targeting(gpu: GPU) -> Iterator[GPU]:
         _lab.gpu = previous
 
 
+class Switch:
+    """A setting that benchmarks change for a block (``with switch.set(value):``), read as ``switch.value``:
+    how one path is timed against another. An attribute of a module-level object, not a ContextVar, so
+    that torch.compile traces a model's read of it (and guards on it)."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    @contextlib.contextmanager
+    def set(self, value: object) -> Iterator[None]:
+        before, self.value = self.value, value
+        try:
+            yield
+        finally:
+            self.value = before
+
+
 def target_gpu() -> GPU | None:
     """The GPU set by :func:`targeting`, or None: then launchers configure for the tensors' device."""
     return getattr(_lab, "gpu", None)

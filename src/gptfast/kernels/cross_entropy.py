@@ -45,15 +45,14 @@ copy that slicing the logits would cost in the backward.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import backend, benchmark, spec
-from .common import LOG2E, as_rows, dtype_problem, jit, kernel_op, launch, next_power_of_2, tl
+from .common import LOG2E, Switch, as_rows, dtype_problem, jit, kernel_op, launch, next_power_of_2, tl
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -71,19 +70,13 @@ _HELD_PART_COLUMNS, _HELD_WARPS = 4096, 16
 _STREAMED_BLOCK_V, _STREAMED_WARPS = 8192, 16
 
 
-_two_passes = False  # True within two_passes()
+_two_passes = Switch(False)  # True within two_passes()
 
 
-@contextlib.contextmanager
-def two_passes() -> Iterator[None]:
+def two_passes() -> AbstractContextManager[None]:
     """Within the block, gradients wanted with the losses take two kernels (the losses, then the
     gradients: the logits read twice) instead of the one-pass kernel: to measure one against the other."""
-    global _two_passes
-    before, _two_passes = _two_passes, True
-    try:
-        yield
-    finally:
-        _two_passes = before
+    return _two_passes.set(True)
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
@@ -350,7 +343,7 @@ def every_config() -> dict[str, tuple[ChunkConfig, ...]]:
 def one_pass_config(n_cols: int) -> ChunkConfig | None:
     """The one-pass kernel's configuration for rows of ``n_cols``: the whole row in registers up to
     ONE_PASS_RESIDENT_COLUMNS, else streamed twice in chunks; None within :func:`two_passes`."""
-    if _two_passes:
+    if _two_passes.value:
         return None
     block_v = next_power_of_2(max(n_cols, _RESIDENT_PER_WARP))  # narrower rows: one warp, masked
     if block_v <= _WHOLE_BLOCK_COLUMNS:

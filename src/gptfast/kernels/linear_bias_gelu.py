@@ -22,8 +22,7 @@ training.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +31,12 @@ import torch.nn.functional as F
 from . import backend, benchmark, spec
 from .bias_gelu import _backward as bias_gelu_backward
 from .bias_gelu import _gelu_and_slope, bias_gelu, bias_gelu_reference
-from .common import cdiv, dtype_problem, jit, kernel_op, launch, sm_count, target_gpu, tl, tracing, triton
+from .common import Switch, cdiv, dtype_problem, jit, kernel_op, launch, sm_count, target_gpu, tl, tracing, triton
 
 # (hidden width, dtype name) pairs where a GPU run measured mlp_gelu faster than cuBLAS + bias_gelu
 # (forward and backward together), filled from bench/gpu_run.py's results. Empty: nothing measured yet.
 MEASURED_FASTER: frozenset[tuple[int, str]] = frozenset()
-# Set by :func:`choose_mlp_gelu` (benchmarks timing the step both ways): True or False overrides the table.
-# A module global, not a ContextVar: torch.compile traces the model's read of it (and guards on it).
-_chosen: bool | None = None
+_chosen = Switch(None)  # set by choose_mlp_gelu: True or False overrides the table
 
 
 @dataclass(frozen=True, order=True)
@@ -357,21 +354,15 @@ def mlp_gelu_faster(x: torch.Tensor, width: int) -> bool:
     """Whether a model's MLP of this input width should run :func:`mlp_gelu` on ``x``: only where a GPU
     run measured it faster in the matmuls' dtype (``MEASURED_FASTER``), and on CUDA; inside
     :func:`choose_mlp_gelu`, as chosen there."""
-    if _chosen is not None:
-        return _chosen
+    if _chosen.value is not None:
+        return _chosen.value
     return x.device.type == "cuda" and (width, str(_compute_dtype(x)).removeprefix("torch.")) in MEASURED_FASTER
 
 
-@contextmanager
-def choose_mlp_gelu(fused: bool) -> Iterator[None]:
+def choose_mlp_gelu(fused: bool) -> AbstractContextManager[None]:
     """Within the block, the model's MLPs run :func:`mlp_gelu` (``fused``) or the matmul and
     bias_gelu apart, whatever ``MEASURED_FASTER`` says: how a benchmark times the step both ways."""
-    global _chosen
-    before, _chosen = _chosen, fused
-    try:
-        yield
-    finally:
-        _chosen = before
+    return _chosen.set(fused)
 
 
 def linear_bias_gelu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -12,19 +12,23 @@ pass recomputes the probabilities from it.
 Three backward kernels, none with atomics, so gradients are identical run to run, with
 FlashAttention-2's 5 matrix products and 1 exponential per score:
 
-* ``attention_bwd_delta``: delta_i = dot(dO_i, O_i), one float per query row;
+* ``attention_bwd_delta``: the row statistics, delta_i = dot(dO_i, O_i) and the log-sum-exp in
+  log2 units, each a float per query row in rows of a multiple of 16 (so that the other kernels
+  read them in 128-bit loads whatever the length);
 * ``attention_bwd_kv``: one key block per program, looping over the query blocks that see it: dK,
   dV and each tile's share of dQ, written to a float32 workspace (per key block, the query rows
-  that see it, at GPT-2 124M's batch 16 x 12 heads x 1024 tokens, causal: 216 MiB with sm_90's
-  128-key blocks, 408 MiB with sm_80's 64);
+  that see it rounded up to whole query blocks, again for 128-bit accesses; at GPT-2 124M's batch
+  16 x 12 heads x 1024 tokens, causal: 216 MiB with sm_90's 128-key blocks, 408 MiB with sm_80's 64);
 * ``attention_bwd_dq_reduce``: one query block per program, the key blocks' shares summed in a
   fixed order.
 
 Where the workspace would pass ``launch.DQ_WORKSPACE_LIMIT`` (1 GiB), ``attention_bwd_q`` replaces
 the sum: one query block per program, looping over the key blocks it sees and recomputing the
 scores (7 products and 2 exponentials per score); ``deterministic=False`` there lets the dK/dV
-kernel add its dQ shares into a zeroed float32 dQ with atomics instead, in an order, so dQ's last
-bits, that varies from run to run.
+kernel add its dQ shares into a float32 dQ with atomics instead, in an order, so dQ's last bits,
+that varies from run to run: the delta kernel zeroes that float32 dQ, and once a program has added
+all its shares it counts itself done with each query block it saw, the last to count converting the
+block's dQ to the inputs' dtype, so neither a fill nor a conversion takes a pass of its own.
 
 Decoding (at most ``launch.DECODE_ROWS`` queries, no dropout) takes a split-key forward instead
 (flash-decoding): the keys are cut into chunks, enough that batch x heads x chunks programs fill

@@ -139,11 +139,13 @@ def _span(lo, mid, full_end, end, SPAN: tl.constexpr):
 @jit
 def _dq_part_rows(block, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(first row, rows) of key block ``block``'s partial dQ in the workspace: the query rows from the
-    first block it sees under the causal mask (``_query_range``'s lo without padding) to q_len."""
+    first block it sees under the causal mask (``_query_range``'s lo without padding) to q_len rounded
+    up to whole query blocks. Every row count and offset is then a multiple of BLOCK_M, which the
+    compiler can see: the partial tiles move in 128-bit accesses at any q_len, without a row mask."""
     first = block * 0
     if CAUSAL:
         first = tl.maximum(block * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
-    return first, q_len - first
+    return first, tl.cdiv(q_len, BLOCK_M) * BLOCK_M - first
 
 
 @jit
@@ -152,7 +154,7 @@ def _dq_part_start(block, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.conste
     holds, key block after key block, each block's (batch x head, HEAD_DIM, rows) partials. In closed
     form (no loop), for BLOCK_N a multiple of BLOCK_M: the blocks from ``seeing_all`` on start
     ``BLOCK_N / BLOCK_M`` query blocks apart."""
-    start = block * q_len
+    start = block * (tl.cdiv(q_len, BLOCK_M) * BLOCK_M)
     if CAUSAL:
         offset = k_len - q_len
         seeing_all = tl.minimum(block, offset // BLOCK_N + 1)  # blocks before it: first row 0
@@ -257,10 +259,14 @@ def _attention_fwd_kernel(Q, K, V, OUT, LSE, KEY_START,
 
 
 @jit
-def _attention_bwd_delta_kernel(OUT, DO, DELTA, stride_dob, stride_doh, stride_dot, stride_dod,
-                                n_heads, q_len, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                                BLOCK_M: tl.constexpr):
-    """delta_i = dot(dO_i, O_i) = rowsum(P * dP): reads O and dO once, writes one float per row."""
+def _attention_bwd_delta_kernel(OUT, DO, LSE, LSE2, DELTA, DQ_SUM, DQ, stride_dob, stride_doh, stride_dot,
+                                stride_dod, n_heads, q_len, stats_stride, HEAD_DIM: tl.constexpr,
+                                HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The backward's row statistics: delta_i = dot(dO_i, O_i) = rowsum(P * dP), and the LSE in log2
+    units (LSE2), each row of batch x head ``stats_stride`` apart (a multiple of 16, passed so: the
+    backward kernels read them in 128-bit loads at any q_len). Reads O and dO once. For the atomic dQ
+    path it also zeroes DQ_SUM (or None), the float32 dQ the dK/dV kernel adds to (no fill pass), and
+    DQ (or None: given where key_start may leave query blocks that no key block reaches: their dQ is 0)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     batch, head = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
@@ -271,29 +277,40 @@ def _attention_bwd_delta_kernel(OUT, DO, DELTA, stride_dob, stride_doh, stride_d
     do = _load_tile(DO + batch * stride_dob + head * stride_doh + rows[:, None] * stride_dot
                     + dims[None, :] * stride_dod, rows, q_len, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
+    row_ok = rows < q_len
+    lse2 = tl.load(LSE + bh.to(tl.int64) * q_len + rows, mask=row_ok) * LOG2E
+    tl.store(LSE2 + bh.to(tl.int64) * stats_stride + rows, lse2, mask=row_ok)
+    tl.store(DELTA + bh.to(tl.int64) * stats_stride + rows, delta, mask=row_ok)
+    if DQ_SUM is not None:
+        rows_at = bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+        zeros = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        _store_tile(DQ_SUM + rows_at, zeros, rows, q_len, HEAD_DIM)
+        if DQ is not None:
+            _store_tile(DQ + rows_at, zeros.to(DQ.dtype.element_ty), rows, q_len, HEAD_DIM)
 
 
 @jit(do_not_specialize=SEED)
-def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART, DQ_SUM,
+def _attention_bwd_kv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, KEY_START, DQ_PART, DQ_SUM, DQ, DQ_COUNT,
                              stride_qb, stride_qh, stride_qt, stride_qd,
                              stride_kb, stride_kh, stride_kt, stride_kd,
                              stride_vb, stride_vh, stride_vt, stride_vd,
                              stride_dob, stride_doh, stride_dot, stride_dod,
-                             n_heads, q_len, k_len, scale, dropout_p, seed,
+                             n_heads, q_len, k_len, stats_stride, scale, dropout_p, seed,
                              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                              WGMMA: tl.constexpr = False):
     """One program per (key block, batch x head): dK and dV of the block, written once.
 
-    K and V stay in on-chip memory; Q, dO, LSE and delta are read once per key block that needs them.
+    K and V stay in on-chip memory; Q, dO and the row statistics (``_attention_bwd_delta_kernel``) are
+    read once per key block that needs them.
     The tiles are transposed, (key, query), so that dK and dV come out of the dots row by key. The
     first key blocks are the heaviest under the causal mask (every later query sees them) and they
     are launched first. Each tile's share of dQ (unscaled, float32, 5 products and 1 exponential per
     score in all) goes, if given, to DQ_PART: a float32 workspace of each key block's (batch x head,
     HEAD_DIM, rows) partials (``_dq_part_tile``) that ``_attention_bwd_dq_reduce_kernel`` sums in
     key-block order (bitwise the same run to run); or to DQ_SUM: a zeroed float32 dQ that it is added
-    to by atomics, in an order that varies run to run.
+    to by atomics, in an order that varies run to run, then converted into DQ by the last key block to
+    finish with each query block (``_convert_dq_if_last``).
     With neither, dQ is left to ``_attention_bwd_q_kernel``, which recomputes the scores.
     """
     start_n = tl.program_id(0) * BLOCK_N
@@ -303,12 +320,14 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART
     K += batch * stride_kb + head * stride_kh
     V += batch * stride_vb + head * stride_vh
     DO += batch * stride_dob + head * stride_doh
-    LSE += bh.to(tl.int64) * q_len
-    DELTA += bh.to(tl.int64) * q_len
+    LSE2 += bh.to(tl.int64) * stats_stride
+    DELTA += bh.to(tl.int64) * stats_stride
     if DQ_PART is not None:
         part_start = _dq_part_start(tl.program_id(0), q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
     if DQ_SUM is not None:
         DQ_SUM += bh.to(tl.int64) * q_len * HEAD_DIM
+        DQ += bh.to(tl.int64) * q_len * HEAD_DIM
+        DQ_COUNT += bh * tl.cdiv(q_len, BLOCK_M)
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM_PAD)
     k = _load_tile(K + cols[:, None] * stride_kt + dims[None, :] * stride_kd, cols, k_len, HEAD_DIM, True)
@@ -329,16 +348,16 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART
             do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, HEAD_DIM,
                             MASKED)
             if MASKED:
-                lse = tl.load(LSE + rows, mask=rows < q_len, other=0.0)
+                lse2 = tl.load(LSE2 + rows, mask=rows < q_len, other=0.0)
                 delta = tl.load(DELTA + rows, mask=rows < q_len, other=0.0)
             else:
-                lse = tl.load(LSE + rows)
+                lse2 = tl.load(LSE2 + rows)
                 delta = tl.load(DELTA + rows)
             s_t = tl.dot(k, tl.trans(q)) * qk_scale
             if MASKED:
                 s_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, key_start, CAUSAL), s_t,
                                float("-inf"))
-            p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # probabilities, recomputed (0 where LSE = inf)
+            p_t = tl.math.exp2(s_t - lse2[None, :])  # probabilities, recomputed (0 where LSE = inf)
             dp_t = tl.dot(v, tl.trans(do))  # dL/d(dropped P), transposed
             if DROPOUT:
                 keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
@@ -356,16 +375,16 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART
                     dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype))
                 else:
                     dq_t = tl.trans(tl.dot(tl.trans(ds_t.to(k.dtype)), k))
-                dq_mask = (rows[None, :] < q_len) & (dims[:, None] < HEAD_DIM)
-                if DQ_PART is not None:
+                if DQ_PART is not None:  # the workspace holds whole query blocks: rows need no mask
                     part = _dq_part_tile(DQ_PART, tl.program_id(0), part_start, bh, rows, dims, q_len, k_len,
                                          HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N)
-                    if MASKED or HEAD_DIM < HEAD_DIM_PAD:
-                        tl.store(part, dq_t, mask=dq_mask)
-                    else:  # whole query blocks: no mask
+                    if HEAD_DIM < HEAD_DIM_PAD:
+                        tl.store(part, dq_t, mask=dims[:, None] < HEAD_DIM)
+                    else:
                         tl.store(part, dq_t)
                 else:
-                    tl.atomic_add(DQ_SUM + rows[None, :] * HEAD_DIM + dims[:, None], dq_t * scale, mask=dq_mask,
+                    tl.atomic_add(DQ_SUM + rows[None, :] * HEAD_DIM + dims[:, None], dq_t * scale,
+                                  mask=(rows[None, :] < q_len) & (dims[:, None] < HEAD_DIM),
                                   sem="relaxed")  # scaled here: dQ is then only converted
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
@@ -373,6 +392,29 @@ def _attention_bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_START, DQ_PART
     out = bh.to(tl.int64) * k_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     _store_tile(DK + out, dk.to(DK.dtype.element_ty), cols, k_len, HEAD_DIM)
     _store_tile(DV + out, dv.to(DV.dtype.element_ty), cols, k_len, HEAD_DIM)
+    if DQ_SUM is not None:  # after the stores: dK and dV no longer hold registers
+        tl.debug_barrier()  # every thread's atomic adds come before this program's counts
+        for start_m in range(lo, end, BLOCK_M):
+            _convert_dq_if_last(DQ_SUM, DQ, DQ_COUNT, start_m, dims, q_len, k_len, key_start, HEAD_DIM, CAUSAL,
+                                BLOCK_M, BLOCK_N)
+
+
+@jit
+def _convert_dq_if_last(DQ_SUM, DQ, DQ_COUNT, start_m, dims, q_len, k_len, key_start, HEAD_DIM: tl.constexpr,
+                        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Count one more key block done with the query block at ``start_m`` (DQ_COUNT: zeroed, an int per
+    query block; the pointers at this batch x head's); the last of those ``_key_range`` says reach it
+    converts the block's float32 dQ (DQ_SUM) into DQ. The count is made by one thread with acquire and
+    release semantics after a barrier over the program's adds (the CUDA grid-sync pattern), so the last
+    to count sees every key block's adds: no conversion pass of its own."""
+    lo, _, _, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
+    counted = tl.atomic_add(DQ_COUNT + start_m // BLOCK_M, 1, sem="acq_rel")
+    if counted == tl.cdiv(end - lo, BLOCK_N) - 1:
+        rows = start_m + tl.arange(0, BLOCK_M)
+        at = rows[:, None] * HEAD_DIM + dims[None, :]
+        mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
+        total = tl.load(DQ_SUM + at, mask=mask, cache_modifier=".cg")  # from L2, where the atomics were made
+        tl.store(DQ + at, total.to(DQ.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -389,13 +431,15 @@ def _attention_bwd_dq_reduce_kernel(DQ_PART, DQ, KEY_START, n_heads, q_len, k_le
     dims = tl.arange(0, HEAD_DIM_PAD)
     key_start = _load_key_start(KEY_START, (bh // n_heads).to(tl.int64))
     lo, _, _, end = _key_range(start_m, q_len, k_len, key_start, CAUSAL, BLOCK_M, BLOCK_N)
-    mask = (rows[None, :] < q_len) & (dims[:, None] < HEAD_DIM)
     start = _dq_part_start(lo // BLOCK_N, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
     dq_t = tl.zeros([HEAD_DIM_PAD, BLOCK_M], tl.float32)
     for start_n in range(lo, end, BLOCK_N):
         block = start_n // BLOCK_N
         part = _dq_part_tile(DQ_PART, block, start, bh, rows, dims, q_len, k_len, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N)
-        dq_t += tl.load(part, mask=mask, other=0.0)
+        if HEAD_DIM < HEAD_DIM_PAD:  # whole query blocks (``_dq_part_rows``): rows need no mask
+            dq_t += tl.load(part, mask=dims[:, None] < HEAD_DIM, other=0.0)
+        else:
+            dq_t += tl.load(part)
         start += _dq_part_rows(block, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)[1]
     dq = tl.trans(dq_t * scale)
     _store_tile(DQ + bh.to(tl.int64) * q_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
@@ -404,23 +448,23 @@ def _attention_bwd_dq_reduce_kernel(DQ_PART, DQ, KEY_START, n_heads, q_len, k_le
 
 # A backward over one query: Triton would compile q_len == 1 as a constant, fold the unmasked span away
 # and lead with the masked loop, and ptxas would serialise the wgmma (C7515, sm_90). This handle keeps
-# q_len a runtime integer; other lengths keep the first, whose 16-divisible hint widens the LSE loads.
+# q_len a runtime integer; other lengths keep the first.
 _attention_bwd_kv_one_query_kernel = common.jit_variant(_attention_bwd_kv_kernel,
                                                         do_not_specialize=[*SEED, "q_len"])
 
 
 @jit(do_not_specialize=SEED)
-def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
+def _attention_bwd_q_kernel(Q, K, V, DO, LSE2, DELTA, DQ, KEY_START,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
                             stride_vb, stride_vh, stride_vt, stride_vd,
                             stride_dob, stride_doh, stride_dot, stride_dod,
-                            n_heads, q_len, k_len, scale, dropout_p, seed,
+                            n_heads, q_len, k_len, stats_stride, scale, dropout_p, seed,
                             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per (query block, batch x head): dQ of the block, written once.
 
-    Q, dO, LSE and delta stay on chip; K and V are read once per query block, as in the forward.
+    Q, dO and the row statistics stay on chip; K and V are read once per query block, as in the forward.
     """
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
@@ -434,8 +478,8 @@ def _attention_bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_START,
     q = _load_tile(Q + rows[:, None] * stride_qt + dims[None, :] * stride_qd, rows, q_len, HEAD_DIM, True)
     do = _load_tile(DO + rows[:, None] * stride_dot + dims[None, :] * stride_dod, rows, q_len, HEAD_DIM, True)
     row_ok = rows < q_len
-    lse2 = tl.load(LSE + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0)
+    lse2 = tl.load(LSE2 + bh.to(tl.int64) * stats_stride + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * stats_stride + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * LOG2E
     key_start = _load_key_start(KEY_START, batch)

@@ -7,8 +7,7 @@ known output shapes and a known backward.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -118,28 +117,23 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dr
 # GPT-2 124M's layer (batch 16, 12 heads, 1024 tokens, head dim 64, causal): 216 MiB with sm_90's 128-key
 # blocks, 408 MiB with sm_80's 64.
 DQ_WORKSPACE_LIMIT = 1 << 30
-_no_dq_workspace = False  # True within without_dq_workspace()
+_no_dq_workspace = common.Switch(False)  # True within without_dq_workspace()
 
 
-@contextmanager
-def without_dq_workspace() -> Iterator[None]:
+def without_dq_workspace() -> AbstractContextManager[None]:
     """Within the block, every backward runs as beyond ``DQ_WORKSPACE_LIMIT`` (its dQ by the dQ kernel,
     or by atomics where not ``deterministic``): how benchmarks time those paths at any size."""
-    global _no_dq_workspace
-    before, _no_dq_workspace = _no_dq_workspace, True
-    try:
-        yield
-    finally:
-        _no_dq_workspace = before
+    return _no_dq_workspace.set(True)
 
 
 def dq_workspace_rows(q_len: int, k_len: int, causal: bool, config: BlockConfig) -> int:
     """Query rows of partial dQ per batch x head, over the key blocks (``kernels._dq_part_rows``): under
-    the causal mask each block's from the first query block that sees it."""
+    the causal mask each block's from the first query block that sees it, to q_len rounded up to whole
+    query blocks."""
     offset = k_len - q_len
     firsts = (max(start_n - offset, 0) // config.block_m * config.block_m if causal else 0
               for start_n in range(0, k_len, config.block_n))
-    return sum(q_len - first for first in firsts)
+    return sum(cdiv(q_len, config.block_m) * config.block_m - first for first in firsts)
 
 
 def dq_workspace_bytes(q: torch.Tensor, k_len: int, causal: bool, config: BlockConfig) -> int:
@@ -165,7 +159,8 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     kernel also writes each tile's share of dQ, per key block, and a small kernel sums them in a fixed
     order (5 products and 1 exponential per score, bitwise the same run to run). Beyond it,
     ``deterministic``: dQ by its own kernel, which recomputes the scores (7 and 2); else added up by
-    atomics in the dK/dV kernel into a zeroed float32 dQ (the order, so dQ's last bits, vary)."""
+    atomics in the dK/dV kernel into a float32 dQ that the delta kernel zeroes and the last key block
+    done with each query block converts (the order, so dQ's last bits, vary)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     if causal and q_len > k_len:  # the workspace's layout (and the public op) assume every query has keys
@@ -173,40 +168,45 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                          f"k_len {k_len}")
     dim_pad = head_dim_pad(head_dim)
     seed_value = _seed_value(seed)
-    delta = torch.empty_like(lse)
-    delta_rows = 64  # query rows per program of the small dot(dO, O) pass
-    launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, delta,
-           *grad_out.stride(), heads, q_len, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
     config = configs.backward_kv_dq_masked if dropout_p > 0 or key_start is not None else configs.backward_kv_dq
-    dq_part = dq_sum = None
+    dq_part = dq_sum = dq_count = None
     workspace = dq_workspace_bytes(q, k_len, causal, config) if config.block_n % config.block_m == 0 else None
-    if workspace is not None and workspace <= DQ_WORKSPACE_LIMIT and not _no_dq_workspace:
+    if workspace is not None and workspace <= DQ_WORKSPACE_LIMIT and not _no_dq_workspace.value:
         dq_part = torch.empty(workspace // 4, dtype=torch.float32, device=q.device)
-    elif not deterministic:
-        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    elif not deterministic:  # zeroed by the delta kernel; the atomics take registers, as dropout's mask does
+        config = configs.backward_kv_dq_masked
+        dq_sum = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dq_count = torch.zeros((batch * heads, cdiv(q_len, config.block_m)), dtype=torch.int32, device=q.device)
     else:
         config = configs.backward_kv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    stats_stride = cdiv(q_len, 16) * 16  # so that the row statistics load in 128-bit accesses at any q_len
+    lse2, delta = torch.empty((2, batch * heads, stats_stride), dtype=torch.float32, device=q.device)
+    delta_rows = 64  # query rows per program of the small dot(dO, O) pass
+    launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, lse, lse2, delta,
+           dq_sum, dq if dq_sum is not None and key_start is not None else None, *grad_out.stride(), heads, q_len,
+           stats_stride, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, CAUSAL=causal)
     kv_kernel = _attention_bwd_kv_kernel if q_len > 1 else _attention_bwd_kv_one_query_kernel
-    launch(kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse, delta,
-           dk, dv, key_start, dq_part, dq_sum, *strides, heads, q_len, k_len, scale, dropout_p, seed_value,
-           BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-           DROPOUT=dropout_p > 0, WGMMA=_has_wgmma(q), **shared)
+    launch(kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse2, delta, dk, dv,
+           key_start, dq_part, dq_sum, dq if dq_sum is not None else None, dq_count, *strides, heads, q_len, k_len,
+           stats_stride, scale, dropout_p, seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+           num_warps=config.num_warps, num_stages=config.num_stages, DROPOUT=dropout_p > 0, WGMMA=_has_wgmma(q),
+           **shared)
     if dq_sum is not None:
-        return dq_sum.to(q.dtype), dk, dv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return dq, dk, dv
     if dq_part is not None:
         launch(_attention_bwd_dq_reduce_kernel, (cdiv(q_len, config.block_m), batch * heads), dq_part, dq,
                key_start, heads, q_len, k_len, scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **shared)
         return dq, dk, dv
     config = configs.backward_q
-    launch(_attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse, delta,
-           dq, key_start, *strides, heads, q_len, k_len, scale, dropout_p, seed_value, BLOCK_M=config.block_m,
-           BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages, DROPOUT=dropout_p > 0,
-           **shared)
+    launch(_attention_bwd_q_kernel, (cdiv(q_len, config.block_m), batch * heads), q, k, v, grad_out, lse2, delta,
+           dq, key_start, *strides, heads, q_len, k_len, stats_stride, scale, dropout_p, seed_value,
+           BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+           DROPOUT=dropout_p > 0, **shared)
     return dq, dk, dv
 
 

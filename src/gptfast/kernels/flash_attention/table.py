@@ -39,7 +39,8 @@ class AttentionConfigs:
     backward_kv: BlockConfig  # one key block (BLOCK_N) per program, loops over query blocks (dK, dV)
     backward_q: BlockConfig  # one query block (BLOCK_M) per program, loops over key blocks (dQ)
     backward_kv_dq: BlockConfig  # the dK/dV kernel computing dQ too (and the sum of its partials)
-    backward_kv_dq_masked: BlockConfig  # the same with dropout or key_start: their masks take registers
+    backward_kv_dq_masked: BlockConfig  # the same with dropout or key_start (their masks take registers), and
+    # the dK/dV kernel adding dQ by atomics (beyond the workspace, deterministic=False)
 
 
 @dataclass(frozen=True)
