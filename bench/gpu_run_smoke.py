@@ -53,6 +53,7 @@ def _without_dq_workspace():
 # name: (op, the op's options, what forces the path). Their reruns need not be bit-identical. Attention's
 # dK/dV kernel adding dQ up by atomics, the last key block per query block converting it (the backward
 # beyond its dQ workspace, deterministic=False): an ordering across programs that only a GPU exercises.
+# The prepared Triton cache lacks their kernels: they compile on the GPU, in their op's process.
 FORCED_PATHS = {"atomic-dq": ("flash_attention", {"deterministic": False}, _without_dq_workspace)}
 
 
