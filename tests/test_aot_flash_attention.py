@@ -75,9 +75,12 @@ def every_config_builds() -> list[tuple[str, lab.Build]]:
                         key = (target, element_size, variant, field, getattr(configs, field), head_dim if every else 0)
                         largest[key] = max(largest.get(key, 0), head_dim)
     builds = []
-    for (target, size, variant, field, _, _), head_dim in largest.items():
+    for (target, size, variant, field, config, _), head_dim in largest.items():
         options, _, limit = VARIANTS[variant]
         captured = launches(head_dim, DTYPES[size], target, options, limit=limit)
+        meta = captured[FIELDS[field]].meta  # the variant runs the field's configuration, not another's
+        assert ((meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"])
+                == (config.block_m, config.block_n, config.num_warps, config.num_stages)), (target, variant, field)
         kernels = [FIELDS[field]] + (["attention_bwd_dq_reduce"] if field in WORKSPACE_FIELDS and limit is None else [])
         builds += [(field, lab.Build.of(captured[kernel], target)) for kernel in kernels]
     return builds

@@ -217,7 +217,7 @@ def fallback(request, monkeypatch):
     (2, 1, 70, 70, 48, True, torch.float16, [32, 69], 0.0),
     (1, 1, 65, 17, 16, False, torch.float32, None, 0.0),
     (2, 1, 33, 50, 64, True, torch.float32, [30, 5], 0.3),
-    (3, 1, 40, 40, 32, False, torch.float32, [0, 5, 40], 0.0),  # the last row sees no key at all
+    (3, 1, 40, 32, 32, False, torch.float32, [0, 5, 32], 0.0),  # the last row: no key, no key block visits
 ])
 def test_fallback_backward_matches_float64_reference(batch, heads, q_len, k_len, head_dim, causal, dtype, key_start,
                                                      dropout_p, fallback):
@@ -276,8 +276,9 @@ def test_dq_is_finite_when_every_score_is_very_negative(limit, monkeypatch):
 ])
 def test_backward_kernels(deterministic, limit, kernels, dq_argument, monkeypatch):
     """Where the workspace fits, either flag: the dK/dV kernel writes a float32 partial dQ per key block
-    (key block, batch x head, head_dim, q_len) and the sum kernel adds them up; beyond it (or within
-    ``without_dq_workspace``, as benchmarks force it), the dQ kernel (deterministic) or atomics into a
+    (key block, batch x head, head_dim, its query rows in whole query blocks) and the sum kernel adds them
+    up; beyond it (or within ``without_dq_workspace``, as benchmarks force it), the dQ kernel
+    (deterministic) or atomics into a
     float32 dQ, no third kernel."""
     if isinstance(limit, int):
         monkeypatch.setattr(fa_launch, "DQ_WORKSPACE_LIMIT", limit)
@@ -314,20 +315,20 @@ def test_atomic_dq_is_zeroed_and_converted_in_the_kernels(key_start, monkeypatch
             ops.append((str(func), result.shape if isinstance(result, torch.Tensor) else None))
             return result
 
-    ops = []
+    ops, lse = [], torch.zeros(2, 3, 40)
     with common.capture_launches() as launches, RecordOps():
-        dq, _, _ = fa_launch.launch_backward(out, q, k, v, out, torch.zeros(2, 3, 40), True, 0.0, 0.2, None,
-                                             key_start, False, fa.INTERPRETER_CONFIGS)
+        dq, _, _ = fa_launch.launch_backward(out, q, k, v, out, lse, True, 0.0, 0.2, None, key_start, False,
+                                             fa.INTERPRETER_CONFIGS)
+    block_m = fa.INTERPRETER_CONFIGS.backward_kv_dq_masked.block_m
     assert [op for op, shape in ops if shape == q.shape and not op.startswith("aten.empty")] == []
-    assert [op for op, shape in ops if "zero" in op or "fill" in op]  # the counts
+    assert [shape for op, shape in ops if "zero" in op or "fill" in op] == [(6, -(-40 // block_m))]  # the counts
     delta_names, kv_names = (kernel.arg_names for kernel in (fa_kernels._attention_bwd_delta_kernel,
                                                              fa_kernels._attention_bwd_kv_kernel))
     dq_sum = launches[0].args[delta_names.index("DQ_SUM")]
     assert dq_sum.dtype == torch.float32 and dq_sum.shape == q.shape
     assert (launches[0].args[delta_names.index("DQ")] is dq) == (key_start is not None)
     assert launches[1].args[kv_names.index("DQ_SUM")] is dq_sum and launches[1].args[kv_names.index("DQ")] is dq
-    block_m = fa.INTERPRETER_CONFIGS.backward_kv_dq_masked.block_m
-    assert launches[1].args[kv_names.index("DQ_COUNT")].shape == (6, -(-40 // block_m))
+    assert launches[1].args[kv_names.index("DQ_COUNT")].dtype == torch.int32
 
 
 def test_causal_backward_with_more_queries_than_keys_is_refused():

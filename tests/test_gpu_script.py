@@ -206,6 +206,23 @@ def test_the_smoke_takes_every_registered_op_at_its_odd_shapes():
     assert {c.group for c in rehearsal} == {"ops", gpu_run_smoke.MODEL}
 
 
+def test_the_smoke_checks_attention_atomic_dq_path(monkeypatch):
+    """The forced path's cases: attention's backward run as beyond its dQ workspace with deterministic=False
+    (the atomic dQ path) in every dtype on the GPU, in float32 in the rehearsal; its check passes here."""
+    import torch
+
+    fa_launch = importlib.import_module("gptfast.kernels.flash_attention.launch")
+    forced = [c for c in gpu_run_smoke.plan(rehearse=False) if c.path]
+    assert [(c.op, c.path, c.dtype) for c in forced] == [("flash_attention", "atomic-dq", d)
+                                                         for d in ("float32", "float16", "bfloat16")]
+    (case,) = [c for c in gpu_run_smoke.plan(rehearse=True) if c.path]
+    seen, backward = [], fa_launch.launch_backward
+    monkeypatch.setattr(fa_launch, "launch_backward", lambda *args: seen.append(
+        (args[11], fa_launch._no_dq_workspace.value)) or backward(*args))
+    found = gpu_run_smoke.op_check(case, torch.device("cpu"))
+    assert found["failures"] == [] and seen and set(seen) == {(False, True)}  # deterministic False, no workspace
+
+
 def test_the_smoke_starts_the_groups_with_the_most_kernels_first():
     """The model's step (it calls several ops), then the ops by how many kernels they compile (their
     tunables), ties in the registry's order: on the GPU the first groups' processes start first."""

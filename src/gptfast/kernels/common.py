@@ -20,10 +20,13 @@ import functools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
 from .backend import HAS_TRITON
+
+T = TypeVar("T")
 
 if HAS_TRITON:  # without Triton the kernels are defined but never launched (backend.route)
     import triton
@@ -129,16 +132,16 @@ def targeting(gpu: GPU) -> Iterator[GPU]:
         _lab.gpu = previous
 
 
-class Switch:
+class Switch(Generic[T]):
     """A setting that benchmarks change for a block (``with switch.set(value):``), read as ``switch.value``:
     how one path is timed against another. An attribute of a module-level object, not a ContextVar, so
     that torch.compile traces a model's read of it (and guards on it)."""
 
-    def __init__(self, value: object) -> None:
+    def __init__(self, value: T) -> None:
         self.value = value
 
     @contextlib.contextmanager
-    def set(self, value: object) -> Iterator[None]:
+    def set(self, value: T) -> Iterator[None]:
         before, self.value = self.value, value
         try:
             yield

@@ -36,7 +36,7 @@ from .common import Switch, cdiv, dtype_problem, jit, kernel_op, launch, sm_coun
 # (hidden width, dtype name) pairs where a GPU run measured mlp_gelu faster than cuBLAS + bias_gelu
 # (forward and backward together), filled from bench/gpu_run.py's results. Empty: nothing measured yet.
 MEASURED_FASTER: frozenset[tuple[int, str]] = frozenset()
-_chosen = Switch(None)  # set by choose_mlp_gelu: True or False overrides the table
+_chosen: Switch[bool | None] = Switch(None)  # set by choose_mlp_gelu: True or False overrides the table
 
 
 @dataclass(frozen=True, order=True)

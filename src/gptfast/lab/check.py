@@ -62,18 +62,21 @@ def _rounding(spec: OpSpec, dtype: torch.dtype, device: torch.device) -> float:
     return torch.finfo(torch.float32).eps
 
 
-def check(op: OpSpec | str, shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[list[Comparison], bool]:
-    """The comparisons (output, then each gradient) of the op's kernels at ``shape`` against its float64
-    reference, and whether a rerun was bit-identical; a LabError when the op refuses the shape."""
+def check(op: OpSpec | str, shape: tuple, dtype: torch.dtype, device: torch.device,
+          options: dict | None = None) -> tuple[list[Comparison], bool]:
+    """The comparisons (output, then each gradient) of the op's kernels at ``shape`` (with the op's
+    ``options``, as ``lab inspect --option`` takes them) against its float64 reference, and whether a
+    rerun was bit-identical; a LabError when the op refuses the shape."""
     spec = _spec(op)
     name = str(dtype).removeprefix("torch.")
-    check_inputs(spec, shape, name, {})
+    check_inputs(spec, shape, name, options or {})
     with refusals_as_lab_errors(spec, shape, name):
-        return _compare(spec, shape, dtype, device)
+        return _compare(spec, shape, dtype, device, options)
 
 
-def _compare(spec: OpSpec, shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple[list[Comparison], bool]:
-    inputs = spec.inputs(shape, dtype, device, None, torch.Generator(device="cpu").manual_seed(0))
+def _compare(spec: OpSpec, shape: tuple, dtype: torch.dtype, device: torch.device,
+             options: dict | None) -> tuple[list[Comparison], bool]:
+    inputs = spec.inputs(shape, dtype, device, options, torch.Generator(device="cpu").manual_seed(0))
     kernel, reference, eager = spec.compared
     ref_out = reference(**{k: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                            for k, t in inputs.items()})
