@@ -41,8 +41,6 @@ OUT_OF_TIME = "skipped: out of time"
 MODEL_EPSILONS = 16
 
 
-
-
 def _without_dq_workspace():
     from gptfast.kernels.flash_attention.launch import without_dq_workspace
 

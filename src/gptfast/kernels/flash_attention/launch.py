@@ -180,22 +180,22 @@ def launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     else:
         config = configs.backward_kv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    atomic_dq = dq if dq_sum is not None else None  # written by the atomic path's last key blocks
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     stats_stride = cdiv(q_len, 16) * 16  # so that the row statistics load in 128-bit accesses at any q_len
     lse2, delta = torch.empty((2, batch * heads, stats_stride), dtype=torch.float32, device=q.device)
     delta_rows = 64  # query rows per program of the small dot(dO, O) pass
     launch(_attention_bwd_delta_kernel, (cdiv(q_len, delta_rows), batch * heads), out, grad_out, lse, lse2, delta,
-           dq_sum, dq if dq_sum is not None and key_start is not None else None, *grad_out.stride(), heads, q_len,
-           stats_stride, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
+           dq_sum, atomic_dq if key_start is not None else None, *grad_out.stride(), heads, q_len, stats_stride,
+           HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, BLOCK_M=delta_rows)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     shared = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, CAUSAL=causal)
     kv_kernel = _attention_bwd_kv_kernel if q_len > 1 else _attention_bwd_kv_one_query_kernel
     launch(kv_kernel, (cdiv(k_len, config.block_n), batch * heads), q, k, v, grad_out, lse2, delta, dk, dv,
-           key_start, dq_part, dq_sum, dq if dq_sum is not None else None, dq_count, *strides, heads, q_len, k_len,
-           stats_stride, scale, dropout_p, seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-           num_warps=config.num_warps, num_stages=config.num_stages, DROPOUT=dropout_p > 0, WGMMA=_has_wgmma(q),
-           **shared)
+           key_start, dq_part, dq_sum, atomic_dq, dq_count, *strides, heads, q_len, k_len, stats_stride, scale,
+           dropout_p, seed_value, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+           num_stages=config.num_stages, DROPOUT=dropout_p > 0, WGMMA=_has_wgmma(q), **shared)
     if dq_sum is not None:
         return dq, dk, dv
     if dq_part is not None:
